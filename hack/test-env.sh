@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Obtains every real component the cluster and e2e test tiers start, and caches
+# it outside the repository, keyed by version, so a warm machine skips all of it:
+#   kube-apiserver, kube-controller-manager,
+#   kube-scheduler, kubectl                           (k8s.io/kubernetes, Go module)
+#   etcd                                              (go.etcd.io/etcd/server/v3)
+#   kwok                                              (sigs.k8s.io/kwok)
+#   helm                                              (helm.sh/helm/v3)
+#   minio                                             (github.com/minio/minio)
+#   prometheus, promtool                              (Debian package)
+# Prints progress, names every tool it could not obtain, and exits non-zero then.
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${SECTUNE_CACHE:-$HOME/.cache/sectune}
+bin="$cache/bin"
+mkdir -p "$bin"
+
+KUBERNETES_VERSION=v1.37.2
+ETCD_VERSION=v3.7.3
+KWOK_VERSION=v0.8.0
+HELM_VERSION=v3.22.0
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # RELEASE.2026-02-12T20-18-48Z
+
+export GOTOOLCHAIN=auto GOFLAGS=-trimpath CGO_ENABLED=0
+ldflags="-s -w"
+missing=()
+
+step() { printf '[test-env] %s\n' "$*"; }
+
+# build NAME VERSION DIR PACKAGE: build PACKAGE inside module DIR into bin/NAME-VERSION.
+build_in_module() {
+  local name=$1 version=$2 dir=$3 pkg=$4 out="$bin/$1-$2"
+  if [[ -x $out ]]; then step "$name $version cached"; return; fi
+  step "building $name $version (first time only, minutes)"
+  local start=$SECONDS
+  if (cd "$dir" && go build -ldflags "$ldflags" -o "$out.tmp" "$pkg") >"$cache/build-$name.log" 2>&1; then
+    mv "$out.tmp" "$out"; step "built $name in $((SECONDS - start)) s"
+  else
+    tail -20 "$cache/build-$name.log"; missing+=("$name"); return
+  fi
+}
+
+# install NAME VERSION MODULE/PATH: go install a module without replace directives.
+install_module() {
+  local name=$1 version=$2 pkg=$3 out="$bin/$1-$2"
+  if [[ -x $out ]]; then step "$name $version cached"; return; fi
+  step "building $name $version (first time only, minutes)"
+  local start=$SECONDS gobin="$cache/gobin-$name"
+  if GOBIN=$gobin go install -ldflags "$ldflags" "$pkg@$version" >"$cache/build-$name.log" 2>&1; then
+    mv "$gobin/$(basename "${pkg%%/v[0-9]}")" "$out" 2>/dev/null || mv "$gobin"/* "$out"
+    rm -rf "$gobin"; step "built $name in $((SECONDS - start)) s"
+  else
+    tail -20 "$cache/build-$name.log"; missing+=("$name")
+  fi
+}
+
+build_in_module kube-apiserver "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-apiserver
+build_in_module kube-controller-manager "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-controller-manager
+build_in_module kube-scheduler "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-scheduler
+build_in_module kubectl "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kubectl
+build_in_module etcd "$ETCD_VERSION" "$here/toolchain/etcd" go.etcd.io/etcd/server/v3
+install_module kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+install_module helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+install_module minio "$MINIO_VERSION" github.com/minio/minio
+
+# Prometheus and promtool from Debian.
+if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+  step "prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}') present"
+else
+  step "installing prometheus from Debian"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >"$cache/apt-prometheus.log" 2>&1; then
+    tail -20 "$cache/apt-prometheus.log"
+  fi
+  command -v prometheus >/dev/null || missing+=("prometheus")
+  command -v promtool >/dev/null || missing+=("promtool")
+fi
+
+# Stable names for the fixtures: bin/current/<tool> -> the pinned version.
+mkdir -p "$bin/current"
+for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm minio; do
+  case $tool in
+    kube-*|kubectl) v=$KUBERNETES_VERSION ;; etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;;
+    helm) v=$HELM_VERSION ;; minio) v=$MINIO_VERSION ;;
+  esac
+  [[ -x "$bin/$tool-$v" ]] && ln -sf "$bin/$tool-$v" "$bin/current/$tool"
+done
+
+if ((${#missing[@]})); then
+  step "could not obtain: ${missing[*]} (see $cache/build-*.log)"
+  exit 1
+fi
+step "all tools ready in $bin/current"

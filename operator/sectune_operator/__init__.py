@@ -1,0 +1,1 @@
+"""sectune operator: the control plane."""

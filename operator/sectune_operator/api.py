@@ -1,0 +1,350 @@
+"""The custom resources: the job contract from `sectune.config` plus what only Kubernetes needs.
+
+`crd.py` turns these models into `crds/*.yaml`; handlers parse specs with them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from sectune.config import (
+    CEL_RULES,
+    DNS_LABEL_PATTERN,
+    SHA256_PATTERN,
+    BaseModelSpec,
+    JobSpec,
+    ResourcesSpec,
+    SecretReference,
+    Spec,
+    Uri,
+)
+
+Quantity = Annotated[
+    str,
+    Field(
+        max_length=64,
+        pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$",
+    ),
+]
+LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
+
+
+class Toleration(Spec):
+    """A taint the training pod tolerates (GPU pools are often tainted)."""
+
+    key: str | None = Field(None, max_length=316)
+    """Taint key; empty with operator Exists tolerates everything."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists matches any value; Equal matches `value`."""
+    value: str | None = Field(None, max_length=63)
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all."""
+    toleration_seconds: int | None = Field(None, ge=0)
+    """For NoExecute: how long the pod stays after the taint appears."""
+
+
+class ClusterResources(ResourcesSpec):
+    """Compute for the run, with where and how it is scheduled."""
+
+    cpu: Quantity | None = None
+    """CPU request and limit of each training pod (default: the operator's setting)."""
+    memory: Quantity | None = None
+    """Memory request and limit of each training pod."""
+    shared_memory: Quantity = "8Gi"
+    """Size of /dev/shm (NCCL and data loaders need more than the container default)."""
+    node_selector: LabelMap = Field(default_factory=dict)
+    """Labels a node must have (e.g. nvidia.com/gpu.product)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the training pods tolerate."""
+    priority_class_name: str | None = Field(None, max_length=253)
+    """PriorityClass of the training pods (preemption is retried and resumed)."""
+
+
+class FineTuneJobSpec(JobSpec):
+    """A fine-tuning run: the job contract plus how it runs on the cluster."""
+
+    resources: ClusterResources = Field(default_factory=ClusterResources)  # type: ignore[assignment,arg-type]
+    """Compute for the run and where it is scheduled."""
+    image: str | None = Field(None, max_length=512)
+    """Trainer image (default: the operator's setting)."""
+    image_pull_secrets: list[SecretReference] = Field(default_factory=list, max_length=8)
+    """Secrets for pulling the trainer image."""
+    service_account_name: str | None = Field(None, max_length=253, pattern=DNS_LABEL_PATTERN)
+    """ServiceAccount of the training pods (default: the namespace's default)."""
+    hf_token_secret: SecretReference | None = None
+    """Secret with HF_TOKEN for hf:// base models that need one."""
+    cleanup_policy: Literal["Retain", "Delete"] = "Retain"
+    """Delete also removes the job's artifacts from storage (through a finalizer)."""
+    queue_name: str | None = Field(None, max_length=253)
+    """Kueue LocalQueue; the Job is created suspended and Kueue admits it."""
+    suspend: bool = False
+    """Stop the training (checkpoint kept) and resume it later by setting false."""
+    active_deadline_seconds: int = Field(172_800, ge=60, le=2_592_000)
+    """Longest the training Job may run, in seconds (default 48 h)."""
+    backoff_limit: int = Field(3, ge=0, le=100)
+    """Infrastructure failures retried before the job fails (preemptions are not counted)."""
+
+
+# --------------------------------------------------------------------------- FineTuneJob status
+
+
+class Condition(Spec):
+    """The Kubernetes condition shape."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field("", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Progress(Spec):
+    """Live training progress, read from the trainer's metrics endpoint."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    percent: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    display: str | None = Field(None, max_length=64)
+    """Progress as shown by kubectl (step/total)."""
+
+
+class DatasetStatus(Spec):
+    """What the data stage saw."""
+
+    digest: str | None = None
+    train_examples: int | None = None
+    validation_examples: int | None = None
+    skipped: int | None = None
+    redactions: dict[str, int] = Field(default_factory=dict)
+
+
+class AdapterStatus(Spec):
+    """The stored adapter."""
+
+    uri: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+
+
+class GateResult(Spec):
+    """One gate as evaluated."""
+
+    name: str
+    value: float | None = None
+    passed: bool
+
+
+class FineTuneJobStatus(Spec):
+    """Observed state of a FineTuneJob."""
+
+    phase: (
+        Literal[
+            "Pending", "Preparing", "Training", "Evaluating", "Succeeded", "Failed", "Cancelled"
+        ]
+        | None
+    ) = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    progress: Progress | None = None
+    dataset: DatasetStatus | None = None
+    adapter: AdapterStatus | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gates: list[GateResult] = Field(default_factory=list)
+    gates_summary: str | None = None
+    """Gates as shown by kubectl (passed/total)."""
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempts: int | None = None
+
+
+# --------------------------------------------------------------------------- AdapterDeployment
+
+
+class AdapterSource(Spec):
+    """Where an adapter version comes from: a FineTuneJob in this namespace, or a URI + digest."""
+
+    fine_tune_job: str | None = Field(None, max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name of a Succeeded FineTuneJob; its adapter URI and digest are taken from its status."""
+    uri: Uri | None = None
+    """Adapter directory in storage."""
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    """Digest of the adapter's manifest.json, verified before the adapter is served."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSource:
+        if (self.fine_tune_job is None) == (self.uri is None):
+            raise ValueError("source: set exactly one of fineTuneJob or uri")
+        if self.uri is not None and self.sha256 is None:
+            raise ValueError("source.sha256: an adapter given by uri needs its sha256")
+        return self
+
+
+class AdapterVersion(Spec):
+    """One version of an adapter and its share of the adapter's traffic."""
+
+    version: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Version name (DNS label), e.g. v3."""
+    source: AdapterSource
+    """Where this version comes from."""
+    traffic: int = Field(100, ge=0, le=100)
+    """Percent of the adapter's requests this version answers."""
+
+
+class AdapterSpec(Spec):
+    """An adapter the server offers under `name` (the `model` field of a request)."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name clients ask for; a DNS label, unique in the deployment."""
+    versions: list[AdapterVersion] = Field(min_length=1, max_length=8)
+    """Versions served side by side (canary); their traffic adds up to 100."""
+
+    @model_validator(mode="after")
+    def _traffic(self) -> AdapterSpec:
+        total = sum(v.traffic for v in self.versions)
+        if total != 100:
+            raise ValueError(
+                f"adapters[{self.name}].versions: traffic adds up to {total}; make it 100"
+            )
+        return self
+
+
+class RollbackSpec(Spec):
+    """When a canary version is rolled back automatically."""
+
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
+    """Highest fraction of failed requests."""
+    max_latency_p95_ms: int = Field(2000, ge=1)
+    """Highest p95 latency in milliseconds."""
+    max_drift: float = Field(0.3, ge=0.0, le=1.0)
+    """Highest drift score against the evaluation-time reference."""
+
+
+class PromotionSpec(Spec):
+    """Rules for putting versions into service."""
+
+    require_passed_gates: bool = True
+    """Serve only adapters whose FineTuneJob passed all its gates."""
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec)  # type: ignore[arg-type]
+    """Automatic rollback thresholds."""
+
+
+class DriftSpec(Spec):
+    """Drift of predictions against the distribution recorded at evaluation time."""
+
+    enabled: bool = True
+    """Compute a drift score per adapter version."""
+    window_minutes: int = Field(60, ge=1, le=10080)
+    """Sliding window of requests the score is computed over."""
+    threshold: float = Field(0.2, ge=0.0, le=1.0)
+    """Score above which the SectuneAdapterDrift alert fires."""
+
+
+class ServingResources(Spec):
+    """Compute for each server replica."""
+
+    gpus: int = Field(0, ge=0, le=8)
+    """GPUs per replica."""
+    cpu: Quantity | None = None
+    """CPU request and limit."""
+    memory: Quantity | None = None
+    """Memory request and limit."""
+
+
+class AdapterDeploymentSpec(Spec):
+    """A base model served with many adapters, hot-swapped from storage."""
+
+    base_model: BaseModelSpec
+    """The base model every adapter applies to."""
+    adapters: list[AdapterSpec] = Field(
+        min_length=1, max_length=64, json_schema_extra={"x-list-map-keys": ["name"]}
+    )
+    """Adapters offered; names are unique."""
+    replicas: int = Field(1, ge=0, le=100)
+    """Server replicas."""
+    resources: ServingResources = Field(default_factory=ServingResources)  # type: ignore[arg-type]
+    """Compute per replica."""
+    runtime: Literal["sectune", "vllm"] = "sectune"
+    """sectune: the built-in multi-adapter server; vllm: vLLM for GPU fleets."""
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)  # type: ignore[arg-type]
+    """Promotion and rollback rules."""
+    drift: DriftSpec = Field(default_factory=DriftSpec)  # type: ignore[arg-type]
+    """Drift monitoring."""
+    auth_secret: SecretReference | None = None
+    """Secret with the API keys clients must present (key `api-keys`, one per line)."""
+    image: str | None = Field(None, max_length=512)
+    """Server image (default: the operator's setting)."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AdapterDeploymentSpec:
+        names = [a.name for a in self.adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"adapters: names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+class ActiveAdapter(Spec):
+    """An adapter version the server has loaded and verified."""
+
+    name: str
+    version: str
+    uri: str | None = None
+    sha256: str | None = None
+    traffic: int | None = None
+
+
+class AdapterDeploymentStatus(Spec):
+    """Observed state of an AdapterDeployment."""
+
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    ready_replicas: int | None = None
+    ready: str | None = None
+    """Ready replicas as shown by kubectl (ready/desired)."""
+    adapter_count: int | None = None
+    active_adapters: list[ActiveAdapter] = Field(default_factory=list)
+    revision: int | None = None
+    endpoint: str | None = None
+
+
+CEL_RULES.update(
+    {
+        AdapterSource: [
+            {
+                "rule": "has(self.fineTuneJob) != has(self.uri)",
+                "message": "source: set exactly one of fineTuneJob or uri",
+            },
+            {
+                "rule": "!has(self.uri) || has(self.sha256)",
+                "message": "source.sha256: an adapter given by uri needs its sha256",
+                "fieldPath": ".sha256",
+            },
+        ],
+        AdapterSpec: [
+            {
+                "rule": "self.versions.map(v, v.traffic).sum() == 100",
+                "message": "adapters[].versions: traffic of one adapter's versions must add "
+                "up to 100",
+                "fieldPath": ".versions",
+            },
+        ],
+    }
+)
+
+
+def spec_models() -> dict[str, type[BaseModel]]:
+    """The spec and status model of each kind."""
+    return {
+        "FineTuneJob.spec": FineTuneJobSpec,
+        "FineTuneJob.status": FineTuneJobStatus,
+        "AdapterDeployment.spec": AdapterDeploymentSpec,
+        "AdapterDeployment.status": AdapterDeploymentStatus,
+    }

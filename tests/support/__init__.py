@@ -1,0 +1,1 @@
+"""Real components for the cluster and e2e tiers: control plane, S3 server, Prometheus."""

@@ -1,0 +1,203 @@
+"""`sectune`: run a FineTuneJob on this machine, train in a pod, check data, fetch models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sectune import __version__
+from sectune.config import JobSpec, ManifestError, load_manifest
+
+console = Console(stderr=True)
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+def _summary_table(report: dict[str, Any]) -> Table:
+    from sectune.evaluation.report import headline_rows
+
+    models = list(report.get("models", {}))
+    table = Table(title=f"{report.get('job')}: {report.get('verdict', '')}")
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+    for metric, values in headline_rows(report):
+        table.add_row(metric, *("–" if values[n] is None else f"{values[n]:.3f}" for n in models))
+    for gate in report.get("gates", []):
+        value = "–" if gate["value"] is None else f"{gate['value']:.3f}"
+        table.add_row(f"gate {gate['name']}", *([""] * (len(models) - 1)), f"{value} {'pass' if gate['passed'] else 'FAIL'}")
+    return table
+
+
+def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
+    from sectune import runner
+    from sectune.data.load import DataError
+    from sectune.storage import StorageError
+    from sectune.training.base_model import ModelError
+    from sectune.training.metrics import TrainingMetrics
+    from sectune.training.train import Preempted
+
+    metrics = TrainingMetrics(metrics_port) if metrics_port else None
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    task_id = None
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        nonlocal task_id
+        if event == "stage":
+            console.log(data["name"])
+        elif event == "data":
+            counts, redactions = data.get("counts", {}), data.get("sanitize", {}).get("redactions", {})
+            console.log(f"Data: {counts}; redactions: {redactions or 'none'}")
+            for warning in data.get("warnings", []):
+                console.log(f"[yellow]warning:[/] {warning}")
+        elif event == "step":
+            if metrics:
+                metrics.update(data)
+            if task_id is None:
+                progress.start()
+                task_id = progress.add_task("training", total=data["total_steps"], loss="", speed="")
+            progress.update(task_id, completed=data["step"], loss=f"{data['loss']:.3f}", speed=f"{data['tokens_per_second']:.0f}")
+            if data["step"] == data["total_steps"]:
+                progress.stop()
+
+    def finish(code: int, message: str) -> int:
+        if termination_path:
+            termination_path.write_text(message[:4096])
+        return code
+
+    try:
+        outcome = runner.run_job(name, spec, on_event)
+    except (ManifestError, DataError, runner.ResourceError, ModelError, ValueError) as exc:
+        progress.stop()
+        console.print(f"[red]error:[/] {exc}")
+        return finish(runner.EXIT_BAD_INPUT, json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": str(exc)[:3000]}))
+    except Preempted as exc:
+        progress.stop()
+        console.print(f"[yellow]{exc}[/]")
+        return finish(runner.EXIT_PREEMPTED, json.dumps({"phase": "Training", "reason": "Preempted", "message": str(exc)}))
+    except StorageError as exc:
+        progress.stop()
+        console.print(f"[red]storage error:[/] {exc}")
+        return finish(runner.EXIT_INFRASTRUCTURE, json.dumps({"phase": "Failed", "reason": "StorageError", "message": str(exc)[:3000]}))
+    finally:
+        if metrics:
+            metrics.stop()
+    console.print(_summary_table(outcome.report))
+    console.print(f"Adapter: {outcome.adapter_uri} (manifest sha256 {outcome.adapter_sha256})")
+    console.print(f"Report:  {outcome.adapter_uri}/report.html")
+    code = runner.EXIT_OK if outcome.phase == "Succeeded" else runner.EXIT_GATES_FAILED
+    return finish(code, outcome.termination_message())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    spec = manifest.spec
+    if manifest.ignored_fields:
+        console.log("Ignoring cluster-only fields locally: " + ", ".join(manifest.ignored_fields))
+    updates: dict[str, Any] = {}
+    if args.cpu:
+        updates["resources"] = spec.resources.model_copy(update={"gpus": 0, "nodes": 1, "distributed": None})
+    if args.output:
+        updates["output"] = spec.output.model_copy(update={"uri": args.output})
+    spec = spec.model_copy(update=updates)
+    return _run(manifest.name, spec, args.metrics_port, None)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """In the training pod: the operator's resolved config, metrics endpoint, termination message."""
+    from pydantic import ValidationError
+
+    termination = Path(args.termination_log) if args.termination_log else (TERMINATION_LOG if TERMINATION_LOG.parent.exists() and os.access(TERMINATION_LOG.parent, os.W_OK) else None)
+    try:
+        document = json.loads(Path(args.config).read_text())
+        spec = JobSpec.model_validate(document["spec"])
+        name = document["name"]
+    except (OSError, KeyError, json.JSONDecodeError, ValidationError) as exc:
+        console.print(f"[red]error:[/] {args.config}: {exc}")
+        if termination:
+            termination.write_text(json.dumps({"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}))
+        return 2
+    return _run(name, spec, args.metrics_port, termination)
+
+
+def cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from sectune.training.base_model import fetch_demo_model
+
+    console.log("Fetching the demo base model (SmolLM2-135M-Instruct; converted once, then cached)")
+    path = fetch_demo_model()
+    console.print(f"Demo model ready: {path}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Validate and sanitize a manifest's data without training; print the data report."""
+    from sectune.data.load import DataError
+    from sectune.data.prepare import prepare_data
+
+    try:
+        manifest = load_manifest(args.manifest)
+        data = prepare_data(manifest.spec)
+    except (ManifestError, DataError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    print(json.dumps(data.report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sectune", description="Fine-tune and serve LLMs for security work.")
+    parser.add_argument("--version", action="version", version=f"sectune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a FineTuneJob manifest on this machine, without a cluster")
+    run.add_argument("manifest", help="FineTuneJob YAML")
+    run.add_argument("--cpu", action="store_true", help="train on CPU even if the manifest asks for GPUs")
+    run.add_argument("--output", help="output URI prefix (overrides spec.output.uri)")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="run the job config the operator wrote (in the training pod)")
+    train.add_argument("--config", required=True, help="JSON with name and spec")
+    train.add_argument("--metrics-port", type=int, default=int(os.environ.get("SECTUNE_METRICS_PORT", "9400")))
+    train.add_argument("--termination-log", help="where to write the result (default /dev/termination-log)")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="validate and sanitize a manifest's data; print the report")
+    check.add_argument("manifest")
+    check.set_defaults(func=cmd_data_check)
+
+    models = sub.add_parser("models", help="base model tools")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    demo = models_sub.add_parser("fetch-demo", help="obtain the demo base model (SmolLM2-135M-Instruct)")
+    demo.set_defaults(func=cmd_fetch_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SECTUNE_LOG_LEVEL", "WARNING"))
+    for noisy in ("presidio-analyzer", "transformers", "accelerate", "bitsandbytes", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""The job contract: what to fine-tune, on which data, how, how to judge it, where to put it.
+
+One typed source. `sectune run` parses a FineTuneJob manifest with it, the operator hands the
+same model (as JSON) to the training pod, and the operator generates the CRD schema from it,
+so the three can never disagree. Pure pydantic: importing this module never imports torch.
+
+Python names are snake_case; manifests use the camelCase aliases (`learningRate`).
+Cross-field rules live next to their fields twice, as a pydantic validator (for `sectune run`
+and the trainer) and as the CEL rule the API server enforces (`CEL_RULES`); the round-trip tests
+keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "sectune.io"
+API_VERSION = "v1alpha1"
+FINETUNEJOB_KIND = "FineTuneJob"
+
+# The first segment (bucket, org, or empty for file:///) may not hold "user:secret@":
+# credentials never travel inside a URI.
+URI_PATTERN = r"^(s3|hf|file)://[^/:@\s]*(/\S*)?$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+Uri = Annotated[
+    str,
+    Field(
+        pattern=URI_PATTERN,
+        max_length=1024,
+    ),
+]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+#: Spec fields that only the operator reads (scheduling, identity, lifecycle). A manifest for
+#: `sectune run` may carry them; they are reported and ignored locally. The operator's CRD model
+#: adds exactly these (a unit test holds the two in step).
+CLUSTER_ONLY_FIELDS: dict[str, frozenset[str]] = {
+    "spec": frozenset(
+        {
+            "image",
+            "imagePullSecrets",
+            "serviceAccountName",
+            "hfTokenSecret",
+            "cleanupPolicy",
+            "queueName",
+            "suspend",
+            "activeDeadlineSeconds",
+            "backoffLimit",
+        }
+    ),
+    "resources": frozenset(
+        {"cpu", "memory", "nodeSelector", "tolerations", "priorityClassName", "sharedMemory"}
+    ),
+}
+
+
+class Spec(BaseModel):
+    """Base for every part of the contract: camelCase in manifests, unknown keys refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+        json_schema_extra=lambda schema, cls: _kubernetes_schema_extra(schema, cls),
+    )
+
+
+class SecretReference(Spec):
+    """A Secret in the job's namespace; credentials are never written inline."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$")
+    """Name of the Secret."""
+
+
+# --------------------------------------------------------------------------- base model
+
+
+class BaseModelSpec(Spec):
+    """The open model to start from."""
+
+    uri: Uri
+    """Where the weights are: hf://org/name@revision, s3://bucket/prefix, file:///dir, or a
+    .gguf file (converted once to safetensors and cached by digest)."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """Load the base weights quantized: nf4 (4-bit NormalFloat, double quantization) is what
+    QLoRA trains on; int8 saves memory for LoRA."""
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class FieldMapping(Spec):
+    """Column names in the data files, when they differ from the defaults."""
+
+    id: str = Field("id", max_length=128)
+    """Unique example id (optional in the data; a content hash is used when absent)."""
+    text: str = Field("text", max_length=128)
+    """Input text (classification, extraction, completion)."""
+    label: str = Field("label", max_length=128)
+    """Target label (classification) or target output (extraction, generation)."""
+    instruction: str = Field("instruction", max_length=128)
+    """Instruction (instruction format)."""
+    input: str = Field("input", max_length=128)
+    """Optional input that goes with the instruction (instruction format)."""
+    output: str = Field("output", max_length=128)
+    """Expected answer (instruction format)."""
+    messages: str = Field("messages", max_length=128)
+    """List of {role, content} messages (chat format)."""
+
+
+class SanitizeSpec(Spec):
+    """Redaction of secrets and personal data before anything else reads the data."""
+
+    enabled: bool = True
+    """Replace secrets and PII with typed placeholders (<IP_1>, <USER_1>) per example."""
+    allow: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=lambda: ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"],
+        max_length=256,
+    )
+    """Values kept as they are: CIDR ranges for addresses (RFC 5737 documentation ranges by
+    default) or exact strings (e.g. a public vendor domain)."""
+    internal_domains: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """DNS suffixes of the organisation (corp.example.com); hostnames under them are redacted."""
+
+
+class CanarySpec(Spec):
+    """Memorization probes: random secrets planted in the training data, measured afterwards."""
+
+    count: int = Field(0, ge=0, le=100)
+    """How many canary examples to insert (0 turns the probe off)."""
+    repeats: int = Field(1, ge=1, le=100)
+    """How often each canary is repeated in the training data."""
+
+
+class DatasetSpec(Spec):
+    """Training, validation and test data."""
+
+    train: Uri
+    """Training data (JSONL, CSV or Parquet)."""
+    validation: Uri | None = None
+    """Validation data; when absent, `validationSplit` of the training data is held out."""
+    test: Uri | None = None
+    """Held-out test data for the final evaluation; validation data is used when absent."""
+    validation_split: Fraction = 0.2
+    """Fraction of the training data held out (stratified by label) when no validation set
+    is given."""
+    format: Literal["classification", "instruction", "chat", "completion"] = "classification"
+    """Row shape: classification (text, label), instruction (instruction, input, output),
+    chat (messages), completion (text)."""
+    fields: FieldMapping = Field(default_factory=FieldMapping)  # type: ignore[arg-type]
+    """Column names, when they differ from the defaults."""
+    sanitize: SanitizeSpec = Field(default_factory=SanitizeSpec)  # type: ignore[arg-type]
+    """PII and secret redaction (on by default)."""
+    canaries: CanarySpec = Field(default_factory=CanarySpec)  # type: ignore[arg-type]
+    """Memorization canaries."""
+    on_invalid: Literal["fail", "skip"] = "fail"
+    """What to do with a bad row: fail the job naming file, line and field, or skip it and
+    report what was skipped."""
+    on_too_long: Literal["truncate", "drop"] = "truncate"
+    """What to do with an example longer than maxSeqLength (counted either way)."""
+    max_train_examples: int | None = Field(None, ge=1, le=100_000_000)
+    """Use at most this many training examples (sampled with the seed, stratified): a quick
+    profile for laptops and demos."""
+    max_eval_examples: int | None = Field(None, ge=1, le=100_000_000)
+    """Evaluate on at most this many held-out examples (stratified sample)."""
+    deduplicate: bool = True
+    """Remove exact and near-duplicate examples before splitting."""
+
+
+# --------------------------------------------------------------------------- task
+
+
+class TaskSpec(Spec):
+    """What the model learns to do."""
+
+    type: Literal["classification", "extraction", "generation"] = "classification"
+    """classification: text -> one label; extraction: text -> JSON matching outputSchema;
+    generation: free text."""
+    labels: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=256
+    )
+    """The allowed labels (classification), at least two distinct ones."""
+    output_schema: dict[str, Any] | None = Field(None, json_schema_extra={"x-preserve": True})
+    """JSON Schema the output must match (extraction)."""
+    system_prompt: str = Field("", max_length=8192)
+    """System prompt. Short prompts train faster and, on small models, often better."""
+    template: str = Field("{text}", max_length=8192)
+    """User message template; {text} (and for instruction data {instruction}, {input}) are
+    filled from the row."""
+    head: Literal["lm", "classifier"] = "lm"
+    """Classification only. lm: the label is generated as text and scored over the label
+    set; classifier: a sequence-classification head with LoRA (faster, no free text)."""
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> TaskSpec:
+        if self.type == "classification" and len(set(self.labels)) < 2:
+            raise ValueError(
+                "task.labels: classification needs at least 2 distinct labels; list them"
+            )
+        if self.type == "extraction" and not self.output_schema:
+            raise ValueError(
+                "task.outputSchema: extraction needs a JSON Schema for its output; add one"
+            )
+        if self.head == "classifier" and self.type != "classification":
+            raise ValueError("task.head: classifier is only for type classification; use lm")
+        return self
+
+
+# --------------------------------------------------------------------------- method
+
+
+class MethodSpec(Spec):
+    """How the weights are adapted."""
+
+    type: Literal["lora", "qlora", "full", "continued-pretraining"] = "lora"
+    """lora: low-rank adapters on a frozen base; qlora: the same on a 4-bit base (set
+    baseModel.quantization: nf4); full: every weight; continued-pretraining: causal LM on raw
+    text."""
+    r: int = Field(16, ge=1, le=512)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1, le=4096)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path."""
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Module names to adapt; empty means every linear layer of the architecture's blocks."""
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+class Hyperparameters(Spec):
+    """Optimisation settings. Unset values take method-aware defaults (see `resolved`)."""
+
+    learning_rate: float | None = Field(None, gt=0.0, lt=1.0)
+    """Peak learning rate; default 2e-4 for lora/qlora, 2e-5 for full and
+    continued-pretraining."""
+    epochs: int = Field(3, ge=1, le=1000)
+    """Passes over the training data."""
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    """Stop after this many optimizer steps, whatever `epochs` says."""
+    batch_size: int = Field(4, ge=1, le=4096)
+    """Examples per device per forward pass."""
+    gradient_accumulation: int = Field(4, ge=1, le=4096)
+    """Forward passes per optimizer step (effective batch = batchSize x this x devices)."""
+    max_seq_length: int = Field(512, ge=16, le=131072)
+    """Longest example in tokens (prompt + target)."""
+    warmup_ratio: Fraction = 0.03
+    """Fraction of the steps spent warming the learning rate up."""
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """AdamW weight decay."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup."""
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    """Seed for sampling, splitting, initialisation and data order."""
+    packing: bool = False
+    """Pack several short examples into one sequence (generation tasks)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast precision; auto picks bf16 where the hardware supports it."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory on long sequences."""
+    checkpoint_every_steps: int = Field(200, ge=1, le=1_000_000)
+    """Save a resumable checkpoint to the output URI every N optimizer steps."""
+
+    def resolved_learning_rate(self, method: str) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if method in ("lora", "qlora") else 2e-5
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class DistributedSpec(Spec):
+    """How several GPUs or nodes share the work."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """ddp: data parallel (accelerate); deepspeed: ZeRO sharding."""
+    zero_stage: Literal[2, 3] = 2
+    """DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also the weights."""
+    offload: Literal["none", "cpu"] = "none"
+    """DeepSpeed: offload optimizer state (and weights at stage 3) to CPU memory."""
+
+
+class ResourcesSpec(Spec):
+    """Compute for the training run."""
+
+    gpus: int = Field(1, ge=0, le=16)
+    """GPUs per node (nvidia.com/gpu); 0 trains on CPU."""
+    nodes: int = Field(1, ge=1, le=64)
+    """Nodes; more than one runs an Indexed Job with a rendezvous Service."""
+    distributed: DistributedSpec | None = None
+    """Required when gpus x nodes > 1."""
+
+    @model_validator(mode="after")
+    def _distribution(self) -> ResourcesSpec:
+        if self.nodes > 1 and self.gpus < 1:
+            raise ValueError("resources.gpus: nodes > 1 needs at least 1 GPU per node")
+        if self.gpus * self.nodes > 1 and self.distributed is None:
+            raise ValueError(
+                "resources.distributed: gpus x nodes > 1 needs a distributed setting "
+                "(strategy: ddp or deepspeed)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- evaluation
+
+GateMetric = Literal[
+    "accuracy",
+    "macroF1",
+    "weightedF1",
+    "precision",
+    "recall",
+    "f1",
+    "rocAuc",
+    "expectedCalibrationError",
+    "formatCompliance",
+    "schemaCompliance",
+    "fieldF1",
+    "consistency",
+    "latencyP50Ms",
+    "latencyP95Ms",
+    "latencyP99Ms",
+    "injectionFlipRate",
+    "injectionSuccessRate",
+    "canaryExposure",
+]
+
+
+class Gate(Spec):
+    """One quality gate: a metric must be at least `min` and/or at most `max`."""
+
+    metric: GateMetric
+    """The metric, as named in the report."""
+    class_name: str | None = Field(None, alias="class", max_length=128)
+    """For precision, recall and f1: the label the gate applies to."""
+    over_baseline: Literal["base", "fewShot", "tfidf"] | None = None
+    """Compare the margin over this baseline instead of the raw value."""
+    min: float | None = None
+    """Lowest acceptable value."""
+    max: float | None = None
+    """Highest acceptable value."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Gate:
+        if self.min is None and self.max is None:
+            raise ValueError(f"evaluation.gates[{self.metric}]: set min, max or both")
+        if self.metric in ("precision", "recall", "f1") and not self.class_name:
+            raise ValueError(f"evaluation.gates[{self.metric}]: per-class metric needs class")
+        return self
+
+    @property
+    def name(self) -> str:
+        """How the gate is named in reports and conditions, e.g. recall[critical]>=0.95."""
+        key = self.metric + (f"[{self.class_name}]" if self.class_name else "")
+        if self.over_baseline:
+            key += f"-over-{self.over_baseline}"
+        bounds = []
+        if self.min is not None:
+            bounds.append(f">={self.min:g}")
+        if self.max is not None:
+            bounds.append(f"<={self.max:g}")
+        return key + ",".join(bounds)
+
+
+class EvaluationSpec(Spec):
+    """How the adapter is judged before anyone may promote it."""
+
+    baseline: bool = True
+    """Evaluate the base model (zero-shot) on the same held-out data and report the deltas."""
+    injection_probes: bool = True
+    """Run the prompt-injection suite against the tuned model."""
+    memorization_probes: bool = True
+    """Measure canary exposure and regurgitation (needs dataset.canaries.count > 0)."""
+    gates: list[Gate] = Field(default_factory=list, max_length=64)
+    """Thresholds the job must meet to succeed."""
+
+
+# --------------------------------------------------------------------------- output
+
+
+class OutputSpec(Spec):
+    """Where the adapter, its lineage manifest and the report go."""
+
+    uri: Uri | None = None
+    """Prefix under which `<job name>/` is written; default for `sectune run` is
+    file://./runs."""
+    credentials: SecretReference | None = None
+    """Secret with the storage keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
+    AWS_ENDPOINT_URL, AWS_REGION)."""
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class JobSpec(Spec):
+    """Everything the trainer needs to produce and judge one adapter."""
+
+    base_model: BaseModelSpec
+    """The open model to start from."""
+    dataset: DatasetSpec
+    """Training and held-out data."""
+    task: TaskSpec
+    """What the model learns to do."""
+    method: MethodSpec = Field(default_factory=MethodSpec)  # type: ignore[arg-type]
+    """How the weights are adapted."""
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[arg-type]
+    """Optimisation settings."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)  # type: ignore[arg-type]
+    """Compute for the run."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)  # type: ignore[arg-type]
+    """Evaluation and gates."""
+    output: OutputSpec = Field(default_factory=OutputSpec)  # type: ignore[arg-type]
+    """Where the artifacts go."""
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> JobSpec:
+        if self.method.type == "qlora" and self.base_model.quantization != "nf4":
+            raise ValueError(
+                "baseModel.quantization: method qlora trains on a 4-bit base; set "
+                "quantization: nf4"
+            )
+        if self.task.type == "classification" and self.dataset.format not in (
+            "classification",
+            "instruction",
+        ):
+            raise ValueError(
+                "dataset.format: classification tasks read classification (text, label) or "
+                "instruction rows"
+            )
+        return self
+
+
+#: CEL rules the CRD carries, keyed by the model they sit on; each mirrors a validator above.
+CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
+    TaskSpec: [
+        {
+            "rule": "self.type != 'classification' || "
+            "self.labels.exists(a, self.labels.exists(b, a != b))",
+            "message": "task.labels: classification needs at least 2 distinct labels; "
+            "list them",
+            "fieldPath": ".labels",
+        },
+        {
+            "rule": "self.type != 'extraction' || (has(self.outputSchema) && "
+            "size(self.outputSchema) > 0)",
+            "message": "task.outputSchema: extraction needs a JSON Schema for its output; "
+            "add one",
+            "fieldPath": ".outputSchema",
+        },
+        {
+            "rule": "self.head != 'classifier' || self.type == 'classification'",
+            "message": "task.head: classifier is only for type classification; use lm",
+            "fieldPath": ".head",
+        },
+    ],
+    ResourcesSpec: [
+        {
+            "rule": "self.nodes <= 1 || self.gpus >= 1",
+            "message": "resources.gpus: nodes > 1 needs at least 1 GPU per node",
+            "fieldPath": ".gpus",
+        },
+        {
+            "rule": "self.gpus * self.nodes <= 1 || has(self.distributed)",
+            "message": "resources.distributed: gpus x nodes > 1 needs a distributed setting "
+            "(strategy: ddp or deepspeed)",
+            "fieldPath": ".distributed",
+        },
+    ],
+    Gate: [
+        {
+            "rule": "has(self.min) || has(self.max)",
+            "message": "evaluation.gates: set min, max or both",
+        },
+        {
+            "rule": "!(self.metric in ['precision', 'recall', 'f1']) || has(self['class'])",
+            "message": "evaluation.gates: per-class metric (precision, recall, f1) needs class",
+        },
+    ],
+    JobSpec: [
+        {
+            "rule": "self.method.type != 'qlora' || self.baseModel.quantization == 'nf4'",
+            "message": "baseModel.quantization: method qlora trains on a 4-bit base; set "
+            "quantization: nf4",
+            "fieldPath": ".baseModel.quantization",
+        },
+        {
+            "rule": "self.task.type != 'classification' || "
+            "self.dataset.format in ['classification', 'instruction']",
+            "message": "dataset.format: classification tasks read classification (text, "
+            "label) or instruction rows",
+            "fieldPath": ".dataset.format",
+        },
+    ],
+}
+
+
+def _kubernetes_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """Add what the CRD needs beyond plain JSON Schema: CEL rules, and the defaults that
+    factories produce (so the API server fills nested defaults when a section is omitted)."""
+    rules = next((r for model, r in CEL_RULES.items() if model is cls), None)
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None:
+            continue
+        factory = field.default_factory
+        is_model = isinstance(factory, type) and issubclass(factory, BaseModel)
+        prop = schema.get("properties", {}).get(field.alias or name)
+        if prop is not None:
+            prop["default"] = {} if is_model else factory()  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run; the message names the file, the field and the fix."""
+
+
+class JobManifest(BaseModel):
+    """A FineTuneJob as `sectune run` sees it: a name and the job contract."""
+
+    name: str
+    spec: JobSpec
+    ignored_fields: list[str] = Field(default_factory=list)
+
+
+def _strip_cluster_only(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    spec = dict(spec)
+    ignored = [f"spec.{k}" for k in sorted(CLUSTER_ONLY_FIELDS["spec"] & spec.keys())]
+    for key in CLUSTER_ONLY_FIELDS["spec"]:
+        spec.pop(key, None)
+    if isinstance(spec.get("resources"), dict):
+        resources = dict(spec["resources"])
+        ignored += [
+            f"spec.resources.{k}"
+            for k in sorted(CLUSTER_ONLY_FIELDS["resources"] & resources.keys())
+        ]
+        for key in CLUSTER_ONLY_FIELDS["resources"]:
+            resources.pop(key, None)
+        spec["resources"] = resources
+    return spec, ignored
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: where it is, what is wrong."""
+    lines = [f"{source}: the FineTuneJob spec is not valid:"]
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "spec"
+        message = problem["msg"].removeprefix("Value error, ")
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+        lines.append(f"  spec.{where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def _relative_file(uri: Any, base_dir: Path) -> Any:
+    if not isinstance(uri, str) or not uri.startswith("file://"):
+        return uri
+    path = uri.removeprefix("file://")
+    if path.startswith(("/", "~", "$", "./")):
+        return uri
+    return f"file://{(base_dir / path).absolute()}"
+
+
+def _resolve_relative_files(spec: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """file://data/train.jsonl in a manifest means data/train.jsonl next to the manifest."""
+    spec = dict(spec)
+    if isinstance(spec.get("dataset"), dict):
+        dataset = dict(spec["dataset"])
+        for key in ("train", "validation", "test"):
+            dataset[key] = _relative_file(dataset.get(key), base_dir)
+        spec["dataset"] = {k: v for k, v in dataset.items() if v is not None}
+    if isinstance(spec.get("baseModel"), dict):
+        spec["baseModel"] = {**spec["baseModel"], "uri": _relative_file(spec["baseModel"].get("uri"), base_dir)}
+    return spec
+
+
+def parse_manifest(document: Any, source: str = "manifest", base_dir: Path | None = None) -> JobManifest:
+    """Validate a FineTuneJob document (already parsed from YAML). With `base_dir`, relative
+    file:// data and model URIs (file://data/x.jsonl, not file://./x) are taken from there."""
+    if not isinstance(document, dict):
+        raise ManifestError(f"{source}: expected a FineTuneJob mapping, got {type(document).__name__}")
+    kind = document.get("kind")
+    if kind != FINETUNEJOB_KIND:
+        raise ManifestError(f"{source}: kind is {kind!r}; sectune run takes kind: FineTuneJob")
+    api_version = document.get("apiVersion")
+    if api_version != f"{API_GROUP}/{API_VERSION}":
+        raise ManifestError(
+            f"{source}: apiVersion is {api_version!r}; use {API_GROUP}/{API_VERSION}"
+        )
+    name = (document.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not re.fullmatch(DNS_LABEL_PATTERN, name or ""):
+        raise ManifestError(
+            f"{source}: metadata.name {name!r} must be a DNS label (lowercase letters, digits, -)"
+        )
+    raw_spec = document.get("spec")
+    if not isinstance(raw_spec, dict):
+        raise ManifestError(f"{source}: spec is missing; see examples/ for a starting point")
+    spec, ignored = _strip_cluster_only(raw_spec)
+    if base_dir is not None:
+        spec = _resolve_relative_files(spec, base_dir)
+    try:
+        job = JobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ManifestError(format_validation_error(exc, source)) from None
+    return JobManifest(name=name, spec=job, ignored_fields=ignored)
+
+
+def load_manifest(path: str | Path) -> JobManifest:
+    """Read and validate a FineTuneJob manifest file (YAML)."""
+    from sectune.yamlio import YAMLError, load_yaml
+
+    path = Path(path)
+    try:
+        document = load_yaml(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such file") from None
+    except YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    return parse_manifest(document, str(path), base_dir=path.parent)

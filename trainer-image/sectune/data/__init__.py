@@ -1,0 +1,1 @@
+"""Data stage: load, validate, sanitize, deduplicate, split, format."""

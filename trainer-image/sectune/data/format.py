@@ -1,0 +1,104 @@
+"""Prompt formatting through the model's chat template, and label-only loss masks.
+
+Every example becomes (prompt ids, target ids): the prompt is the system prompt plus the user
+message rendered from the task template; the target is what the assistant says (the label text
+for classification) including the template's end-of-turn tokens. Loss is computed on target
+tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sectune.config import JobSpec
+from sectune.data.prepare import Example
+
+IGNORE = -100
+
+
+class _Fields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def user_message(example: Example, spec: JobSpec) -> str:
+    """The user turn: the task template filled from the example's prompt fields."""
+    if spec.dataset.format == "instruction" and spec.task.template == "{text}":
+        instruction, given = example.fields.get("instruction", ""), example.fields.get("input", "")
+        return f"{instruction}\n\n{given}".strip()
+    return spec.task.template.format_map(_Fields(example.fields))
+
+
+def _messages(example: Example, spec: JobSpec) -> list[dict[str, str]]:
+    if example.messages:
+        return example.messages[:-1]
+    messages = []
+    if spec.task.system_prompt:
+        messages.append({"role": "system", "content": spec.task.system_prompt})
+    messages.append({"role": "user", "content": user_message(example, spec)})
+    return messages
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+class PromptFormatter:
+    """Turns examples into token ids with the tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any, spec: JobSpec) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_length = spec.hyperparameters.max_seq_length
+        self.raw_text = spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        if self.raw_text:
+            return []
+        text = self.tokenizer.apply_chat_template(
+            _messages(example, self.spec), tokenize=False, add_generation_prompt=True
+        )
+        return self._ids(text)
+
+    def target_ids(self, example: Example, target: str | None = None) -> list[int]:
+        """Target tokens as they follow the prompt in the rendered conversation."""
+        target = example.target if target is None else target
+        if self.raw_text:
+            return self._ids(target) + [self.tokenizer.eos_token_id]
+        messages = [*_messages(example, self.spec), {"role": "assistant", "content": target}]
+        full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        prompt = self.prompt_ids(example)
+        if full[: len(prompt)] != prompt:  # a template that rewrites earlier turns
+            return self._ids(target) + [self.tokenizer.eos_token_id]
+        return full[len(prompt) :]
+
+    def encode(self, example: Example) -> Encoded | None:
+        """Token ids and labels (prompt masked). None when too long and the policy is drop."""
+        prompt, target = self.prompt_ids(example), self.target_ids(example)
+        truncated = False
+        if len(prompt) + len(target) > self.max_length:
+            if self.spec.dataset.on_too_long == "drop":
+                return None
+            truncated = True
+            room = self.max_length - len(target)
+            if room < 8:
+                target = target[: self.max_length - 8]
+                room = 8
+            # Keep the start and the end of the prompt: the end holds the chat template's
+            # assistant header, which the target must follow.
+            head, tail = room // 2, room - room // 2
+            prompt = prompt[:head] + prompt[len(prompt) - tail :]
+        labels = [IGNORE] * len(prompt) + target
+        return Encoded(prompt + target, labels, truncated)
+
+
+def label_token_ids(formatter: PromptFormatter, example: Example, labels: list[str]) -> list[list[int]]:
+    """The target ids of each label after this example's prompt."""
+    return [formatter.target_ids(example, label) for label in labels]

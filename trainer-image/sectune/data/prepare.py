@@ -1,0 +1,357 @@
+"""From data URIs to clean, sanitized, deduplicated, split examples, with a report.
+
+Order matters for safety: rows are validated and (for quick profiles) sampled by label only,
+then sanitized; nothing reads example text before the sanitizer has run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import secrets
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sectune.config import JobSpec
+from sectune.data.load import DataError, RawRow, _describe, read_rows
+from sectune.data.sanitize import Sanitizer
+
+MAX_PROBLEMS_SHOWN = 20
+MIN_CLASS_EXAMPLES = 10
+
+
+@dataclass
+class Example:
+    """One training or evaluation example after validation and sanitization."""
+
+    id: str
+    fields: dict[str, str]
+    """text / instruction / input (the prompt side), as sanitized."""
+    target: str
+    """label or expected output, as sanitized."""
+    messages: list[dict[str, str]] | None = None
+    canary: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.fields.get("text", "")
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    report: dict[str, Any] = field(default_factory=dict)
+    canaries: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validate_row(row: RawRow, spec: JobSpec) -> tuple[Example | None, str | None]:
+    """An Example, or the problem with the row (naming the field, never echoing text)."""
+    names, fmt = spec.dataset.fields, spec.dataset.format
+    values = row.values
+
+    def text_field(name: str, required: bool = True) -> str | None:
+        if name not in values or values[name] is None:
+            if required:
+                raise ValueError(f"field {name!r} is missing")
+            return None
+        value = values[name]
+        if not isinstance(value, str):
+            raise ValueError(f"field {name!r} must be a string, got {_describe(value)}")
+        if required and not value.strip():
+            raise ValueError(f"field {name!r} is empty")
+        return value
+
+    try:
+        messages = None
+        if fmt == "classification":
+            prompt = {"text": text_field(names.text) or ""}
+            target = text_field(names.label) or ""
+        elif fmt == "instruction":
+            prompt = {
+                "instruction": text_field(names.instruction) or "",
+                "input": text_field(names.input, required=False) or "",
+            }
+            target = text_field(names.output) or ""
+        elif fmt == "completion":
+            prompt, target = {}, text_field(names.text) or ""
+        else:  # chat
+            raw = values.get(names.messages)
+            if not isinstance(raw, list) or not raw:
+                raise ValueError(f"field {names.messages!r} must be a non-empty list of messages")
+            messages = []
+            for i, message in enumerate(raw):
+                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                    raise ValueError(f"{names.messages}[{i}] needs a string 'content'")
+                if message.get("role") not in ("system", "user", "assistant"):
+                    raise ValueError(
+                        f"{names.messages}[{i}].role must be system, user or assistant"
+                    )
+                messages.append({"role": message["role"], "content": message["content"]})
+            if messages[-1]["role"] != "assistant":
+                raise ValueError(f"{names.messages}: the last message must be the assistant's")
+            prompt, target = {}, messages[-1]["content"]
+    except ValueError as exc:
+        return None, str(exc)
+
+    if spec.task.type == "classification":
+        target = target.strip()
+        if target not in spec.task.labels:
+            shown = repr(target) if len(target) <= 64 else f"a {len(target)}-character value"
+            return None, (
+                f"field {names.label!r}: label {shown} is not in task.labels; "
+                "add it to task.labels or fix the row"
+            )
+    if spec.task.type == "extraction":
+        try:
+            json.loads(target)
+        except json.JSONDecodeError:
+            return None, f"field {names.output!r}: extraction targets must be JSON"
+
+    raw_id = values.get(names.id)
+    if raw_id is not None and not isinstance(raw_id, str | int):
+        return None, f"field {names.id!r} must be a string or integer, got {_describe(raw_id)}"
+    if raw_id is None or raw_id == "":
+        digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+        example_id = "sha256:" + digest.hexdigest()[:16]
+    else:
+        example_id = str(raw_id)
+    return Example(example_id, prompt, target, messages), None
+
+
+def load_examples(
+    uri: str, spec: JobSpec, problems: list[str], seen_ids: dict[str, str]
+) -> list[Example]:
+    """Validate every row of one file. Problems go into `problems` as 'file:line: message'."""
+    rows, parse_problems = read_rows(uri)
+    problems += [f"{where}: {message}" for where, message in parse_problems]
+    if not rows and not parse_problems:
+        raise DataError(f"{uri}: the file holds no rows")
+    examples = []
+    for row in rows:
+        example, problem = _validate_row(row, spec)
+        if example is None:
+            problems.append(f"{row.where}: {problem}")
+            continue
+        if example.id in seen_ids:
+            problems.append(
+                f"{row.where}: duplicate id {example.id!r} (first seen at {seen_ids[example.id]})"
+            )
+            continue
+        seen_ids[example.id] = row.where
+        examples.append(example)
+    return examples
+
+
+def _raise_or_report(problems: list[str], spec: JobSpec, report: dict[str, Any]) -> None:
+    if not problems:
+        return
+    if spec.dataset.on_invalid == "fail":
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise DataError(
+            f"{len(problems)} invalid row(s):\n  {shown}{tail}\n"
+            "Fix the rows, or set dataset.onInvalid: skip to leave them out (they are reported)."
+        )
+    report["skipped"] = {"count": len(problems), "rows": problems[:1000]}
+
+
+# --------------------------------------------------------------------------- sampling and splitting
+
+
+def stratified_sample(examples: list[Example], count: int, seed: int) -> list[Example]:
+    """`count` examples keeping each label's share (at least one per label where possible)."""
+    if count >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_label[example.target].append(example)
+    chosen: list[Example] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        share = max(1, round(count * len(group) / len(examples)))
+        chosen += rng.sample(group, min(share, len(group)))
+    rng.shuffle(chosen)
+    return chosen[:count]
+
+
+def stratified_split(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of each label (at least one when a label has two or more)."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_label[example.target].append(example)
+    train, held = [], []
+    for label in sorted(by_label):
+        group = list(by_label[label])
+        rng.shuffle(group)
+        n = round(len(group) * fraction)
+        if n == 0 and len(group) >= 2 and fraction > 0:
+            n = 1
+        held += group[:n]
+        train += group[n:]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+# --------------------------------------------------------------------------- dedup
+
+
+def _normalise(text: str) -> str:
+    text = re.sub(r"<([A-Z_]+)_\d+>", r"<\1>", text.lower())
+    return re.sub(r"[\W_]+", " ", text).strip()
+
+
+def _shingles(text: str, size: int = 5) -> set[int]:
+    words = text.split()
+    if len(words) <= size:
+        return {hash(text)}
+    return {hash(" ".join(words[i : i + size])) for i in range(len(words) - size + 1)}
+
+
+def deduplicate(examples: list[Example], threshold: float = 0.9) -> tuple[list[Example], int, int]:
+    """Drop exact duplicates (normalised text) and near-duplicates (Jaccard of word 5-grams
+    at or above `threshold`, compared within buckets of similar length). Returns kept, exact
+    and near counts."""
+    kept: list[Example] = []
+    seen_exact: set[str] = set()
+    buckets: dict[int, list[set[int]]] = defaultdict(list)
+    exact = near = 0
+    for example in examples:
+        key_text = _normalise(" ".join([*example.fields.values(), example.target]))
+        if key_text in seen_exact:
+            exact += 1
+            continue
+        seen_exact.add(key_text)
+        shingles = _shingles(key_text)
+        length_bucket = len(key_text) // 50
+        candidates = [s for b in (length_bucket - 1, length_bucket, length_bucket + 1) for s in buckets[b]]
+        if any(len(shingles & other) / len(shingles | other) >= threshold for other in candidates):
+            near += 1
+            continue
+        buckets[length_bucket].append(shingles)
+        kept.append(example)
+    return kept, exact, near
+
+
+# --------------------------------------------------------------------------- canaries
+
+
+def make_canaries(count: int, seed: int) -> list[str]:
+    """Random secrets in a fixed shape, so exposure can be measured against the same space."""
+    rng = random.Random(f"canary-{seed}")
+    return [canary_value(rng) for _ in range(count)]
+
+
+def canary_value(rng: random.Random | secrets.SystemRandom) -> str:
+    digits = "".join(rng.choice("0123456789") for _ in range(9))
+    return f"the backup vault code is {digits}"
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _digest(uris: list[str | None]) -> str:
+    from sectune import storage
+
+    digest = hashlib.sha256()
+    for uri in uris:
+        if uri:
+            digest.update(storage.read_bytes(uri))
+    return digest.hexdigest()
+
+
+def prepare_data(spec: JobSpec) -> PreparedData:
+    """Load, validate, sample, sanitize, deduplicate and split the job's data."""
+    dataset, seed = spec.dataset, spec.hyperparameters.seed
+    problems: list[str] = []
+    seen_ids: dict[str, str] = {}
+    report: dict[str, Any] = {"sources": {}}
+
+    train = load_examples(dataset.train, spec, problems, seen_ids)
+    validation = load_examples(dataset.validation, spec, problems, seen_ids) if dataset.validation else []
+    test = load_examples(dataset.test, spec, problems, seen_ids) if dataset.test else []
+    _raise_or_report(problems, spec, report)
+    report["sources"] = {
+        "train": {"uri": dataset.train, "rows": len(train)},
+        **({"validation": {"uri": dataset.validation, "rows": len(validation)}} if dataset.validation else {}),
+        **({"test": {"uri": dataset.test, "rows": len(test)}} if dataset.test else {}),
+    }
+    report["digest"] = "sha256:" + _digest([dataset.train, dataset.validation, dataset.test])
+
+    if dataset.max_train_examples:
+        train = stratified_sample(train, dataset.max_train_examples, seed)
+    if dataset.max_eval_examples:
+        validation = stratified_sample(validation, dataset.max_eval_examples, seed)
+        test = stratified_sample(test, dataset.max_eval_examples, seed)
+
+    sanitizer = Sanitizer(dataset.sanitize)
+    for example in [*train, *validation, *test]:
+        redacted = sanitizer.redact({**example.fields, "__target": example.target})
+        example.target = redacted.pop("__target")
+        example.fields = redacted
+        if example.messages:
+            example.messages = [
+                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]} for m in example.messages
+            ]
+    report["sanitize"] = sanitizer.report.as_dict() | {"enabled": dataset.sanitize.enabled}
+
+    if dataset.deduplicate:
+        train, exact, near = deduplicate(train)
+        report["deduplicated"] = {"exact": exact, "near": near}
+        # Held-out rows that also appear in training would flatter the metrics.
+        train_keys = {_normalise(" ".join([*e.fields.values(), e.target])) for e in train}
+        before = len(validation) + len(test)
+        validation = [e for e in validation if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys]
+        test = [e for e in test if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys]
+        report["deduplicated"]["heldOutOverlapping"] = before - len(validation) - len(test)
+
+    if not validation:
+        if dataset.validation_split <= 0:
+            raise DataError(
+                "dataset: no validation data; give dataset.validation or a validationSplit > 0"
+            )
+        train, validation = stratified_split(train, dataset.validation_split, seed)
+    if not test:
+        test = validation
+        report["testSource"] = "validation"
+    if not train:
+        raise DataError("dataset.train: no training examples left after validation and dedup")
+
+    canaries: list[str] = []
+    if dataset.canaries.count:
+        canaries = make_canaries(dataset.canaries.count, seed)
+        rng = random.Random(seed)
+        template = train[0]
+        for i, canary in enumerate(canaries):
+            for r in range(dataset.canaries.repeats):
+                fields = dict.fromkeys(template.fields, "") | {next(iter(template.fields), "text"): canary}
+                train.insert(
+                    rng.randrange(len(train) + 1),
+                    Example(f"canary-{i}-{r}", fields, template.target, canary=True),
+                )
+        report["canaries"] = {"count": len(canaries), "repeats": dataset.canaries.repeats}
+
+    report["counts"] = {"train": len(train), "validation": len(validation), "test": len(test)}
+    if spec.task.type == "classification":
+        balance = Counter(e.target for e in train if not e.canary)
+        report["classBalance"] = {label: balance.get(label, 0) for label in spec.task.labels}
+        report["warnings"] = [
+            f"label {label!r} has {n} training examples (under {MIN_CLASS_EXAMPLES}); "
+            "its per-class metrics will be noisy"
+            for label, n in report["classBalance"].items()
+            if n < MIN_CLASS_EXAMPLES
+        ]
+    return PreparedData(train, validation, test, report, canaries)

@@ -1,0 +1,266 @@
+"""Redact secrets and personal data before anything else reads the examples.
+
+Secrets are found by detect-secrets (its regex and entropy plugins) plus patterns for
+passwords on command lines and in URLs; personal and infrastructure data by Presidio's pattern
+recognizers on an offline, blank spaCy pipeline, plus recognizers for what security logs carry
+(usernames in user=/User: fields and Windows profile paths, hostnames under internal domains,
+AWS account ids, Windows SIDs, MAC addresses). Each distinct value becomes a typed placeholder
+numbered per example (`<IP_1>`, `<USER_1>`), so "the same user failed, then succeeded" survives.
+
+Nothing here touches the network: tldextract is pinned to its bundled suffix list and spaCy's
+pipeline is blank, so no model download is attempted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from sectune.config import SanitizeSpec
+
+# Presidio entity -> placeholder stem.
+PLACEHOLDERS = {
+    "SECRET": "SECRET",
+    "URL_CREDENTIALS": "SECRET",
+    "EMAIL_ADDRESS": "EMAIL",
+    "IP_ADDRESS": "IP",
+    "PHONE_NUMBER": "PHONE",
+    "CREDIT_CARD": "CARD",
+    "IBAN_CODE": "IBAN",
+    "MAC_ADDRESS": "MAC",
+    "USERNAME": "USER",
+    "HOSTNAME": "HOST",
+    "AWS_ACCOUNT_ID": "AWS_ACCOUNT",
+    "WINDOWS_SID": "SID",
+    "URL": "URL",
+}
+
+# Patterns for what Presidio's built-ins do not know; (entity, regex, score, group).
+# `group` names the capture group that holds the value to redact (0: the whole match).
+SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
+    ("URL_CREDENTIALS", r"\b[a-z][a-z0-9+.-]*://[^\s/:@]+:([^\s/@]+)@", 0.9, 1),
+    (
+        "SECRET",
+        r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?([^\s\"',;&]{4,})",
+        0.85,
+        1,
+    ),
+    ("SECRET", r"(?:^|\s)(?:-p|--password[= ])\s*([^\s\"']{4,})", 0.6, 1),
+    (
+        "USERNAME",
+        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|uid|login)\s*[=:]\s*\"?([A-Za-z0-9._\\$-]{2,64})",
+        0.8,
+        1,
+    ),
+    ("USERNAME", r"\b(?:for|by)\s+(?:invalid\s+user\s+)?([a-z_][a-z0-9._-]{1,31})\s+from\s", 0.7, 1),
+    ("USERNAME", r"(?i)[A-Z]:\\Users\\([^\\\s\"']+)", 0.85, 1),
+    ("USERNAME", r"(?i):(?:user|role|assumed-role)/([A-Za-z0-9+=,.@_-]+)", 0.85, 1),
+    ("SECRET", r"(?i)/user:\S+\s+([^\s/;|&]{4,})", 0.6, 1),
+    ("USERNAME", r"/home/([a-z_][a-z0-9._-]{1,31})", 0.8, 1),
+    ("WINDOWS_SID", r"\bS-1-5-21-\d{6,10}-\d{6,10}-\d{6,10}-\d{3,6}\b", 0.95, 0),
+    ("AWS_ACCOUNT_ID", r"(?i)(?:arn:aws[a-z-]*:[a-z0-9-]*:[a-z0-9-]*:|account(?:Id)?\"?\s*[=:]\s*\"?)(\d{12})\b", 0.9, 1),
+    ("MAC_ADDRESS", r"\b(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}\b", 0.8, 0),
+]
+
+ALWAYS_KEPT = {"root", "system", "administrator", "nobody", "localhost", "-", "null", "none"}
+
+
+@dataclass
+class Finding:
+    entity: str
+    start: int
+    end: int
+    score: float
+
+
+@dataclass
+class SanitizeReport:
+    """Redaction counts per entity type, over every example seen."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples_changed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"redactions": dict(sorted(self.counts.items())), "examplesChanged": self.examples_changed}
+
+
+class Sanitizer:
+    """Redacts one example (several fields sharing one placeholder map) at a time."""
+
+    def __init__(self, spec: SanitizeSpec) -> None:
+        self.spec = spec
+        self.report = SanitizeReport()
+        self._allowed_networks = []
+        self._allowed_values = set(ALWAYS_KEPT)
+        for item in spec.allow:
+            try:
+                self._allowed_networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self._allowed_values.add(item.lower())
+        self._internal = [d.lower().lstrip(".") for d in spec.internal_domains]
+        self._patterns = [(e, re.compile(p), s, g) for e, p, s, g in SECURITY_PATTERNS]
+        if self._internal:
+            suffixes = "|".join(re.escape(d) for d in self._internal)
+            self._patterns.append(
+                ("HOSTNAME", re.compile(rf"(?i)\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:{suffixes})\b"), 0.9, 0)
+            )
+
+    # -- engines, built once ---------------------------------------------------------------
+
+    @cached_property
+    def _analyzer(self) -> Any:
+        import spacy
+        import tldextract
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import SpacyNlpEngine
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IbanRecognizer,
+            IpRecognizer,
+            PhoneRecognizer,
+            UrlRecognizer,
+        )
+
+        # Offline: the bundled public-suffix snapshot, never a fetch.
+        tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
+        engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank-en"}])
+        engine.nlp = {"en": spacy.blank("en")}
+        registry = RecognizerRegistry(supported_languages=["en"])
+        for recognizer in (
+            CreditCardRecognizer(),
+            EmailRecognizer(),
+            IbanRecognizer(),
+            IpRecognizer(),
+            PhoneRecognizer(),
+            UrlRecognizer(),
+        ):
+            registry.add_recognizer(recognizer)
+        return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
+
+    @cached_property
+    def _secret_settings(self) -> Any:
+        from detect_secrets.settings import transient_settings
+
+        plugins = [
+            {"name": name}
+            for name in (
+                "AWSKeyDetector",
+                "AzureStorageKeyDetector",
+                "BasicAuthDetector",
+                "GitHubTokenDetector",
+                "GitLabTokenDetector",
+                "JwtTokenDetector",
+                "OpenAIDetector",
+                "PrivateKeyDetector",
+                "SlackDetector",
+                "StripeDetector",
+                "TwilioKeyDetector",
+                "KeywordDetector",
+            )
+        ]
+        return lambda: transient_settings({"plugins_used": plugins})
+
+    # -- finding ---------------------------------------------------------------------------
+
+    def _secret_findings(self, text: str) -> list[Finding]:
+        from detect_secrets.core.scan import scan_line
+
+        findings = []
+        with self._secret_settings():
+            for secret in scan_line(text):
+                value = secret.secret_value
+                if not value:
+                    continue
+                for match in re.finditer(re.escape(value), text):
+                    findings.append(Finding("SECRET", match.start(), match.end(), 1.0))
+        if "PRIVATE KEY-----" in text:
+            for match in re.finditer(
+                r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
+                text,
+                re.S,
+            ):
+                findings.append(Finding("SECRET", match.start(), match.end(), 1.0))
+        return findings
+
+    def _pattern_findings(self, text: str) -> list[Finding]:
+        findings = []
+        for entity, pattern, score, group in self._patterns:
+            for match in pattern.finditer(text):
+                start, end = match.span(group)
+                if start < end:
+                    findings.append(Finding(entity, start, end, score))
+        return findings
+
+    def _presidio_findings(self, text: str) -> list[Finding]:
+        results = self._analyzer.analyze(text=text, language="en", score_threshold=0.3)
+        findings = []
+        for r in results:
+            if r.entity_type == "URL" and not self._is_sensitive_url(text[r.start : r.end]):
+                continue
+            findings.append(Finding(r.entity_type, r.start, r.end, r.score))
+        return findings
+
+    def _is_sensitive_url(self, value: str) -> bool:
+        # Presidio's URL recognizer also fires on bare words like "cmd.exe"; only hosts under an
+        # internal domain are redacted (URLs with credentials are caught as URL_CREDENTIALS).
+        lowered = value.lower()
+        return any(lowered.endswith(d) or f".{d}/" in lowered for d in self._internal)
+
+    def _allowed(self, entity: str, value: str) -> bool:
+        if value.lower() in self._allowed_values:
+            return True
+        if entity == "IP_ADDRESS":
+            try:
+                address = ipaddress.ip_address(value.strip("[]"))
+            except ValueError:
+                return False
+            return any(address in net for net in self._allowed_networks)
+        return False
+
+    def findings(self, text: str) -> list[Finding]:
+        """Non-overlapping findings, the longest (then highest-scoring) one winning."""
+        candidates = self._secret_findings(text) + self._pattern_findings(text)
+        candidates += self._presidio_findings(text)
+        candidates = [
+            f for f in candidates if f.entity in PLACEHOLDERS and not self._allowed(f.entity, text[f.start : f.end])
+        ]
+        candidates.sort(key=lambda f: (-(f.end - f.start), -f.score, f.start))
+        chosen: list[Finding] = []
+        for finding in candidates:
+            if all(finding.end <= c.start or finding.start >= c.end for c in chosen):
+                chosen.append(finding)
+        return sorted(chosen, key=lambda f: f.start)
+
+    # -- redacting -------------------------------------------------------------------------
+
+    def redact(self, fields: dict[str, str]) -> dict[str, str]:
+        """Redact several fields of one example with one placeholder numbering."""
+        if not self.spec.enabled:
+            return fields
+        numbering: dict[tuple[str, str], str] = {}
+        per_type: Counter[str] = Counter()
+        changed = False
+        out = {}
+        for name, text in fields.items():
+            pieces, cursor = [], 0
+            for finding in self.findings(text):
+                value = text[finding.start : finding.end]
+                stem = PLACEHOLDERS[finding.entity]
+                key = (stem, value)
+                if key not in numbering:
+                    per_type[stem] += 1
+                    numbering[key] = f"<{stem}_{per_type[stem]}>"
+                pieces += [text[cursor : finding.start], numbering[key]]
+                cursor = finding.end
+                self.report.counts[finding.entity] += 1
+                changed = True
+            pieces.append(text[cursor:])
+            out[name] = "".join(pieces)
+        if changed:
+            self.report.examples_changed += 1
+        return out

@@ -1,0 +1,54 @@
+"""Quality gates: each metric the user named, its value, threshold and pass/fail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sectune.config import Gate
+
+PER_CLASS = {"precision", "recall", "f1"}
+
+
+@dataclass
+class GateOutcome:
+    name: str
+    metric: str
+    value: float | None
+    min: float | None
+    max: float | None
+    passed: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric, "value": self.value, "min": self.min,
+                "max": self.max, "passed": self.passed, **({"reason": self.reason} if self.reason else {})}
+
+
+def _lookup(metrics: dict[str, Any], gate: Gate) -> float | None:
+    if gate.metric in PER_CLASS:
+        per_class = metrics.get("perClass", {}).get(gate.class_name or "", {})
+        value = per_class.get(gate.metric)
+    else:
+        value = metrics.get(gate.metric)
+    return None if value is None else float(value)
+
+
+def evaluate_gates(gates: list[Gate], tuned: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> list[GateOutcome]:
+    """Check every gate against the tuned model's metrics (or its margin over a baseline).
+    A metric that was not measured fails its gate, saying so."""
+    outcomes = []
+    for gate in gates:
+        value = _lookup(tuned, gate)
+        reason = ""
+        if value is not None and gate.over_baseline:
+            base = _lookup(baselines.get(gate.over_baseline, {}), gate)
+            if base is None:
+                value, reason = None, f"baseline {gate.over_baseline} was not measured"
+            else:
+                value = value - base
+        elif value is None:
+            reason = f"metric {gate.metric} was not measured for this task"
+        passed = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
+        outcomes.append(GateOutcome(gate.name, gate.metric, value, gate.min, gate.max, passed, reason))
+    return outcomes

@@ -1,0 +1,101 @@
+"""Score a label set with the language model: one forward pass per batch of prompts.
+
+Each label's probability is the model's probability of the label's first target token,
+renormalised over the label set (no sampling). When two labels share a first token, every
+label's full target sequence is scored instead (one pass per label), so the ranking is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sectune.config import JobSpec
+from sectune.data.format import PromptFormatter
+from sectune.data.prepare import Example
+
+
+@dataclass
+class LabelScores:
+    probabilities: list[list[float]]
+    """Per example, the probability of each label (in task.labels order)."""
+    latencies_ms: list[float] = field(default_factory=list)
+    """Per single request (batch of one), when measured."""
+
+    def predictions(self, labels: list[str]) -> list[str]:
+        return [labels[max(range(len(labels)), key=row.__getitem__)] for row in self.probabilities]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.tensor(row)
+        mask[i, length - len(row) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep,
+    )
+    return out.logits.float().log_softmax(-1).cpu()
+
+
+@torch.inference_mode()
+def score_labels(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: JobSpec,
+    batch_size: int = 8,
+    autocast: bool = True,
+    measure_latency: int = 0,
+) -> LabelScores:
+    """Label probabilities for each example; optionally time `measure_latency` single requests."""
+    labels = spec.task.labels
+    formatter = PromptFormatter(tokenizer, spec)
+    model.eval()
+    prompts = [formatter.prompt_ids(e) for e in examples]
+    label_ids = [formatter.target_ids(examples[0], label) for label in labels] if examples else []
+    first_tokens = [ids[0] for ids in label_ids]
+    distinct = len(set(first_tokens)) == len(first_tokens)
+    max_len = spec.hyperparameters.max_seq_length
+    prompts = [p[-max_len:] for p in prompts]
+    device_type = next(model.parameters()).device.type
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast)
+
+    def score(batch_prompts: list[list[int]]) -> list[list[float]]:
+        with amp:
+            if distinct:
+                logprobs = _forward(model, _left_pad(batch_prompts, tokenizer.pad_token_id), 1)
+                chosen = logprobs[:, -1, first_tokens]
+            else:
+                columns = []
+                for ids in label_ids:
+                    rows = [p + ids for p in batch_prompts]
+                    logprobs = _forward(model, _left_pad(rows, tokenizer.pad_token_id), len(ids) + 1)
+                    targets = torch.tensor(ids)
+                    picked = logprobs[:, :-1, :].gather(-1, targets.expand(len(rows), -1).unsqueeze(-1))
+                    columns.append(picked.squeeze(-1).sum(-1))
+                chosen = torch.stack(columns, dim=1)
+        return chosen.softmax(-1).tolist()
+
+    probabilities: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        probabilities += score(prompts[start : start + batch_size])
+    latencies = []
+    for prompt in prompts[:measure_latency]:
+        began = time.perf_counter()
+        score([prompt])
+        latencies.append((time.perf_counter() - began) * 1000)
+    return LabelScores(probabilities, latencies)

@@ -1,0 +1,243 @@
+"""One job, start to finish: data -> sanitize -> base model -> baseline -> train -> evaluate ->
+gates -> artifacts. `sectune run` (laptop) and `sectune train` (pod) both call `run_job`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sectune import __version__, storage
+from sectune.config import JobSpec
+
+# Exit codes the operator's Pod failure policy reads.
+EXIT_OK = 0
+EXIT_INFRASTRUCTURE = 1
+"""Anything unexpected (storage down, node lost): retried, resuming from the checkpoint."""
+EXIT_BAD_INPUT = 2
+"""Bad config or data: retrying cannot help; fail fast with the message."""
+EXIT_GATES_FAILED = 3
+"""The adapter was trained and stored but did not meet its gates."""
+EXIT_PREEMPTED = 143
+"""Stopped by SIGTERM after writing a checkpoint: retried."""
+
+
+class ResourceError(ValueError):
+    """The manifest asks for hardware this machine does not have."""
+
+
+@dataclass
+class Outcome:
+    job: str
+    phase: str
+    reason: str
+    message: str = ""
+    adapter_uri: str | None = None
+    adapter_sha256: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    stage_dir: Path | None = None
+
+    def termination_message(self, limit: int = 4096) -> str:
+        """Short JSON for the pod's termination message (Kubernetes keeps 4 KiB)."""
+        tuned = self.report.get("models", {}).get("tuned", {})
+        body: dict[str, Any] = {
+            "phase": self.phase,
+            "reason": self.reason,
+            "message": self.message[:600],
+            "adapter": {"uri": self.adapter_uri, "sha256": self.adapter_sha256},
+            "metrics": {k: round(tuned[k], 4) for k in ("accuracy", "macroF1", "validationLoss") if k in tuned},
+            "gates": [{"name": g["name"], "passed": g["passed"], "value": g["value"]} for g in self.report.get("gates", [])],
+            "dataset": {k: v for k, v in self.report.get("data", {}).items() if k in ("digest", "counts")}
+            | {"redactions": self.report.get("data", {}).get("sanitize", {}).get("redactions", {})},
+        }
+        text = json.dumps(body, separators=(",", ":"))
+        while len(text.encode()) > limit and body["gates"]:
+            body["gates"].pop()
+            text = json.dumps(body, separators=(",", ":"))
+        return text[:limit]
+
+
+def hardware() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def check_resources(spec: JobSpec) -> None:
+    import torch
+
+    wanted = spec.resources.gpus * spec.resources.nodes
+    available = torch.cuda.device_count()
+    if wanted > available:
+        raise ResourceError(
+            f"spec.resources.gpus: the manifest asks for {wanted} GPU(s) and this machine has "
+            f"{available}. Run on CPU with `sectune run --cpu MANIFEST` (sets gpus: 0), or set "
+            "spec.resources.gpus: 0 in the manifest."
+        )
+    if spec.base_model.quantization == "int8" and not torch.cuda.is_available():
+        raise ResourceError("spec.baseModel.quantization: int8 needs a GPU; use nf4 (QLoRA) or none on CPU")
+
+
+def job_prefix(spec: JobSpec, name: str) -> storage.Location:
+    return storage.parse_uri(spec.output.uri or "file://./runs").join(name)
+
+
+def run_job(
+    name: str,
+    spec: JobSpec,
+    on_event: Callable[[str, dict[str, Any]], None] = lambda event, data: None,
+) -> Outcome:
+    """Run the whole job; artifacts are published only if training and evaluation finished.
+
+    `on_event` hears progress: ("stage", {name}), ("step", StepReport fields), ("data", report).
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from sectune import artifacts
+    from sectune.data.prepare import prepare_data
+    from sectune.evaluation.baselines import tfidf_baseline
+    from sectune.evaluation.gates import evaluate_gates
+    from sectune.evaluation.metrics import classification_metrics, latency_summary
+    from sectune.evaluation.report import render_html
+    from sectune.evaluation.scoring import score_labels
+    from sectune.training import base_model
+    from sectune.training.train import Checkpoints, pick_precision, train, wrap_with_lora
+
+    started = dt.datetime.now(dt.UTC)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    prefix = job_prefix(spec, name)
+    check_resources(spec)
+    torch.manual_seed(spec.hyperparameters.seed)
+
+    on_event("stage", {"name": "Preparing data"})
+    data = prepare_data(spec)
+    on_event("data", data.report)
+
+    on_event("stage", {"name": "Loading base model"})
+    resolved = base_model.resolve(spec.base_model)
+    model, tokenizer = base_model.load(resolved, spec.base_model, torch.float32)
+    accelerator = Accelerator(
+        mixed_precision=pick_precision(spec),
+        cpu=not torch.cuda.is_available(),
+    )
+    classification = spec.task.type == "classification"
+    use_amp = accelerator.mixed_precision == "bf16"
+    models: dict[str, dict[str, Any]] = {}
+    truth = [e.target for e in data.test]
+
+    if classification and spec.evaluation.baseline and accelerator.is_main_process:
+        on_event("stage", {"name": "Scoring the base model"})
+        base_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp)
+        models["base"] = classification_metrics(
+            truth, base_scores.predictions(spec.task.labels), spec.task.labels, base_scores.probabilities
+        )
+
+    on_event("stage", {"name": "Training"})
+    workdir = Path(tempfile.mkdtemp(prefix=f"sectune-{name}-"))
+    model = wrap_with_lora(model, spec)
+    result = train(
+        model,
+        tokenizer,
+        data.train,
+        spec,
+        accelerator,
+        Checkpoints(prefix, workdir),
+        on_step=lambda report: on_event("step", report.__dict__),
+    )
+    model = result.model
+    if not accelerator.is_main_process:
+        return Outcome(name, "Succeeded", "WorkerDone")
+
+    on_event("stage", {"name": "Evaluating"})
+    if classification:
+        tuned_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp, measure_latency=20)
+        models["tuned"] = classification_metrics(
+            truth, tuned_scores.predictions(spec.task.labels), spec.task.labels, tuned_scores.probabilities
+        ) | latency_summary(tuned_scores.latencies_ms)
+        models["tfidf"] = tfidf_baseline(data.train, data.test, spec.task.labels, spec.hyperparameters.seed)
+    else:
+        models["tuned"] = {}
+    baselines = {k: v for k, v in models.items() if k != "tuned"}
+    gate_outcomes = [g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], baselines)]
+    gates_passed = all(g["passed"] for g in gate_outcomes)
+    failing = [g["name"] for g in gate_outcomes if not g["passed"]]
+    verdict = "all gates passed" if gates_passed else "gates failed: " + ", ".join(failing)
+    if not spec.evaluation.gates:
+        verdict = "no gates set"
+
+    report = {
+        "job": name,
+        "run": run_id,
+        "task": spec.task.type,
+        "models": models,
+        "deltas": {
+            base: {m: models["tuned"][m] - models[base][m] for m in ("accuracy", "macroF1") if m in models[base] and m in models["tuned"]}
+            for base in baselines
+        },
+        "gates": gate_outcomes,
+        "gatesPassed": gates_passed,
+        "verdict": verdict,
+        "data": data.report,
+        "training": {
+            "steps": result.steps,
+            "resumedFrom": result.resumed_from,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
+            "tokensPerSecond": round(result.tokens / max(result.seconds, 1e-9), 1),
+            "truncated": result.truncated,
+            "dropped": result.dropped,
+            "finalLoss": result.history[-1]["loss"] if result.history else None,
+        },
+        "hardware": hardware(),
+    }
+
+    on_event("stage", {"name": "Publishing artifacts"})
+    stage = workdir / "stage"
+    (stage / "adapter").mkdir(parents=True)
+    model.save_pretrained(stage / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(stage / "adapter")
+    (stage / "report.json").write_text(json.dumps(report, indent=2))
+    (stage / "report.html").write_text(render_html(report))
+    (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
+    (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
+    manifest = {
+        "apiVersion": "sectune.io/v1alpha1",
+        "kind": "AdapterManifest",
+        "job": name,
+        "run": run_id,
+        "sectuneVersion": __version__,
+        "startTime": started.isoformat(),
+        "endTime": dt.datetime.now(dt.UTC).isoformat(),
+        "baseModel": {"uri": spec.base_model.uri, "sha256": resolved.digest, "quantization": spec.base_model.quantization},
+        "method": spec.method.type,
+        "config": spec.model_dump(mode="json", by_alias=True),
+        "dataset": {"digest": data.report.get("digest"), "counts": data.report.get("counts"), "sources": data.report.get("sources")},
+        "redactions": data.report.get("sanitize", {}).get("redactions", {}),
+        "canaries": {"count": len(data.canaries)},
+        "metrics": {k: v for k, v in models["tuned"].items() if isinstance(v, int | float)},
+        "gates": gate_outcomes,
+        "gatesPassed": gates_passed,
+    }
+    published = artifacts.publish(stage, prefix, run_id, manifest, make_current=gates_passed)
+    phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
+    return Outcome(
+        name,
+        phase,
+        reason,
+        verdict,
+        adapter_uri=published.uri,
+        adapter_sha256=published.manifest_sha256,
+        report=report,
+        stage_dir=stage,
+    )

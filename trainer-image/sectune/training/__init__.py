@@ -1,0 +1,1 @@
+"""Training: base model, LoRA/QLoRA/full, launch configs, checkpoints."""

@@ -1,0 +1,325 @@
+"""The training loop: one readable path from prepared examples to a trained adapter.
+
+    load base model (+4-bit) -> wrap with LoRA -> encode examples -> AdamW + schedule
+    -> steps (bf16 autocast, gradient accumulation, logits only where the loss needs them)
+    -> checkpoints (every N steps and on SIGTERM) -> trained model
+
+accelerate runs the same code single-process, as multi-process DDP (gloo on CPU, NCCL on GPUs)
+or under DeepSpeed, from the launch configs in training/launch/. Only the main process logs,
+checkpoints and uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sectune import storage
+from sectune.config import JobSpec
+from sectune.data.format import IGNORE, Encoded, PromptFormatter
+from sectune.data.prepare import Example
+
+# Module names of the linear layers in each block, per architecture family.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was written and the run should be retried."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+    epoch: float
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    truncated: int = 0
+    dropped: int = 0
+
+
+def pick_precision(spec: JobSpec) -> str:
+    """accelerate's mixed_precision value: bf16 where the hardware has it, unless told."""
+    wanted = spec.hyperparameters.precision
+    if wanted == "fp32":
+        return "no"
+    if wanted in ("bf16", "fp16"):
+        return wanted
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_has_bf16() else "no"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
+    """Freeze the base and add LoRA adapters (after k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    method = spec.method
+    if method.type in ("full", "continued-pretraining") and spec.base_model.quantization == "none":
+        return model
+    if spec.base_model.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing
+        )
+    targets = method.target_modules or DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    config = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad so every target ends at the last position (logits are kept only there)."""
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, encoded in enumerate(batch):
+        n = len(encoded.input_ids)
+        ids[row, length - n :] = torch.tensor(encoded.input_ids)
+        labels[row, length - n :] = torch.tensor(encoded.labels)
+        mask[row, length - n :] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Cross-entropy on target tokens, computing logits only for the positions that predict
+    them (the LM head is a large share of a small model's FLOPs)."""
+    labels = batch["labels"]
+    target_span = int((labels != IGNORE).int().argmax(dim=1).min().item())
+    keep = labels.shape[1] - target_span + 1
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=positions,
+        logits_to_keep=keep,
+    )
+    logits = out.logits[:, :-1, :].float()
+    targets = labels[:, -(keep - 1) :]
+    tokens = int((targets != IGNORE).sum().item())
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
+    )
+    return loss, tokens
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """Resumable state under <job prefix>/checkpoints/: step-N/ plus latest.json (written last,
+    so a half-written checkpoint is never picked up). Adapter weights are safetensors; optimizer
+    state is loaded with torch.load(weights_only=True)."""
+
+    def __init__(self, prefix: storage.Location, workdir: Any) -> None:
+        self.prefix = prefix.join("checkpoints")
+        self.workdir = workdir
+
+    def latest(self) -> dict[str, Any] | None:
+        pointer = self.prefix.join("latest.json")
+        if not storage.exists(pointer):
+            return None
+        return dict(json.loads(storage.read_bytes(pointer)))
+
+    def save(self, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        local = self.workdir / f"checkpoint-{step}"
+        local.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(local / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, local / "optimizer.pt")
+        (local / "state.json").write_text(json.dumps({"step": step, **extra}))
+        target = self.prefix.join(f"step-{step}")
+        storage.upload_dir(local, target)
+        storage.write_bytes(self.prefix.join("latest.json"), json.dumps({"step": step, "path": f"step-{step}"}).encode())
+
+    def load(self, model: Any, optimizer: Any, scheduler: Any, latest: dict[str, Any]) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        local = storage.download_dir(self.prefix.join(latest["path"]), self.workdir / f"resume-{latest['step']}")
+        weights = load_file(str(local / "trainable.safetensors"))
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+        if missing:
+            raise RuntimeError(f"checkpoint {latest['path']} does not match the model ({missing[0]} missing)")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        state = torch.load(local / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return dict(json.loads((local / "state.json").read_text()))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: JobSpec,
+    accelerator: Any,
+    checkpoints: Checkpoints,
+    on_step: Callable[[StepReport], None] = lambda report: None,
+) -> TrainResult:
+    """Train `model` (already wrapped with LoRA) on `examples`; resume from the latest
+    checkpoint if there is one."""
+    from transformers import get_scheduler
+
+    hp = spec.hyperparameters
+    formatter = PromptFormatter(tokenizer, spec)
+    encoded, truncated, dropped = [], 0, 0
+    for example in examples:
+        item = formatter.encode(example)
+        if item is None:
+            dropped += 1
+            continue
+        truncated += item.truncated
+        encoded.append(item)
+    if not encoded:
+        raise ValueError("no training example fits hyperparameters.maxSeqLength; raise it")
+
+    world = accelerator.num_processes
+    per_step = hp.batch_size * hp.gradient_accumulation * world
+    steps_per_epoch = max(1, math.ceil(len(encoded) / per_step))
+    total_steps = steps_per_epoch * hp.epochs
+    if hp.max_steps:
+        total_steps = min(total_steps, hp.max_steps)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=hp.resolved_learning_rate(spec.method.type), weight_decay=hp.weight_decay
+    )
+    scheduler = get_scheduler(
+        hp.scheduler,
+        optimizer,
+        num_warmup_steps=int(total_steps * hp.warmup_ratio),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, resumed_from = 0, None
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(accelerator.unwrap_model(model), optimizer, scheduler, latest)
+        step = resumed_from = int(state["step"])
+
+    stop = {"requested": False}
+    previous = signal.getsignal(signal.SIGTERM)
+    if accelerator.is_main_process or world == 1:
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+
+    history: list[dict[str, float]] = []
+    started, tokens_seen = time.monotonic(), 0
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = list(range(len(encoded)))
+            random.Random(hp.seed + epoch).shuffle(order)
+            # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
+            # process gets the same number of micro-batches and DDP's all-reduces line up.
+            start = offset * per_step
+            chunk = [order[(start + j) % len(order)] for j in range(per_step)]
+            mine = chunk[accelerator.process_index :: world]
+            micro = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
+            loss_sum, step_tokens = 0.0, 0
+            for index, ids in enumerate(micro):
+                batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in ids], pad_id).items()}
+                sync = index == len(micro) - 1
+                context = accelerator.no_sync(model) if not sync and world > 1 else _null()
+                with context, accelerator.autocast():
+                    loss, n_tokens = causal_lm_loss(model, batch)
+                    accelerator.backward(loss / len(micro))
+                loss_sum += float(loss.detach()) / len(micro)
+                step_tokens += int(batch["attention_mask"].sum())
+            accelerator.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens * world
+            elapsed = time.monotonic() - started
+            done = step - (resumed_from or 0)
+            report = StepReport(
+                step=step,
+                total_steps=total_steps,
+                loss=loss_sum,
+                learning_rate=float(scheduler.get_last_lr()[0]),
+                tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                eta_seconds=elapsed / done * (total_steps - step),
+                epoch=step / steps_per_epoch,
+            )
+            history.append({"step": step, "loss": report.loss, "learningRate": report.learning_rate, "tokensPerSecond": report.tokens_per_second})
+            if accelerator.is_main_process:
+                on_step(report)
+            last = step == total_steps
+            if accelerator.is_main_process and not last and (step % hp.checkpoint_every_steps == 0 or stop["requested"]):
+                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, step, {"epoch": epoch})
+            if stop["requested"] and not last:
+                raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint saved")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    model.eval()
+    return TrainResult(
+        model=accelerator.unwrap_model(model),
+        steps=total_steps,
+        history=history,
+        resumed_from=resumed_from,
+        tokens=tokens_seen,
+        seconds=time.monotonic() - started,
+        truncated=truncated,
+        dropped=dropped,
+    )
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
