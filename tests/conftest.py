@@ -50,10 +50,11 @@ def api_client(control_plane: ControlPlane):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def namespace(request: pytest.FixtureRequest, control_plane: ControlPlane, api_client) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def namespace(
+    request: pytest.FixtureRequest, control_plane: ControlPlane, api_client
+) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """A fresh namespace per test, with its default ServiceAccount ready."""
     from kubernetes import client
-
     from support.processes import wait_until
 
     core = client.CoreV1Api(api_client)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
-
 from sectune.config import (
     CEL_RULES,
     DNS_LABEL_PATTERN,
@@ -66,7 +65,7 @@ class ClusterResources(ResourcesSpec):
 class FineTuneJobSpec(JobSpec):
     """A fine-tuning run: the job contract plus how it runs on the cluster."""
 
-    resources: ClusterResources = Field(default_factory=ClusterResources)  # type: ignore[assignment,arg-type]
+    resources: ClusterResources = Field(default_factory=ClusterResources)  # type: ignore[arg-type]
     """Compute for the run and where it is scheduled."""
     image: str | None = Field(None, max_length=512)
     """Trainer image (default: the operator's setting)."""
@@ -95,22 +94,34 @@ class Condition(Spec):
     """The Kubernetes condition shape."""
 
     type: str = Field(max_length=316)
+    """Condition type: Ready, Training, Evaluated, GatesPassed, Succeeded, Failed."""
     status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
     reason: str = Field("", max_length=1024)
+    """CamelCase reason for the last transition."""
     message: str = Field("", max_length=32768)
+    """What happened and, on failure, what to do."""
     last_transition_time: str | None = None
+    """When the status last changed (RFC 3339)."""
     observed_generation: int | None = None
+    """The spec generation the condition was computed from."""
 
 
 class Progress(Spec):
     """Live training progress, read from the trainer's metrics endpoint."""
 
     step: int | None = None
+    """Optimizer steps done."""
     total_steps: int | None = None
+    """Optimizer steps planned."""
     percent: int | None = None
+    """Steps done, in percent."""
     loss: float | None = None
+    """Training loss of the latest step."""
     tokens_per_second: float | None = None
+    """Training throughput."""
     eta_seconds: int | None = None
+    """Estimated seconds to the end of training."""
     display: str | None = Field(None, max_length=64)
     """Progress as shown by kubectl (step/total)."""
 
@@ -119,26 +130,37 @@ class DatasetStatus(Spec):
     """What the data stage saw."""
 
     digest: str | None = None
+    """sha256 over the data files."""
     train_examples: int | None = None
+    """Training examples after validation, sanitization and deduplication."""
     validation_examples: int | None = None
+    """Held-out examples."""
     skipped: int | None = None
+    """Invalid rows skipped (dataset.onInvalid: skip)."""
     redactions: dict[str, int] = Field(default_factory=dict)
+    """Values redacted, per entity type."""
 
 
 class AdapterStatus(Spec):
     """The stored adapter."""
 
     uri: str | None = None
+    """Where the adapter version is stored."""
     sha256: str | None = None
+    """sha256 of its manifest.json (which lists the digest of every file)."""
     size_bytes: int | None = None
+    """Total size of the stored files."""
 
 
 class GateResult(Spec):
     """One gate as evaluated."""
 
     name: str
+    """The gate, e.g. recall[critical]>=0.95."""
     value: float | None = None
+    """The measured value (absent when the metric could not be measured)."""
     passed: bool
+    """Whether the gate passed."""
 
 
 class FineTuneJobStatus(Spec):
@@ -150,18 +172,29 @@ class FineTuneJobStatus(Spec):
         ]
         | None
     ) = None
+    """Pending, Preparing, Training, Evaluating, Succeeded, Failed or Cancelled."""
     observed_generation: int | None = None
+    """The spec generation this status describes."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Conditions in the Kubernetes shape."""
     progress: Progress | None = None
+    """Live training progress."""
     dataset: DatasetStatus | None = None
+    """What the data stage saw."""
     adapter: AdapterStatus | None = None
+    """The stored adapter."""
     metrics: dict[str, float] = Field(default_factory=dict)
+    """Headline evaluation figures of the tuned model."""
     gates: list[GateResult] = Field(default_factory=list)
+    """Each gate and whether it passed."""
     gates_summary: str | None = None
     """Gates as shown by kubectl (passed/total)."""
     start_time: str | None = None
+    """When the training Job was created."""
     completion_time: str | None = None
+    """When the job finished."""
     attempts: int | None = None
+    """Training pods started (retries after preemption included)."""
 
 
 # --------------------------------------------------------------------------- AdapterDeployment
@@ -272,7 +305,7 @@ class AdapterDeploymentSpec(Spec):
     """Compute per replica."""
     runtime: Literal["sectune", "vllm"] = "sectune"
     """sectune: the built-in multi-adapter server; vllm: vLLM for GPU fleets."""
-    promotion: PromotionSpec = Field(default_factory=PromotionSpec)  # type: ignore[arg-type]
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     """Promotion and rollback rules."""
     drift: DriftSpec = Field(default_factory=DriftSpec)  # type: ignore[arg-type]
     """Drift monitoring."""
@@ -294,25 +327,38 @@ class ActiveAdapter(Spec):
     """An adapter version the server has loaded and verified."""
 
     name: str
+    """Adapter name."""
     version: str
+    """Version name."""
     uri: str | None = None
+    """Where it was loaded from."""
     sha256: str | None = None
+    """Verified digest of its manifest.json."""
     traffic: int | None = None
+    """Percent of the adapter's requests it answers."""
 
 
 class AdapterDeploymentStatus(Spec):
     """Observed state of an AdapterDeployment."""
 
     phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = None
+    """Pending, Progressing, Ready, Degraded or Failed."""
     observed_generation: int | None = None
+    """The spec generation this status describes."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Conditions in the Kubernetes shape."""
     ready_replicas: int | None = None
+    """Server replicas that are ready."""
     ready: str | None = None
     """Ready replicas as shown by kubectl (ready/desired)."""
     adapter_count: int | None = None
+    """Adapters offered."""
     active_adapters: list[ActiveAdapter] = Field(default_factory=list)
+    """Adapter versions loaded and verified."""
     revision: int | None = None
+    """Revision of the served adapter set (kept for rollback)."""
     endpoint: str | None = None
+    """In-cluster URL of the OpenAI-compatible API."""
 
 
 CEL_RULES.update(

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-
 from sectune.config import API_GROUP, API_VERSION
 from sectune.yamlio import dump_yaml
+
 from sectune_operator.api import (
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
@@ -66,10 +66,9 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = _inline(value, defs)
         elif key == "additionalProperties" and value is True:
             out["x-kubernetes-preserve-unknown-fields"] = True
-        elif key == "exclusiveMinimum":
-            out["minimum"], out["exclusiveMinimum"] = value, True
-        elif key == "exclusiveMaximum":
-            out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020 (a number) -> OpenAPI 3.0 (a bound plus a flag).
+            out[key.removeprefix("exclusive").lower()], out[key] = value, True
         elif key == "const":
             out["enum"] = [value]
         else:

@@ -20,7 +20,9 @@ class PrometheusServer:
     url: str = ""
     _server: Server | None = None
 
-    def start(self, scrape_configs: list[dict[str, Any]], rule_files: list[Path] = ()) -> PrometheusServer:  # type: ignore[assignment]
+    def start(
+        self, scrape_configs: list[dict[str, Any]], rule_files: list[Path] = ()
+    ) -> PrometheusServer:  # type: ignore[assignment]
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         config.write_text(

@@ -39,14 +39,21 @@ class Published:
 
 def file_digests(stage: Path) -> dict[str, dict[str, Any]]:
     return {
-        path.relative_to(stage).as_posix(): {"sha256": storage.sha256_file(path), "size": path.stat().st_size}
+        path.relative_to(stage).as_posix(): {
+            "sha256": storage.sha256_file(path),
+            "size": path.stat().st_size,
+        }
         for path in sorted(stage.rglob("*"))
         if path.is_file() and path.name != "manifest.json"
     }
 
 
 def publish(
-    stage: Path, job_prefix: storage.Location, run_id: str, manifest: dict[str, Any], make_current: bool = True
+    stage: Path,
+    job_prefix: storage.Location,
+    run_id: str,
+    manifest: dict[str, Any],
+    make_current: bool = True,
 ) -> Published:
     """Upload a staged run: every file, then manifest.json (with their digests), then, if
     `make_current` (gates passed), the current.json pointer. Raises StorageError before the
@@ -60,7 +67,11 @@ def publish(
     storage.write_bytes(version.join("manifest.json"), body)
     digest = storage.sha256_file(stage / "manifest.json")
     if make_current:
-        pointer = {"version": run_id, "manifest": f"versions/{run_id}/manifest.json", "sha256": digest}
+        pointer = {
+            "version": run_id,
+            "manifest": f"versions/{run_id}/manifest.json",
+            "sha256": digest,
+        }
         storage.write_bytes(job_prefix.join("current.json"), json.dumps(pointer, indent=2).encode())
     return Published(version.uri, digest)
 
@@ -83,10 +94,14 @@ def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> dic
     body = storage.read_bytes(version.join("manifest.json"))
     actual = hashlib.sha256(body).hexdigest()
     if expected_manifest_sha256 and actual != expected_manifest_sha256:
-        raise IntegrityError(f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_manifest_sha256}")
+        raise IntegrityError(
+            f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_manifest_sha256}"
+        )
     manifest = json.loads(body)
     for name, info in manifest["files"].items():
         data = storage.read_bytes(version.join(name))
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise IntegrityError(f"{version_uri}/{name}: content does not match its recorded sha256")
+            raise IntegrityError(
+                f"{version_uri}/{name}: content does not match its recorded sha256"
+            )
     return dict(manifest)

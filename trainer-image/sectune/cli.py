@@ -33,7 +33,11 @@ def _summary_table(report: dict[str, Any]) -> Table:
         table.add_row(metric, *("–" if values[n] is None else f"{values[n]:.3f}" for n in models))
     for gate in report.get("gates", []):
         value = "–" if gate["value"] is None else f"{gate['value']:.3f}"
-        table.add_row(f"gate {gate['name']}", *([""] * (len(models) - 1)), f"{value} {'pass' if gate['passed'] else 'FAIL'}")
+        table.add_row(
+            f"gate {gate['name']}",
+            *([""] * (len(models) - 1)),
+            f"{value} {'pass' if gate['passed'] else 'FAIL'}",
+        )
     return table
 
 
@@ -47,9 +51,14 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
 
     metrics = TrainingMetrics(metrics_port) if metrics_port else None
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
     task_id = None
 
@@ -58,7 +67,10 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         if event == "stage":
             console.log(data["name"])
         elif event == "data":
-            counts, redactions = data.get("counts", {}), data.get("sanitize", {}).get("redactions", {})
+            counts, redactions = (
+                data.get("counts", {}),
+                data.get("sanitize", {}).get("redactions", {}),
+            )
             console.log(f"Data: {counts}; redactions: {redactions or 'none'}")
             for warning in data.get("warnings", []):
                 console.log(f"[yellow]warning:[/] {warning}")
@@ -67,8 +79,15 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
                 metrics.update(data)
             if task_id is None:
                 progress.start()
-                task_id = progress.add_task("training", total=data["total_steps"], loss="", speed="")
-            progress.update(task_id, completed=data["step"], loss=f"{data['loss']:.3f}", speed=f"{data['tokens_per_second']:.0f}")
+                task_id = progress.add_task(
+                    "training", total=data["total_steps"], loss="", speed=""
+                )
+            progress.update(
+                task_id,
+                completed=data["step"],
+                loss=f"{data['loss']:.3f}",
+                speed=f"{data['tokens_per_second']:.0f}",
+            )
             if data["step"] == data["total_steps"]:
                 progress.stop()
 
@@ -82,15 +101,24 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     except (ManifestError, DataError, runner.ResourceError, ModelError, ValueError) as exc:
         progress.stop()
         console.print(f"[red]error:[/] {exc}")
-        return finish(runner.EXIT_BAD_INPUT, json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": str(exc)[:3000]}))
+        return finish(
+            runner.EXIT_BAD_INPUT,
+            json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": str(exc)[:3000]}),
+        )
     except Preempted as exc:
         progress.stop()
         console.print(f"[yellow]{exc}[/]")
-        return finish(runner.EXIT_PREEMPTED, json.dumps({"phase": "Training", "reason": "Preempted", "message": str(exc)}))
+        return finish(
+            runner.EXIT_PREEMPTED,
+            json.dumps({"phase": "Training", "reason": "Preempted", "message": str(exc)}),
+        )
     except StorageError as exc:
         progress.stop()
         console.print(f"[red]storage error:[/] {exc}")
-        return finish(runner.EXIT_INFRASTRUCTURE, json.dumps({"phase": "Failed", "reason": "StorageError", "message": str(exc)[:3000]}))
+        return finish(
+            runner.EXIT_INFRASTRUCTURE,
+            json.dumps({"phase": "Failed", "reason": "StorageError", "message": str(exc)[:3000]}),
+        )
     finally:
         if metrics:
             metrics.stop()
@@ -112,7 +140,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.log("Ignoring cluster-only fields locally: " + ", ".join(manifest.ignored_fields))
     updates: dict[str, Any] = {}
     if args.cpu:
-        updates["resources"] = spec.resources.model_copy(update={"gpus": 0, "nodes": 1, "distributed": None})
+        updates["resources"] = spec.resources.model_copy(
+            update={"gpus": 0, "nodes": 1, "distributed": None}
+        )
     if args.output:
         updates["output"] = spec.output.model_copy(update={"uri": args.output})
     spec = spec.model_copy(update=updates)
@@ -123,7 +153,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     """In the training pod: the operator's resolved config, metrics endpoint, termination message."""
     from pydantic import ValidationError
 
-    termination = Path(args.termination_log) if args.termination_log else (TERMINATION_LOG if TERMINATION_LOG.parent.exists() and os.access(TERMINATION_LOG.parent, os.W_OK) else None)
+    termination = (
+        Path(args.termination_log)
+        if args.termination_log
+        else (
+            TERMINATION_LOG
+            if TERMINATION_LOG.parent.exists() and os.access(TERMINATION_LOG.parent, os.W_OK)
+            else None
+        )
+    )
     try:
         document = json.loads(Path(args.config).read_text())
         spec = JobSpec.model_validate(document["spec"])
@@ -131,7 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (OSError, KeyError, json.JSONDecodeError, ValidationError) as exc:
         console.print(f"[red]error:[/] {args.config}: {exc}")
         if termination:
-            termination.write_text(json.dumps({"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}))
+            termination.write_text(
+                json.dumps(
+                    {"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}
+                )
+            )
         return 2
     return _run(name, spec, args.metrics_port, termination)
 
@@ -161,32 +203,50 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sectune", description="Fine-tune and serve LLMs for security work.")
+    parser = argparse.ArgumentParser(
+        prog="sectune", description="Fine-tune and serve LLMs for security work."
+    )
     parser.add_argument("--version", action="version", version=f"sectune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a FineTuneJob manifest on this machine, without a cluster")
+    run = sub.add_parser(
+        "run", help="run a FineTuneJob manifest on this machine, without a cluster"
+    )
     run.add_argument("manifest", help="FineTuneJob YAML")
-    run.add_argument("--cpu", action="store_true", help="train on CPU even if the manifest asks for GPUs")
+    run.add_argument(
+        "--cpu", action="store_true", help="train on CPU even if the manifest asks for GPUs"
+    )
     run.add_argument("--output", help="output URI prefix (overrides spec.output.uri)")
-    run.add_argument("--metrics-port", type=int, help="serve Prometheus training metrics on this port")
+    run.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus training metrics on this port"
+    )
     run.set_defaults(func=cmd_run)
 
-    train = sub.add_parser("train", help="run the job config the operator wrote (in the training pod)")
+    train = sub.add_parser(
+        "train", help="run the job config the operator wrote (in the training pod)"
+    )
     train.add_argument("--config", required=True, help="JSON with name and spec")
-    train.add_argument("--metrics-port", type=int, default=int(os.environ.get("SECTUNE_METRICS_PORT", "9400")))
-    train.add_argument("--termination-log", help="where to write the result (default /dev/termination-log)")
+    train.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("SECTUNE_METRICS_PORT", "9400"))
+    )
+    train.add_argument(
+        "--termination-log", help="where to write the result (default /dev/termination-log)"
+    )
     train.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    check = data_sub.add_parser("check", help="validate and sanitize a manifest's data; print the report")
+    check = data_sub.add_parser(
+        "check", help="validate and sanitize a manifest's data; print the report"
+    )
     check.add_argument("manifest")
     check.set_defaults(func=cmd_data_check)
 
     models = sub.add_parser("models", help="base model tools")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    demo = models_sub.add_parser("fetch-demo", help="obtain the demo base model (SmolLM2-135M-Instruct)")
+    demo = models_sub.add_parser(
+        "fetch-demo", help="obtain the demo base model (SmolLM2-135M-Instruct)"
+    )
     demo.set_defaults(func=cmd_fetch_demo)
     return parser
 

@@ -160,7 +160,7 @@ class DatasetSpec(Spec):
     chat (messages), completion (text)."""
     fields: FieldMapping = Field(default_factory=FieldMapping)  # type: ignore[arg-type]
     """Column names, when they differ from the defaults."""
-    sanitize: SanitizeSpec = Field(default_factory=SanitizeSpec)  # type: ignore[arg-type]
+    sanitize: SanitizeSpec = Field(default_factory=SanitizeSpec)
     """PII and secret redaction (on by default)."""
     canaries: CanarySpec = Field(default_factory=CanarySpec)  # type: ignore[arg-type]
     """Memorization canaries."""
@@ -208,7 +208,7 @@ class TaskSpec(Spec):
             raise ValueError(
                 "task.labels: classification needs at least 2 distinct labels; list them"
             )
-        if self.type == "extraction" and not self.output_schema:
+        if self.type == "extraction" and self.output_schema is None:
             raise ValueError(
                 "task.outputSchema: extraction needs a JSON Schema for its output; add one"
             )
@@ -422,17 +422,16 @@ class JobSpec(Spec):
     """Optimisation settings."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)  # type: ignore[arg-type]
     """Compute for the run."""
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)  # type: ignore[arg-type]
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Evaluation and gates."""
-    output: OutputSpec = Field(default_factory=OutputSpec)  # type: ignore[arg-type]
+    output: OutputSpec = Field(default_factory=OutputSpec)
     """Where the artifacts go."""
 
     @model_validator(mode="after")
     def _method_needs(self) -> JobSpec:
         if self.method.type == "qlora" and self.base_model.quantization != "nf4":
             raise ValueError(
-                "baseModel.quantization: method qlora trains on a 4-bit base; set "
-                "quantization: nf4"
+                "baseModel.quantization: method qlora trains on a 4-bit base; set quantization: nf4"
             )
         if self.task.type == "classification" and self.dataset.format not in (
             "classification",
@@ -451,15 +450,12 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         {
             "rule": "self.type != 'classification' || "
             "self.labels.exists(a, self.labels.exists(b, a != b))",
-            "message": "task.labels: classification needs at least 2 distinct labels; "
-            "list them",
+            "message": "task.labels: classification needs at least 2 distinct labels; list them",
             "fieldPath": ".labels",
         },
         {
-            "rule": "self.type != 'extraction' || (has(self.outputSchema) && "
-            "size(self.outputSchema) > 0)",
-            "message": "task.outputSchema: extraction needs a JSON Schema for its output; "
-            "add one",
+            "rule": "self.type != 'extraction' || has(self.outputSchema)",
+            "message": "task.outputSchema: extraction needs a JSON Schema for its output; add one",
             "fieldPath": ".outputSchema",
         },
         {
@@ -487,7 +483,8 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "evaluation.gates: set min, max or both",
         },
         {
-            "rule": "!(self.metric in ['precision', 'recall', 'f1']) || has(self['class'])",
+            # `class` is a plain field name for CEL in Kubernetes (not one of its escaped keywords).
+            "rule": "!(self.metric in ['precision', 'recall', 'f1']) || has(self.class)",
             "message": "evaluation.gates: per-class metric (precision, recall, f1) needs class",
         },
     ],
@@ -587,15 +584,22 @@ def _resolve_relative_files(spec: dict[str, Any], base_dir: Path) -> dict[str, A
             dataset[key] = _relative_file(dataset.get(key), base_dir)
         spec["dataset"] = {k: v for k, v in dataset.items() if v is not None}
     if isinstance(spec.get("baseModel"), dict):
-        spec["baseModel"] = {**spec["baseModel"], "uri": _relative_file(spec["baseModel"].get("uri"), base_dir)}
+        spec["baseModel"] = {
+            **spec["baseModel"],
+            "uri": _relative_file(spec["baseModel"].get("uri"), base_dir),
+        }
     return spec
 
 
-def parse_manifest(document: Any, source: str = "manifest", base_dir: Path | None = None) -> JobManifest:
+def parse_manifest(
+    document: Any, source: str = "manifest", base_dir: Path | None = None
+) -> JobManifest:
     """Validate a FineTuneJob document (already parsed from YAML). With `base_dir`, relative
     file:// data and model URIs (file://data/x.jsonl, not file://./x) are taken from there."""
     if not isinstance(document, dict):
-        raise ManifestError(f"{source}: expected a FineTuneJob mapping, got {type(document).__name__}")
+        raise ManifestError(
+            f"{source}: expected a FineTuneJob mapping, got {type(document).__name__}"
+        )
     kind = document.get("kind")
     if kind != FINETUNEJOB_KIND:
         raise ManifestError(f"{source}: kind is {kind!r}; sectune run takes kind: FineTuneJob")

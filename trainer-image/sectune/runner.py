@@ -53,9 +53,18 @@ class Outcome:
             "reason": self.reason,
             "message": self.message[:600],
             "adapter": {"uri": self.adapter_uri, "sha256": self.adapter_sha256},
-            "metrics": {k: round(tuned[k], 4) for k in ("accuracy", "macroF1", "validationLoss") if k in tuned},
-            "gates": [{"name": g["name"], "passed": g["passed"], "value": g["value"]} for g in self.report.get("gates", [])],
-            "dataset": {k: v for k, v in self.report.get("data", {}).items() if k in ("digest", "counts")}
+            "metrics": {
+                k: round(tuned[k], 4)
+                for k in ("accuracy", "macroF1", "validationLoss")
+                if k in tuned
+            },
+            "gates": [
+                {"name": g["name"], "passed": g["passed"], "value": g["value"]}
+                for g in self.report.get("gates", [])
+            ],
+            "dataset": {
+                k: v for k, v in self.report.get("data", {}).items() if k in ("digest", "counts")
+            }
             | {"redactions": self.report.get("data", {}).get("sanitize", {}).get("redactions", {})},
         }
         text = json.dumps(body, separators=(",", ":"))
@@ -85,7 +94,9 @@ def check_resources(spec: JobSpec) -> None:
             "spec.resources.gpus: 0 in the manifest."
         )
     if spec.base_model.quantization == "int8" and not torch.cuda.is_available():
-        raise ResourceError("spec.baseModel.quantization: int8 needs a GPU; use nf4 (QLoRA) or none on CPU")
+        raise ResourceError(
+            "spec.baseModel.quantization: int8 needs a GPU; use nf4 (QLoRA) or none on CPU"
+        )
 
 
 def job_prefix(spec: JobSpec, name: str) -> storage.Location:
@@ -140,7 +151,10 @@ def run_job(
         on_event("stage", {"name": "Scoring the base model"})
         base_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp)
         models["base"] = classification_metrics(
-            truth, base_scores.predictions(spec.task.labels), spec.task.labels, base_scores.probabilities
+            truth,
+            base_scores.predictions(spec.task.labels),
+            spec.task.labels,
+            base_scores.probabilities,
         )
 
     on_event("stage", {"name": "Training"})
@@ -161,15 +175,24 @@ def run_job(
 
     on_event("stage", {"name": "Evaluating"})
     if classification:
-        tuned_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp, measure_latency=20)
+        tuned_scores = score_labels(
+            model, tokenizer, data.test, spec, autocast=use_amp, measure_latency=20
+        )
         models["tuned"] = classification_metrics(
-            truth, tuned_scores.predictions(spec.task.labels), spec.task.labels, tuned_scores.probabilities
+            truth,
+            tuned_scores.predictions(spec.task.labels),
+            spec.task.labels,
+            tuned_scores.probabilities,
         ) | latency_summary(tuned_scores.latencies_ms)
-        models["tfidf"] = tfidf_baseline(data.train, data.test, spec.task.labels, spec.hyperparameters.seed)
+        models["tfidf"] = tfidf_baseline(
+            data.train, data.test, spec.task.labels, spec.hyperparameters.seed
+        )
     else:
         models["tuned"] = {}
     baselines = {k: v for k, v in models.items() if k != "tuned"}
-    gate_outcomes = [g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], baselines)]
+    gate_outcomes = [
+        g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], baselines)
+    ]
     gates_passed = all(g["passed"] for g in gate_outcomes)
     failing = [g["name"] for g in gate_outcomes if not g["passed"]]
     verdict = "all gates passed" if gates_passed else "gates failed: " + ", ".join(failing)
@@ -182,7 +205,11 @@ def run_job(
         "task": spec.task.type,
         "models": models,
         "deltas": {
-            base: {m: models["tuned"][m] - models[base][m] for m in ("accuracy", "macroF1") if m in models[base] and m in models["tuned"]}
+            base: {
+                m: models["tuned"][m] - models[base][m]
+                for m in ("accuracy", "macroF1")
+                if m in models[base] and m in models["tuned"]
+            }
             for base in baselines
         },
         "gates": gate_outcomes,
@@ -219,10 +246,18 @@ def run_job(
         "sectuneVersion": __version__,
         "startTime": started.isoformat(),
         "endTime": dt.datetime.now(dt.UTC).isoformat(),
-        "baseModel": {"uri": spec.base_model.uri, "sha256": resolved.digest, "quantization": spec.base_model.quantization},
+        "baseModel": {
+            "uri": spec.base_model.uri,
+            "sha256": resolved.digest,
+            "quantization": spec.base_model.quantization,
+        },
         "method": spec.method.type,
         "config": spec.model_dump(mode="json", by_alias=True),
-        "dataset": {"digest": data.report.get("digest"), "counts": data.report.get("counts"), "sources": data.report.get("sources")},
+        "dataset": {
+            "digest": data.report.get("digest"),
+            "counts": data.report.get("counts"),
+            "sources": data.report.get("sources"),
+        },
         "redactions": data.report.get("sanitize", {}).get("redactions", {}),
         "canaries": {"count": len(data.canaries)},
         "metrics": {k: v for k, v in models["tuned"].items() if isinstance(v, int | float)},

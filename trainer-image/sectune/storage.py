@@ -149,8 +149,10 @@ def list_files(prefix: str | Location) -> Iterator[str]:
         return
     key_prefix = loc.key.rstrip("/") + "/"
     try:
-        pages = s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=loc.bucket, Prefix=key_prefix
+        pages = (
+            s3_client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=loc.bucket, Prefix=key_prefix)
         )
         for page in pages:
             for item in page.get("Contents", []):

@@ -15,7 +15,7 @@ __all__ = ["YAMLError", "dump_yaml", "dump_yaml_all", "load_yaml", "load_yaml_al
 def _yaml() -> YAML:
     yaml = YAML(typ="safe", pure=True)
     yaml.default_flow_style = False
-    yaml.sort_base_mapping_type_on_output = False  # type: ignore[attr-defined]
+    yaml.sort_base_mapping_type_on_output = False  # type: ignore[assignment]  # keep key order
     yaml.width = 4096
     return yaml
 

@@ -54,7 +54,9 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_length = spec.hyperparameters.max_seq_length
-        self.raw_text = spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
+        self.raw_text = (
+            spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
+        )
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -71,12 +73,12 @@ class PromptFormatter:
         """Target tokens as they follow the prompt in the rendered conversation."""
         target = example.target if target is None else target
         if self.raw_text:
-            return self._ids(target) + [self.tokenizer.eos_token_id]
+            return [*self._ids(target), self.tokenizer.eos_token_id]
         messages = [*_messages(example, self.spec), {"role": "assistant", "content": target}]
         full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
         prompt = self.prompt_ids(example)
         if full[: len(prompt)] != prompt:  # a template that rewrites earlier turns
-            return self._ids(target) + [self.tokenizer.eos_token_id]
+            return [*self._ids(target), self.tokenizer.eos_token_id]
         return full[len(prompt) :]
 
     def encode(self, example: Example) -> Encoded | None:
@@ -99,6 +101,8 @@ class PromptFormatter:
         return Encoded(prompt + target, labels, truncated)
 
 
-def label_token_ids(formatter: PromptFormatter, example: Example, labels: list[str]) -> list[list[int]]:
+def label_token_ids(
+    formatter: PromptFormatter, example: Example, labels: list[str]
+) -> list[list[int]]:
     """The target ids of each label after this example's prompt."""
     return [formatter.target_ids(example, label) for label in labels]

@@ -55,7 +55,9 @@ def _read_jsonl(uri: str, data: bytes) -> tuple[list[RawRow], list[tuple[str, st
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append((f"{uri}:{number}", f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            problems.append(
+                (f"{uri}:{number}", f"malformed JSON ({exc.msg} at column {exc.colno})")
+            )
             continue
         if not isinstance(value, dict):
             problems.append((f"{uri}:{number}", f"expected a JSON object, got {_describe(value)}"))

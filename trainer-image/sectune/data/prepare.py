@@ -237,7 +237,9 @@ def deduplicate(examples: list[Example], threshold: float = 0.9) -> tuple[list[E
         seen_exact.add(key_text)
         shingles = _shingles(key_text)
         length_bucket = len(key_text) // 50
-        candidates = [s for b in (length_bucket - 1, length_bucket, length_bucket + 1) for s in buckets[b]]
+        candidates = [
+            s for b in (length_bucket - 1, length_bucket, length_bucket + 1) for s in buckets[b]
+        ]
         if any(len(shingles & other) / len(shingles | other) >= threshold for other in candidates):
             near += 1
             continue
@@ -281,12 +283,18 @@ def prepare_data(spec: JobSpec) -> PreparedData:
     report: dict[str, Any] = {"sources": {}}
 
     train = load_examples(dataset.train, spec, problems, seen_ids)
-    validation = load_examples(dataset.validation, spec, problems, seen_ids) if dataset.validation else []
+    validation = (
+        load_examples(dataset.validation, spec, problems, seen_ids) if dataset.validation else []
+    )
     test = load_examples(dataset.test, spec, problems, seen_ids) if dataset.test else []
     _raise_or_report(problems, spec, report)
     report["sources"] = {
         "train": {"uri": dataset.train, "rows": len(train)},
-        **({"validation": {"uri": dataset.validation, "rows": len(validation)}} if dataset.validation else {}),
+        **(
+            {"validation": {"uri": dataset.validation, "rows": len(validation)}}
+            if dataset.validation
+            else {}
+        ),
         **({"test": {"uri": dataset.test, "rows": len(test)}} if dataset.test else {}),
     }
     report["digest"] = "sha256:" + _digest([dataset.train, dataset.validation, dataset.test])
@@ -304,7 +312,8 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         example.fields = redacted
         if example.messages:
             example.messages = [
-                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]} for m in example.messages
+                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]}
+                for m in example.messages
             ]
     report["sanitize"] = sanitizer.report.as_dict() | {"enabled": dataset.sanitize.enabled}
 
@@ -314,8 +323,16 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         # Held-out rows that also appear in training would flatter the metrics.
         train_keys = {_normalise(" ".join([*e.fields.values(), e.target])) for e in train}
         before = len(validation) + len(test)
-        validation = [e for e in validation if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys]
-        test = [e for e in test if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys]
+        validation = [
+            e
+            for e in validation
+            if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys
+        ]
+        test = [
+            e
+            for e in test
+            if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys
+        ]
         report["deduplicated"]["heldOutOverlapping"] = before - len(validation) - len(test)
 
     if not validation:
@@ -337,7 +354,9 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         template = train[0]
         for i, canary in enumerate(canaries):
             for r in range(dataset.canaries.repeats):
-                fields = dict.fromkeys(template.fields, "") | {next(iter(template.fields), "text"): canary}
+                fields = dict.fromkeys(template.fields, "") | {
+                    next(iter(template.fields), "text"): canary
+                }
                 train.insert(
                     rng.randrange(len(train) + 1),
                     Example(f"canary-{i}-{r}", fields, template.target, canary=True),

@@ -45,26 +45,48 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ("URL_CREDENTIALS", r"\b[a-z][a-z0-9+.-]*://[^\s/:@]+:([^\s/@]+)@", 0.9, 1),
     (
         "SECRET",
-        r"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?([^\s\"',;&]{4,})",
+        r"(?i)(?:password|passwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?([^\s\"',;&]{4,})",
         0.85,
         1,
     ),
     ("SECRET", r"(?:^|\s)(?:-p|--password[= ])\s*([^\s\"']{4,})", 0.6, 1),
     (
         "USERNAME",
-        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|uid|login)\s*[=:]\s*\"?([A-Za-z0-9._\\$-]{2,64})",
+        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?([A-Za-z0-9._\\$-]{2,64})(?![A-Za-z0-9._\\$=-])",
         0.8,
         1,
     ),
-    ("USERNAME", r"\b(?:for|by)\s+(?:invalid\s+user\s+)?([a-z_][a-z0-9._-]{1,31})\s+from\s", 0.7, 1),
+    ("USERNAME", r"\b(?:of|for)\s+user\s+([a-z_][a-z0-9._-]{1,31})\b", 0.75, 1),
+    ("USERNAME", r"\bby\s+([a-z_][a-z0-9._-]{1,31})\(uid=", 0.8, 1),
+    ("USERNAME", r"\bsudo:\s+([a-z_][a-z0-9._-]{1,31})\s+:", 0.8, 1),
+    ("USERNAME", r"\bCRON\[\d+\]:\s+\(([a-z_][a-z0-9._-]{1,31})\)", 0.8, 1),
+    (
+        "USERNAME",
+        r"\b(?:for|by)\s+(?:invalid\s+user\s+)?([a-z_][a-z0-9._-]{1,31})\s+from\s",
+        0.7,
+        1,
+    ),
     ("USERNAME", r"(?i)[A-Z]:\\Users\\([^\\\s\"']+)", 0.85, 1),
     ("USERNAME", r"(?i):(?:user|role|assumed-role)/([A-Za-z0-9+=,.@_-]+)", 0.85, 1),
     ("SECRET", r"(?i)/user:\S+\s+([^\s/;|&]{4,})", 0.6, 1),
     ("USERNAME", r"/home/([a-z_][a-z0-9._-]{1,31})", 0.8, 1),
     ("WINDOWS_SID", r"\bS-1-5-21-\d{6,10}-\d{6,10}-\d{6,10}-\d{3,6}\b", 0.95, 0),
-    ("AWS_ACCOUNT_ID", r"(?i)(?:arn:aws[a-z-]*:[a-z0-9-]*:[a-z0-9-]*:|account(?:Id)?\"?\s*[=:]\s*\"?)(\d{12})\b", 0.9, 1),
+    (
+        "AWS_ACCOUNT_ID",
+        r"(?i)(?:arn:aws[a-z-]*:[a-z0-9-]*:[a-z0-9-]*:|account(?:Id)?\"?\s*[=:]\s*\"?)(\d{12})\b",
+        0.9,
+        1,
+    ),
     ("MAC_ADDRESS", r"\b(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}\b", 0.8, 0),
 ]
+
+
+def _looks_like_phone(value: str) -> bool:
+    """Presidio's phone recognizer also fires on dotted addresses, ports and pids in logs."""
+    if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", value.strip()):
+        return False
+    return sum(c.isdigit() for c in value) >= 9
+
 
 ALWAYS_KEPT = {"root", "system", "administrator", "nobody", "localhost", "-", "null", "none"}
 
@@ -85,7 +107,10 @@ class SanitizeReport:
     examples_changed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"redactions": dict(sorted(self.counts.items())), "examplesChanged": self.examples_changed}
+        return {
+            "redactions": dict(sorted(self.counts.items())),
+            "examplesChanged": self.examples_changed,
+        }
 
 
 class Sanitizer:
@@ -106,7 +131,12 @@ class Sanitizer:
         if self._internal:
             suffixes = "|".join(re.escape(d) for d in self._internal)
             self._patterns.append(
-                ("HOSTNAME", re.compile(rf"(?i)\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:{suffixes})\b"), 0.9, 0)
+                (
+                    "HOSTNAME",
+                    re.compile(rf"(?i)\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:{suffixes})\b"),
+                    0.9,
+                    0,
+                )
             )
 
     # -- engines, built once ---------------------------------------------------------------
@@ -129,7 +159,7 @@ class Sanitizer:
         # Offline: the bundled public-suffix snapshot, never a fetch.
         tldextract.tldextract.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
         engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": "blank-en"}])
-        engine.nlp = {"en": spacy.blank("en")}
+        engine.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]
         registry = RecognizerRegistry(supported_languages=["en"])
         for recognizer in (
             CreditCardRecognizer(),
@@ -200,7 +230,10 @@ class Sanitizer:
         results = self._analyzer.analyze(text=text, language="en", score_threshold=0.3)
         findings = []
         for r in results:
-            if r.entity_type == "URL" and not self._is_sensitive_url(text[r.start : r.end]):
+            value = text[r.start : r.end]
+            if r.entity_type == "URL" and not self._is_sensitive_url(value):
+                continue
+            if r.entity_type == "PHONE_NUMBER" and not _looks_like_phone(value):
                 continue
             findings.append(Finding(r.entity_type, r.start, r.end, r.score))
         return findings
@@ -227,7 +260,9 @@ class Sanitizer:
         candidates = self._secret_findings(text) + self._pattern_findings(text)
         candidates += self._presidio_findings(text)
         candidates = [
-            f for f in candidates if f.entity in PLACEHOLDERS and not self._allowed(f.entity, text[f.start : f.end])
+            f
+            for f in candidates
+            if f.entity in PLACEHOLDERS and not self._allowed(f.entity, text[f.start : f.end])
         ]
         candidates.sort(key=lambda f: (-(f.end - f.start), -f.score, f.start))
         chosen: list[Finding] = []
@@ -239,28 +274,32 @@ class Sanitizer:
     # -- redacting -------------------------------------------------------------------------
 
     def redact(self, fields: dict[str, str]) -> dict[str, str]:
-        """Redact several fields of one example with one placeholder numbering."""
+        """Redact several fields of one example with one placeholder numbering.
+
+        Values are found in context ("for alice from", "User: alice") and then replaced wherever
+        they occur in the example, so the expected output of a parsing task ({"user": "alice"})
+        gets the same placeholder as the log line it came from.
+        """
         if not self.spec.enabled:
             return fields
-        numbering: dict[tuple[str, str], str] = {}
-        per_type: Counter[str] = Counter()
-        changed = False
-        out = {}
-        for name, text in fields.items():
-            pieces, cursor = [], 0
+        entities: dict[str, str] = {}
+        for text in fields.values():
             for finding in self.findings(text):
-                value = text[finding.start : finding.end]
-                stem = PLACEHOLDERS[finding.entity]
-                key = (stem, value)
-                if key not in numbering:
-                    per_type[stem] += 1
-                    numbering[key] = f"<{stem}_{per_type[stem]}>"
-                pieces += [text[cursor : finding.start], numbering[key]]
-                cursor = finding.end
-                self.report.counts[finding.entity] += 1
-                changed = True
-            pieces.append(text[cursor:])
-            out[name] = "".join(pieces)
-        if changed:
-            self.report.examples_changed += 1
-        return out
+                entities.setdefault(text[finding.start : finding.end], finding.entity)
+        if not entities:
+            return fields
+        numbering: dict[str, str] = {}
+        per_stem: Counter[str] = Counter()
+        for value, entity in entities.items():
+            stem = PLACEHOLDERS[entity]
+            per_stem[stem] += 1
+            numbering[value] = f"<{stem}_{per_stem[stem]}>"
+        alternatives = "|".join(re.escape(v) for v in sorted(entities, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])")
+
+        def replace(match: re.Match[str]) -> str:
+            self.report.counts[entities[match.group(0)]] += 1
+            return numbering[match.group(0)]
+
+        self.report.examples_changed += 1
+        return {name: pattern.sub(replace, text) for name, text in fields.items()}

@@ -9,7 +9,9 @@ from sectune.data.prepare import Example
 from sectune.evaluation.metrics import classification_metrics
 
 
-def tfidf_baseline(train: list[Example], test: list[Example], labels: list[str], seed: int) -> dict[str, Any]:
+def tfidf_baseline(
+    train: list[Example], test: list[Example], labels: list[str], seed: int
+) -> dict[str, Any]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -26,6 +28,9 @@ def tfidf_baseline(train: list[Example], test: list[Example], labels: list[str],
     test_texts = [" ".join(e.fields.values()) for e in test]
     probs_known = model.predict_proba(test_texts)
     classes = list(model.classes_)
-    probabilities = [[float(row[classes.index(label)]) if label in classes else 0.0 for label in labels] for row in probs_known]
+    probabilities = [
+        [float(row[classes.index(label)]) if label in classes else 0.0 for label in labels]
+        for row in probs_known
+    ]
     predicted = [str(p) for p in model.predict(test_texts)]
     return classification_metrics([e.target for e in test], predicted, labels, probabilities)

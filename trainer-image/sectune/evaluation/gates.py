@@ -21,8 +21,15 @@ class GateOutcome:
     reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "metric": self.metric, "value": self.value, "min": self.min,
-                "max": self.max, "passed": self.passed, **({"reason": self.reason} if self.reason else {})}
+        return {
+            "name": self.name,
+            "metric": self.metric,
+            "value": self.value,
+            "min": self.min,
+            "max": self.max,
+            "passed": self.passed,
+            **({"reason": self.reason} if self.reason else {}),
+        }
 
 
 def _lookup(metrics: dict[str, Any], gate: Gate) -> float | None:
@@ -34,7 +41,9 @@ def _lookup(metrics: dict[str, Any], gate: Gate) -> float | None:
     return None if value is None else float(value)
 
 
-def evaluate_gates(gates: list[Gate], tuned: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> list[GateOutcome]:
+def evaluate_gates(
+    gates: list[Gate], tuned: dict[str, Any], baselines: dict[str, dict[str, Any]]
+) -> list[GateOutcome]:
     """Check every gate against the tuned model's metrics (or its margin over a baseline).
     A metric that was not measured fails its gate, saying so."""
     outcomes = []
@@ -49,6 +58,12 @@ def evaluate_gates(gates: list[Gate], tuned: dict[str, Any], baselines: dict[str
                 value = value - base
         elif value is None:
             reason = f"metric {gate.metric} was not measured for this task"
-        passed = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
-        outcomes.append(GateOutcome(gate.name, gate.metric, value, gate.min, gate.max, passed, reason))
+        passed = (
+            value is not None
+            and (gate.min is None or value >= gate.min)
+            and (gate.max is None or value <= gate.max)
+        )
+        outcomes.append(
+            GateOutcome(gate.name, gate.metric, value, gate.min, gate.max, passed, reason)
+        )
     return outcomes

@@ -2,43 +2,64 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
 
 
-def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
+def expected_calibration_error(
+    confidences: list[float], correct: list[bool], bins: int = 10
+) -> float:
     """Weighted gap between confidence and accuracy over equal-width confidence bins."""
     conf, hit = np.asarray(confidences, dtype=float), np.asarray(correct, dtype=float)
     if conf.size == 0:
         return 0.0
     edges = np.linspace(0.0, 1.0, bins + 1)
     total = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         inside = (conf > low) & (conf <= high) if low > 0 else (conf >= low) & (conf <= high)
         if inside.any():
             total += inside.mean() * abs(conf[inside].mean() - hit[inside].mean())
     return float(total)
 
 
-def calibration_bins(confidences: list[float], correct: list[bool], bins: int = 10) -> list[dict[str, float]]:
+def calibration_bins(
+    confidences: list[float], correct: list[bool], bins: int = 10
+) -> list[dict[str, float]]:
     conf, hit = np.asarray(confidences, dtype=float), np.asarray(correct, dtype=float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     out = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         inside = (conf > low) & (conf <= high) if low > 0 else (conf >= low) & (conf <= high)
         if inside.any():
-            out.append({"low": float(low), "high": float(high), "confidence": float(conf[inside].mean()),
-                        "accuracy": float(hit[inside].mean()), "count": int(inside.sum())})
+            out.append(
+                {
+                    "low": float(low),
+                    "high": float(high),
+                    "confidence": float(conf[inside].mean()),
+                    "accuracy": float(hit[inside].mean()),
+                    "count": int(inside.sum()),
+                }
+            )
     return out
 
 
 def classification_metrics(
-    truth: list[str], predicted: list[str], labels: list[str], probabilities: list[list[float]] | None = None
+    truth: list[str],
+    predicted: list[str],
+    labels: list[str],
+    probabilities: list[list[float]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, per-class precision/recall/F1/support, macro and weighted F1, confusion
     matrix, and (with probabilities) one-vs-rest ROC-AUC and expected calibration error."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, predicted, labels=labels, zero_division=0
@@ -46,13 +67,20 @@ def classification_metrics(
     result: dict[str, Any] = {
         "examples": len(truth),
         "accuracy": float(accuracy_score(truth, predicted)),
-        "macroF1": float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)),
-        "weightedF1": float(f1_score(truth, predicted, labels=labels, average="weighted", zero_division=0)),
+        "macroF1": float(
+            f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)
+        ),
+        "weightedF1": float(
+            f1_score(truth, predicted, labels=labels, average="weighted", zero_division=0)
+        ),
         "perClass": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)
         },
-        "confusionMatrix": {"labels": labels, "matrix": confusion_matrix(truth, predicted, labels=labels).tolist()},
+        "confusionMatrix": {
+            "labels": labels,
+            "matrix": confusion_matrix(truth, predicted, labels=labels).tolist(),
+        },
         "formatCompliance": float(np.mean([p in labels for p in predicted])) if predicted else 0.0,
     }
     if probabilities is not None and len(truth):

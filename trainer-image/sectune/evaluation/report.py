@@ -5,7 +5,15 @@ from __future__ import annotations
 import html
 from typing import Any
 
-HEADLINE = ("accuracy", "macroF1", "weightedF1", "rocAuc", "expectedCalibrationError", "formatCompliance", "latencyP95Ms")
+HEADLINE = (
+    "accuracy",
+    "macroF1",
+    "weightedF1",
+    "rocAuc",
+    "expectedCalibrationError",
+    "formatCompliance",
+    "latencyP95Ms",
+)
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float | None]]]:
@@ -30,13 +38,19 @@ def _fmt(value: Any) -> str:
 def _bars(per_class: dict[str, dict[str, float]], metric: str) -> str:
     width, row = 520, 22
     labels = list(per_class)
-    svg = [f'<svg width="{width}" height="{row * len(labels) + 10}" role="img" aria-label="per-class {metric}">']
+    svg = [
+        f'<svg width="{width}" height="{row * len(labels) + 10}" role="img" aria-label="per-class {metric}">'
+    ]
     for i, label in enumerate(labels):
         value = per_class[label].get(metric, 0.0)
         y = 5 + i * row
         svg.append(f'<text x="0" y="{y + 15}" font-size="12">{html.escape(label[:28])}</text>')
-        svg.append(f'<rect x="190" y="{y + 3}" width="{value * 280:.1f}" height="15" fill="#3b82f6"/>')
-        svg.append(f'<text x="{195 + value * 280:.1f}" y="{y + 15}" font-size="11">{value:.2f}</text>')
+        svg.append(
+            f'<rect x="190" y="{y + 3}" width="{value * 280:.1f}" height="15" fill="#3b82f6"/>'
+        )
+        svg.append(
+            f'<text x="{195 + value * 280:.1f}" y="{y + 15}" font-size="11">{value:.2f}</text>'
+        )
     svg.append("</svg>")
     return "".join(svg)
 
@@ -47,9 +61,13 @@ def _heatmap(confusion: dict[str, Any]) -> str:
     pad = 170
     peak = max((max(r) for r in matrix), default=1) or 1
     size = pad + cell * len(labels)
-    svg = [f'<svg width="{size + 10}" height="{size + 10}" role="img" aria-label="confusion matrix">']
+    svg = [
+        f'<svg width="{size + 10}" height="{size + 10}" role="img" aria-label="confusion matrix">'
+    ]
     for i, label in enumerate(labels):
-        svg.append(f'<text x="0" y="{pad + i * cell + 21}" font-size="11">{html.escape(label[:24])}</text>')
+        svg.append(
+            f'<text x="0" y="{pad + i * cell + 21}" font-size="11">{html.escape(label[:24])}</text>'
+        )
         svg.append(
             f'<text x="{pad + i * cell + 12}" y="{pad - 6}" font-size="11" '
             f'transform="rotate(-60 {pad + i * cell + 12} {pad - 6})">{html.escape(label[:24])}</text>'
@@ -61,7 +79,9 @@ def _heatmap(confusion: dict[str, Any]) -> str:
                 f'fill="rgb({shade},{shade},255)"><title>{html.escape(label)} → {html.escape(labels[j])}: {count}</title></rect>'
             )
             if count:
-                svg.append(f'<text x="{pad + j * cell + 8}" y="{pad + i * cell + 21}" font-size="11">{count}</text>')
+                svg.append(
+                    f'<text x="{pad + j * cell + 8}" y="{pad + i * cell + 21}" font-size="11">{count}</text>'
+                )
     svg.append("</svg>")
     return "".join(svg)
 
@@ -69,13 +89,21 @@ def _heatmap(confusion: dict[str, Any]) -> str:
 def _calibration(bins: list[dict[str, float]]) -> str:
     size = 240
     svg = [f'<svg width="{size + 40}" height="{size + 30}" role="img" aria-label="calibration">']
-    svg.append(f'<line x1="30" y1="{size}" x2="{size + 30}" y2="0" stroke="#999" stroke-dasharray="4"/>')
+    svg.append(
+        f'<line x1="30" y1="{size}" x2="{size + 30}" y2="0" stroke="#999" stroke-dasharray="4"/>'
+    )
     svg.append(f'<rect x="30" y="0" width="{size}" height="{size}" fill="none" stroke="#ccc"/>')
-    points = " ".join(f"{30 + b['confidence'] * size:.1f},{size - b['accuracy'] * size:.1f}" for b in bins)
+    points = " ".join(
+        f"{30 + b['confidence'] * size:.1f},{size - b['accuracy'] * size:.1f}" for b in bins
+    )
     svg.append(f'<polyline points="{points}" fill="none" stroke="#ef4444" stroke-width="2"/>')
     for b in bins:
-        svg.append(f'<circle cx="{30 + b["confidence"] * size:.1f}" cy="{size - b["accuracy"] * size:.1f}" r="3" fill="#ef4444"/>')
-    svg.append(f'<text x="30" y="{size + 20}" font-size="11">confidence → (accuracy ↑)</text></svg>')
+        svg.append(
+            f'<circle cx="{30 + b["confidence"] * size:.1f}" cy="{size - b["accuracy"] * size:.1f}" r="3" fill="#ef4444"/>'
+        )
+    svg.append(
+        f'<text x="30" y="{size + 20}" font-size="11">confidence → (accuracy ↑)</text></svg>'
+    )
     return "".join(svg)
 
 
@@ -97,7 +125,11 @@ def render_html(report: dict[str, Any]) -> str:
     parts += [f"<th>{html.escape(name)}</th>" for name in models]
     parts.append("</tr>")
     for metric, values in headline_rows(report):
-        parts.append(f"<tr><td>{metric}</td>" + "".join(f"<td>{_fmt(values[n])}</td>" for n in models) + "</tr>")
+        parts.append(
+            f"<tr><td>{metric}</td>"
+            + "".join(f"<td>{_fmt(values[n])}</td>" for n in models)
+            + "</tr>"
+        )
     parts.append("</table>")
     if report.get("gates"):
         parts.append("<h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>result</th></tr>")
@@ -119,16 +151,24 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(_heatmap(tuned["confusionMatrix"]))
         parts.append("</div>")
         if tuned.get("calibration"):
-            parts.append("<div><h2>Calibration (tuned)</h2>" + _calibration(tuned["calibration"]) + "</div>")
+            parts.append(
+                "<div><h2>Calibration (tuned)</h2>" + _calibration(tuned["calibration"]) + "</div>"
+            )
         parts.append("</div>")
     data = report.get("data", {})
     if data:
         parts.append("<h2>Data</h2><table>")
         for key in ("counts", "classBalance", "deduplicated"):
             if key in data:
-                parts.append(f"<tr><td>{key}</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in data[key].items()))}</td></tr>")
+                parts.append(
+                    f"<tr><td>{key}</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in data[key].items()))}</td></tr>"
+                )
         redactions = data.get("sanitize", {}).get("redactions", {})
-        parts.append(f"<tr><td>redactions</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in redactions.items()) or 'none')}</td></tr>")
+        parts.append(
+            f"<tr><td>redactions</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in redactions.items()) or 'none')}</td></tr>"
+        )
         parts.append("</table>")
-    parts.append(f"<p><small>Hardware: {html.escape(str(report.get('hardware', '')))}</small></p></body></html>")
+    parts.append(
+        f"<p><small>Hardware: {html.escape(str(report.get('hardware', '')))}</small></p></body></html>"
+    )
     return "".join(parts)

@@ -83,9 +83,13 @@ def score_labels(
                 columns = []
                 for ids in label_ids:
                     rows = [p + ids for p in batch_prompts]
-                    logprobs = _forward(model, _left_pad(rows, tokenizer.pad_token_id), len(ids) + 1)
+                    logprobs = _forward(
+                        model, _left_pad(rows, tokenizer.pad_token_id), len(ids) + 1
+                    )
                     targets = torch.tensor(ids)
-                    picked = logprobs[:, :-1, :].gather(-1, targets.expand(len(rows), -1).unsqueeze(-1))
+                    picked = logprobs[:, :-1, :].gather(
+                        -1, targets.expand(len(rows), -1).unsqueeze(-1)
+                    )
                     columns.append(picked.squeeze(-1).sum(-1))
                 chosen = torch.stack(columns, dim=1)
         return chosen.softmax(-1).tolist()

