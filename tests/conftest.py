@@ -49,6 +49,18 @@ def api_client(control_plane: ControlPlane):  # type: ignore[no-untyped-def]
     return config.new_client_from_config(str(control_plane.kubeconfig))
 
 
+@pytest.fixture(scope="session")
+def crds(control_plane: ControlPlane) -> ControlPlane:
+    """The sectune CRDs from crds/, installed and Established."""
+    applied = control_plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    assert applied.returncode == 0, applied.stderr
+    established = control_plane.kubectl(
+        "wait", "--for=condition=Established", "crd", "-l", "app.kubernetes.io/part-of=sectune"
+    )
+    assert established.returncode == 0, established.stderr
+    return control_plane
+
+
 @pytest.fixture
 def namespace(
     request: pytest.FixtureRequest, control_plane: ControlPlane, api_client

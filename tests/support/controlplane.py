@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,17 @@ class ControlPlane:
         )
 
     # -- helpers for tests -----------------------------------------------------------
+
+    def kubectl(
+        self, *args: str, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the pinned kubectl against this control plane (admin unless told otherwise)."""
+        return subprocess.run(
+            [tool("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def token_kubeconfig(self, token: str, path: Path) -> Path:
         """A kubeconfig that authenticates with a bearer token (a ServiceAccount's)."""

@@ -509,7 +509,8 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
 def _kubernetes_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
     """Add what the CRD needs beyond plain JSON Schema: CEL rules, and the defaults that
     factories produce (so the API server fills nested defaults when a section is omitted)."""
-    rules = next((r for model, r in CEL_RULES.items() if model is cls), None)
+    # A subclass (the operator's FineTuneJobSpec) carries its parents' rules too.
+    rules = [rule for model, rs in CEL_RULES.items() if issubclass(cls, model) for rule in rs]
     if rules:
         schema["x-kubernetes-validations"] = rules
     for name, field in cls.model_fields.items():
@@ -519,7 +520,14 @@ def _kubernetes_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> No
         is_model = isinstance(factory, type) and issubclass(factory, BaseModel)
         prop = schema.get("properties", {}).get(field.alias or name)
         if prop is not None:
-            prop["default"] = {} if is_model else factory()  # type: ignore[call-arg]
+            # The whole default object: the API server checks defaults against the CEL rules
+            # before filling nested defaults in.
+            value = factory()  # type: ignore[call-arg]
+            prop["default"] = (
+                value.model_dump(mode="json", by_alias=True, exclude_none=True)
+                if is_model
+                else value
+            )
 
 
 # --------------------------------------------------------------------------- manifests
