@@ -67,6 +67,7 @@ def namespace(
 ) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """A fresh namespace per test, with its default ServiceAccount ready."""
     from kubernetes import client
+
     from support.processes import wait_until
 
     core = client.CoreV1Api(api_client)

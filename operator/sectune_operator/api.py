@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
+
 from sectune.config import (
     CEL_RULES,
     DNS_LABEL_PATTERN,

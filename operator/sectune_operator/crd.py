@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
 from sectune.config import API_GROUP, API_VERSION
 from sectune.yamlio import dump_yaml
-
 from sectune_operator.api import (
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,

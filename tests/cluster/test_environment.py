@@ -12,6 +12,7 @@ import pytest
 from botocore.exceptions import ClientError
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
 from support.processes import wait_until
 
 pytestmark = pytest.mark.cluster
