@@ -221,10 +221,10 @@ def _shingles(text: str, size: int = 5) -> set[int]:
     return {hash(" ".join(words[i : i + size])) for i in range(len(words) - size + 1)}
 
 
-def deduplicate(examples: list[Example], threshold: float = 0.9) -> tuple[list[Example], int, int]:
-    """Drop exact duplicates (normalised text) and near-duplicates (Jaccard of word 5-grams
-    at or above `threshold`, compared within buckets of similar length). Returns kept, exact
-    and near counts."""
+def deduplicate(examples: list[Example], threshold: float = 0.85) -> tuple[list[Example], int, int]:
+    """Drop exact duplicates (normalised input + target) and near-duplicates (Jaccard of the
+    inputs' word 5-grams at or above `threshold`, compared within buckets of similar length).
+    Returns kept, exact and near counts."""
     kept: list[Example] = []
     seen_exact: set[str] = set()
     buckets: dict[int, list[set[int]]] = defaultdict(list)
@@ -235,7 +235,9 @@ def deduplicate(examples: list[Example], threshold: float = 0.9) -> tuple[list[E
             exact += 1
             continue
         seen_exact.add(key_text)
-        shingles = _shingles(key_text)
+        # Near duplicates are judged on the input alone: two near-identical inputs with
+        # different targets are conflicting examples, just as worth dropping.
+        shingles = _shingles(_normalise(" ".join(example.fields.values()) or example.target))
         length_bucket = len(key_text) // 50
         candidates = [
             s for b in (length_bucket - 1, length_bucket, length_bucket + 1) for s in buckets[b]

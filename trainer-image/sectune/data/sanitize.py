@@ -52,7 +52,7 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ("SECRET", r"(?:^|\s)(?:-p|--password[= ])\s*([^\s\"']{4,})", 0.6, 1),
     (
         "USERNAME",
-        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?([A-Za-z0-9._\\$-]{2,64})(?![A-Za-z0-9._\\$=-])",
+        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?(?:[A-Za-z0-9.-]+\\)?([A-Za-z0-9._$-]{2,64})(?![A-Za-z0-9._\\$=-])",
         0.8,
         1,
     ),
