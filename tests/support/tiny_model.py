@@ -54,8 +54,8 @@ def build_tiny_model(directory: Path, vocab_size: int = 400, seed: int = 0) -> P
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # bitsandbytes 4-bit blocks are 64 wide
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -31,13 +31,12 @@ def _summary_table(report: dict[str, Any]) -> Table:
         table.add_column(name, justify="right")
     for metric, values in headline_rows(report):
         table.add_row(metric, *("–" if values[n] is None else f"{values[n]:.3f}" for n in models))
+    tuned_column = models.index("tuned") if "tuned" in models else len(models) - 1
     for gate in report.get("gates", []):
+        cells = [""] * len(models)
         value = "–" if gate["value"] is None else f"{gate['value']:.3f}"
-        table.add_row(
-            f"gate {gate['name']}",
-            *([""] * (len(models) - 1)),
-            f"{value} {'pass' if gate['passed'] else 'FAIL'}",
-        )
+        cells[tuned_column] = f"{value} {'pass' if gate['passed'] else 'FAIL'}"
+        table.add_row(f"gate {gate['name']}", *cells)
     return table
 
 
@@ -122,9 +121,12 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     finally:
         if metrics:
             metrics.stop()
+    if not outcome.report:  # a non-main process of a distributed run
+        return runner.EXIT_OK
     console.print(_summary_table(outcome.report))
-    console.print(f"Adapter: {outcome.adapter_uri} (manifest sha256 {outcome.adapter_sha256})")
-    console.print(f"Report:  {outcome.adapter_uri}/report.html")
+    console.print(f"Adapter: {outcome.adapter_uri}", soft_wrap=True)
+    console.print(f"Digest:  sha256 {outcome.adapter_sha256} (manifest.json)", soft_wrap=True)
+    console.print(f"Report:  {outcome.adapter_uri}/report.html", soft_wrap=True)
     code = runner.EXIT_OK if outcome.phase == "Succeeded" else runner.EXIT_GATES_FAILED
     return finish(code, outcome.termination_message())
 

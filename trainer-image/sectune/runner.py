@@ -218,6 +218,7 @@ def run_job(
         "data": data.report,
         "training": {
             "steps": result.steps,
+            "worldSize": accelerator.num_processes,
             "resumedFrom": result.resumed_from,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 1),

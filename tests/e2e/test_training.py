@@ -1,0 +1,176 @@
+"""Real training of a tiny Llama on CPU into the real S3 server (MinIO): LoRA, QLoRA, two-process
+DDP, resume after preemption, and a failed upload that must not replace the good adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sectune import artifacts, storage
+from sectune.config import load_manifest
+from support.jobs import sectune
+from support.processes import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _published(bucket: str, job: str) -> tuple[dict, dict]:
+    """(current.json, verified manifest) of a job under s3://bucket/adapters."""
+    pointer = artifacts.current(f"s3://{bucket}/adapters/{job}")
+    assert pointer is not None, "nothing was published"
+    version = f"s3://{bucket}/adapters/{job}/versions/{pointer['version']}"
+    return pointer, artifacts.verify(version, pointer["sha256"])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_bucket, method):
+    spec = {"method": {"type": method}, "output": {"uri": f"s3://{s3_bucket}/adapters"}}
+    if method == "qlora":
+        spec["baseModel"] = {"quantization": "nf4"}
+    manifest = job_manifest(f"tiny-{method}", **spec)
+
+    result = sectune("run", str(manifest))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Adapter: s3://" in result.stderr
+    pointer, manifest_doc = _published(s3_bucket, f"tiny-{method}")
+    files = manifest_doc["files"]
+    assert {
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "report.json",
+        "report.html",
+        "training-log.jsonl",
+    } <= set(files)
+    assert {"adapter/tokenizer.json", "adapter/tokenizer_config.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+    assert manifest_doc["method"] == method
+    assert manifest_doc["baseModel"]["quantization"] == ("nf4" if method == "qlora" else "none")
+    assert len(manifest_doc["baseModel"]["sha256"]) == 64
+    assert manifest_doc["dataset"]["digest"].startswith("sha256:")
+    assert (
+        manifest_doc["redactions"]["USERNAME"] > 0 and manifest_doc["redactions"]["IP_ADDRESS"] > 0
+    )
+    assert manifest_doc["config"]["method"]["type"] == method
+    report = json.loads(
+        storage.read_bytes(
+            f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}/report.json"
+        )
+    )
+    assert set(report["models"]) == {"base", "tuned", "tfidf"}
+    assert 0.0 <= report["models"]["tuned"]["accuracy"] <= 1.0
+
+
+def test_tampered_file_fails_verification(job_manifest, s3_env, s3_bucket):
+    manifest = job_manifest("tamper", output={"uri": f"s3://{s3_bucket}/adapters"})
+    assert sectune("run", str(manifest)).returncode == 0
+    pointer, _ = _published(s3_bucket, "tamper")
+    version = f"s3://{s3_bucket}/adapters/tamper/versions/{pointer['version']}"
+    storage.write_bytes(f"{version}/adapter/adapter_config.json", b"{}")
+    with pytest.raises(artifacts.IntegrityError, match=r"adapter/adapter_config\.json"):
+        artifacts.verify(version, pointer["sha256"])
+
+
+def test_two_process_ddp_run(job_manifest, s3_env, s3_bucket):
+    manifest = job_manifest("ddp", output={"uri": f"s3://{s3_bucket}/adapters"})
+    # torchrun sets RANK/WORLD_SIZE/MASTER_*; accelerate picks them up and uses gloo on CPU.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    result = subprocess.run(
+        [*launcher, "-m", "sectune.cli", "run", str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer, _ = _published(s3_bucket, "ddp")
+    report = json.loads(
+        storage.read_bytes(
+            f"s3://{s3_bucket}/adapters/ddp/versions/{pointer['version']}/report.json"
+        )
+    )
+    assert report["training"]["worldSize"] == 2
+    # 36 training examples, 4 per process per step, 2 processes, 2 epochs -> 5 steps per epoch.
+    assert report["training"]["steps"] == 10
+
+
+def test_preempted_run_resumes_from_its_checkpoint(job_manifest, s3_env, s3_bucket):
+    prefix = f"s3://{s3_bucket}/adapters"
+    manifest = job_manifest(
+        "resume",
+        rows=400,
+        output={"uri": prefix},
+        hyperparameters={"batchSize": 1, "epochs": 2, "checkpointEverySteps": 20},
+    )
+    total_steps = 600  # 300 training examples x 2 epochs, batch 1
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sectune.cli", "run", str(manifest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    latest = f"{prefix}/resume/checkpoints/latest.json"
+    deadline = time.monotonic() + 300
+    while not storage.exists(latest):
+        assert process.poll() is None, process.stderr.read()[-3000:] if process.stderr else ""
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # what the kubelet sends on preemption
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    stopped_at = json.loads(storage.read_bytes(latest))["step"]
+    assert 0 < stopped_at < total_steps
+    assert artifacts.current(f"{prefix}/resume") is None  # nothing published by the stopped run
+
+    result = sectune("run", str(manifest))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer, _ = _published(s3_bucket, "resume")
+    report = json.loads(
+        storage.read_bytes(f"{prefix}/resume/versions/{pointer['version']}/report.json")
+    )
+    assert report["training"]["resumedFrom"] == stopped_at
+    assert report["training"]["steps"] == total_steps
+    log = (
+        storage.read_bytes(f"{prefix}/resume/versions/{pointer['version']}/training-log.jsonl")
+        .decode()
+        .splitlines()
+    )
+    assert json.loads(log[0])["step"] == stopped_at + 1
+    assert json.loads(log[-1])["step"] == total_steps
+
+
+def test_failed_upload_keeps_the_previous_adapter(job_manifest, s3_env, s3_bucket, monkeypatch):
+    from sectune import runner
+
+    prefix = f"s3://{s3_bucket}/adapters"
+    manifest = job_manifest("keep", output={"uri": prefix})
+    assert sectune("run", str(manifest)).returncode == 0
+    good_pointer, _ = _published(s3_bucket, "keep")
+
+    real_write = storage.write_bytes
+
+    def failing_write(uri, data):  # the store fails halfway through the new version
+        if "adapter_model.safetensors" in str(uri if isinstance(uri, str) else uri.key):
+            raise storage.StorageError(f"could not write {uri}: ServiceUnavailable")
+        return real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", failing_write)
+    job = load_manifest(manifest)
+    with pytest.raises(storage.StorageError):
+        runner.run_job(job.name, job.spec)
+
+    pointer, _ = _published(s3_bucket, "keep")
+    assert pointer == good_pointer
+    versions = {name.split("/")[0] for name in storage.list_files(f"{prefix}/keep/versions")}
+    assert len(versions) == 2  # the failed version exists, but without a manifest nobody reads it
+    failed = (versions - {good_pointer["version"]}).pop()
+    assert not storage.exists(f"{prefix}/keep/versions/{failed}/manifest.json")

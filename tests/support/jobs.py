@@ -1,0 +1,48 @@
+"""Tiny FineTuneJobs for the end-to-end tier, and the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+WORDS = {
+    "benign": ["backup", "completed", "scheduled", "update", "healthy", "routine"],
+    "malicious": ["mimikatz", "lsass", "dump", "beacon", "exfil", "ransom"],
+}
+
+
+def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
+    """Two classes told apart by their words; users and addresses for the sanitizer to redact."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(rows):
+        label = ["benign", "malicious"][i % 2]
+        words = " ".join(rng.choices(WORDS[label], k=4))
+        user, ip = (
+            rng.choice(["alice", "bob", "carol"]),
+            f"10.0.{rng.randint(0, 9)}.{rng.randint(1, 250)}",
+        )
+        lines.append(
+            json.dumps(
+                {"id": f"r{i}", "text": f"{words} by user={user} from {ip} #{i}", "label": label}
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sectune(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the sectune CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "sectune.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
