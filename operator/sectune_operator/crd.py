@@ -24,7 +24,9 @@ from sectune_operator.api import (
     FineTuneJobStatus,
 )
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = ROOT / "crds"
+CHART_CRD_DIR = ROOT / "charts" / "sectune" / "files" / "crds"  # the Helm chart's copy
 
 _DROP = {"title", "x-preserve", "x-list-map-keys"}
 
@@ -237,19 +239,20 @@ def render_all() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=CRD_DIR, help="directory to write into")
+    parser.add_argument("--out", type=Path, action="append", help="directories to write into")
     parser.add_argument("--check", action="store_true", help="fail if the files differ")
     args = parser.parse_args(argv)
     stale = []
-    for name, text in render_all().items():
-        path = args.out / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"Wrote {path}")
+    for directory in args.out or [CRD_DIR, CHART_CRD_DIR]:
+        for name, text in render_all().items():
+            path = directory / name
+            if args.check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                print(f"Wrote {path}")
     if stale:
         print("CRDs differ from the models; run `make crds`: " + ", ".join(stale), file=sys.stderr)
         return 1

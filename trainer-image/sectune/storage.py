@@ -68,14 +68,20 @@ def parse_uri(uri: str) -> Location:
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use s3://, hf:// or file://")
 
 
-def s3_client() -> Any:
+def s3_client(credentials: dict[str, str] | None = None) -> Any:
+    """An S3 client from the environment, or from `credentials` (the same variable names)."""
     import boto3
     from botocore.config import Config
 
+    source = credentials if credentials is not None else os.environ
     return boto3.client(
         "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-        region_name=os.environ.get("AWS_REGION", "us-east-1"),
+        endpoint_url=source.get("AWS_ENDPOINT_URL") or None,
+        region_name=source.get("AWS_REGION") or "us-east-1",
+        aws_access_key_id=source.get("AWS_ACCESS_KEY_ID") if credentials is not None else None,
+        aws_secret_access_key=source.get("AWS_SECRET_ACCESS_KEY")
+        if credentials is not None
+        else None,
         config=Config(retries={"max_attempts": 5, "mode": "standard"}),
     )
 
@@ -138,7 +144,7 @@ def exists(uri: str | Location) -> bool:
     return True
 
 
-def list_files(prefix: str | Location) -> Iterator[str]:
+def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
     """Relative names of every file under a prefix (recursively)."""
     loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
     if loc.scheme == "file":
@@ -198,15 +204,16 @@ def download_dir(src: str | Location, local: Path) -> Path:
     return local
 
 
-def delete_prefix(prefix: str | Location) -> int:
-    """Delete every object under a prefix; returns how many were deleted."""
+def delete_prefix(prefix: str | Location, client: Any = None) -> int:
+    """Delete every object under a prefix; returns how many were deleted. `client`: an S3
+    client with its own credentials (the operator's, from the job's Secret)."""
     loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
     if loc.scheme == "file":
         count = sum(1 for _ in list_files(loc))
         shutil.rmtree(loc.path, ignore_errors=True)
         return count
-    names = list(list_files(loc))
-    client = s3_client()
+    client = client or s3_client()
+    names = list(list_files(loc, client))
     for start in range(0, len(names), 1000):
         batch = [{"Key": loc.join(n).key} for n in names[start : start + 1000]]
         try:

@@ -1,0 +1,51 @@
+"""`python -m sectune_operator`: run the operator (same as `kopf run -m sectune_operator.handlers`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import kopf
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sectune-operator", description=__doc__)
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only these namespaces (repeatable); default: all",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("SECTUNE_LIVENESS", "http://0.0.0.0:8080/healthz"),
+        help="liveness endpoint URL",
+    )
+    parser.add_argument(
+        "--peering",
+        default=os.environ.get("SECTUNE_PEERING", "sectune"),
+        help="peering object for leader election; '' runs standalone",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(os.environ.get("SECTUNE_PRIORITY", "0")),
+        help="peering priority of this replica",
+    )
+    args = parser.parse_args(argv)
+
+    import sectune_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        priority=args.priority,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pure functions: custom resource -> child object dicts. No I/O."""

@@ -1,0 +1,237 @@
+"""FineTuneJob -> ConfigMap, batch/v1 Job and (multi-node) headless Service. Pure functions.
+
+The Job runs `sectune train --config /etc/sectune/job.json` in a restricted pod; its Pod
+failure policy fails fast on the trainer's "bad input" and "gates failed" exit codes, ignores
+disruptions (preemption, eviction, node loss: retried, resumed from the checkpoint) and counts
+anything else against backoffLimit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sectune.config import CLUSTER_ONLY_FIELDS, JobSpec
+from sectune_operator.api import FineTuneJobSpec
+from sectune_operator.settings import Settings
+
+JOB_LABEL = "sectune.io/finetunejob"
+CONFIG_KEY = "job.json"
+CONFIG_DIR = "/etc/sectune"
+CONTAINER = "trainer"
+METRICS_PORT = 9400
+RENDEZVOUS_PORT = 29500
+# Exit codes of `sectune train` (sectune.runner): retrying cannot fix these.
+EXIT_BAD_INPUT = 2
+EXIT_GATES_FAILED = 3
+STORAGE_ENV = {
+    "AWS_ACCESS_KEY_ID": ("AWS_ACCESS_KEY_ID", False),
+    "AWS_SECRET_ACCESS_KEY": ("AWS_SECRET_ACCESS_KEY", False),
+    "AWS_ENDPOINT_URL": ("AWS_ENDPOINT_URL", True),
+    "AWS_REGION": ("AWS_REGION", True),
+}
+
+
+def child_name(job_name: str) -> str:
+    """Predictable name of every child: <job>-train."""
+    return f"{job_name}-train"
+
+
+def labels(job_name: str) -> dict[str, str]:
+    return {
+        JOB_LABEL: job_name,
+        "app.kubernetes.io/name": "sectune-trainer",
+        "app.kubernetes.io/instance": job_name,
+        "app.kubernetes.io/managed-by": "sectune-operator",
+    }
+
+
+def trainer_config(name: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+    """What the trainer reads: the job contract without the Kubernetes-only fields."""
+    data = spec.model_dump(mode="json", by_alias=True, exclude=set())
+    for key in CLUSTER_ONLY_FIELDS["spec"]:
+        data.pop(key, None)
+    for key in CLUSTER_ONLY_FIELDS["resources"]:
+        data["resources"].pop(key, None)
+    return {
+        "name": name,
+        "spec": JobSpec.model_validate(data).model_dump(mode="json", by_alias=True),
+    }
+
+
+def build_configmap(name: str, spec: FineTuneJobSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "data": {CONFIG_KEY: json.dumps(trainer_config(name, spec), indent=2, sort_keys=True)},
+    }
+
+
+def build_service(name: str) -> dict[str, Any]:
+    """Headless Service giving each Indexed Job pod a stable DNS name for rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_LABEL: name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _command(name: str, spec: FineTuneJobSpec) -> list[str]:
+    train = ["-m", "sectune.cli", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    resources = spec.resources
+    processes = max(resources.gpus, 1)
+    if processes * resources.nodes == 1:
+        return ["sectune", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    master = f"{child_name(name)}-0.{child_name(name)}"
+    if resources.distributed and resources.distributed.strategy == "deepspeed":
+        stage = resources.distributed.zero_stage
+        return [
+            "accelerate", "launch",
+            "--use_deepspeed",
+            "--deepspeed_config_file", f"/opt/sectune/launch/deepspeed-zero{stage}.json",
+            "--num_machines", str(resources.nodes),
+            "--num_processes", str(processes * resources.nodes),
+            "--machine_rank", "$(JOB_COMPLETION_INDEX)",
+            "--main_process_ip", master,
+            "--main_process_port", str(RENDEZVOUS_PORT),
+            *train,
+        ]  # fmt: skip
+    return [
+        "torchrun",
+        "--nnodes", str(resources.nodes),
+        "--nproc_per_node", str(processes),
+        "--node_rank", "$(JOB_COMPLETION_INDEX)",
+        "--master_addr", master,
+        "--master_port", str(RENDEZVOUS_PORT),
+        *train,
+    ]  # fmt: skip
+
+
+def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "SECTUNE_CACHE", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "SECTUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+    ]
+    if spec.output.credentials:
+        for variable, (key, optional) in STORAGE_ENV.items():
+            ref = {"name": spec.output.credentials.name, "key": key, "optional": optional}
+            env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
+    if spec.hf_token_secret:
+        ref = {"name": spec.hf_token_secret.name, "key": "HF_TOKEN"}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
+    limits: dict[str, str] = {
+        "cpu": spec.resources.cpu or settings.default_cpu,
+        "memory": spec.resources.memory or settings.default_memory,
+    }
+    if spec.resources.gpus:
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+    requests = {k: v for k, v in limits.items() if k != "nvidia.com/gpu"}
+    return {"limits": limits, "requests": requests}
+
+
+def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
+    """The training Job (Indexed when nodes > 1)."""
+    resources = spec.resources
+    multi_node = resources.nodes > 1
+    pod_labels = labels(name)
+    job_labels = dict(pod_labels)
+    if spec.queue_name:
+        job_labels["kueue.x-k8s.io/queue-name"] = spec.queue_name
+    container = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": _command(name, spec),
+        "env": _env(spec),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "resources": _resources(spec, settings),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.service_account_name or "default",
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": child_name(name)}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shared_memory}},
+        ],
+        "nodeSelector": dict(resources.node_selector),
+        "tolerations": [
+            t.model_dump(by_alias=True, exclude_none=True) for t in resources.tolerations
+        ],
+    }
+    if resources.priority_class_name:
+        pod_spec["priorityClassName"] = resources.priority_class_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if multi_node:
+        pod_spec["subdomain"] = child_name(name)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        # Kueue admits a suspended Job; otherwise spec.suspend is the user's.
+        "suspend": spec.suspend or bool(spec.queue_name),
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [EXIT_BAD_INPUT, EXIT_GATES_FAILED],
+                    },
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if multi_node:
+        job_spec |= {
+            "completionMode": "Indexed",
+            "completions": resources.nodes,
+            "parallelism": resources.nodes,
+        }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": child_name(name), "labels": job_labels},
+        "spec": job_spec,
+    }

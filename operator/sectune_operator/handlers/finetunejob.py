@@ -1,0 +1,402 @@
+# mypy: disable-error-code="arg-type"
+# (kopf types its callbacks as protocols listing every keyword it passes; handlers here name
+# only the keywords they use, which is how kopf documents them.)
+"""kopf handlers for FineTuneJob: thin. Parse, delegate to builders, apply, patch status.
+
+Status is observed state: a timer derives it from indexes of the Jobs and Pods the operator
+labelled (sectune_operator.status), never from handler return values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import urllib.request
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from sectune import storage
+from sectune.config import format_validation_error
+from sectune_operator import metrics
+from sectune_operator.api import FineTuneJobSpec
+from sectune_operator.builders.finetunejob import (
+    JOB_LABEL,
+    METRICS_PORT,
+    build_configmap,
+    build_job,
+    build_service,
+    child_name,
+)
+from sectune_operator.settings import Settings
+from sectune_operator.status import TERMINAL, derive_status, progress_from_metrics, set_condition
+
+GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
+CLEANUP_TRIES = 6
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fail(
+    patch: kopf.Patch, status: dict[str, Any], generation: int, reason: str, message: str
+) -> None:
+    conditions = set_condition(
+        status.get("conditions") or [], "Ready", "False", reason, message, _now(), generation
+    )
+    conditions = set_condition(conditions, "Failed", "True", reason, message, _now(), generation)
+    patch.status.update(
+        {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
+    )
+
+
+def _local_uris(spec: FineTuneJobSpec) -> list[str]:
+    """Fields holding file:// URIs (they would point into the pod's own filesystem)."""
+    candidates = {
+        "spec.baseModel.uri": spec.base_model.uri,
+        "spec.dataset.train": spec.dataset.train,
+        "spec.dataset.validation": spec.dataset.validation,
+        "spec.dataset.test": spec.dataset.test,
+        "spec.output.uri": spec.output.uri,
+    }
+    return [field for field, uri in candidates.items() if uri and uri.startswith("file://")]
+
+
+def _missing_secrets(spec: FineTuneJobSpec, namespace: str) -> list[str]:
+    core = client.CoreV1Api()
+    wanted = {
+        "spec.output.credentials": spec.output.credentials,
+        "spec.hfTokenSecret": spec.hf_token_secret,
+        **{f"spec.imagePullSecrets[{i}]": s for i, s in enumerate(spec.image_pull_secrets)},
+    }
+    missing = []
+    for field, ref in wanted.items():
+        if ref is None:
+            continue
+        try:
+            core.read_namespaced_secret(ref.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            missing.append(f"{field} (Secret {ref.name!r})")
+    return missing
+
+
+def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> bool:
+    """Create a child; already-exists is success. Returns True if it was created now."""
+    create = {
+        "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
+        "Service": client.CoreV1Api().create_namespaced_service,
+        "Job": client.BatchV1Api().create_namespaced_job,
+    }[kind]
+    try:
+        create(namespace, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise
+    logger.info(f"Created {kind} {body['metadata']['name']}")
+    return True
+
+
+def _active_jobs(jobs_index: kopf.Index, namespace: str) -> int:
+    count = 0
+    for (ns, _), store in jobs_index.items():
+        for job in store:
+            conditions = (job.get("status") or {}).get("conditions") or []
+            finished = any(
+                c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                for c in conditions
+            )
+            if ns == namespace and not finished and not (job.get("spec") or {}).get("suspend"):
+                count += 1
+    return count
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, retries=10, backoff=5)
+@kopf.on.resume(GROUP, VERSION, PLURAL, retries=10, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=10, backoff=5)
+def reconcile(
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: Any,
+    jobs_by_owner: kopf.Index,
+    **_: Any,
+) -> None:
+    """Validate the spec, create ConfigMap + Job (+ Service), keep Job.suspend in step."""
+    settings: Settings = memo.settings
+    generation = int(meta.get("generation") or 0)
+    if status.get("phase") in TERMINAL:
+        return
+    started = time.monotonic()
+    try:
+        parsed = FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        message = format_validation_error(exc, f"FineTuneJob {namespace}/{name}")
+        _fail(patch, dict(status), generation, "InvalidSpec", message)
+        metrics.RECONCILE_ERRORS.labels("InvalidSpec").inc()
+        kopf.warn(body, reason="InvalidSpec", message=message)
+        raise kopf.PermanentError(message) from None
+
+    local = _local_uris(parsed) if not settings.allow_file_uris else []
+    if local or not parsed.output.uri:
+        message = (
+            f"{', '.join(local)}: file:// URIs point into the training pod's own filesystem; "
+            "use s3:// or hf:// in a cluster"
+            if local
+            else "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
+        )
+        _fail(
+            patch,
+            dict(status),
+            generation,
+            "LocalURINotAllowed" if local else "OutputRequired",
+            message,
+        )
+        metrics.RECONCILE_ERRORS.labels("LocalURINotAllowed").inc()
+        kopf.warn(body, reason="InvalidSpec", message=message)
+        raise kopf.PermanentError(message)
+
+    missing = _missing_secrets(parsed, namespace)
+    if missing:
+        message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
+        conditions = set_condition(
+            status.get("conditions") or [],
+            "Ready",
+            "False",
+            "SecretNotFound",
+            message,
+            _now(),
+            generation,
+        )
+        patch.status.update(
+            {"phase": "Pending", "conditions": conditions, "observedGeneration": generation}
+        )
+        metrics.RECONCILE_ERRORS.labels("SecretNotFound").inc()
+        kopf.warn(body, reason="SecretNotFound", message=message)
+        raise kopf.TemporaryError(message, delay=15)
+
+    job_exists = (namespace, name) in jobs_by_owner
+    if (
+        not job_exists
+        and settings.max_concurrent_jobs
+        and _active_jobs(jobs_by_owner, namespace) >= settings.max_concurrent_jobs
+    ):
+        message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
+        conditions = set_condition(
+            status.get("conditions") or [], "Ready", "False", "Queued", message, _now(), generation
+        )
+        patch.status.update({"phase": "Pending", "conditions": conditions})
+        raise kopf.TemporaryError(message, delay=10)
+
+    children = [("ConfigMap", build_configmap(name, parsed))]
+    if parsed.resources.nodes > 1:
+        children.append(("Service", build_service(name)))
+    job = build_job(name, parsed, settings)
+    children.append(("Job", job))
+    for kind, child in children:
+        kopf.adopt(child, owner=body)
+        if _create(kind, child, namespace, logger):
+            kopf.info(body, reason="Created", message=f"Created {kind} {child['metadata']['name']}")
+    if job_exists:
+        _sync_suspend(name, namespace, parsed, body, logger)
+
+    conditions = set_condition(
+        status.get("conditions") or [],
+        "Ready",
+        "True",
+        "JobCreated",
+        f"Job {child_name(name)} created",
+        _now(),
+        generation,
+    )
+    update: dict[str, Any] = {"conditions": conditions, "observedGeneration": generation}
+    if not status.get("phase"):
+        update["phase"] = "Pending"
+    if not status.get("startTime"):
+        update["startTime"] = _now()
+    patch.status.update(update)
+    metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
+
+
+def _sync_suspend(
+    name: str, namespace: str, spec: FineTuneJobSpec, body: kopf.Body, logger: Any
+) -> None:
+    batch = client.BatchV1Api()
+    job = batch.read_namespaced_job(child_name(name), namespace)
+    if spec.queue_name or bool(job.spec.suspend) == spec.suspend:
+        return
+    batch.patch_namespaced_job(child_name(name), namespace, {"spec": {"suspend": spec.suspend}})
+    action = "Suspended" if spec.suspend else "Resumed"
+    logger.info(f"{action} Job {child_name(name)}")
+    kopf.info(body, reason=action, message=f"{action} Job {child_name(name)}")
+
+
+# --------------------------------------------------------------------------- observed state
+
+
+@kopf.index("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+def jobs_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[JOB_LABEL]): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
+def pods_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[JOB_LABEL]): dict(body)}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def phases(namespace: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    return {namespace: status.get("phase") or "Pending"}
+
+
+def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if not running:
+        return None
+    ip = (running[-1].get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    url = settings.progress_url_template.format(ip=ip, port=METRICS_PORT)
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return progress_from_metrics(response.read().decode())
+    except OSError:
+        return None  # the trainer is still loading, or the pod is not reachable
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=2.0,
+    when=lambda status, **_: status.get("phase") not in TERMINAL,
+)
+def refresh_status(
+    name: str,
+    namespace: str,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    jobs_by_owner: kopf.Index,
+    pods_by_owner: kopf.Index,
+    phases: kopf.Index,
+    **_: Any,
+) -> None:
+    """Mirror the training Job, its Pods and the trainer's progress into status."""
+    settings: Settings = memo.settings
+    key = (namespace, name)
+    job = next(iter(jobs_by_owner.get(key, [])), None)
+    pods = list(pods_by_owner.get(key, []))
+    current = dict(status)
+    if job is not None and current.get("phase") in ("Preparing", "Training"):
+        progress = _scrape_progress(pods, settings)
+        if progress:
+            current["progress"] = progress
+    new = derive_status(job, pods, current, int(meta.get("generation") or 0), _now())
+    if new != dict(status):
+        patch.status.update(new)
+    if new.get("phase") != status.get("phase"):
+        phase = new.get("phase")
+        failed = next(
+            (
+                c
+                for c in new.get("conditions", [])
+                if c["type"] == "Failed" and c["status"] == "True"
+            ),
+            None,
+        )
+        if failed:
+            kopf.warn(body, reason=failed["reason"], message=failed["message"][:1000])
+            if failed["reason"] == "GatesFailed":
+                metrics.GATE_FAILURES.labels(namespace).inc()
+        else:
+            kopf.info(body, reason=str(phase), message=f"FineTuneJob is {phase}")
+        if phase in TERMINAL and new.get("startTime"):
+            began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
+            metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
+    counts: dict[tuple[str, str], int] = {}
+    for ns, store in phases.items():
+        for phase in store:
+            counts[(ns, phase)] = counts.get((ns, phase), 0) + 1
+    for (ns, phase), count in counts.items():
+        metrics.FINETUNEJOBS.labels(ns, phase).set(count)
+
+
+# --------------------------------------------------------------------------- deletion
+
+
+def _storage_credentials(spec: FineTuneJobSpec, namespace: str) -> dict[str, str] | None:
+    import base64
+
+    if spec.output.credentials is None:
+        return None
+    secret = client.CoreV1Api().read_namespaced_secret(spec.output.credentials.name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+@kopf.on.delete(
+    GROUP, VERSION, PLURAL,
+    when=lambda spec, **_: spec.get("cleanupPolicy") == "Delete",
+    retries=CLEANUP_TRIES, backoff=10,
+)  # fmt: skip
+def delete_artifacts(
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    annotations: kopf.Annotations,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    retry: int,
+    logger: Any,
+    **_: Any,
+) -> None:
+    """cleanupPolicy: Delete removes <output.uri>/<name>/ from storage before the object goes.
+    Children go by owner references. A storage error is retried, reported as a Warning Event,
+    and after the last try the finalizer is released anyway (never blocks forever)."""
+    settings: Settings = memo.settings
+    parsed = FineTuneJobSpec.model_validate(dict(spec))
+    if not parsed.output.uri:
+        return
+    prefix = storage.parse_uri(parsed.output.uri).join(name)
+    if annotations.get(settings.skip_cleanup_annotation) == "true":
+        kopf.warn(
+            body,
+            reason="CleanupSkipped",
+            message=f"artifacts kept at {prefix.uri} ({settings.skip_cleanup_annotation})",
+        )
+        return
+    try:
+        credentials = _storage_credentials(parsed, namespace)
+        deleted = storage.delete_prefix(
+            prefix, client=storage.s3_client(credentials) if prefix.scheme == "s3" else None
+        )
+    except (storage.StorageError, ApiException) as exc:
+        reason = exc.reason if isinstance(exc, ApiException) else str(exc)
+        if retry + 1 >= CLEANUP_TRIES:
+            message = f"gave up deleting {prefix.uri} after {retry + 1} tries ({reason}); the artifacts remain"
+            kopf.warn(body, reason="CleanupFailed", message=message)
+            logger.error(message)
+            return
+        message = (
+            f"could not delete {prefix.uri}: {reason}; retrying. To release the job without "
+            f"deleting its artifacts: kubectl annotate ftj {name} {settings.skip_cleanup_annotation}=true"
+        )
+        kopf.warn(body, reason="CleanupFailed", message=message)
+        raise kopf.TemporaryError(message, delay=10) from None
+    logger.info(f"Deleted {deleted} artifact(s) under {prefix.uri}")
+    kopf.info(
+        body, reason="ArtifactsDeleted", message=f"Deleted {deleted} object(s) under {prefix.uri}"
+    )

@@ -1,0 +1,37 @@
+"""The one startup hook: every operator setting in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import config as kube_config
+
+from sectune_operator import metrics
+from sectune_operator.settings import Settings
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    ours = Settings()
+    memo.settings = ours
+    # The CRDs' status is structural: kopf keeps its bookkeeping in annotations instead.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="sectune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="sectune.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = ours.finalizer
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    settings.execution.max_workers = 16
+    try:
+        kube_config.load_incluster_config()
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()
+    if ours.metrics_port:
+        metrics.serve(ours.metrics_port)
+    logger.info(
+        f"Started sectune operator (trainer image {ours.trainer_image}, metrics :{ours.metrics_port})"
+    )

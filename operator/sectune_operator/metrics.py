@@ -1,0 +1,48 @@
+"""The operator's own Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+FINETUNEJOBS = Gauge(
+    "sectune_operator_finetunejobs",
+    "FineTuneJobs by phase",
+    ["namespace", "phase"],
+    registry=REGISTRY,
+)
+RECONCILE_DURATION = Histogram(
+    "sectune_operator_reconcile_duration_seconds",
+    "Time to reconcile a FineTuneJob (create or update)",
+    registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RECONCILE_ERRORS = Counter(
+    "sectune_operator_reconcile_errors_total",
+    "Reconcile errors by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+TRAINING_DURATION = Histogram(
+    "sectune_operator_training_duration_seconds",
+    "From Job start to Succeeded or Failed",
+    registry=REGISTRY,
+    buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
+)
+GATE_FAILURES = Counter(
+    "sectune_operator_gate_failures_total",
+    "Jobs that ended with failed gates",
+    ["namespace"],
+    registry=REGISTRY,
+)
+API_RETRIES = Counter(
+    "sectune_operator_api_retries_total",
+    "Kubernetes API calls retried (conflicts, server errors)",
+    ["operation"],
+    registry=REGISTRY,
+)
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)

@@ -1,0 +1,37 @@
+"""Operator settings, read once from the environment at startup (see handlers/startup.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"SECTUNE_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = field(
+        default_factory=lambda: _env("TRAINER_IMAGE", "ghcr.io/sectune/trainer:0.1.0")
+    )
+    """Image of the training pods when a FineTuneJob names none."""
+    default_cpu: str = field(default_factory=lambda: _env("DEFAULT_CPU", "8"))
+    default_memory: str = field(default_factory=lambda: _env("DEFAULT_MEMORY", "32Gi"))
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "8081")))
+    """Port of the operator's own /metrics."""
+    status_interval: float = field(default_factory=lambda: float(_env("STATUS_INTERVAL", "2")))
+    """Seconds between status refreshes of a running FineTuneJob."""
+    max_concurrent_jobs: int = field(default_factory=lambda: int(_env("MAX_CONCURRENT_JOBS", "0")))
+    """Training Jobs running at once per namespace when Kueue is not used; 0: no limit."""
+    allow_file_uris: bool = field(
+        default_factory=lambda: _env("ALLOW_FILE_URIS", "false") == "true"
+    )
+    """file:// URIs point into the pod's own filesystem; refused unless explicitly allowed."""
+    progress_url_template: str = field(
+        default_factory=lambda: _env("PROGRESS_URL", "http://{ip}:{port}/metrics")
+    )
+    """Where a running trainer's metrics are read from ({ip}: the pod IP, {port}: 9400)."""
+    finalizer: str = "sectune.io/artifact-cleanup"
+    skip_cleanup_annotation: str = "sectune.io/skip-artifact-cleanup"
+    """Set to "true" on a FineTuneJob stuck deleting to release it without deleting artifacts."""

@@ -1,0 +1,237 @@
+"""FineTuneJob status from observed state: the training Job, its Pods and the trainer's
+termination message. Pure functions, unit-tested without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sectune_operator.builders.finetunejob import CONTAINER
+
+TERMINAL = ("Succeeded", "Failed", "Cancelled")
+CONDITION_TYPES = (
+    "Ready",
+    "Suspended",
+    "Training",
+    "Evaluated",
+    "GatesPassed",
+    "Succeeded",
+    "Failed",
+)
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """Conditions with `type_` set; lastTransitionTime moves only when the status changes."""
+    out = [dict(c) for c in conditions if c.get("type") != type_]
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != status
+    out.append(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),  # type: ignore[union-attr]
+            "observedGeneration": generation,
+        }
+    )
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(out, key=lambda c: order.get(c["type"], len(order)))
+
+
+def termination_message(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer's JSON result from a finished pod, if it wrote one."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") != CONTAINER:
+            continue
+        terminated = (status.get("state") or {}).get("terminated") or {}
+        message = terminated.get("message")
+        if not message:
+            return None
+        try:
+            parsed = json.loads(message)
+        except json.JSONDecodeError:
+            # FallbackToLogsOnError: the log tail, not JSON. Keep it as the message.
+            return {
+                "reason": "TrainerError",
+                "message": message[-1000:],
+                "exitCode": terminated.get("exitCode"),
+            }
+        if isinstance(parsed, dict):
+            parsed.setdefault("exitCode", terminated.get("exitCode"))
+            return parsed
+    return None
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def _finished_pods(pods: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    done = [p for p in pods if (p.get("status") or {}).get("phase") == phase]
+    return sorted(done, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+
+
+def _result_fields(result: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    adapter = result.get("adapter") or {}
+    if adapter.get("uri"):
+        fields["adapter"] = {"uri": adapter["uri"], "sha256": adapter.get("sha256")}
+    if result.get("metrics"):
+        fields["metrics"] = {k: float(v) for k, v in result["metrics"].items()}
+    gates = result.get("gates") or []
+    if gates:
+        fields["gates"] = [
+            {"name": g["name"], "value": g.get("value"), "passed": bool(g["passed"])} for g in gates
+        ]
+        fields["gatesSummary"] = f"{sum(g['passed'] for g in gates)}/{len(gates)} passed"
+    dataset = result.get("dataset") or {}
+    if dataset:
+        counts = dataset.get("counts") or {}
+        fields["dataset"] = {
+            k: v
+            for k, v in {
+                "digest": dataset.get("digest"),
+                "trainExamples": counts.get("train"),
+                "validationExamples": counts.get("validation"),
+                "redactions": dataset.get("redactions") or {},
+            }.items()
+            if v is not None
+        }
+    return fields
+
+
+def derive_status(
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    current: dict[str, Any],
+    generation: int | None,
+    now: str,
+) -> dict[str, Any]:
+    """The FineTuneJob status that the Job and Pods imply (a new dict; `current` untouched)."""
+    status = {k: v for k, v in current.items() if k != "conditions"}
+    conditions = list(current.get("conditions") or [])
+    status["observedGeneration"] = generation
+    if current.get("phase") in TERMINAL or job is None:
+        status["conditions"] = conditions
+        return status
+
+    status["attempts"] = max(int(current.get("attempts") or 0), len(pods))
+    job_status = job.get("status") or {}
+    if job_status.get("startTime") and not status.get("startTime"):
+        status["startTime"] = job_status["startTime"]
+    complete, failed = _job_condition(job, "Complete"), _job_condition(job, "Failed")
+
+    if complete:
+        succeeded = _finished_pods(pods, "Succeeded")
+        result = termination_message(succeeded[-1]) if succeeded else None
+        status |= _result_fields(result or {})
+        status["phase"] = "Succeeded"
+        status["completionTime"] = (
+            job_status.get("completionTime") or complete.get("lastTransitionTime") or now
+        )
+        message = (result or {}).get("message") or "training, evaluation and gates finished"
+        for type_, value, reason in (
+            ("Training", "False", "Completed"),
+            ("Evaluated", "True", "Evaluated"),
+            ("GatesPassed", "True", "GatesPassed"),
+            ("Succeeded", "True", "Succeeded"),
+        ):
+            conditions = set_condition(conditions, type_, value, reason, message, now, generation)
+        status["progress"] = {**(status.get("progress") or {}), "percent": 100}
+    elif failed:
+        failed_pods = _finished_pods(pods, "Failed")
+        result = termination_message(failed_pods[-1]) if failed_pods else None
+        status |= _result_fields(result or {})
+        reason = (result or {}).get("reason") or failed.get("reason") or "Failed"
+        message = (
+            (result or {}).get("message") or failed.get("message") or "the training Job failed"
+        )
+        if reason == "GatesFailed":
+            failing = [g["name"] for g in status.get("gates", []) if not g["passed"]]
+            message = "gates failed: " + ", ".join(failing) if failing else message
+            conditions = set_condition(
+                conditions, "Evaluated", "True", "Evaluated", "evaluation finished", now, generation
+            )
+            conditions = set_condition(
+                conditions, "GatesPassed", "False", "GatesFailed", message, now, generation
+            )
+        status["phase"] = "Failed"
+        status["completionTime"] = failed.get("lastTransitionTime") or now
+        conditions = set_condition(
+            conditions, "Training", "False", reason, message, now, generation
+        )
+        conditions = set_condition(conditions, "Failed", "True", reason, message, now, generation)
+    elif (job.get("spec") or {}).get("suspend"):
+        status["phase"] = "Pending"
+        conditions = set_condition(
+            conditions,
+            "Suspended",
+            "True",
+            "Suspended",
+            "the training Job is suspended; checkpoints are kept",
+            now,
+            generation,
+        )
+        conditions = set_condition(
+            conditions, "Training", "False", "Suspended", "suspended", now, generation
+        )
+    else:
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if any(c["type"] == "Suspended" for c in conditions):
+            conditions = set_condition(
+                conditions, "Suspended", "False", "Resumed", "", now, generation
+            )
+        if running:
+            # Preparing (data, model) until the trainer reports its first step.
+            status["phase"] = (
+                "Training" if (status.get("progress") or {}).get("step") else "Preparing"
+            )
+            pod = running[-1]["metadata"]["name"]
+            conditions = set_condition(
+                conditions,
+                "Training",
+                "True",
+                "PodRunning",
+                f"pod {pod} is running",
+                now,
+                generation,
+            )
+        else:
+            status["phase"] = "Pending"
+    status["conditions"] = conditions
+    return status
+
+
+def progress_from_metrics(text: str) -> dict[str, Any] | None:
+    """status.progress from the trainer's Prometheus exposition (sectune_train_*)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("sectune_train_"):
+                values[sample.name.removeprefix("sectune_train_")] = sample.value
+    if "step" not in values or "total_steps" not in values:
+        return None
+    step, total = int(values["step"]), int(values["total_steps"])
+    return {
+        "step": step,
+        "totalSteps": total,
+        "percent": int(100 * step / total) if total else 0,
+        "loss": round(values.get("loss", 0.0), 4),
+        "tokensPerSecond": round(values.get("tokens_per_second", 0.0), 1),
+        "etaSeconds": int(values.get("eta_seconds", 0)),
+        "display": f"{step}/{total}",
+    }
