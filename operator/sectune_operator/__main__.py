@@ -14,8 +14,8 @@ def main(argv: list[str] | None = None) -> None:
         "--namespace",
         "-n",
         action="append",
-        default=[],
-        help="watch only these namespaces (repeatable); default: all",
+        default=[n for n in os.environ.get("SECTUNE_WATCH", "").split(",") if n],
+        help="watch only these namespaces (repeatable, or SECTUNE_WATCH=a,b); default: all",
     )
     parser.add_argument(
         "--liveness",
@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import sectune_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(
+        verbose=os.environ.get("SECTUNE_LOG_LEVEL", "").upper() == "DEBUG",
+        log_format=kopf.LogFormat.PLAIN,
+        log_refkey="object",
+    )
 
     kopf.run(
         clusterwide=not args.namespace,

@@ -196,6 +196,8 @@ class FineTuneJobStatus(Spec):
     """When the job finished."""
     attempts: int | None = None
     """Training pods started (retries after preemption included)."""
+    pod: str | None = None
+    """The latest training pod (for kubectl logs)."""
 
 
 # --------------------------------------------------------------------------- AdapterDeployment

@@ -44,5 +44,17 @@ API_RETRIES = Counter(
 )
 
 
+_phase_labels: set[tuple[str, str]] = set()
+
+
+def set_phase_counts(counts: dict[tuple[str, str], int]) -> None:
+    """Set the by-phase gauge; label pairs that disappeared go to zero."""
+    for labels in _phase_labels - counts.keys():
+        FINETUNEJOBS.labels(*labels).set(0)
+    for labels, count in counts.items():
+        FINETUNEJOBS.labels(*labels).set(count)
+    _phase_labels.update(counts)
+
+
 def serve(port: int) -> None:
     start_http_server(port, registry=REGISTRY)

@@ -118,8 +118,10 @@ def derive_status(
     current: dict[str, Any],
     generation: int | None,
     now: str,
+    attempts: int = 0,
 ) -> dict[str, Any]:
-    """The FineTuneJob status that the Job and Pods imply (a new dict; `current` untouched)."""
+    """The FineTuneJob status that the Job and Pods imply (a new dict; `current` untouched).
+    `attempts`: training pods started so far, as counted by the caller (pods come and go)."""
     status = {k: v for k, v in current.items() if k != "conditions"}
     conditions = list(current.get("conditions") or [])
     status["observedGeneration"] = generation
@@ -127,7 +129,10 @@ def derive_status(
         status["conditions"] = conditions
         return status
 
-    status["attempts"] = max(int(current.get("attempts") or 0), len(pods))
+    status["attempts"] = max(int(current.get("attempts") or 0), attempts)
+    newest = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
+    if newest is not None:
+        status["pod"] = newest["metadata"]["name"]
     job_status = job.get("status") or {}
     if job_status.get("startTime") and not status.get("startTime"):
         status["startTime"] = job_status["startTime"]

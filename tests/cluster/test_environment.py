@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.cluster
 
 
 def _job(name: str, annotations: dict[str, str] | None = None, gpus: int = 0) -> dict:
+    """A Job whose pod kwok finishes as `annotations` say (exit code 0 unless told)."""
+    annotations = {"sectune.dev/test-exit-code": "0"} if annotations is None else annotations
     container: dict = {"name": "main", "image": "busybox", "command": ["true"]}
     if gpus:
         container["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
@@ -67,18 +70,22 @@ def test_pod_exit_code_and_message_fail_the_job(api_client, namespace):
     assert terminated.message == '{"reason": "BadData"}'
 
 
-def test_held_pod_stays_running_until_released(api_client, namespace):
+def test_pod_stays_running_until_the_test_chooses_the_outcome(api_client, namespace):
     batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
-    batch.create_namespaced_job(namespace, _job("held", {"sectune.dev/test-hold": "true"}))
+    batch.create_namespaced_job(namespace, _job("held", {}))
 
     def running_pod():
         pods = core.list_namespaced_pod(namespace, label_selector="job-name=held").items
         return pods[0] if pods and pods[0].status.phase == "Running" else None
 
     wait_until(lambda: running_pod() is not None, 60, "pod running")
+    time.sleep(2)
     pod = running_pod()
+    assert pod is not None, "the pod finished without being told to"
     core.patch_namespaced_pod(
-        pod.metadata.name, namespace, {"metadata": {"annotations": {"sectune.dev/test-hold": None}}}
+        pod.metadata.name,
+        namespace,
+        {"metadata": {"annotations": {"sectune.dev/test-exit-code": "0"}}},
     )
     wait_until(lambda: _job_condition(batch, namespace, "held", "Complete"), 60, "Job complete")
 

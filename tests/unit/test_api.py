@@ -27,7 +27,9 @@ def test_committed_crds_match_the_models():
         for name, text in rendered.items():
             committed = directory / name
             assert committed.exists(), f"{committed} missing: run `make crds`"
-            assert committed.read_text() == text, f"{committed} drifted from the models: run `make crds`"
+            assert committed.read_text() == text, (
+                f"{committed} drifted from the models: run `make crds`"
+            )
 
 
 def _properties_without_description(node: dict[str, Any], path: str) -> list[str]:

@@ -155,11 +155,8 @@ def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
         return
     key_prefix = loc.key.rstrip("/") + "/"
     try:
-        pages = (
-            s3_client()
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=loc.bucket, Prefix=key_prefix)
-        )
+        paginator = (client or s3_client()).get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix)
         for page in pages:
             for item in page.get("Contents", []):
                 yield item["Key"][len(key_prefix) :]

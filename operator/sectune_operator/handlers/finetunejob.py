@@ -251,8 +251,24 @@ def jobs_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
 
 
 @kopf.index("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def pods_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+def pods_by_owner(
+    namespace: str, labels: kopf.Labels, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any
+) -> dict[Any, Any]:
+    # Remember every pod seen, even one deleted before the next status refresh (preemption).
+    memo.pods_seen.setdefault((namespace, labels[JOB_LABEL]), set()).add(uid)
     return {(namespace, labels[JOB_LABEL]): dict(body)}
+
+
+def _count_attempts(key: tuple[str, str], status: kopf.Status, memo: kopf.Memo) -> int:
+    """Pods started for a job: the count in status plus pods this process has seen since.
+    After a restart, pods already present were counted by the previous process."""
+    seen = memo.pods_seen.get(key, set())
+    counted = memo.pods_counted.get(key)
+    if counted is None:
+        counted = memo.pods_counted[key] = set(seen) if status.get("attempts") else set()
+    new = seen - counted
+    counted |= new
+    return int(status.get("attempts") or 0) + len(new)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -292,7 +308,6 @@ def refresh_status(
     memo: kopf.Memo,
     jobs_by_owner: kopf.Index,
     pods_by_owner: kopf.Index,
-    phases: kopf.Index,
     **_: Any,
 ) -> None:
     """Mirror the training Job, its Pods and the trainer's progress into status."""
@@ -305,7 +320,8 @@ def refresh_status(
         progress = _scrape_progress(pods, settings)
         if progress:
             current["progress"] = progress
-    new = derive_status(job, pods, current, int(meta.get("generation") or 0), _now())
+    attempts = _count_attempts(key, status, memo)
+    new = derive_status(job, pods, current, int(meta.get("generation") or 0), _now(), attempts)
     if new != dict(status):
         patch.status.update(new)
     if new.get("phase") != status.get("phase"):
@@ -327,12 +343,16 @@ def refresh_status(
         if phase in TERMINAL and new.get("startTime"):
             began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
             metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def count_phases(phases: kopf.Index, **_: Any) -> None:
+    """Keep the FineTuneJobs-by-phase gauge equal to what the index holds."""
     counts: dict[tuple[str, str], int] = {}
-    for ns, store in phases.items():
+    for namespace, store in phases.items():
         for phase in store:
-            counts[(ns, phase)] = counts.get((ns, phase), 0) + 1
-    for (ns, phase), count in counts.items():
-        metrics.FINETUNEJOBS.labels(ns, phase).set(count)
+            counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+    metrics.set_phase_counts(counts)
 
 
 # --------------------------------------------------------------------------- deletion

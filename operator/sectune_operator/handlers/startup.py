@@ -16,6 +16,9 @@ from sectune_operator.settings import Settings
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     ours = Settings()
     memo.settings = ours
+    # Shared by reference with every handler's memo: pod UIDs seen / counted per FineTuneJob.
+    memo.pods_seen = {}
+    memo.pods_counted = {}
     # The CRDs' status is structural: kopf keeps its bookkeeping in annotations instead.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="sectune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
