@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from support.controlplane import ControlPlane, add_gpu_nodes  # noqa: E402
+from support.operator import OperatorProcess, install_chart_rbac  # noqa: E402
 from support.prometheus import PrometheusServer  # noqa: E402
 from support.s3 import S3Server  # noqa: E402
 
@@ -111,6 +112,7 @@ def prometheus(tmp_path: Path) -> Iterator[PrometheusServer]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """On failure of a test that used the control plane, attach the component logs."""
     report = yield
+    setattr(item, f"rep_{report.when}", report)
     if report.failed and "control_plane" in getattr(item, "fixturenames", ()):
         plane = item.funcargs.get("control_plane")  # type: ignore[attr-defined]
         if plane is not None:
@@ -135,3 +137,33 @@ def tiny_tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# --------------------------------------------------------------------------- the operator
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(crds: ControlPlane, api_client) -> Path:  # type: ignore[no-untyped-def]
+    return install_chart_rbac(crds, api_client)
+
+
+@pytest.fixture
+def start_operator(
+    operator_kubeconfig: Path, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator:  # type: ignore[type-arg]
+    """Start operators watching the test's namespace; stopped (and their logs attached on
+    failure) at the end of the test."""
+    started: list[OperatorProcess] = []
+
+    def start(name: str = "operator", **kwargs) -> OperatorProcess:  # type: ignore[no-untyped-def]
+        process = OperatorProcess(operator_kubeconfig, tmp_path, name=name, **kwargs)
+        process.env.setdefault("SECTUNE_WATCH", namespace)
+        started.append(process.start())
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        for process in started:
+            print(f"----- {process.name} -----\n{process.log()[-6000:]}")

@@ -18,7 +18,6 @@ from sectune import __version__
 from sectune.config import JobSpec, ManifestError, load_manifest
 
 console = Console(stderr=True)
-TERMINATION_LOG = Path("/dev/termination-log")
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
@@ -38,6 +37,13 @@ def _summary_table(report: dict[str, Any]) -> Table:
         cells[tuned_column] = f"{value} {'pass' if gate['passed'] else 'FAIL'}"
         table.add_row(f"gate {gate['name']}", *cells)
     return table
+
+
+def _write_result(path: Path, message: str) -> None:
+    try:
+        path.write_text(message[:4096])
+    except OSError as exc:
+        console.print(f"[yellow]warning:[/] could not write the result to {path}: {exc.strerror}")
 
 
 def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
@@ -92,7 +98,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
 
     def finish(code: int, message: str) -> int:
         if termination_path:
-            termination_path.write_text(message[:4096])
+            _write_result(termination_path, message)
         return code
 
     try:
@@ -155,27 +161,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     """In the training pod: the operator's resolved config, metrics endpoint, termination message."""
     from pydantic import ValidationError
 
-    termination = (
-        Path(args.termination_log)
-        if args.termination_log
-        else (
-            TERMINATION_LOG
-            if TERMINATION_LOG.parent.exists() and os.access(TERMINATION_LOG.parent, os.W_OK)
-            else None
-        )
-    )
+    termination = Path(args.termination_log)
     try:
         document = json.loads(Path(args.config).read_text())
         spec = JobSpec.model_validate(document["spec"])
         name = document["name"]
     except (OSError, KeyError, json.JSONDecodeError, ValidationError) as exc:
         console.print(f"[red]error:[/] {args.config}: {exc}")
-        if termination:
-            termination.write_text(
-                json.dumps(
-                    {"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}
-                )
-            )
+        _write_result(
+            termination,
+            json.dumps({"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}),
+        )
         return 2
     return _run(name, spec, args.metrics_port, termination)
 
@@ -232,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=int(os.environ.get("SECTUNE_METRICS_PORT", "9400"))
     )
     train.add_argument(
-        "--termination-log", help="where to write the result (default /dev/termination-log)"
+        "--termination-log",
+        default=os.environ.get("SECTUNE_TERMINATION_LOG", "/dev/termination-log"),
+        help="where Kubernetes reads the result from (the pod's terminationMessagePath)",
     )
     train.set_defaults(func=cmd_train)
 
