@@ -1,0 +1,202 @@
+"""Operator scale: create N FineTuneJobs at once against the real control plane and measure
+
+- time from create to training Job created (p50, p99) and until all N have Jobs,
+- time from the pod finishing to FineTuneJob Succeeded (p50, p99) for a sample,
+- API requests the operator made per job (kube-apiserver's request counter, minus ours),
+- the operator's resident memory.
+
+    python benchmarks/operator_scale.py --jobs 1000 --finish 100
+
+Results go in BENCHMARKS.md. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kubernetes import client, config, watch  # noqa: E402
+
+from support.controlplane import ControlPlane, add_gpu_nodes  # noqa: E402
+from support.operator import OperatorProcess, install_chart_rbac  # noqa: E402
+from support.processes import wait_until  # noqa: E402
+
+GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
+NAMESPACE = "scale"
+RESULT = json.dumps(
+    {
+        "phase": "Succeeded",
+        "reason": "GatesPassed",
+        "adapter": {"uri": "s3://a/b", "sha256": "0" * 64},
+    }
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def apiserver_requests(plane: ControlPlane) -> float:
+    """Sum of kube-apiserver's apiserver_request_total counters."""
+    text = plane.kubectl("get", "--raw", "/metrics").stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{")
+    )
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument(
+        "--finish", type=int, default=100, help="how many pods to finish for the Succeeded timing"
+    )
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="sectune-scale-"))
+    plane = ControlPlane(workdir).start()
+    try:
+        api = config.new_client_from_config(str(plane.kubeconfig))
+        core, batch, objects = (
+            client.CoreV1Api(api),
+            client.BatchV1Api(api),
+            client.CustomObjectsApi(api),
+        )
+        add_gpu_nodes(core, tuple(f"kwok-gpu-{i}" for i in range(16)), gpus=64)
+        assert plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds")).returncode == 0
+        plane.kubectl("wait", "--for=condition=Established", "crd", "--all")
+        kubeconfig = install_chart_rbac(plane, api)
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
+        wait_until(
+            lambda: bool(core.list_namespaced_service_account(NAMESPACE).items), 30, "default SA"
+        )
+        core.create_namespaced_secret(
+            NAMESPACE,
+            {
+                "metadata": {"name": "storage"},
+                "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+            },
+        )
+        operator = OperatorProcess(kubeconfig, workdir, env={"SECTUNE_WATCH": NAMESPACE}).start()
+
+        created: dict[str, float] = {}
+        job_seen: dict[str, float] = {}
+        done = threading.Event()
+
+        def watch_jobs() -> None:
+            for event in watch.Watch().stream(
+                batch.list_namespaced_job, NAMESPACE, timeout_seconds=3600
+            ):
+                name = event["object"].metadata.name.removesuffix("-train")
+                job_seen.setdefault(name, time.monotonic())
+                if len(job_seen) >= args.jobs or done.is_set():
+                    return
+
+        watcher = threading.Thread(target=watch_jobs, daemon=True)
+        watcher.start()
+        requests_before = apiserver_requests(plane)
+
+        def create(i: int) -> None:
+            name = f"job-{i:04d}"
+            body = {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name},
+                "spec": {
+                    "baseModel": {"uri": "s3://m/base"}, "dataset": {"train": "s3://d/t.jsonl"},
+                    "task": {"labels": ["a", "b"]}, "resources": {"gpus": 1},
+                    "output": {"uri": "s3://out", "credentials": {"name": "storage"}},
+                },
+            }  # fmt: skip
+            created[name] = time.monotonic()
+            objects.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(create, range(args.jobs)))
+        create_seconds = time.monotonic() - start
+        wait_until(lambda: len(job_seen) >= args.jobs, 3600, "all Jobs", interval=1)
+        all_jobs_seconds = time.monotonic() - start
+        latencies = [job_seen[n] - created[n] for n in created]
+        peak_rss = rss_mib(operator.server.process.pid)  # type: ignore[union-attr]
+
+        # Finish a sample of pods; time until their FineTuneJobs are Succeeded.
+        finish_names = sorted(created)[: args.finish]
+        finished_at: dict[str, float] = {}
+        for name in finish_names:
+            selector = f"sectune.io/finetunejob={name}"
+            wait_until(
+                lambda s=selector: bool(
+                    core.list_namespaced_pod(NAMESPACE, label_selector=s).items
+                ),
+                120,
+                "pod",
+            )
+            pod = core.list_namespaced_pod(NAMESPACE, label_selector=selector).items[0]
+            annotations = {
+                "sectune.dev/test-exit-code": "0",
+                "sectune.dev/test-termination-message": RESULT,
+            }
+            core.patch_namespaced_pod(
+                pod.metadata.name, NAMESPACE, {"metadata": {"annotations": annotations}}
+            )
+            finished_at[name] = time.monotonic()
+        succeeded: dict[str, float] = {}
+
+        def all_succeeded() -> bool:
+            items = objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)[
+                "items"
+            ]
+            now = time.monotonic()
+            for item in items:
+                name = item["metadata"]["name"]
+                if name in finished_at and (item.get("status") or {}).get("phase") == "Succeeded":
+                    succeeded.setdefault(name, now)
+            return len(succeeded) == len(finished_at)
+
+        wait_until(all_succeeded, 1800, "Succeeded", interval=0.5)
+        to_succeeded = [succeeded[n] - finished_at[n] for n in finished_at]
+        requests = apiserver_requests(plane) - requests_before
+        # Ours: N creates, the sample's pod lists + patches, the status polls, the metric reads.
+        ours = args.jobs + 2 * len(finish_names) + 2
+        done.set()
+        result = {
+            "jobs": args.jobs,
+            "createSeconds": round(create_seconds, 1),
+            "allJobsCreatedSeconds": round(all_jobs_seconds, 1),
+            "createToJobP50Seconds": round(statistics.median(latencies), 2),
+            "createToJobP99Seconds": round(percentile(latencies, 0.99), 2),
+            "podDoneToSucceededP50Seconds": round(statistics.median(to_succeeded), 2),
+            "podDoneToSucceededP99Seconds": round(percentile(to_succeeded, 0.99), 2),
+            "apiRequestsPerJobApprox": round((requests - ours) / args.jobs, 1),
+            "operatorRssMiB": round(max(peak_rss, rss_mib(operator.server.process.pid)), 1),  # type: ignore[union-attr]
+            "cpus": os.cpu_count(),
+        }
+        print(json.dumps(result, indent=2))
+        operator.stop()
+    finally:
+        plane.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Builders and status derivation: pure functions, no cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sectune.config import JobSpec
+from sectune_operator.api import FineTuneJobSpec
+from sectune_operator.builders.finetunejob import build_configmap, build_job, build_service
+from sectune_operator.settings import Settings
+from sectune_operator.status import derive_status, progress_from_metrics, termination_message
+
+NOW = "2026-11-23T08:00:00Z"
+
+
+def _spec(**overrides: Any) -> FineTuneJobSpec:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": "s3://m/base"},
+        "dataset": {"train": "s3://d/train.jsonl"},
+        "task": {"labels": ["a", "b"]},
+        "output": {"uri": "s3://out", "credentials": {"name": "storage"}},
+    }
+    spec.update(overrides)
+    return FineTuneJobSpec.model_validate(spec)
+
+
+def test_single_gpu_job_runs_sectune_train():
+    job = build_job("j", _spec(), Settings())
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["sectune", "train", "--config", "/etc/sectune/job.json"]
+    assert "completionMode" not in job["spec"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_multi_node_deepspeed_job_is_indexed_with_rendezvous():
+    spec = _spec(
+        resources={"gpus": 8, "nodes": 2, "distributed": {"strategy": "deepspeed", "zeroStage": 3}}
+    )
+    job = build_job("big", spec, Settings())
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "big-train"
+    command = pod["containers"][0]["command"]
+    assert command[:3] == ["accelerate", "launch", "--use_deepspeed"]
+    assert "/opt/sectune/launch/deepspeed-zero3.json" in command
+    assert command[command.index("--num_processes") + 1] == "16"
+    assert command[command.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert command[command.index("--main_process_ip") + 1] == "big-train-0.big-train"
+    service = build_service("big")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {
+        "sectune.io/finetunejob": "big"
+    }
+
+
+def test_ddp_on_several_gpus_uses_torchrun():
+    spec = _spec(resources={"gpus": 4, "distributed": {"strategy": "ddp"}})
+    command = build_job("j", spec, Settings())["spec"]["template"]["spec"]["containers"][0][
+        "command"
+    ]
+    assert command[:5] == ["torchrun", "--nnodes", "1", "--nproc_per_node", "4"]
+
+
+def test_kueue_queue_creates_the_job_suspended_and_labelled():
+    job = build_job("j", _spec(queueName="gpu-team"), Settings())
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
+
+
+def test_configmap_holds_only_the_trainers_contract():
+    config = json.loads(
+        build_configmap("j", _spec(queueName="q", resources={"gpus": 1, "memory": "8Gi"}))["data"][
+            "job.json"
+        ]
+    )
+    assert config["name"] == "j"
+    assert "queueName" not in config["spec"] and "memory" not in config["spec"]["resources"]
+    assert JobSpec.model_validate(config["spec"]).output.uri == "s3://out"
+
+
+def _job(conditions: list[dict[str, Any]] | None = None, suspend: bool = False) -> dict[str, Any]:
+    return {
+        "spec": {"suspend": suspend},
+        "status": {"startTime": NOW, "conditions": conditions or []},
+    }
+
+
+def _pod(
+    name: str, phase: str, exit_code: int | None = None, message: str | None = None
+) -> dict[str, Any]:
+    state: dict[str, Any] = (
+        {"running": {}}
+        if exit_code is None
+        else {"terminated": {"exitCode": exit_code, "message": message}}
+    )
+    return {
+        "metadata": {"name": name, "creationTimestamp": NOW},
+        "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]},
+    }
+
+
+def test_running_pod_means_preparing_until_the_first_step():
+    status = derive_status(
+        _job(), [_pod("p1", "Running")], {"phase": "Pending"}, 1, NOW, attempts=1
+    )
+    assert status["phase"] == "Preparing"
+    status = derive_status(
+        _job(), [_pod("p1", "Running")], {**status, "progress": {"step": 3}}, 1, NOW, attempts=1
+    )
+    assert status["phase"] == "Training"
+
+
+def test_failed_job_takes_reason_and_message_from_the_trainer():
+    message = json.dumps(
+        {"reason": "InvalidInput", "message": "train.jsonl:3: field 'label' is missing"}
+    )
+    job = _job(
+        [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "PodFailurePolicy",
+                "lastTransitionTime": NOW,
+            }
+        ]
+    )
+    status = derive_status(
+        job, [_pod("p1", "Failed", 2, message)], {"phase": "Training"}, 1, NOW, attempts=1
+    )
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed"
+    assert (failed["reason"], failed["message"]) == (
+        "InvalidInput",
+        "train.jsonl:3: field 'label' is missing",
+    )
+
+
+def test_log_tail_is_used_when_the_message_is_not_json():
+    job = _job(
+        [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "BackoffLimitExceeded",
+                "lastTransitionTime": NOW,
+            }
+        ]
+    )
+    status = derive_status(
+        job, [_pod("p1", "Failed", 1, "Traceback ... CUDA out of memory")], {}, 1, NOW, attempts=4
+    )
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TrainerError" and "CUDA out of memory" in failed["message"]
+    assert status["attempts"] == 4
+
+
+def test_terminal_status_is_never_rewritten():
+    current = {"phase": "Succeeded", "conditions": [{"type": "Succeeded", "status": "True"}]}
+    assert derive_status(_job(), [], current, 2, NOW)["phase"] == "Succeeded"
+
+
+def test_condition_transition_time_moves_only_on_change():
+    first = derive_status(_job(suspend=True), [], {}, 1, "2026-01-01T00:00:00Z")
+    second = derive_status(_job(suspend=True), [], first, 1, "2026-01-01T00:05:00Z")
+    suspended = next(c for c in second["conditions"] if c["type"] == "Suspended")
+    assert suspended["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_progress_from_trainer_metrics():
+    text = (
+        "sectune_train_step 40.0\nsectune_train_total_steps 160.0\nsectune_train_loss 0.51234\n"
+        "sectune_train_tokens_per_second 812.3\nsectune_train_eta_seconds 95.2\n"
+    )
+    assert progress_from_metrics(text) == {
+        "step": 40, "totalSteps": 160, "percent": 25, "loss": 0.5123,
+        "tokensPerSecond": 812.3, "etaSeconds": 95, "display": "40/160",
+    }  # fmt: skip
+    assert progress_from_metrics("other_metric 1\n") is None
+
+
+@pytest.mark.parametrize("message", [None, ""])
+def test_no_termination_message(message):
+    assert termination_message(_pod("p", "Succeeded", 0, message)) is None
