@@ -174,3 +174,31 @@ def test_failed_upload_keeps_the_previous_adapter(job_manifest, s3_env, s3_bucke
     assert len(versions) == 2  # the failed version exists, but without a manifest nobody reads it
     failed = (versions - {good_pointer["version"]}).pop()
     assert not storage.exists(f"{prefix}/keep/versions/{failed}/manifest.json")
+
+
+@pytest.mark.parametrize("method", ["full", "continued-pretraining"])
+def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method):
+    spec: dict = {"method": {"type": method}, "output": {"uri": f"s3://{s3_bucket}/adapters"}}
+    if method == "continued-pretraining":
+        spec |= {
+            "task": {"type": "generation", "labels": []},
+            "dataset": {"format": "completion"},
+            "hyperparameters": {"packing": True, "learningRate": 0.001},
+        }
+    manifest = job_manifest(f"tiny-{method}", **spec)
+
+    result = sectune("run", str(manifest))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer, manifest_doc = _published(s3_bucket, f"tiny-{method}")
+    assert "adapter/model.safetensors" in manifest_doc["files"]  # every weight, not an adapter
+    report = json.loads(
+        storage.read_bytes(
+            f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}/report.json"
+        )
+    )
+    if method == "continued-pretraining":
+        # Causal LM on raw text: the held-out loss is the measure, and it went down.
+        assert (
+            report["models"]["tuned"]["validationLoss"] < report["models"]["base"]["validationLoss"]
+        )

@@ -67,8 +67,12 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     )
     task_id = None
 
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate set RANK
+
     def on_event(event: str, data: dict[str, Any]) -> None:
         nonlocal task_id
+        if not main_process:
+            return
         if event == "stage":
             console.log(data["name"])
         elif event == "data":

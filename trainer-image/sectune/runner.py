@@ -121,7 +121,7 @@ def run_job(
     from sectune.evaluation.gates import evaluate_gates
     from sectune.evaluation.metrics import classification_metrics, latency_summary
     from sectune.evaluation.report import render_html
-    from sectune.evaluation.scoring import score_labels
+    from sectune.evaluation.scoring import score_labels, validation_loss
     from sectune.training import base_model
     from sectune.training.train import Checkpoints, pick_precision, train, wrap_with_lora
 
@@ -147,6 +147,9 @@ def run_job(
     models: dict[str, dict[str, Any]] = {}
     truth = [e.target for e in data.test]
 
+    if not classification and spec.evaluation.baseline and accelerator.is_main_process:
+        on_event("stage", {"name": "Scoring the base model"})
+        models["base"] = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
     if classification and spec.evaluation.baseline and accelerator.is_main_process:
         on_event("stage", {"name": "Scoring the base model"})
         base_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp)
@@ -188,7 +191,7 @@ def run_job(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed
         )
     else:
-        models["tuned"] = {}
+        models["tuned"] = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
     baselines = {k: v for k, v in models.items() if k != "tuned"}
     gate_outcomes = [
         g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], baselines)
@@ -207,7 +210,7 @@ def run_job(
         "deltas": {
             base: {
                 m: models["tuned"][m] - models[base][m]
-                for m in ("accuracy", "macroF1")
+                for m in ("accuracy", "macroF1", "validationLoss")
                 if m in models[base] and m in models["tuned"]
             }
             for base in baselines

@@ -342,7 +342,13 @@ def prepare_data(spec: JobSpec) -> PreparedData:
             raise DataError(
                 "dataset: no validation data; give dataset.validation or a validationSplit > 0"
             )
-        train, validation = stratified_split(train, dataset.validation_split, seed)
+        if spec.task.type == "classification":
+            train, validation = stratified_split(train, dataset.validation_split, seed)
+        else:  # targets are free text: a plain seeded split
+            shuffled = list(train)
+            random.Random(seed).shuffle(shuffled)
+            held = max(1, round(len(shuffled) * dataset.validation_split))
+            validation, train = shuffled[:held], shuffled[held:]
     if not test:
         test = validation
         report["testSource"] = "validation"

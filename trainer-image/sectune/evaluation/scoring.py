@@ -103,3 +103,25 @@ def score_labels(
         score([prompt])
         latencies.append((time.perf_counter() - began) * 1000)
     return LabelScores(probabilities, latencies)
+
+
+@torch.inference_mode()
+def validation_loss(
+    model: Any, tokenizer: Any, examples: list[Example], spec: JobSpec, batch_size: int = 8
+) -> float:
+    """Mean cross-entropy on the targets of held-out examples (every task type)."""
+    from sectune.training.train import causal_lm_loss, collate
+
+    formatter = PromptFormatter(tokenizer, spec)
+    encoded = [e for e in (formatter.encode(x) for x in examples) if e is not None]
+    if not encoded:
+        return float("nan")
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        loss, tokens = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(loss) * tokens
+        count += tokens
+    return total / max(count, 1)

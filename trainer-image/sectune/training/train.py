@@ -92,6 +92,9 @@ def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = spec.method
+    if spec.hyperparameters.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if method.type in ("full", "continued-pretraining") and spec.base_model.quantization == "none":
         return model
     if spec.base_model.quantization != "none":
@@ -109,6 +112,22 @@ def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
+    """Concatenate short examples into sequences of up to `max_length` tokens (generation
+    tasks). Labels stay masked per example; fewer, fuller sequences train faster."""
+    packed: list[Encoded] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for item in encoded:
+        if ids and len(ids) + len(item.input_ids) > max_length:
+            packed.append(Encoded(ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + item.input_ids, labels + item.labels
+    if ids:
+        packed.append(Encoded(ids, labels))
+    return packed
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -130,7 +149,9 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     them (the LM head is a large share of a small model's FLOPs)."""
     labels = batch["labels"]
     target_span = int((labels != IGNORE).int().argmax(dim=1).min().item())
-    keep = labels.shape[1] - target_span + 1
+    # Positions from one before the first target to the end; the very first token of a
+    # sequence is never a target (nothing predicts it).
+    keep = min(labels.shape[1] - target_span + 1, labels.shape[1])
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=batch["input_ids"],
@@ -240,6 +261,8 @@ def train(
         encoded.append(item)
     if not encoded:
         raise ValueError("no training example fits hyperparameters.maxSeqLength; raise it")
+    if hp.packing and spec.task.type != "classification":
+        encoded = pack(encoded, hp.max_seq_length)
 
     world = accelerator.num_processes
     per_step = hp.batch_size * hp.gradient_accumulation * world
