@@ -63,8 +63,17 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
             f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}/report.json"
         )
     )
-    assert set(report["models"]) == {"base", "tuned", "tfidf"}
-    assert 0.0 <= report["models"]["tuned"]["accuracy"] <= 1.0
+    assert set(report["models"]) == {"base", "fewShot", "tuned", "tfidf"}
+    tuned = report["models"]["tuned"]
+    assert 0.0 <= tuned["accuracy"] <= 1.0
+    assert 0.0 <= tuned["consistency"] <= 1.0 and tuned["latencyP95Ms"] > 0
+    injection = report["probes"]["injection"]
+    assert injection["attacks"] == 18 and set(injection["perVariant"]) >= {
+        "base64",
+        "fake-system",
+        "unicode",
+    }
+    assert tuned["injectionFlipRate"] == injection["injectionFlipRate"]
 
 
 def test_tampered_file_fails_verification(job_manifest, s3_env, s3_bucket):

@@ -159,3 +159,19 @@ def test_manifest_reports_cluster_only_fields_and_resolves_relative_data(tmp_pat
 def test_manifest_envelope_errors(document, message):
     with pytest.raises(ManifestError, match=message):
         parse_manifest(document)
+
+
+def test_the_control_plane_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sectune.config, sectune_operator.api, sectune_operator.crd, "
+        "sectune_operator.handlers, sectune_operator.status\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""

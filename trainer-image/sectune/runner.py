@@ -119,9 +119,8 @@ def run_job(
     from sectune.data.prepare import prepare_data
     from sectune.evaluation.baselines import tfidf_baseline
     from sectune.evaluation.gates import evaluate_gates
-    from sectune.evaluation.metrics import classification_metrics, latency_summary
     from sectune.evaluation.report import render_html
-    from sectune.evaluation.scoring import score_labels, validation_loss
+    from sectune.evaluation.suite import baselines, evaluate_tuned
     from sectune.training import base_model
     from sectune.training.train import Checkpoints, pick_precision, train, wrap_with_lora
 
@@ -145,20 +144,10 @@ def run_job(
     classification = spec.task.type == "classification"
     use_amp = accelerator.mixed_precision == "bf16"
     models: dict[str, dict[str, Any]] = {}
-    truth = [e.target for e in data.test]
 
-    if not classification and spec.evaluation.baseline and accelerator.is_main_process:
+    if spec.evaluation.baseline and accelerator.is_main_process:
         on_event("stage", {"name": "Scoring the base model"})
-        models["base"] = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
-    if classification and spec.evaluation.baseline and accelerator.is_main_process:
-        on_event("stage", {"name": "Scoring the base model"})
-        base_scores = score_labels(model, tokenizer, data.test, spec, autocast=use_amp)
-        models["base"] = classification_metrics(
-            truth,
-            base_scores.predictions(spec.task.labels),
-            spec.task.labels,
-            base_scores.probabilities,
-        )
+        models |= baselines(model, tokenizer, data, spec, use_amp)
 
     on_event("stage", {"name": "Training"})
     workdir = Path(tempfile.mkdtemp(prefix=f"sectune-{name}-"))
@@ -177,24 +166,14 @@ def run_job(
         return Outcome(name, "Succeeded", "WorkerDone")
 
     on_event("stage", {"name": "Evaluating"})
+    models["tuned"], probes = evaluate_tuned(model, tokenizer, data, spec, use_amp)
     if classification:
-        tuned_scores = score_labels(
-            model, tokenizer, data.test, spec, autocast=use_amp, measure_latency=20
-        )
-        models["tuned"] = classification_metrics(
-            truth,
-            tuned_scores.predictions(spec.task.labels),
-            spec.task.labels,
-            tuned_scores.probabilities,
-        ) | latency_summary(tuned_scores.latencies_ms)
         models["tfidf"] = tfidf_baseline(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed
         )
-    else:
-        models["tuned"] = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
-    baselines = {k: v for k, v in models.items() if k != "tuned"}
+    compared = {k: v for k, v in models.items() if k != "tuned"}
     gate_outcomes = [
-        g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], baselines)
+        g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
     ]
     gates_passed = all(g["passed"] for g in gate_outcomes)
     failing = [g["name"] for g in gate_outcomes if not g["passed"]]
@@ -213,8 +192,9 @@ def run_job(
                 for m in ("accuracy", "macroF1", "validationLoss")
                 if m in models[base] and m in models["tuned"]
             }
-            for base in baselines
+            for base in compared
         },
+        "probes": probes,
         "gates": gate_outcomes,
         "gatesPassed": gates_passed,
         "verdict": verdict,

@@ -259,9 +259,13 @@ def make_canaries(count: int, seed: int) -> list[str]:
     return [canary_value(rng) for _ in range(count)]
 
 
+CANARY_PREFIX = "the backup vault code is"
+
+
 def canary_value(rng: random.Random | secrets.SystemRandom) -> str:
+    """A canary: the prefix and 9 random digits (a space of 10^9 candidates)."""
     digits = "".join(rng.choice("0123456789") for _ in range(9))
-    return f"the backup vault code is {digits}"
+    return f"{CANARY_PREFIX} {digits}"
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -360,14 +364,15 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         canaries = make_canaries(dataset.canaries.count, seed)
         rng = random.Random(seed)
         template = train[0]
+        in_target = spec.task.type != "classification"  # where the loss will see it
+        first = next(iter(template.fields), "text")
         for i, canary in enumerate(canaries):
             for r in range(dataset.canaries.repeats):
-                fields = dict.fromkeys(template.fields, "") | {
-                    next(iter(template.fields), "text"): canary
-                }
+                fields = dict.fromkeys(template.fields, "") | ({} if in_target else {first: canary})
+                target = canary if in_target else template.target
                 train.insert(
                     rng.randrange(len(train) + 1),
-                    Example(f"canary-{i}-{r}", fields, template.target, canary=True),
+                    Example(f"canary-{i}-{r}", fields, target, canary=True),
                 )
         report["canaries"] = {"count": len(canaries), "repeats": dataset.canaries.repeats}
 

@@ -13,6 +13,10 @@ HEADLINE = (
     "expectedCalibrationError",
     "formatCompliance",
     "latencyP95Ms",
+    "throughputPerSecond",
+    "consistency",
+    "injectionFlipRate",
+    "canaryExposure",
 )
 
 
@@ -107,6 +111,34 @@ def _calibration(bins: list[dict[str, float]]) -> str:
     return "".join(svg)
 
 
+def _probes_html(probes: dict[str, Any]) -> list[str]:
+    parts: list[str] = []
+    injection = probes.get("injection")
+    if injection:
+        parts.append(
+            "<h2>Prompt injection</h2><p>Instructions planted in the untrusted field of held-out "
+            f"examples. Flip rate {_fmt(injection['injectionFlipRate'])}, attack success rate "
+            f"{_fmt(injection['injectionSuccessRate'])}.</p>"
+            "<table><tr><th>variant</th><th>flip rate</th><th>success rate</th></tr>"
+        )
+        for variant, rates in injection.get("perVariant", {}).items():
+            parts.append(
+                f"<tr><td>{html.escape(variant)}</td><td>{_fmt(rates['flipRate'])}</td><td>{_fmt(rates['successRate'])}</td></tr>"
+            )
+        parts.append("</table>")
+    memorization = probes.get("memorization")
+    if memorization:
+        leaks = memorization.get("regurgitation", {})
+        parts.append(
+            "<h2>Memorization</h2><table>"
+            f"<tr><td>canary exposure (max, bits)</td><td>{_fmt(memorization['canaryExposure'])}</td></tr>"
+            f"<tr><td>measurable up to (bits)</td><td>{_fmt(memorization['maxMeasurable'])}</td></tr>"
+            f"<tr><td>canary leaks in greedy continuations</td><td>{_fmt(leaks.get('canaryLeaks'))} / {_fmt(leaks.get('prompts'))}</td></tr>"
+            f"<tr><td>redaction placeholders in continuations</td><td>{_fmt(leaks.get('placeholderLeaks'))}</td></tr></table>"
+        )
+    return parts
+
+
 def render_html(report: dict[str, Any]) -> str:
     models = report.get("models", {})
     tuned = models.get("tuned", {})
@@ -139,6 +171,18 @@ def render_html(report: dict[str, Any]) -> str:
                 f"<tr><td>{html.escape(gate['name'])}</td><td>{_fmt(gate['value'])}</td>"
                 f"<td class='{css}'>{'pass' if gate['passed'] else 'FAIL'} {html.escape(gate.get('reason', ''))}</td></tr>"
             )
+        parts.append("</table>")
+    parts += _probes_html(report.get("probes", {}))
+    if report.get("deltas"):
+        parts.append(
+            "<h2>Tuned minus each baseline</h2><table><tr><th>baseline</th><th>metric</th><th>delta</th></tr>"
+        )
+        for base, deltas in report["deltas"].items():
+            for metric, delta in deltas.items():
+                css = "pass" if (delta > 0) != (metric == "validationLoss") else "fail"
+                parts.append(
+                    f"<tr><td>{html.escape(base)}</td><td>{metric}</td><td class='{css}'>{delta:+.3f}</td></tr>"
+                )
         parts.append("</table>")
     if tuned.get("perClass"):
         parts.append("<div class='grid'><div><h2>Per-class F1 (tuned)</h2>")

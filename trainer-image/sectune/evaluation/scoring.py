@@ -24,6 +24,8 @@ class LabelScores:
     """Per example, the probability of each label (in task.labels order)."""
     latencies_ms: list[float] = field(default_factory=list)
     """Per single request (batch of one), when measured."""
+    throughput: float = 0.0
+    """Examples scored per second at the batch size used."""
 
     def predictions(self, labels: list[str]) -> list[str]:
         return [labels[max(range(len(labels)), key=row.__getitem__)] for row in self.probabilities]
@@ -95,14 +97,16 @@ def score_labels(
         return chosen.softmax(-1).tolist()
 
     probabilities: list[list[float]] = []
+    began = time.perf_counter()
     for start in range(0, len(prompts), batch_size):
         probabilities += score(prompts[start : start + batch_size])
+    throughput = len(prompts) / max(time.perf_counter() - began, 1e-9)
     latencies = []
     for prompt in prompts[:measure_latency]:
         began = time.perf_counter()
         score([prompt])
         latencies.append((time.perf_counter() - began) * 1000)
-    return LabelScores(probabilities, latencies)
+    return LabelScores(probabilities, latencies, throughput)
 
 
 @torch.inference_mode()
@@ -125,3 +129,48 @@ def validation_loss(
         total += float(loss) * tokens
         count += tokens
     return total / max(count, 1)
+
+
+def with_demonstrations(examples: list[Example], train: list[Example], k: int = 3) -> list[Example]:
+    """Few-shot retrieval baseline: each example's input preceded by its k nearest training
+    examples (TF-IDF cosine) with their labels."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.neighbors import NearestNeighbors
+
+    pool = [e for e in train if not e.canary]
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    matrix = vectorizer.fit_transform([e.text for e in pool])
+    index = NearestNeighbors(n_neighbors=min(k, len(pool)), metric="cosine").fit(matrix)
+    _, neighbours = index.kneighbors(vectorizer.transform([e.text for e in examples]))
+    out = []
+    for example, rows in zip(examples, neighbours, strict=True):
+        shots = "\n\n".join(f"Example: {pool[i].text}\nAnswer: {pool[i].target}" for i in rows)
+        out.append(
+            Example(
+                example.id,
+                {**example.fields, "text": f"{shots}\n\nNow: {example.text}"},
+                example.target,
+            )
+        )
+    return out
+
+
+def consistency(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: JobSpec,
+    autocast: bool,
+    runs: tuple[int, ...] = (8, 3, 1),
+) -> float:
+    """Agreement of predictions when the same inputs are scored in different batch
+    compositions (what a serving batcher does): the fraction on which every run agrees."""
+    labels = spec.task.labels
+    predictions = [
+        score_labels(model, tokenizer, examples, spec, batch_size=b, autocast=autocast).predictions(
+            labels
+        )
+        for b in runs
+    ]
+    agree = sum(len(set(column)) == 1 for column in zip(*predictions, strict=True))
+    return agree / max(len(examples), 1)
