@@ -211,3 +211,73 @@ def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method)
         assert (
             report["models"]["tuned"]["validationLoss"] < report["models"]["base"]["validationLoss"]
         )
+
+
+def test_failed_gates_fail_the_run_naming_the_gate(job_manifest, s3_env, s3_bucket):
+    prefix = f"s3://{s3_bucket}/adapters"
+    manifest = job_manifest(
+        "gated", output={"uri": prefix},
+        evaluation={"gates": [{"metric": "accuracy", "min": 0.0}, {"metric": "latencyP95Ms", "max": 0.001}]},
+    )  # fmt: skip
+
+    result = sectune("run", str(manifest))
+
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "gates failed: latencyP95Ms<=0.001" in result.stderr
+    assert artifacts.current(f"{prefix}/gated") is None  # not promotable: current.json never moved
+    [version] = {n.split("/")[0] for n in storage.list_files(f"{prefix}/gated/versions")}
+    manifest_doc = artifacts.verify(f"{prefix}/gated/versions/{version}")
+    assert manifest_doc["gatesPassed"] is False
+    assert [g["passed"] for g in manifest_doc["gates"]] == [True, False]
+
+
+def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
+    job_manifest, s3_env, s3_bucket, tmp_path
+):
+    from support.jobs import write_dataset
+
+    validation = write_dataset(tmp_path / "held-out.jsonl", 16, seed=5)
+    prefix = f"s3://{s3_bucket}/adapters"
+    manifest = job_manifest(
+        "evaluated", output={"uri": prefix}, dataset={"validation": f"file://{validation}"}
+    )
+    assert sectune("run", str(manifest)).returncode == 0
+    pointer = artifacts.current(f"{prefix}/evaluated")
+    training = json.loads(
+        storage.read_bytes(f"{prefix}/evaluated/versions/{pointer['version']}/report.json")
+    )
+
+    out = tmp_path / "evaluation"
+    result = sectune(
+        "evaluate",
+        "--adapter",
+        f"{prefix}/evaluated",
+        "--data",
+        f"file://{validation}",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapter"]["sha256"] == pointer["sha256"]
+    # The same adapter on the same held-out rows gives the training-time numbers.
+    assert report["models"]["tuned"]["accuracy"] == training["models"]["tuned"]["accuracy"]
+    assert report["models"]["tuned"]["macroF1"] == pytest.approx(
+        training["models"]["tuned"]["macroF1"]
+    )
+
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("- metric: accuracy\n  min: 0.0\n- metric: injectionFlipRate\n  max: -1\n")
+    result = sectune(
+        "evaluate",
+        "--adapter",
+        f"{prefix}/evaluated",
+        "--data",
+        f"file://{validation}",
+        "--gates",
+        str(gates),
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 3
+    assert "gates failed: injectionFlipRate<=-1" in result.stderr

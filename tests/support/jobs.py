@@ -28,7 +28,11 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
         )
         lines.append(
             json.dumps(
-                {"id": f"r{i}", "text": f"{words} by user={user} from {ip} #{i}", "label": label}
+                {
+                    "id": f"{path.stem}-{i}",
+                    "text": f"{words} by user={user} from {ip} #{i}",
+                    "label": label,
+                }
             )
         )
     path.write_text("\n".join(lines) + "\n")

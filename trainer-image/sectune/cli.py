@@ -180,6 +180,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run(name, spec, args.metrics_port, termination)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """A stored adapter on any data, against its gates or a gates file."""
+    from sectune.artifacts import IntegrityError
+    from sectune.data.load import DataError
+    from sectune.evaluation.report import render_html
+    from sectune.evaluation.suite import evaluate_stored
+    from sectune.storage import StorageError
+
+    try:
+        report = evaluate_stored(args.adapter, args.data, args.gates)
+    except (DataError, StorageError, IntegrityError, ManifestError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.html").write_text(render_html(report))
+    console.print(_summary_table(report))
+    console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
+    return 0 if report["gatesPassed"] else 3
+
+
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
     from sectune.training.base_model import fetch_demo_model
 
@@ -237,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where Kubernetes reads the result from (the pod's terminationMessagePath)",
     )
     train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a stored adapter on labelled data")
+    evaluate.add_argument(
+        "--adapter", required=True, help="job prefix (uses current.json) or versions/<run> URI"
+    )
+    evaluate.add_argument(
+        "--data", required=True, help="labelled data URI (same format as training)"
+    )
+    evaluate.add_argument("--gates", help="YAML list of gates (default: the job's own)")
+    evaluate.add_argument(
+        "--out", default="evaluation", help="directory for report.json and report.html"
+    )
+    evaluate.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -97,3 +97,85 @@ def evaluate_tuned(
         probes["memorization"] = memorization
         metrics["canaryExposure"] = memorization["canaryExposure"]
     return metrics, probes
+
+
+def evaluate_stored(
+    adapter_uri: str, data_uri: str, gates_path: str | None, autocast: bool = True
+) -> dict[str, Any]:
+    """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
+    its own gates or those in `gates_path` (a YAML list). Returns the report."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from pydantic import TypeAdapter
+
+    from sectune import artifacts, storage
+    from sectune.config import Gate
+    from sectune.data.prepare import PreparedData, load_examples
+    from sectune.data.sanitize import Sanitizer
+    from sectune.evaluation.gates import evaluate_gates
+    from sectune.training import base_model
+    from sectune.yamlio import load_yaml
+
+    version = adapter_uri.rstrip("/")
+    pointer = artifacts.current(version) if not storage.exists(f"{version}/manifest.json") else None
+    if pointer is not None:
+        version = f"{version}/versions/{pointer['version']}"
+    manifest = artifacts.verify(version, pointer["sha256"] if pointer else None)
+    spec = JobSpec.model_validate(manifest["config"])
+    workdir = Path(tempfile.mkdtemp(prefix="sectune-evaluate-"))
+    adapter_dir = storage.download_dir(
+        storage.parse_uri(version).join("adapter"), workdir / "adapter"
+    )
+
+    problems: list[str] = []
+    examples = load_examples(data_uri, spec, problems, {})
+    if problems:
+        from sectune.data.load import DataError
+
+        raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:20]))
+    sanitizer = Sanitizer(spec.dataset.sanitize)
+    for example in examples:
+        redacted = sanitizer.redact({**example.fields, "__target": example.target})
+        example.target = redacted.pop("__target")
+        example.fields = redacted
+
+    resolved = base_model.resolve(spec.base_model)
+    if (adapter_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model, tokenizer = base_model.load(resolved, spec.base_model, torch.float32)
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    else:  # full fine-tuning stored the whole model
+        model, tokenizer = base_model.load(
+            base_model.ResolvedModel(adapter_dir, version, ""), spec.base_model, torch.float32
+        )
+    model.eval()
+    data = PreparedData(train=[], validation=examples, test=examples)
+    spec = spec.model_copy(
+        update={"evaluation": spec.evaluation.model_copy(update={"memorization_probes": False})}
+    )
+    metrics, probes = evaluate_tuned(model, tokenizer, data, spec, autocast)
+    gates = spec.evaluation.gates
+    if gates_path:
+        gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
+    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, {})]
+    passed = all(g["passed"] for g in outcomes)
+    failing = [g["name"] for g in outcomes if not g["passed"]]
+    return {
+        "job": manifest["job"],
+        "adapter": {"uri": version, "sha256": pointer["sha256"] if pointer else None},
+        "data": {
+            "uri": data_uri,
+            "examples": len(examples),
+            "sanitize": sanitizer.report.as_dict(),
+        },
+        "models": {"tuned": metrics, "training": manifest.get("metrics", {})},
+        "probes": probes,
+        "gates": outcomes,
+        "gatesPassed": passed,
+        "verdict": ("all gates passed" if passed else "gates failed: " + ", ".join(failing))
+        if gates
+        else "no gates set",
+    }
