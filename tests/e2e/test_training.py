@@ -281,3 +281,49 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     )
     assert result.returncode == 3
     assert "gates failed: injectionFlipRate<=-1" in result.stderr
+
+
+def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s3_bucket, tmp_path):
+    rows = [
+        {
+            "id": f"x{i}",
+            "text": f"Accepted password for user{i % 3} from 10.0.0.{i} port {1000 + i}",
+            "fields": json.dumps({"event": "ssh_login_accepted", "port": 1000 + i}),
+        }
+        for i in range(24)
+    ]
+    data = tmp_path / "logs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schema = {
+        "type": "object",
+        "required": ["event"],
+        "properties": {"event": {"type": "string"}, "port": {"type": "integer"}},
+    }
+    manifest = job_manifest(
+        "extract",
+        output={"uri": f"s3://{s3_bucket}/adapters"},
+        dataset={
+            "train": f"file://{data}",
+            "format": "instruction",
+            "fields": {"instruction": "text", "output": "fields"},
+        },
+        task={"type": "extraction", "labels": [], "outputSchema": schema},
+        evaluation={"gates": [{"metric": "schemaCompliance", "min": 0.0}]},
+    )
+    result = sectune("run", str(manifest))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer = artifacts.current(f"s3://{s3_bucket}/adapters/extract")
+    report = json.loads(
+        storage.read_bytes(
+            f"s3://{s3_bucket}/adapters/extract/versions/{pointer['version']}/report.json"
+        )
+    )
+    tuned = report["models"]["tuned"]
+    assert set(tuned) >= {
+        "formatCompliance",
+        "schemaCompliance",
+        "fieldF1",
+        "exactMatch",
+        "validationLoss",
+    }
+    assert tuned["examples"] == 6 and report["probes"]["samples"]

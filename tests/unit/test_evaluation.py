@@ -193,3 +193,42 @@ def test_report_html_is_self_contained_and_names_failing_gates():
         and "<script" not in html
     )
     assert "Prompt injection" in html and "IP_ADDRESS: 3" in html
+
+
+def test_extraction_metrics_on_fixed_outputs():
+    from sectune.evaluation.metrics import extraction_metrics
+
+    schema = {
+        "type": "object",
+        "required": ["user"],
+        "properties": {"user": {"type": "string"}, "port": {"type": "integer"}},
+        "additionalProperties": False,
+    }
+    references = [
+        '{"user": "<USER_1>", "port": 22}',
+        '{"user": "<USER_1>", "port": 2222}',
+        '{"user": "<USER_2>"}',
+        '{"user": "a"}',
+    ]
+    predictions = [
+        '{"user": "<USER_1>", "port": 22}',  # exact
+        '{"user": "<USER_1>", "port": "2222"}',  # parses, wrong type for port
+        "user is <USER_2>",  # not JSON
+        '{"user": "a", "extra": 1}',  # parses, extra field not allowed
+    ]
+    metrics = extraction_metrics(predictions, references, schema)
+    assert metrics["formatCompliance"] == 0.75
+    assert metrics["schemaCompliance"] == 0.25
+    assert metrics["exactMatch"] == 0.25
+    # 4 matching fields of 6 predicted and 6 expected.
+    assert metrics["fieldPrecision"] == pytest.approx(4 / 6) and metrics[
+        "fieldRecall"
+    ] == pytest.approx(4 / 6)
+
+
+def test_reference_overlap():
+    from sectune.evaluation.metrics import generation_metrics, overlap_f1
+
+    assert overlap_f1("the actor used mimikatz", "the actor used mimikatz") == 1.0
+    assert overlap_f1("nothing alike", "the actor used mimikatz") == 0.0
+    assert generation_metrics(["", "x"], ["a", "x"])["formatCompliance"] == 0.5

@@ -107,3 +107,74 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
         "latencyP95Ms": float(np.percentile(values, 95)),
         "latencyP99Ms": float(np.percentile(values, 99)),
     }
+
+
+def _tokens(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def overlap_f1(prediction: str, reference: str) -> float:
+    """Token-level F1 between a generated text and its reference (SQuAD-style)."""
+    from collections import Counter
+
+    predicted, expected = Counter(_tokens(prediction)), Counter(_tokens(reference))
+    common = sum((predicted & expected).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(predicted.values()), common / sum(expected.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def extraction_metrics(
+    predictions: list[str], references: list[str], schema: dict[str, Any]
+) -> dict[str, Any]:
+    """For JSON outputs: how many parse (formatCompliance), how many match the schema
+    (schemaCompliance), field-level exact match and micro F1 against the reference fields."""
+    import json
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    parsed_count = valid_count = 0
+    true_positive = predicted_fields = expected_fields = exact = 0
+    for prediction, reference in zip(predictions, references, strict=True):
+        expected = json.loads(reference)
+        expected_fields += len(expected)
+        try:
+            got = json.loads(prediction)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(got, dict):
+            continue
+        parsed_count += 1
+        valid_count += validator.is_valid(got)
+        predicted_fields += len(got)
+        matches = sum(1 for k, v in got.items() if k in expected and expected[k] == v)
+        true_positive += matches
+        exact += got == expected
+    n = max(len(predictions), 1)
+    precision = true_positive / predicted_fields if predicted_fields else 0.0
+    recall = true_positive / expected_fields if expected_fields else 0.0
+    return {
+        "examples": len(predictions),
+        "formatCompliance": parsed_count / n,
+        "schemaCompliance": valid_count / n,
+        "exactMatch": exact / n,
+        "fieldPrecision": precision,
+        "fieldRecall": recall,
+        "fieldF1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    n = max(len(predictions), 1)
+    return {
+        "examples": len(predictions),
+        "formatCompliance": sum(bool(p.strip()) for p in predictions) / n,
+        "referenceOverlapF1": sum(
+            overlap_f1(p, r) for p, r in zip(predictions, references, strict=True)
+        )
+        / n,
+    }

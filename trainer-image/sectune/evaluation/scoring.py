@@ -174,3 +174,35 @@ def consistency(
     ]
     agree = sum(len(set(column)) == 1 for column in zip(*predictions, strict=True))
     return agree / max(len(examples), 1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: JobSpec,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy outputs (the serving decode settings) for each example's prompt."""
+    formatter = PromptFormatter(tokenizer, spec)
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [
+            formatter.prompt_ids(e)[-spec.hyperparameters.max_seq_length :]
+            for e in examples[start : start + batch_size]
+        ]
+        batch = _left_pad(prompts, tokenizer.pad_token_id)
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return outputs

@@ -7,7 +7,12 @@ from typing import Any
 
 from sectune.config import JobSpec
 from sectune.data.prepare import Example, PreparedData
-from sectune.evaluation.metrics import classification_metrics, latency_summary
+from sectune.evaluation.metrics import (
+    classification_metrics,
+    extraction_metrics,
+    generation_metrics,
+    latency_summary,
+)
 from sectune.evaluation.probes import (
     injection_probe,
     load_attacks,
@@ -16,12 +21,14 @@ from sectune.evaluation.probes import (
 )
 from sectune.evaluation.scoring import (
     consistency,
+    generate,
     score_labels,
     validation_loss,
     with_demonstrations,
 )
 
 CONSISTENCY_EXAMPLES = 48
+GENERATION_EXAMPLES = 64
 LATENCY_REQUESTS = 20
 
 
@@ -70,6 +77,16 @@ def evaluate_tuned(
         metrics: dict[str, Any] = {
             "validationLoss": validation_loss(model, tokenizer, data.test, spec)
         }
+        sample = data.test[:GENERATION_EXAMPLES]
+        outputs = generate(model, tokenizer, sample, spec)
+        references = [e.target for e in sample]
+        if spec.task.type == "extraction" and spec.task.output_schema is not None:
+            metrics |= extraction_metrics(outputs, references, spec.task.output_schema)
+        else:
+            metrics |= generation_metrics(outputs, references)
+        probes["samples"] = [
+            {"output": o, "reference": r} for o, r in zip(outputs[:5], references[:5], strict=False)
+        ]
     else:
         metrics = classify(model, tokenizer, data.test, spec, autocast, latency=LATENCY_REQUESTS)
         metrics["consistency"] = consistency(
