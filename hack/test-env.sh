@@ -7,7 +7,7 @@
 #   kwok                                              (sigs.k8s.io/kwok)
 #   helm                                              (helm.sh/helm/v3)
 #   minio                                             (github.com/minio/minio)
-#   prometheus, promtool                              (Debian package)
+#   prometheus, promtool, chromium                    (Debian packages)
 # Prints progress, names every tool it could not obtain, and exits non-zero then.
 set -uo pipefail
 
@@ -64,17 +64,19 @@ install_module kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 install_module helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 install_module minio "$MINIO_VERSION" github.com/minio/minio
 
-# Prometheus and promtool from Debian.
-if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-  step "prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}') present"
-else
-  step "installing prometheus from Debian"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >"$cache/apt-prometheus.log" 2>&1; then
-    tail -20 "$cache/apt-prometheus.log"
+# Prometheus, promtool and Chromium (renders report.html in the tests) from Debian.
+debian_packages=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || debian_packages+=(prometheus)
+command -v chromium >/dev/null || debian_packages+=(chromium fonts-dejavu-core)
+if ((${#debian_packages[@]})); then
+  step "installing from Debian: ${debian_packages[*]}"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debian_packages[@]}"; } >"$cache/apt.log" 2>&1; then
+    tail -20 "$cache/apt.log"
   fi
-  command -v prometheus >/dev/null || missing+=("prometheus")
-  command -v promtool >/dev/null || missing+=("promtool")
 fi
+for cmd in prometheus promtool chromium; do
+  if command -v "$cmd" >/dev/null; then step "$cmd present"; else missing+=("$cmd"); fi
+done
 
 # Stable names for the fixtures: bin/current/<tool> -> the pinned version.
 mkdir -p "$bin/current"
