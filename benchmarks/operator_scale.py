@@ -84,7 +84,9 @@ def main() -> None:
             client.BatchV1Api(api),
             client.CustomObjectsApi(api),
         )
-        add_gpu_nodes(core, tuple(f"kwok-gpu-{i}" for i in range(16)), gpus=64)
+        add_gpu_nodes(
+            core, tuple(f"kwok-gpu-{i}" for i in range(10)), gpus=110, cpu="1000", memory="16Ti"
+        )
         assert plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds")).returncode == 0
         plane.kubectl("wait", "--for=condition=Established", "crd", "--all")
         kubeconfig = install_chart_rbac(plane, api)

@@ -38,7 +38,7 @@ GATE_FAILURES = Counter(
 )
 API_RETRIES = Counter(
     "sectune_operator_api_retries_total",
-    "Kubernetes API calls retried (conflicts, server errors)",
+    "Kubernetes API calls retried after a server error or throttling",
     ["operation"],
     registry=REGISTRY,
 )

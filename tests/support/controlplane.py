@@ -259,19 +259,21 @@ class ControlPlane:
         return path
 
 
-def add_gpu_nodes(core: Any, names: tuple[str, ...], gpus: int = 8) -> None:
+def add_gpu_nodes(
+    core: Any, names: tuple[str, ...], gpus: int = 8, cpu: str = "32", memory: str = "256Gi"
+) -> None:
     """Create fake GPU nodes and make them schedulable. The API server taints every new node
     not-ready; in a real cluster the node-lifecycle controller lifts the taint once the kubelet
     reports Ready. That controller is not run here (kwok's nodes have no kubelet heartbeats to
     judge), so the taint is lifted directly."""
     for name in names:
-        core.create_node(gpu_node(name, gpus))
+        core.create_node(gpu_node(name, gpus, cpu, memory))
         core.patch_node(name, {"spec": {"taints": None}})
 
 
-def gpu_node(name: str, gpus: int = 8) -> dict[str, object]:
+def gpu_node(name: str, gpus: int = 8, cpu: str = "32", memory: str = "256Gi") -> dict[str, object]:
     """A fake node kwok manages, with `nvidia.com/gpu` capacity so GPU pods schedule."""
-    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    capacity = {"cpu": cpu, "memory": memory, "pods": "110", "nvidia.com/gpu": str(gpus)}
     return {
         "apiVersion": "v1",
         "kind": "Node",

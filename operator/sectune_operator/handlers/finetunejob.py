@@ -98,6 +98,11 @@ def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> boo
     except ApiException as exc:
         if exc.status == 409:
             return False
+        if exc.status >= 500 or exc.status == 429:  # the API server is busy: try again soon
+            metrics.API_RETRIES.labels(f"create-{kind.lower()}").inc()
+            raise kopf.TemporaryError(
+                f"creating {kind} failed ({exc.status}); retrying", delay=5
+            ) from None
         raise
     logger.info(f"Created {kind} {body['metadata']['name']}")
     return True
