@@ -112,6 +112,14 @@ def _finish(
     return str(pod.metadata.name)
 
 
+def _deleted(api_client: Any, namespace: str, name: str = "triage") -> bool:
+    try:
+        _get(api_client, namespace, name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
 def _events(api_client: Any, namespace: str, name: str = "triage") -> list[tuple[str, str]]:
     events = (
         client.CoreV1Api(api_client)
@@ -372,14 +380,7 @@ def test_cleanup_policy_delete_removes_artifacts(
         GROUP, VERSION, namespace, PLURAL, "triage"
     )
 
-    def gone() -> bool:
-        try:
-            _get(api_client, namespace)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_until(gone, 60, "FineTuneJob deleted")
+    wait_until(lambda: _deleted(api_client, namespace), 60, "FineTuneJob deleted")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
     assert keys == ["soc/other/current.json"]  # only this job's prefix went
 
@@ -425,14 +426,7 @@ def test_storage_error_on_cleanup_is_reported_and_can_be_skipped(
         {"metadata": {"annotations": {"sectune.io/skip-artifact-cleanup": "true"}}},
     )
 
-    def gone() -> bool:
-        try:
-            _get(api_client, namespace)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_until(gone, 60, "FineTuneJob released")
+    wait_until(lambda: _deleted(api_client, namespace), 60, "FineTuneJob released")
 
 
 def test_restarted_operator_creates_no_duplicate_and_converges(
@@ -509,3 +503,28 @@ def test_operator_identity_cannot_read_what_it_does_not_need(operator_kubeconfig
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def test_max_concurrent_jobs_queues_the_rest(api_client, namespace, start_operator):
+    start_operator(env={"SECTUNE_MAX_CONCURRENT_JOBS": "1"})
+    _secret(api_client, namespace)
+    _create(api_client, namespace, _ftj("first"))
+    batch = client.BatchV1Api(api_client)
+    wait_until(lambda: batch.list_namespaced_job(namespace).items, 30, "first Job")
+    _create(api_client, namespace, _ftj("second"))
+    wait_until(
+        lambda: (
+            (_condition(_status(api_client, namespace, "second"), "Ready") or {}).get("reason")
+            == "Queued"
+        ),
+        30,
+        "second queued",
+    )
+    assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == ["first-train"]
+
+    _finish(api_client, namespace, 0, json.dumps(RESULT), job="first")
+    wait_until(
+        lambda: len(batch.list_namespaced_job(namespace).items) == 2,
+        60,
+        "second Job once the first finished",
+    )

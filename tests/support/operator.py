@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes import client
 
 from .controlplane import ControlPlane
-from .processes import Server, free_port, tool, wait_until
+from .processes import Server, free_port, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "sectune"
@@ -87,14 +87,7 @@ class OperatorProcess:
                 **self.env,
             },
         ).start()
-        server = self.server
-
-        def healthy() -> bool:
-            server.ensure_alive()
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2):
-                return True
-
-        wait_until(healthy, 60, "operator liveness")
+        self.server.wait_http(f"http://127.0.0.1:{health}/healthz")
         return self
 
     def stop(self, kill: bool = False) -> None:

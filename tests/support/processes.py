@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("SECTUNE_CACHE", Path.home() / ".cache" / "sectune"))
 TOOL_BIN = CACHE / "bin" / "current"
@@ -99,6 +101,16 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def wait_http(self, url: str, timeout: float = 60, context: Any = None) -> None:
+        """Wait until `url` answers 2xx, failing at once if the process exits."""
+
+        def answers() -> bool:
+            self.ensure_alive()
+            with urllib.request.urlopen(url, timeout=5, context=context):
+                return True
+
+        wait_until(answers, timeout, self.name, interval=0.3)
 
     def tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():

@@ -11,7 +11,7 @@ from typing import Any
 
 from sectune.yamlio import dump_yaml
 
-from .processes import Server, free_port, tool, wait_until
+from .processes import Server, free_port, tool
 
 
 @dataclass
@@ -46,14 +46,7 @@ class PrometheusServer:
             ],
             self.workdir / "prometheus.log",
         ).start()
-        server = self._server
-
-        def ready() -> bool:
-            server.ensure_alive()
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2):
-                return True
-
-        wait_until(ready, 60, "prometheus")
+        self._server.wait_http(f"{self.url}/-/ready")
         return self
 
     def query(self, promql: str) -> list[dict[str, Any]]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import secrets
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .processes import Server, free_port, tool, wait_until
+from .processes import Server, free_port, tool
 
 
 @dataclass
@@ -44,14 +43,7 @@ class S3Server:
                 "MINIO_REGION": self.region,
             },
         ).start()
-        server = self._server
-
-        def live() -> bool:
-            server.ensure_alive()
-            with urllib.request.urlopen(f"{self.endpoint}/minio/health/live", timeout=2):
-                return True
-
-        wait_until(live, 60, "minio")
+        self._server.wait_http(f"{self.endpoint}/minio/health/live")
         return self
 
     def stop(self) -> None:
