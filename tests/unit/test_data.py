@@ -317,3 +317,41 @@ def test_too_long_examples_are_truncated_or_dropped(tiny_tokenizer, tmp_path):
         ),
     )
     assert dropping.encode(long_example) is None
+
+
+def test_chat_rows_learn_only_the_last_assistant_turn(tiny_tokenizer, tmp_path):
+    spec = JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "hf://o/m"},
+            "dataset": {"train": "file:///x.jsonl", "format": "chat"},
+            "task": {"type": "generation"},
+        }
+    )
+    messages = [
+        {"role": "system", "content": "Summarise."},
+        {"role": "user", "content": "3 failed logins then success"},
+        {"role": "assistant", "content": "possible brute force"},
+    ]
+    encoded = PromptFormatter(tiny_tokenizer, spec).encode(
+        Example("1", {}, "possible brute force", messages)
+    )
+    assert encoded is not None
+    learned = [
+        t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE
+    ]
+    assert tiny_tokenizer.decode(learned) == "possible brute force<|im_end|>\n"
+
+
+def test_sanitizer_never_touches_the_network(monkeypatch):
+    import socket
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    sanitizer = Sanitizer(SanitizeSpec(internal_domains=["corp.example.com"]))
+    out = sanitizer.redact(
+        {"text": "mail ops@corp.example.com from https://build.corp.example.com/x and 10.0.0.9"}
+    )
+    assert "<EMAIL_1>" in out["text"] and "<IP_1>" in out["text"]
