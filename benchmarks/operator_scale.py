@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument(
         "--finish", type=int, default=100, help="how many pods to finish for the Succeeded timing"
     )
+    parser.add_argument(
+        "--status-interval", type=float, default=5.0, help="the operator's SECTUNE_STATUS_INTERVAL"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sectune-scale-"))
@@ -101,7 +104,11 @@ def main() -> None:
                 "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
             },
         )
-        operator = OperatorProcess(kubeconfig, workdir, env={"SECTUNE_WATCH": NAMESPACE}).start()
+        operator = OperatorProcess(
+            kubeconfig,
+            workdir,
+            env={"SECTUNE_WATCH": NAMESPACE, "SECTUNE_STATUS_INTERVAL": str(args.status_interval)},
+        ).start()
 
         created: dict[str, float] = {}
         job_seen: dict[str, float] = {}
@@ -192,6 +199,7 @@ def main() -> None:
             "podDoneToSucceededP99Seconds": round(percentile(to_succeeded, 0.99), 2),
             "apiRequestsPerJobApprox": round((requests - ours) / args.jobs, 1),
             "operatorRssMiB": round(max(peak_rss, rss_mib(operator.server.process.pid)), 1),  # type: ignore[union-attr]
+            "statusIntervalSeconds": args.status_interval,
             "cpus": os.cpu_count(),
         }
         print(json.dumps(result, indent=2))

@@ -83,6 +83,7 @@ class OperatorProcess:
                 "KUBECONFIG": str(self.kubeconfig),
                 "SECTUNE_METRICS_PORT": str(metrics),
                 "SECTUNE_TRAINER_IMAGE": "sectune-trainer:test",
+                "SECTUNE_STATUS_INTERVAL": "1",  # quicker convergence for the tests
                 "PYTHONUNBUFFERED": "1",
                 **self.env,
             },

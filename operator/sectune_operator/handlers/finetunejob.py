@@ -300,7 +300,7 @@ def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str
     GROUP,
     VERSION,
     PLURAL,
-    interval=2.0,
+    interval=Settings().status_interval,
     when=lambda status, **_: status.get("phase") not in TERMINAL,
 )
 def refresh_status(
