@@ -327,3 +327,30 @@ def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s
         "validationLoss",
     }
     assert tuned["examples"] == 6 and report["probes"]["samples"]
+
+
+def test_memorization_probe_measures_planted_canaries(job_manifest, s3_env, s3_bucket):
+    manifest = job_manifest(
+        "canaries",
+        output={"uri": f"s3://{s3_bucket}/adapters"},
+        method={"type": "continued-pretraining"},
+        task={"type": "generation", "labels": []},
+        dataset={"format": "completion", "canaries": {"count": 2, "repeats": 8}},
+        hyperparameters={"learningRate": 0.005, "epochs": 3},
+        evaluation={"gates": [{"metric": "canaryExposure", "max": 100}]},
+    )
+    result = sectune("run", str(manifest))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer = artifacts.current(f"s3://{s3_bucket}/adapters/canaries")
+    report = json.loads(
+        storage.read_bytes(
+            f"s3://{s3_bucket}/adapters/canaries/versions/{pointer['version']}/report.json"
+        )
+    )
+    memorization = report["probes"]["memorization"]
+    assert memorization["candidates"] == 512 and len(memorization["ranks"]) == 2
+    assert 0 <= memorization["canaryExposure"] <= memorization["maxMeasurable"] + 1e-9
+    assert report["models"]["tuned"]["canaryExposure"] == memorization["canaryExposure"]
+    assert memorization["regurgitation"]["prompts"] == 2
+    assert report["data"]["canaries"] == {"count": 2, "repeats": 8}
+    assert report["gates"][0]["name"] == "canaryExposure<=100" and report["gates"][0]["passed"]

@@ -68,25 +68,35 @@ def baselines(
     }
 
 
+def _generation_metrics(
+    model: Any, tokenizer: Any, examples: list[Example], spec: JobSpec, metrics: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    sample = examples[:GENERATION_EXAMPLES]
+    outputs = generate(model, tokenizer, sample, spec)
+    references = [e.target for e in sample]
+    if spec.task.type == "extraction" and spec.task.output_schema is not None:
+        metrics = metrics | extraction_metrics(outputs, references, spec.task.output_schema)
+    else:
+        metrics = metrics | generation_metrics(outputs, references)
+    samples = [
+        {"output": o, "reference": r} for o, r in zip(outputs[:5], references[:5], strict=False)
+    ]
+    return metrics, {"samples": samples}
+
+
 def evaluate_tuned(
     model: Any, tokenizer: Any, data: PreparedData, spec: JobSpec, autocast: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Metrics of the tuned model and the probe results (injection, memorization)."""
     probes: dict[str, Any] = {}
+    raw_text = spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
     if spec.task.type != "classification":
         metrics: dict[str, Any] = {
             "validationLoss": validation_loss(model, tokenizer, data.test, spec)
         }
-        sample = data.test[:GENERATION_EXAMPLES]
-        outputs = generate(model, tokenizer, sample, spec)
-        references = [e.target for e in sample]
-        if spec.task.type == "extraction" and spec.task.output_schema is not None:
-            metrics |= extraction_metrics(outputs, references, spec.task.output_schema)
-        else:
-            metrics |= generation_metrics(outputs, references)
-        probes["samples"] = [
-            {"output": o, "reference": r} for o, r in zip(outputs[:5], references[:5], strict=False)
-        ]
+        # Raw text has no prompt to answer: there, held-out loss is the measure.
+        if not raw_text:
+            metrics, probes = _generation_metrics(model, tokenizer, data.test, spec, metrics)
     else:
         metrics = classify(model, tokenizer, data.test, spec, autocast, latency=LATENCY_REQUESTS)
         metrics["consistency"] = consistency(
