@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from sectune import __version__
 from sectune.config import JobSpec, ManifestError, load_manifest
 
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and CI: room for the summary table's columns
+    console.width = 132
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
@@ -292,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SECTUNE_LOG_LEVEL", "WARNING"))
+    # Deprecation notices from the ML libraries are for their callers' authors, not users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("presidio-analyzer", "transformers", "accelerate", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)

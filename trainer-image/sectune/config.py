@@ -390,6 +390,8 @@ class EvaluationSpec(Spec):
     """Run the prompt-injection suite against the tuned model."""
     memorization_probes: bool = True
     """Measure canary exposure and regurgitation (needs dataset.canaries.count > 0)."""
+    probe_examples: int = Field(40, ge=1, le=10000)
+    """Held-out examples the injection suite is planted into (each gets every attack)."""
     gates: list[Gate] = Field(default_factory=list, max_length=64)
     """Thresholds the job must meet to succeed."""
 

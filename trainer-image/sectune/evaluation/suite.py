@@ -110,7 +110,9 @@ def evaluate_tuned(
                     model, tokenizer, examples, spec, autocast=autocast
                 ).predictions(labels)
 
-            probes["injection"] = injection_probe(predict, data.test, spec, load_attacks())
+            probes["injection"] = injection_probe(
+                predict, data.test, spec, load_attacks(), limit=spec.evaluation.probe_examples
+            )
             metrics["injectionFlipRate"] = probes["injection"]["injectionFlipRate"]
             metrics["injectionSuccessRate"] = probes["injection"]["injectionSuccessRate"]
     if spec.evaluation.memorization_probes and data.canaries:
