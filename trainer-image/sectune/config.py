@@ -428,7 +428,7 @@ class JobSpec(Spec):
     """Optimisation settings."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)  # type: ignore[arg-type]
     """Compute for the run."""
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)  # type: ignore[arg-type]
     """Evaluation and gates."""
     output: OutputSpec = Field(default_factory=OutputSpec)
     """Where the artifacts go."""
