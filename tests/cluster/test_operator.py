@@ -120,6 +120,18 @@ def _deleted(api_client: Any, namespace: str, name: str = "triage") -> bool:
     return False
 
 
+def _create_with_cleanup(api_client: Any, namespace: str, bucket: str) -> None:
+    """A job with cleanupPolicy: Delete, once the operator has put its finalizer on."""
+    output = {"uri": f"s3://{bucket}/soc", "credentials": {"name": "storage"}}
+    _create(api_client, namespace, _ftj(cleanupPolicy="Delete", output=output))
+
+    def finalized() -> bool:
+        finalizers = _get(api_client, namespace)["metadata"].get("finalizers") or []
+        return "sectune.io/artifact-cleanup" in finalizers
+
+    wait_until(finalized, 30, "finalizer")
+
+
 def _events(api_client: Any, namespace: str, name: str = "triage") -> list[tuple[str, str]]:
     events = (
         client.CoreV1Api(api_client)
@@ -359,22 +371,7 @@ def test_cleanup_policy_delete_removes_artifacts(
         "soc/other/current.json",
     ):
         s3.put_object(Bucket=s3_bucket, Key=key, Body=b"{}")
-    _create(
-        api_client,
-        namespace,
-        _ftj(
-            cleanupPolicy="Delete",
-            output={"uri": f"s3://{s3_bucket}/soc", "credentials": {"name": "storage"}},
-        ),
-    )
-    wait_until(
-        lambda: (
-            "sectune.io/artifact-cleanup"
-            in (_get(api_client, namespace)["metadata"].get("finalizers") or [])
-        ),
-        30,
-        "finalizer",
-    )
+    _create_with_cleanup(api_client, namespace, s3_bucket)
 
     client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "triage"
@@ -390,22 +387,7 @@ def test_storage_error_on_cleanup_is_reported_and_can_be_skipped(
 ):
     start_operator()
     _secret(api_client, namespace, data={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
-    _create(
-        api_client,
-        namespace,
-        _ftj(
-            cleanupPolicy="Delete",
-            output={"uri": f"s3://{s3_bucket}/soc", "credentials": {"name": "storage"}},
-        ),
-    )
-    wait_until(
-        lambda: (
-            "sectune.io/artifact-cleanup"
-            in (_get(api_client, namespace)["metadata"].get("finalizers") or [])
-        ),
-        30,
-        "finalizer",
-    )
+    _create_with_cleanup(api_client, namespace, s3_bucket)
     objects = client.CustomObjectsApi(api_client)
     objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "triage")
 
