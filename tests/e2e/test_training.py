@@ -20,6 +20,15 @@ from support.processes import free_port
 pytestmark = pytest.mark.e2e
 
 
+def _report(prefix: str, job: str) -> dict:
+    """report.json of the version a job's current.json points at."""
+    pointer = artifacts.current(f"{prefix}/{job}")
+    assert pointer is not None, "nothing was published"
+    return dict(
+        json.loads(storage.read_bytes(f"{prefix}/{job}/versions/{pointer['version']}/report.json"))
+    )
+
+
 def _published(bucket: str, job: str) -> tuple[dict, dict]:
     """(current.json, verified manifest) of a job under s3://bucket/adapters."""
     pointer = artifacts.current(f"s3://{bucket}/adapters/{job}")
@@ -39,7 +48,7 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Adapter: s3://" in result.stderr
-    pointer, manifest_doc = _published(s3_bucket, f"tiny-{method}")
+    _, manifest_doc = _published(s3_bucket, f"tiny-{method}")
     files = manifest_doc["files"]
     assert {
         "adapter/adapter_model.safetensors",
@@ -58,11 +67,7 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
         manifest_doc["redactions"]["USERNAME"] > 0 and manifest_doc["redactions"]["IP_ADDRESS"] > 0
     )
     assert manifest_doc["config"]["method"]["type"] == method
-    report = json.loads(
-        storage.read_bytes(
-            f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}/report.json"
-        )
-    )
+    report = _report(f"s3://{s3_bucket}/adapters", f"tiny-{method}")
     assert set(report["models"]) == {"base", "fewShot", "tuned", "tfidf"}
     tuned = report["models"]["tuned"]
     assert 0.0 <= tuned["accuracy"] <= 1.0
@@ -99,12 +104,7 @@ def test_two_process_ddp_run(job_manifest, s3_env, s3_bucket):
         env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    pointer, _ = _published(s3_bucket, "ddp")
-    report = json.loads(
-        storage.read_bytes(
-            f"s3://{s3_bucket}/adapters/ddp/versions/{pointer['version']}/report.json"
-        )
-    )
+    report = _report(f"s3://{s3_bucket}/adapters", "ddp")
     assert report["training"]["worldSize"] == 2
     # 36 training examples, 4 per process per step, 2 processes, 2 epochs -> 5 steps per epoch.
     assert report["training"]["steps"] == 10
@@ -143,9 +143,7 @@ def test_preempted_run_resumes_from_its_checkpoint(job_manifest, s3_env, s3_buck
 
     assert result.returncode == 0, result.stderr[-3000:]
     pointer, _ = _published(s3_bucket, "resume")
-    report = json.loads(
-        storage.read_bytes(f"{prefix}/resume/versions/{pointer['version']}/report.json")
-    )
+    report = _report(prefix, "resume")
     assert report["training"]["resumedFrom"] == stopped_at
     assert report["training"]["steps"] == total_steps
     log = (
@@ -199,13 +197,9 @@ def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method)
     result = sectune("run", str(manifest))
 
     assert result.returncode == 0, result.stderr[-3000:]
-    pointer, manifest_doc = _published(s3_bucket, f"tiny-{method}")
+    _, manifest_doc = _published(s3_bucket, f"tiny-{method}")
     assert "adapter/model.safetensors" in manifest_doc["files"]  # every weight, not an adapter
-    report = json.loads(
-        storage.read_bytes(
-            f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}/report.json"
-        )
-    )
+    report = _report(f"s3://{s3_bucket}/adapters", f"tiny-{method}")
     if method == "continued-pretraining":
         # Causal LM on raw text: the held-out loss is the measure, and it went down.
         assert (
@@ -243,9 +237,7 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     )
     assert sectune("run", str(manifest)).returncode == 0
     pointer = artifacts.current(f"{prefix}/evaluated")
-    training = json.loads(
-        storage.read_bytes(f"{prefix}/evaluated/versions/{pointer['version']}/report.json")
-    )
+    training = _report(prefix, "evaluated")
 
     out = tmp_path / "evaluation"
     result = sectune(
@@ -312,12 +304,7 @@ def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s
     )
     result = sectune("run", str(manifest))
     assert result.returncode == 0, result.stderr[-3000:]
-    pointer = artifacts.current(f"s3://{s3_bucket}/adapters/extract")
-    report = json.loads(
-        storage.read_bytes(
-            f"s3://{s3_bucket}/adapters/extract/versions/{pointer['version']}/report.json"
-        )
-    )
+    report = _report(f"s3://{s3_bucket}/adapters", "extract")
     tuned = report["models"]["tuned"]
     assert set(tuned) >= {
         "formatCompliance",
@@ -341,12 +328,7 @@ def test_memorization_probe_measures_planted_canaries(job_manifest, s3_env, s3_b
     )
     result = sectune("run", str(manifest))
     assert result.returncode == 0, result.stderr[-3000:]
-    pointer = artifacts.current(f"s3://{s3_bucket}/adapters/canaries")
-    report = json.loads(
-        storage.read_bytes(
-            f"s3://{s3_bucket}/adapters/canaries/versions/{pointer['version']}/report.json"
-        )
-    )
+    report = _report(f"s3://{s3_bucket}/adapters", "canaries")
     memorization = report["probes"]["memorization"]
     assert memorization["candidates"] == 512 and len(memorization["ranks"]) == 2
     assert 0 <= memorization["canaryExposure"] <= memorization["maxMeasurable"] + 1e-9

@@ -6,7 +6,6 @@ One per pytest session; see tests/conftest.py for the fixtures built on it.
 
 from __future__ import annotations
 
-import base64
 import ssl
 import subprocess
 import urllib.request
@@ -291,7 +290,3 @@ def gpu_node(name: str, gpus: int = 8, cpu: str = "32", memory: str = "256Gi") -
         "spec": {},
         "status": {"capacity": capacity, "allocatable": capacity},
     }
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
