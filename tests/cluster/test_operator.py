@@ -480,3 +480,28 @@ def test_operator_identity_cannot_read_what_it_does_not_need(operator_kubeconfig
     with pytest.raises(ApiException) as refused:
         as_operator.delete_collection_namespaced_pod("default")
     assert refused.value.status == 403
+
+
+def test_max_concurrent_jobs_queues_the_rest(api_client, namespace, start_operator):
+    start_operator(env={"SECTUNE_MAX_CONCURRENT_JOBS": "1"})
+    _secret(api_client, namespace)
+    _create(api_client, namespace, _ftj("first"))
+    batch = client.BatchV1Api(api_client)
+    wait_until(lambda: batch.list_namespaced_job(namespace).items, 30, "first Job")
+    _create(api_client, namespace, _ftj("second"))
+    wait_until(
+        lambda: (
+            (_condition(_status(api_client, namespace, "second"), "Ready") or {}).get("reason")
+            == "Queued"
+        ),
+        30,
+        "second queued",
+    )
+    assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == ["first-train"]
+
+    _finish(api_client, namespace, 0, json.dumps(RESULT), job="first")
+    wait_until(
+        lambda: len(batch.list_namespaced_job(namespace).items) == 2,
+        60,
+        "second Job once the first finished",
+    )
