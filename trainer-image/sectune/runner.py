@@ -43,7 +43,6 @@ class Outcome:
     adapter_uri: str | None = None
     adapter_sha256: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
-    stage_dir: Path | None = None
 
     def termination_message(self, limit: int = 4096) -> str:
         """Short JSON for the pod's termination message (Kubernetes keeps 4 KiB)."""
@@ -258,5 +257,4 @@ def run_job(
         adapter_uri=published.uri,
         adapter_sha256=published.manifest_sha256,
         report=report,
-        stage_dir=stage,
     )

@@ -161,14 +161,9 @@ def reconcile(
             if local
             else "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
         )
-        _fail(
-            patch,
-            dict(status),
-            generation,
-            "LocalURINotAllowed" if local else "OutputRequired",
-            message,
-        )
-        metrics.RECONCILE_ERRORS.labels("LocalURINotAllowed").inc()
+        reason = "LocalURINotAllowed" if local else "OutputRequired"
+        _fail(patch, dict(status), generation, reason, message)
+        metrics.RECONCILE_ERRORS.labels(reason).inc()
         kopf.warn(body, reason="InvalidSpec", message=message)
         raise kopf.PermanentError(message)
 

@@ -17,6 +17,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,7 +317,7 @@ def train(
                     for k, v in collate([encoded[i] for i in ids], pad_id).items()
                 }
                 sync = index == len(micro) - 1
-                context = accelerator.no_sync(model) if not sync and world > 1 else _null()
+                context = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
                 with context, accelerator.autocast():
                     loss, _n_tokens = causal_lm_loss(model, batch)
                     accelerator.backward(loss / len(micro))
@@ -373,11 +374,3 @@ def train(
         truncated=truncated,
         dropped=dropped,
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
