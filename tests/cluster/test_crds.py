@@ -192,6 +192,14 @@ def _create(api_client: Any, namespace: str, doc: dict[str, Any]) -> dict[str, A
     )
 
 
+def _patch_job(api_client: Any, namespace: str, body: dict[str, Any], status: bool = False) -> None:
+    api = client.CustomObjectsApi(api_client)
+    patch = (
+        api.patch_namespaced_custom_object_status if status else api.patch_namespaced_custom_object
+    )
+    patch(GROUP, VERSION, namespace, "finetunejobs", "valid", body)
+
+
 def _pydantic_accepts(doc: dict[str, Any]) -> bool:
     model = FineTuneJobSpec if doc["kind"] == "FineTuneJob" else AdapterDeploymentSpec
     try:
@@ -318,29 +326,18 @@ def test_generated_valid_jobs_are_accepted_by_both(crds, api_client, namespace):
 def test_started_job_spec_is_immutable_except_suspend(crds, api_client, namespace):
     api = client.CustomObjectsApi(api_client)
     _create(api_client, namespace, VALID_JOB)
-    api.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
+    _patch_job(
+        api_client,
         namespace,
-        "finetunejobs",
-        "valid",
         {"status": {"phase": "Training", "startTime": "2026-11-23T07:00:00Z"}},
+        status=True,
     )
     with pytest.raises(ApiException) as refused:
-        api.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            "finetunejobs",
-            "valid",
-            {"spec": {"hyperparameters": {"epochs": 9}}},
-        )
+        _patch_job(api_client, namespace, {"spec": {"hyperparameters": {"epochs": 9}}})
     assert refused.value.status == 422
     assert "immutable once the job has started" in refused.value.body
 
-    api.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, "finetunejobs", "valid", {"spec": {"suspend": True}}
-    )
+    _patch_job(api_client, namespace, {"spec": {"suspend": True}})
     job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", "valid")
     assert job["spec"]["suspend"] is True
 
@@ -348,14 +345,7 @@ def test_started_job_spec_is_immutable_except_suspend(crds, api_client, namespac
 def test_spec_of_a_job_not_yet_started_can_change(crds, api_client, namespace):
     api = client.CustomObjectsApi(api_client)
     _create(api_client, namespace, VALID_JOB)
-    api.patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "finetunejobs",
-        "valid",
-        {"spec": {"hyperparameters": {"epochs": 9}}},
-    )
+    _patch_job(api_client, namespace, {"spec": {"hyperparameters": {"epochs": 9}}})
     job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", "valid")
     assert job["spec"]["hyperparameters"]["epochs"] == 9
     # Defaults the API server filled in from the schema.

@@ -240,15 +240,8 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     training = _report(prefix, "evaluated")
 
     out = tmp_path / "evaluation"
-    result = sectune(
-        "evaluate",
-        "--adapter",
-        f"{prefix}/evaluated",
-        "--data",
-        f"file://{validation}",
-        "--out",
-        str(out),
-    )
+    evaluate = ["evaluate", "--adapter", f"{prefix}/evaluated", "--data", f"file://{validation}"]
+    result = sectune(*evaluate, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["adapter"]["sha256"] == pointer["sha256"]
@@ -260,17 +253,7 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
 
     gates = tmp_path / "gates.yaml"
     gates.write_text("- metric: accuracy\n  min: 0.0\n- metric: injectionFlipRate\n  max: -1\n")
-    result = sectune(
-        "evaluate",
-        "--adapter",
-        f"{prefix}/evaluated",
-        "--data",
-        f"file://{validation}",
-        "--gates",
-        str(gates),
-        "--out",
-        str(out),
-    )
+    result = sectune(*evaluate, "--gates", str(gates), "--out", str(out))
     assert result.returncode == 3
     assert "gates failed: injectionFlipRate<=-1" in result.stderr
 

@@ -150,7 +150,23 @@ def load_examples(
     return examples
 
 
-def _raise_or_report(problems: list[str], spec: JobSpec, report: dict[str, Any]) -> None:
+def sanitize_examples(examples: list[Example], spec: JobSpec) -> Sanitizer:
+    """Redact examples in place (input fields and target share one placeholder numbering);
+    returns the sanitizer, whose report counts what was redacted."""
+    sanitizer = Sanitizer(spec.dataset.sanitize)
+    for example in examples:
+        redacted = sanitizer.redact({**example.fields, "__target": example.target})
+        example.target = redacted.pop("__target")
+        example.fields = redacted
+        if example.messages:
+            example.messages = [
+                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]}
+                for m in example.messages
+            ]
+    return sanitizer
+
+
+def raise_or_report(problems: list[str], spec: JobSpec, report: dict[str, Any]) -> None:
     if not problems:
         return
     if spec.dataset.on_invalid == "fail":
@@ -293,7 +309,7 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         load_examples(dataset.validation, spec, problems, seen_ids) if dataset.validation else []
     )
     test = load_examples(dataset.test, spec, problems, seen_ids) if dataset.test else []
-    _raise_or_report(problems, spec, report)
+    raise_or_report(problems, spec, report)
     report["sources"] = {
         "train": {"uri": dataset.train, "rows": len(train)},
         **(
@@ -311,16 +327,7 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         validation = stratified_sample(validation, dataset.max_eval_examples, seed)
         test = stratified_sample(test, dataset.max_eval_examples, seed)
 
-    sanitizer = Sanitizer(dataset.sanitize)
-    for example in [*train, *validation, *test]:
-        redacted = sanitizer.redact({**example.fields, "__target": example.target})
-        example.target = redacted.pop("__target")
-        example.fields = redacted
-        if example.messages:
-            example.messages = [
-                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]}
-                for m in example.messages
-            ]
+    sanitizer = sanitize_examples([*train, *validation, *test], spec)
     report["sanitize"] = sanitizer.report.as_dict() | {"enabled": dataset.sanitize.enabled}
 
     if dataset.deduplicate:

@@ -141,8 +141,12 @@ def evaluate_stored(
 
     from sectune import artifacts, storage
     from sectune.config import Gate
-    from sectune.data.prepare import PreparedData, load_examples
-    from sectune.data.sanitize import Sanitizer
+    from sectune.data.prepare import (
+        PreparedData,
+        load_examples,
+        raise_or_report,
+        sanitize_examples,
+    )
     from sectune.evaluation.gates import evaluate_gates
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
@@ -160,15 +164,8 @@ def evaluate_stored(
 
     problems: list[str] = []
     examples = load_examples(data_uri, spec, problems, {})
-    if problems:
-        from sectune.data.load import DataError
-
-        raise DataError(f"{len(problems)} invalid row(s):\n  " + "\n  ".join(problems[:20]))
-    sanitizer = Sanitizer(spec.dataset.sanitize)
-    for example in examples:
-        redacted = sanitizer.redact({**example.fields, "__target": example.target})
-        example.target = redacted.pop("__target")
-        example.fields = redacted
+    raise_or_report(problems, spec, {})
+    sanitizer = sanitize_examples(examples, spec)
 
     resolved = base_model.resolve(spec.base_model)
     if (adapter_dir / "adapter_config.json").exists():
