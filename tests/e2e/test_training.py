@@ -154,6 +154,19 @@ def test_preempted_run_resumes_from_its_checkpoint(job_manifest, s3_env, s3_buck
     assert json.loads(log[0])["step"] == stopped_at + 1
     assert json.loads(log[-1])["step"] == total_steps
 
+    # The same job name with other settings never resumes the earlier run's checkpoint.
+    changed = job_manifest(
+        "resume",
+        rows=400,
+        output={"uri": prefix},
+        hyperparameters={"batchSize": 1, "epochs": 1, "checkpointEverySteps": 20},
+    )
+    result = sectune("run", str(changed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(prefix, "resume")
+    assert report["training"]["resumedFrom"] is None
+    assert report["training"]["steps"] == total_steps // 2
+
 
 def test_failed_upload_keeps_the_previous_adapter(job_manifest, s3_env, s3_bucket, monkeypatch):
     from sectune import runner

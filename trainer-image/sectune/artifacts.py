@@ -105,3 +105,68 @@ def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> dic
                 f"{version_uri}/{name}: content does not match its recorded sha256"
             )
     return dict(manifest)
+
+
+def resolve_version(uri: str, sha256: str | None) -> tuple[str, str]:
+    """A version URI and the manifest digest to verify it against.
+
+    `uri` is a version (…/versions/<run>, which then needs `sha256`) or a job prefix, whose
+    current.json names the version and its digest (and exists only if the job's gates passed).
+    """
+    uri = uri.rstrip("/")
+    if storage.exists(f"{uri}/manifest.json"):
+        if sha256 is None:
+            raise IntegrityError(
+                f"{uri}: a version URI needs the sha256 of its manifest.json; give it, "
+                "or give the job prefix to follow its current.json"
+            )
+        return uri, sha256
+    pointer = current(uri)
+    if pointer is None:
+        raise IntegrityError(
+            f"{uri}: neither a published version (no manifest.json) nor a job with a "
+            "passing version (no current.json)"
+        )
+    if sha256 is not None and sha256 != pointer["sha256"]:
+        raise IntegrityError(
+            f"{uri}: current.json points at a manifest with sha256 {pointer['sha256']}, "
+            f"not the expected {sha256}"
+        )
+    return f"{uri}/versions/{pointer['version']}", str(pointer["sha256"])
+
+
+def fetch_verified(
+    version_uri: str, expected_manifest_sha256: str, dest: Path, include: tuple[str, ...]
+) -> dict[str, Any]:
+    """Download the manifest and the files under `include` (prefixes such as "adapter/") into
+    `dest`, checking each against its recorded digest. Returns the manifest; raises
+    IntegrityError naming the first mismatch, leaving nothing in `dest` it could be mistaken for.
+    """
+    import hashlib
+    import shutil
+
+    version = storage.parse_uri(version_uri)
+    body = storage.read_bytes(version.join("manifest.json"))
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != expected_manifest_sha256:
+        raise IntegrityError(
+            f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_manifest_sha256}"
+        )
+    manifest = json.loads(body)
+    try:
+        for name, info in manifest["files"].items():
+            if not name.startswith(include):
+                continue
+            data = storage.read_bytes(version.join(name))
+            if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise IntegrityError(
+                    f"{version_uri}/{name}: content does not match its recorded sha256"
+                )
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    (dest / "manifest.json").write_bytes(body)
+    return dict(manifest)

@@ -1,4 +1,5 @@
-"""`sectune`: run a FineTuneJob on this machine, train in a pod, check data, fetch models."""
+"""`sectune`: run a FineTuneJob on this machine, train in a pod, evaluate, serve, check data,
+fetch models."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def _summary_table(report: dict[str, Any]) -> Table:
         value = "–" if gate["value"] is None else f"{gate['value']:.3f}"
         cells[tuned_column] = f"{value} {'pass' if gate['passed'] else 'FAIL'}"
         table.add_row(f"gate {gate['name']}", *cells)
+    for metric, row in report.get("consistency", {}).items():
+        cells = [""] * len(models)
+        cells[tuned_column] = f"{row['delta']:+.3f}"
+        table.add_row(f"served − training: {metric}", *cells)
     return table
 
 
@@ -187,13 +192,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """A stored adapter on any data, against its gates or a gates file."""
     from sectune.artifacts import IntegrityError
     from sectune.data.load import DataError
+    from sectune.evaluation.remote import EndpointError, evaluate_endpoint
     from sectune.evaluation.report import render_html
     from sectune.evaluation.suite import evaluate_stored
     from sectune.storage import StorageError
 
     try:
-        report = evaluate_stored(args.adapter, args.data, args.gates)
-    except (DataError, StorageError, IntegrityError, ManifestError, ValueError) as exc:
+        if args.endpoint:
+            if not args.model:
+                console.print("[red]error:[/] --endpoint needs --model (name or name@version)")
+                return 2
+            api_key = (
+                Path(args.api_key_file).read_text().strip()
+                if args.api_key_file
+                else os.environ.get("SECTUNE_API_KEY")
+            )
+            report = evaluate_endpoint(args.endpoint, args.model, args.data, args.gates, api_key)
+        else:
+            report = evaluate_stored(
+                args.adapter, args.data, args.gates, autocast=args.precision == "bf16"
+            )
+    except (
+        DataError,
+        StorageError,
+        IntegrityError,
+        ManifestError,
+        EndpointError,
+        OSError,
+        ValueError,
+    ) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     out = Path(args.out)
@@ -203,6 +230,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(_summary_table(report))
     console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
     return 0 if report["gatesPassed"] else 3
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a base model with adapters from storage; hot-swap when the config changes."""
+    from sectune.serving.config import config_from_flags, load_serving_config
+    from sectune.serving.server import ServerOptions, serve
+
+    if bool(args.config) == bool(args.adapter):
+        console.print("[red]error:[/] give either --config FILE or one or more --adapter name=URI")
+        return 2
+    try:
+        config_path = Path(args.config) if args.config else None
+        config = (
+            load_serving_config(config_path)
+            if config_path
+            else config_from_flags(args.adapter, args.base_model)
+        )
+    except ManifestError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    keys = args.api_keys_file or os.environ.get("SECTUNE_API_KEYS_FILE")
+    options = ServerOptions(
+        config_path=config_path,
+        config=config,
+        api_keys_file=Path(keys) if keys else None,
+        autocast=args.precision == "bf16",
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        reload_interval=args.reload_interval,
+    )
+    console.log(
+        f"Listening on http://{args.host}:{args.port} (loading the model; /readyz says when ready)"
+    )
+    try:
+        return serve(options, args.host, args.port, ready=lambda message: console.log(message))
+    except (ManifestError, OSError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
@@ -263,9 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a stored adapter on labelled data")
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a stored adapter, or a served one, on labelled data"
+    )
+    target = evaluate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--adapter", help="job prefix (uses current.json) or versions/<run> URI")
+    target.add_argument("--endpoint", help="URL of a running sectune server (with --model)")
     evaluate.add_argument(
-        "--adapter", required=True, help="job prefix (uses current.json) or versions/<run> URI"
+        "--model", help="with --endpoint: the adapter to evaluate, name or name@version"
+    )
+    evaluate.add_argument(
+        "--api-key-file",
+        help="with --endpoint: file holding the API key (default: $SECTUNE_API_KEY)",
+    )
+    evaluate.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="with --adapter: bf16 autocast (as training evaluates) or fp32",
     )
     evaluate.add_argument(
         "--data", required=True, help="labelled data URI (same format as training)"
@@ -275,6 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="evaluation", help="directory for report.json and report.html"
     )
     evaluate.set_defaults(func=cmd_evaluate)
+
+    serve_cmd = sub.add_parser(
+        "serve", help="serve a base model with adapters from storage (OpenAI-compatible API)"
+    )
+    serve_cmd.add_argument("--config", help="ServingConfig YAML; re-read when it changes")
+    serve_cmd.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="name=URI of a job prefix (follows its current.json); repeatable",
+    )
+    serve_cmd.add_argument(
+        "--base-model", help="base model URI (default: the one the adapters were trained on)"
+    )
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--api-keys-file",
+        help="require Authorization: Bearer <key>, keys one per line "
+        "(default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
+    )
+    serve_cmd.add_argument(
+        "--precision", choices=["bf16", "fp32"], default="bf16", help="compute precision"
+    )
+    serve_cmd.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
+    serve_cmd.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    serve_cmd.add_argument(
+        "--reload-interval", type=float, default=5.0, help="seconds between config checks"
+    )
+    serve_cmd.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -102,6 +102,16 @@ def job_prefix(spec: JobSpec, name: str) -> storage.Location:
     return storage.parse_uri(spec.output.uri or "file://./runs").join(name)
 
 
+def training_fingerprint(spec: JobSpec, dataset_digest: str | None) -> str:
+    """What a checkpoint must have been trained with to be resumed: the same spec and data.
+    (The output location is left out: it names where checkpoints live, not what they hold.)"""
+    import hashlib
+
+    config = spec.model_dump(mode="json", by_alias=True, exclude={"output"})
+    body = json.dumps({"spec": config, "data": dataset_digest}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 def run_job(
     name: str,
     spec: JobSpec,
@@ -157,7 +167,7 @@ def run_job(
         data.train,
         spec,
         accelerator,
-        Checkpoints(prefix, workdir),
+        Checkpoints(prefix, workdir, training_fingerprint(spec, data.report.get("digest"))),
         on_step=lambda report: on_event("step", report.__dict__),
     )
     model = result.model

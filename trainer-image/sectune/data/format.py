@@ -30,7 +30,8 @@ def user_message(example: Example, spec: JobSpec) -> str:
     return spec.task.template.format_map(_Fields(example.fields))
 
 
-def _messages(example: Example, spec: JobSpec) -> list[dict[str, str]]:
+def messages_for(example: Example, spec: JobSpec) -> list[dict[str, str]]:
+    """The conversation up to the answer: system prompt (if any) and the user turn."""
     if example.messages:
         return example.messages[:-1]
     messages = []
@@ -65,7 +66,7 @@ class PromptFormatter:
         if self.raw_text:
             return []
         text = self.tokenizer.apply_chat_template(
-            _messages(example, self.spec), tokenize=False, add_generation_prompt=True
+            messages_for(example, self.spec), tokenize=False, add_generation_prompt=True
         )
         return self._ids(text)
 
@@ -74,7 +75,7 @@ class PromptFormatter:
         target = example.target if target is None else target
         if self.raw_text:
             return [*self._ids(target), self.tokenizer.eos_token_id]
-        messages = [*_messages(example, self.spec), {"role": "assistant", "content": target}]
+        messages = [*messages_for(example, self.spec), {"role": "assistant", "content": target}]
         full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
         prompt = self.prompt_ids(example)
         if full[: len(prompt)] != prompt:  # a template that rewrites earlier turns

@@ -189,6 +189,17 @@ def render_html(report: dict[str, Any]) -> str:
                     f"<tr><td>{html.escape(base)}</td><td>{metric}</td><td class='{css}'>{delta:+.3f}</td></tr>"
                 )
         parts.append("</table>")
+    if report.get("consistency"):
+        parts.append(
+            f"<h2>Served ({html.escape(str(report.get('endpoint', '')))}) against training time</h2>"
+            "<table><tr><th>metric</th><th>training</th><th>served</th><th>difference</th></tr>"
+        )
+        for metric, row in report["consistency"].items():
+            parts.append(
+                f"<tr><td>{metric}</td><td>{_fmt(row['training'])}</td><td>{_fmt(row['served'])}</td>"
+                f"<td>{row['delta']:+.3f}</td></tr>"
+            )
+        parts.append("</table>")
     if tuned.get("perClass"):
         parts.append("<div class='grid'><div><h2>Per-class F1 (tuned)</h2>")
         parts.append(_bars(tuned["perClass"], "f1"))

@@ -31,7 +31,7 @@ class LabelScores:
         return [labels[max(range(len(labels)), key=row.__getitem__)] for row in self.probabilities]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -41,16 +41,44 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+def forward_logprobs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    keep: int,
+    adapter_names: list[str] | None = None,
+) -> torch.Tensor:
+    """Log-probabilities at the last `keep` positions of a left-padded batch. With
+    `adapter_names` (a PEFT model), each row runs through its own adapter ("__base__": none)."""
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     out = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
         position_ids=positions.to(device),
         logits_to_keep=keep,
+        **extra,
     )
     return out.logits.float().log_softmax(-1).cpu()
+
+
+def sequence_logprobs(
+    model: Any,
+    prompts: list[list[int]],
+    label_ids: list[list[int]],
+    pad_id: int,
+    adapter_names: list[str] | None = None,
+) -> torch.Tensor:
+    """Log-probability of each label's whole target sequence after each prompt (one pass per
+    label): exact when labels share their first token. Shape (prompts, labels)."""
+    columns = []
+    for ids in label_ids:
+        rows = [p + ids for p in prompts]
+        logprobs = forward_logprobs(model, left_pad(rows, pad_id), len(ids) + 1, adapter_names)
+        targets = torch.tensor(ids)
+        picked = logprobs[:, :-1, :].gather(-1, targets.expand(len(rows), -1).unsqueeze(-1))
+        columns.append(picked.squeeze(-1).sum(-1))
+    return torch.stack(columns, dim=1)
 
 
 @torch.inference_mode()
@@ -79,21 +107,12 @@ def score_labels(
     def score(batch_prompts: list[list[int]]) -> list[list[float]]:
         with amp:
             if distinct:
-                logprobs = _forward(model, _left_pad(batch_prompts, tokenizer.pad_token_id), 1)
+                logprobs = forward_logprobs(
+                    model, left_pad(batch_prompts, tokenizer.pad_token_id), 1
+                )
                 chosen = logprobs[:, -1, first_tokens]
             else:
-                columns = []
-                for ids in label_ids:
-                    rows = [p + ids for p in batch_prompts]
-                    logprobs = _forward(
-                        model, _left_pad(rows, tokenizer.pad_token_id), len(ids) + 1
-                    )
-                    targets = torch.tensor(ids)
-                    picked = logprobs[:, :-1, :].gather(
-                        -1, targets.expand(len(rows), -1).unsqueeze(-1)
-                    )
-                    columns.append(picked.squeeze(-1).sum(-1))
-                chosen = torch.stack(columns, dim=1)
+                chosen = sequence_logprobs(model, batch_prompts, label_ids, tokenizer.pad_token_id)
         return chosen.softmax(-1).tolist()
 
     probabilities: list[list[float]] = []
@@ -194,7 +213,7 @@ def generate(
             formatter.prompt_ids(e)[-spec.hyperparameters.max_seq_length :]
             for e in examples[start : start + batch_size]
         ]
-        batch = _left_pad(prompts, tokenizer.pad_token_id)
+        batch = left_pad(prompts, tokenizer.pad_token_id)
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),

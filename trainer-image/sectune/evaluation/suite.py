@@ -128,6 +128,18 @@ def evaluate_tuned(
     return metrics, probes
 
 
+def load_labelled(data_uri: str, spec: JobSpec) -> tuple[list[Example], dict[str, Any]]:
+    """Labelled data for evaluation, validated (the job's onInvalid policy) and sanitized as
+    the job's training data was. Returns the examples and the sanitizer's report."""
+    from sectune.data.prepare import load_examples, raise_or_report, sanitize_examples
+
+    problems: list[str] = []
+    examples = load_examples(data_uri, spec, problems, {})
+    raise_or_report(problems, spec, {})
+    sanitizer = sanitize_examples(examples, spec)
+    return examples, sanitizer.report.as_dict()
+
+
 def evaluate_stored(
     adapter_uri: str, data_uri: str, gates_path: str | None, autocast: bool = True
 ) -> dict[str, Any]:
@@ -141,12 +153,7 @@ def evaluate_stored(
 
     from sectune import artifacts, storage
     from sectune.config import Gate
-    from sectune.data.prepare import (
-        PreparedData,
-        load_examples,
-        raise_or_report,
-        sanitize_examples,
-    )
+    from sectune.data.prepare import PreparedData
     from sectune.evaluation.gates import evaluate_gates
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
@@ -162,10 +169,7 @@ def evaluate_stored(
         storage.parse_uri(version).join("adapter"), workdir / "adapter"
     )
 
-    problems: list[str] = []
-    examples = load_examples(data_uri, spec, problems, {})
-    raise_or_report(problems, spec, {})
-    sanitizer = sanitize_examples(examples, spec)
+    examples, sanitized = load_labelled(data_uri, spec)
 
     resolved = base_model.resolve(spec.base_model)
     if (adapter_dir / "adapter_config.json").exists():
@@ -195,7 +199,7 @@ def evaluate_stored(
         "data": {
             "uri": data_uri,
             "examples": len(examples),
-            "sanitize": sanitizer.report.as_dict(),
+            "sanitize": sanitized,
         },
         "models": {"tuned": metrics, "training": manifest.get("metrics", {})},
         "probes": probes,

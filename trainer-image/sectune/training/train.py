@@ -12,6 +12,7 @@ checkpoints and uploads.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import signal
@@ -27,6 +28,8 @@ from sectune import storage
 from sectune.config import JobSpec
 from sectune.data.format import IGNORE, Encoded, PromptFormatter
 from sectune.data.prepare import Example
+
+log = logging.getLogger(__name__)
 
 # Module names of the linear layers in each block, per architecture family.
 DEFAULT_TARGETS = {
@@ -177,15 +180,24 @@ class Checkpoints:
     so a half-written checkpoint is never picked up). Adapter weights are safetensors; optimizer
     state is loaded with torch.load(weights_only=True)."""
 
-    def __init__(self, prefix: storage.Location, workdir: Any) -> None:
+    def __init__(self, prefix: storage.Location, workdir: Any, fingerprint: str = "") -> None:
         self.prefix = prefix.join("checkpoints")
         self.workdir = workdir
+        self.fingerprint = fingerprint
+        """Digest of the job config and data: a checkpoint of other training is never resumed."""
 
     def latest(self) -> dict[str, Any] | None:
         pointer = self.prefix.join("latest.json")
         if not storage.exists(pointer):
             return None
-        return dict(json.loads(storage.read_bytes(pointer)))
+        latest = dict(json.loads(storage.read_bytes(pointer)))
+        if latest.get("fingerprint", "") != self.fingerprint:
+            log.warning(
+                "%s holds a checkpoint of a different config or dataset; training from the start",
+                self.prefix.uri,
+            )
+            return None
+        return latest
 
     def save(
         self, model: Any, optimizer: Any, scheduler: Any, step: int, extra: dict[str, Any]
@@ -207,7 +219,9 @@ class Checkpoints:
         storage.upload_dir(local, target)
         storage.write_bytes(
             self.prefix.join("latest.json"),
-            json.dumps({"step": step, "path": f"step-{step}"}).encode(),
+            json.dumps(
+                {"step": step, "path": f"step-{step}", "fingerprint": self.fingerprint}
+            ).encode(),
         )
 
     def load(

@@ -1,0 +1,446 @@
+"""Serving for real: tiny adapters trained into the S3 server, `sectune serve` loading them with
+digests verified, mixed-adapter batches, hot swaps, Prometheus scraping, and
+`sectune evaluate --endpoint` against the stored evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectune import artifacts, storage
+from sectune.yamlio import dump_yaml
+from support.jobs import sectune, write_dataset
+from support.processes import wait_until
+from support.serving import SectuneServer, start_server
+
+pytestmark = pytest.mark.timeout(900)
+
+TEXTS = [
+    "mimikatz lsass dump beacon by user=<USER_1> from <IP_1> #1",
+    "backup completed scheduled update by user=<USER_2> from <IP_2> #2",
+    "exfil ransom beacon dump by user=<USER_1> from <IP_3> #3",
+    "healthy routine backup update by user=<USER_3> from <IP_1> #4",
+]
+
+
+@dataclass(frozen=True)
+class Version:
+    uri: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Trained:
+    bucket: str
+    prefix: str
+    env: dict[str, str]
+    triage_v1: Version
+    triage_v2: Version
+    other: Version
+    held_out: Path
+
+
+def _train(
+    workdir: Path, model_dir: Path, name: str, seed: int, env: dict[str, str], prefix: str
+) -> Version:
+    train = write_dataset(workdir / f"{name}-{seed}.jsonl", 48, seed=seed)
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": f"file://{model_dir}"},
+        "dataset": {"train": f"file://{train}", "validationSplit": 0.25},
+        "task": {
+            "type": "classification",
+            "labels": ["benign", "malicious"],
+            "systemPrompt": "Rate it.",
+        },
+        "method": {"type": "lora", "r": 4, "alpha": 8},
+        "hyperparameters": {
+            "learningRate": 0.01,
+            "epochs": 2,
+            "batchSize": 4,
+            "gradientAccumulation": 1,
+            "maxSeqLength": 96,
+            "seed": seed,
+        },
+        "evaluation": {"probeExamples": 4},
+        "resources": {"gpus": 0},
+        "output": {"uri": prefix},
+    }
+    manifest = workdir / f"{name}-{seed}.yaml"
+    manifest.write_text(
+        dump_yaml(
+            {
+                "apiVersion": "sectune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+        )
+    )
+    result = sectune("run", str(manifest), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pointer = artifacts.current(f"{prefix}/{name}")
+    assert pointer is not None
+    return Version(f"{prefix}/{name}/versions/{pointer['version']}", pointer["sha256"])
+
+
+@pytest.fixture(scope="module")
+def trained(s3_server, tiny_model_dir, tmp_path_factory) -> Trained:  # type: ignore[no-untyped-def]
+    """Two versions of a triage adapter and one other adapter, all on the tiny base model."""
+    workdir = tmp_path_factory.mktemp("serving")
+    bucket = "serving-e2e"
+    s3_server.client().create_bucket(Bucket=bucket)
+    env = s3_server.env()
+    prefix = f"s3://{bucket}/adapters"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process reads the store too (current.json)
+    try:
+        v1 = _train(workdir, tiny_model_dir, "triage", 1, env, prefix)
+        v2 = _train(workdir, tiny_model_dir, "triage", 2, env, prefix)
+        other = _train(workdir, tiny_model_dir, "other", 3, env, prefix)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    held_out = write_dataset(workdir / "held-out.jsonl", 24, seed=9)
+    return Trained(bucket, prefix, env, v1, v2, other, held_out)
+
+
+def _config(
+    path: Path, adapters: dict[str, list[tuple[str, Version | str, int]]], **extra: Any
+) -> Path:
+    document: dict[str, Any] = {
+        "apiVersion": "sectune.io/v1alpha1",
+        "kind": "ServingConfig",
+        "adapters": [
+            {
+                "name": name,
+                "versions": [
+                    {"version": v, "uri": source, "traffic": t}
+                    if isinstance(source, str)
+                    else {"version": v, "uri": source.uri, "sha256": source.sha256, "traffic": t}
+                    for v, source, t in versions
+                ],
+            }
+            for name, versions in adapters.items()
+        ],
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_yaml(document))
+    tmp.replace(path)  # atomically, as the kubelet swaps a ConfigMap volume
+    return path
+
+
+@pytest.fixture
+def serve(trained: Trained, tmp_path: Path):  # type: ignore[no-untyped-def]
+    servers: list[SectuneServer] = []
+
+    def start(*args: str) -> SectuneServer:
+        server = start_server(tmp_path, list(args), trained.env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _served(server: SectuneServer) -> dict[str, list[dict[str, Any]]]:
+    models = server.get("/v1/models").json()
+    return {m["id"]: m.get("versions", []) for m in models["data"]}
+
+
+def test_two_adapters_served_with_verified_digests_in_mixed_batches(trained, serve, tmp_path):
+    config = _config(
+        tmp_path / "serving.yaml",
+        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+    )
+    server = serve("--config", str(config), "--max-wait-ms", "50")
+
+    served = _served(server)
+    assert [v["sha256"] for v in served["triage"]] == [trained.triage_v1.sha256]
+    assert [v["sha256"] for v in served["other"]] == [trained.other.sha256]
+    assert served["triage"][0]["uri"] == trained.triage_v1.uri
+
+    # Alone, each request is its own batch.
+    alone = {(m, t): server.classify(m, t).json() for m in ("triage", "other") for t in TEXTS}
+    for answer in alone.values():
+        assert answer["label"] in ("benign", "malicious")
+        assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # The two adapters really differ (each request reached its own adapter).
+    assert any(
+        abs(alone["triage", t]["confidence"] - alone["other", t]["confidence"]) > 1e-4
+        for t in TEXTS
+    )
+    # Together, requests for both adapters share batches and get the same answers.
+    jobs = [(m, t) for m in ("triage", "other") for t in TEXTS] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: server.classify(*job).json(), jobs))
+    for (model, text), answer in zip(jobs, together, strict=True):
+        assert answer["model"] == f"{model}@v1"
+        for label, p in answer["probabilities"].items():
+            assert p == pytest.approx(alone[model, text]["probabilities"][label], abs=1e-4)
+    batches = server.metric("sectune_serve_batch_size_sum", kind="classify")
+    count = server.metric("sectune_serve_batch_size_count", kind="classify")
+    assert batches is not None and count is not None and batches / count > 1
+
+    chat = server.post(
+        "/v1/chat/completions",
+        {"model": "triage", "messages": [{"role": "user", "content": TEXTS[0]}], "max_tokens": 4},
+    )
+    assert chat.status_code == 200
+    body = chat.json()
+    assert body["model"] == "triage@v1"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 0 < body["usage"]["completion_tokens"] <= 4
+    assert chat.headers["x-sectune-adapter-sha256"] == trained.triage_v1.sha256
+    base = server.post(
+        "/v1/completions", {"model": "base", "prompt": "Failed password", "max_tokens": 3}
+    )
+    assert base.status_code == 200 and base.json()["model"] == "base"
+
+
+def test_config_change_hot_swaps_versions_and_canary_splits_traffic(trained, serve, tmp_path):
+    config = _config(tmp_path / "serving.yaml", {"triage": [("v1", trained.triage_v1, 100)]})
+    server = serve("--config", str(config))
+    pid = server.process.process.pid if server.process.process else None
+
+    _config(config, {"triage": [("v1", trained.triage_v1, 50), ("v2", trained.triage_v2, 50)]})
+    wait_until(lambda: len(_served(server)["triage"]) == 2, 60, "v2 loaded next to v1")
+    answered = {server.classify("triage", TEXTS[0]).json()["model"] for _ in range(40)}
+    assert answered == {"triage@v1", "triage@v2"}
+    # A pinned version answers alone, whatever the split.
+    assert {server.classify("triage@v2", TEXTS[0]).json()["model"] for _ in range(5)} == {
+        "triage@v2"
+    }
+
+    _config(config, {"triage": [("v2", trained.triage_v2, 100)]})
+    wait_until(
+        lambda: [v["version"] for v in _served(server)["triage"]] == ["v2"], 60, "v1 unloaded"
+    )
+    gone = server.classify("triage@v1", TEXTS[0])
+    assert gone.status_code == 404
+    assert "triage@v1" in gone.json()["error"]["message"]
+    assert server.process.alive() and server.process.process and server.process.process.pid == pid
+    assert (server.metric("sectune_serve_config_reloads_total", result="applied") or 0) >= 3
+
+
+def test_a_version_that_fails_verification_is_refused_and_the_previous_stays(
+    trained, serve, tmp_path
+):
+    config = _config(tmp_path / "serving.yaml", {"triage": [("v1", trained.triage_v1, 100)]})
+    server = serve("--config", str(config))
+
+    wrong = trained.other.sha256  # a real digest, of another version
+    _config(config, {"triage": [("v2", Version(trained.triage_v2.uri, wrong), 100)]})
+    wait_until(lambda: server.get("/v1/models").json()["errors"], 60, "the refusal reported")
+    errors = server.get("/v1/models").json()["errors"]
+    assert "sha256" in errors["triage@v2"] and wrong in errors["triage@v2"]
+    assert [v["version"] for v in _served(server)["triage"]] == ["v1"]
+    assert server.classify("triage", TEXTS[0]).json()["model"] == "triage@v1"
+    assert (
+        server.metric(
+            "sectune_serve_adapter_load_failures_total",
+            adapter="triage",
+            version="v2",
+            reason="integrity",
+        )
+        == 1
+    )
+    assert server.get("/readyz").status_code == 200
+
+    # A file changed in the store after publishing: its digest no longer matches the manifest.
+    client = _s3_client(trained)
+    key = (
+        trained.triage_v2.uri.removeprefix(f"s3://{trained.bucket}/")
+        + "/adapter/adapter_config.json"
+    )
+    original = client.get_object(Bucket=trained.bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=trained.bucket, Key=key, Body=original.replace(b'"r": 4', b'"r": 8'))
+    try:
+        _config(config, {"triage": [("v3", trained.triage_v2, 100)]})
+        wait_until(
+            lambda: "triage@v3" in server.get("/v1/models").json()["errors"], 60, "tamper reported"
+        )
+        message = server.get("/v1/models").json()["errors"]["triage@v3"]
+        assert "adapter/adapter_config.json" in message and "sha256" in message
+        assert [v["version"] for v in _served(server)["triage"]] == ["v1"]
+    finally:
+        client.put_object(Bucket=trained.bucket, Key=key, Body=original)
+
+    invalid = config.read_text()
+    config.write_text("adapters:\n- name: triage\n  versions: []\n")
+    wait_until(
+        lambda: server.metric("sectune_serve_config_reloads_total", result="invalid") == 1,
+        60,
+        "invalid config counted",
+    )
+    assert server.classify("triage", TEXTS[0]).json()["model"] == "triage@v1"
+    assert "versions" in server.process.tail(200)
+    config.write_text(invalid)
+
+
+def _s3_client(trained: Trained) -> Any:
+    return storage.s3_client(trained.env)
+
+
+def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, serve, tmp_path):
+    keys = tmp_path / "api-keys"
+    keys.write_text("first-key\nsecond-key\n")
+    server = serve("--adapter", f"triage={trained.prefix}/triage", "--api-keys-file", str(keys))
+
+    assert server.get("/v1/models").status_code == 401
+    assert server.classify("triage", TEXTS[0]).status_code == 401
+    assert server.classify("triage", TEXTS[0], key="wrong").status_code == 401
+    served = server.get("/v1/models", key="second-key").json()
+    [triage] = [m for m in served["data"] if m["id"] == "triage"]
+    # The job prefix resolved through current.json: the latest version that passed its gates.
+    assert triage["versions"][0]["sha256"] == trained.triage_v2.sha256
+    assert server.get("/readyz").status_code == 200 and server.get("/metrics").status_code == 200
+
+    unknown = server.classify("nope", TEXTS[0], key="first-key")
+    assert unknown.status_code == 404 and "triage" in unknown.json()["error"]["message"]
+    missing = server.post("/v1/classify", {"model": "triage"}, key="first-key")
+    assert missing.status_code == 422 and missing.json()["error"]["param"] == "input"
+    stream = server.post(
+        "/v1/chat/completions",
+        {"model": "triage", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        key="first-key",
+    )
+    assert stream.status_code == 400 and stream.json()["error"]["param"] == "stream"
+    too_long = server.post(
+        "/v1/chat/completions",
+        {"model": "triage", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+        key="first-key",
+    )
+    assert too_long.status_code == 422 and "max_tokens" in too_long.json()["error"]["message"]
+
+
+def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, serve, tmp_path):
+    server = serve("--adapter", f"triage={trained.prefix}/triage")
+    data = f"file://{trained.held_out}"
+    env = trained.env
+
+    stored = sectune(
+        "evaluate",
+        "--adapter",
+        f"{trained.prefix}/triage",
+        "--data",
+        data,
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "stored"),
+        env=env,
+    )
+    assert stored.returncode == 0, stored.stderr[-3000:]
+    served = sectune(
+        "evaluate",
+        "--endpoint",
+        server.url,
+        "--model",
+        "triage",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "served"),
+        env=env,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    a = json.loads((tmp_path / "stored" / "report.json").read_text())["models"]["tuned"]
+    report = json.loads((tmp_path / "served" / "report.json").read_text())
+    b = report["models"]["tuned"]
+    assert report["adapter"] == {
+        "model": "triage@current",
+        "uri": trained.triage_v2.uri,
+        "sha256": trained.triage_v2.sha256,
+    }
+    assert b["examples"] == a["examples"] == 24
+    assert b["accuracy"] == a["accuracy"]
+    assert b["macroF1"] == pytest.approx(a["macroF1"])
+    assert b["rocAuc"] == pytest.approx(a["rocAuc"], abs=1e-6)
+    assert b["expectedCalibrationError"] == pytest.approx(a["expectedCalibrationError"], abs=1e-3)
+    assert b["consistency"] == 1.0 and b["latencyP95Ms"] > 0
+    assert set(report["consistency"]) >= {"accuracy", "macroF1"}
+    assert "served − training: accuracy" in served.stderr
+    assert (tmp_path / "served" / "report.html").read_text().count("against training time") == 1
+
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("- metric: accuracy\n  min: 1.01\n")
+    failed = sectune(
+        "evaluate",
+        "--endpoint",
+        server.url,
+        "--model",
+        "triage",
+        "--data",
+        data,
+        "--gates",
+        str(gates),
+        "--out",
+        str(tmp_path / "gated"),
+        env=env,
+    )
+    assert failed.returncode == 3
+    assert "gates failed: accuracy>=1.01" in failed.stderr
+
+    pinned = sectune(
+        "evaluate",
+        "--endpoint",
+        server.url,
+        "--model",
+        "triage@v9",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "pinned"),
+        env=env,
+    )
+    assert pinned.returncode == 2 and "no version 'v9'" in pinned.stderr
+
+
+def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_path, prometheus):
+    config = _config(
+        tmp_path / "serving.yaml",
+        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+        drift={"windowMinutes": 5, "minRequests": 4},
+    )
+    server = serve("--config", str(config))
+    target = server.url.removeprefix("http://")
+    prometheus.start([{"job_name": "sectune-serve", "static_configs": [{"targets": [target]}]}])
+    for text in TEXTS * 2:
+        assert server.classify("triage", text).status_code == 200
+        assert server.classify("other", text).status_code == 200
+
+    def scraped() -> bool:
+        rows = prometheus.query(
+            'sum by (adapter) (sectune_serve_requests_total{endpoint="classify"})'
+        )
+        return {r["metric"]["adapter"]: float(r["value"][1]) for r in rows} == {
+            "triage": 8.0,
+            "other": 8.0,
+        }
+
+    wait_until(scraped, 60, "request counts scraped")
+    [p95] = prometheus.query(
+        'histogram_quantile(0.95, sum by (le) (sectune_serve_request_duration_seconds_bucket{adapter="triage"}))'
+    )
+    assert 0 < float(p95["value"][1]) < 60
+    info = prometheus.query("sectune_serve_adapter_info")
+    assert {(r["metric"]["adapter"], r["metric"]["sha256"]) for r in info} == {
+        ("triage", trained.triage_v1.sha256),
+        ("other", trained.other.sha256),
+    }
+    drift = prometheus.query("sectune_serve_drift_score")
+    assert {r["metric"]["adapter"] for r in drift} == {"triage", "other"}
+    assert all(0.0 <= float(r["value"][1]) <= 1.0 for r in drift)
+    predictions = prometheus.query('sum(sectune_serve_predictions_total{adapter="triage"})')
+    assert float(predictions[0]["value"][1]) == 8.0

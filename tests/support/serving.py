@@ -1,0 +1,78 @@
+"""`sectune serve` as a child process, and a small client for what a user would call."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .processes import Server, free_port
+
+
+@dataclass
+class SectuneServer:
+    url: str
+    process: Server
+
+    def get(self, path: str, key: str | None = None) -> httpx.Response:
+        return httpx.get(self.url + path, headers=_auth(key), timeout=60)
+
+    def post(self, path: str, body: Any, key: str | None = None) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=_auth(key), timeout=120)
+
+    def classify(self, model: str, text: str, key: str | None = None) -> httpx.Response:
+        return self.post("/v1/classify", {"model": model, "input": text}, key)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A sample's value from /metrics, or None when the series is absent."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return None
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def start_server(
+    workdir: Path, args: list[str], env: dict[str, str], ready: bool = True
+) -> SectuneServer:
+    """Start `sectune serve` (fp32, fast config polling) and wait until /readyz says ready."""
+    port = free_port()
+    process = Server(
+        "sectune-serve",
+        [
+            sys.executable,
+            "-m",
+            "sectune.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--precision",
+            "fp32",
+            "--reload-interval",
+            "0.5",
+            *args,
+        ],
+        workdir / f"serve-{port}.log",
+        env=env,
+    ).start()
+    server = SectuneServer(f"http://127.0.0.1:{port}", process)
+    try:
+        process.wait_http(server.url + ("/readyz" if ready else "/healthz"), timeout=120)
+    except BaseException:
+        process.stop()
+        raise
+    return server

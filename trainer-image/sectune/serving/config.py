@@ -1,0 +1,156 @@
+"""What a server serves: the base model and, per adapter name, the versions and their traffic.
+
+This is the file the operator renders into an AdapterDeployment's ConfigMap (with each
+`fineTuneJob` source resolved to its version URI and digest), and what `sectune serve --config`
+reads on a laptop. The server re-reads it when it changes and swaps adapters without a restart.
+
+    apiVersion: sectune.io/v1alpha1
+    kind: ServingConfig
+    baseModel: {uri: file:///models/SmolLM2-135M-Instruct}   # optional: else the adapters' own
+    adapters:
+    - name: attack-tactics
+      versions:
+      - version: v1
+        uri: s3://bucket/jobs/attack-tactics/versions/20261123T101500Z-1a2b3c
+        sha256: 5d0c...                                        # of that version's manifest.json
+        traffic: 90
+      - version: v2
+        uri: s3://bucket/jobs/attack-tactics                   # a job prefix: its current.json
+        traffic: 10
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from sectune.config import (
+    API_GROUP,
+    API_VERSION,
+    DNS_LABEL_PATTERN,
+    SHA256_PATTERN,
+    BaseModelSpec,
+    ManifestError,
+    Spec,
+    Uri,
+)
+
+SERVING_CONFIG_KIND = "ServingConfig"
+BASE_MODEL_NAME = "base"
+"""The `model` a client asks for to get the base model without an adapter."""
+
+
+class ServedVersion(Spec):
+    """One adapter version, its digest and its share of the adapter's requests."""
+
+    version: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Version name (DNS label), e.g. v3; clients may pin it as `model: name@v3`."""
+    uri: Uri
+    """A published version (…/versions/<run>) or a job prefix, whose current.json is followed."""
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    """sha256 of the version's manifest.json. Required for a version URI; for a job prefix the
+    digest recorded in current.json (written only when the job's gates passed) is used."""
+    traffic: int = Field(100, ge=0, le=100)
+    """Percent of the adapter's unpinned requests this version answers."""
+
+
+class ServedAdapter(Spec):
+    """An adapter offered under `name`: the `model` field of a request."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name clients ask for."""
+    versions: list[ServedVersion] = Field(min_length=1, max_length=8)
+    """Versions served side by side (a canary); traffic adds up to 100."""
+
+    @model_validator(mode="after")
+    def _traffic(self) -> ServedAdapter:
+        total = sum(v.traffic for v in self.versions)
+        if total != 100:
+            raise ValueError(f"adapter {self.name}: traffic adds up to {total}; make it 100")
+        names = [v.version for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter {self.name}: version names must be unique")
+        return self
+
+
+class DriftSettings(Spec):
+    """How predictions are compared with the distribution recorded at evaluation time."""
+
+    window_minutes: int = Field(60, ge=1, le=10080)
+    """Sliding window of requests the drift score is computed over."""
+    min_requests: int = Field(20, ge=1)
+    """Fewer predictions than this in the window report no score."""
+
+
+class ServingConfig(Spec):
+    """The server's configuration file."""
+
+    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    kind: Literal["ServingConfig"] = "ServingConfig"
+    base_model: BaseModelSpec | None = None
+    """The base model. Omitted: the one the adapters' manifests name (they must agree)."""
+    adapters: list[ServedAdapter] = Field(min_length=1, max_length=64)
+    """Adapters offered; names are unique."""
+    drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
+    """Drift monitoring."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServingConfig:
+        names = [a.name for a in self.adapters]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"adapters: names must be unique; repeated: {', '.join(repeated)}")
+        if BASE_MODEL_NAME in names:
+            raise ValueError(f"adapters: {BASE_MODEL_NAME!r} is reserved for the base model")
+        return self
+
+
+def parse_serving_config(document: Any, source: str) -> ServingConfig:
+    """Validate a parsed document; the error names the file and each bad field."""
+    if not isinstance(document, dict):
+        raise ManifestError(f"{source}: expected a ServingConfig mapping")
+    try:
+        return ServingConfig.model_validate(document)
+    except ValidationError as exc:
+        lines = [f"{source}: the serving config is not valid:"]
+        for problem in exc.errors():
+            where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+            message = problem["msg"].removeprefix("Value error, ")
+            value = problem.get("input")
+            shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+            lines.append(f"  {where}: {message}{shown}")
+        raise ManifestError("\n".join(lines)) from None
+
+
+def load_serving_config(path: Path) -> ServingConfig:
+    """Read a ServingConfig from YAML or JSON."""
+    from sectune.yamlio import load_yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the serving config: {exc.strerror}") from None
+    try:
+        document = load_yaml(text)
+    except Exception as exc:  # ruamel raises several parser error types
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    return parse_serving_config(document, str(path))
+
+
+def config_from_flags(adapters: list[str], base_model: str | None) -> ServingConfig:
+    """`sectune serve --adapter name=URI …`: one version per adapter, named "current" (it
+    follows the job's current.json), with all the traffic."""
+    entries = []
+    for item in adapters:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise ManifestError(
+                f"--adapter {item!r}: expected name=URI (e.g. triage=file://out/triage)"
+            )
+        entries.append({"name": name, "versions": [{"version": "current", "uri": uri}]})
+    document: dict[str, Any] = {"adapters": entries}
+    if base_model:
+        document["baseModel"] = {"uri": base_model}
+    return parse_serving_config(document, "command line")

@@ -1,0 +1,68 @@
+"""Drift of served predictions against what the adapter predicted at evaluation time.
+
+The reference is the tuned model's predicted-label distribution on the held-out test set
+(the column sums of the report's confusion matrix). The score is the Jensen-Shannon divergence
+(base 2, so it lies in [0, 1]) between that and the labels predicted over a sliding window:
+0 when the served mix matches evaluation, 1 when they share no label at all.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+
+def reference_distribution(report: dict[str, Any]) -> dict[str, float] | None:
+    """Predicted-label shares of the tuned model in a report, or None (not classification)."""
+    confusion = report.get("models", {}).get("tuned", {}).get("confusionMatrix")
+    if not confusion:
+        return None
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    predicted = [sum(row[j] for row in matrix) for j in range(len(labels))]
+    total = sum(predicted)
+    if not total:
+        return None
+    return {label: count / total for label, count in zip(labels, predicted, strict=True)}
+
+
+def js_divergence(p: dict[str, float], q: dict[str, float]) -> float:
+    """Jensen-Shannon divergence in bits between two distributions over labels."""
+    labels = set(p) | set(q)
+    mixture = {k: (p.get(k, 0.0) + q.get(k, 0.0)) / 2 for k in labels}
+
+    def kl(a: dict[str, float]) -> float:
+        return sum(a[k] * math.log2(a[k] / mixture[k]) for k in labels if a.get(k, 0.0) > 0)
+
+    return max(0.0, min(1.0, (kl(p) + kl(q)) / 2))
+
+
+class DriftMonitor:
+    """Predictions of one adapter version over a sliding window, and their drift score."""
+
+    def __init__(
+        self, reference: dict[str, float], window_seconds: float, min_requests: int
+    ) -> None:
+        self.reference = reference
+        self.window_seconds = window_seconds
+        self.min_requests = min_requests
+        self._seen: deque[tuple[float, str]] = deque()
+        self._lock = threading.Lock()
+
+    def record(self, label: str, now: float | None = None) -> None:
+        with self._lock:
+            self._seen.append((time.monotonic() if now is None else now, label))
+
+    def score(self, now: float | None = None) -> float | None:
+        """The drift score over the window, or None with too few predictions to say."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._seen and self._seen[0][0] < now - self.window_seconds:
+                self._seen.popleft()
+            counts = Counter(label for _, label in self._seen)
+        total = sum(counts.values())
+        if total < self.min_requests:
+            return None
+        return js_divergence({k: v / total for k, v in counts.items()}, self.reference)

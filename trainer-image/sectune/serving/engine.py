@@ -1,0 +1,251 @@
+"""The model worker: one thread owns the model; requests for any adapters share its batches.
+
+Handlers submit work and wait on a future. The worker takes the first waiting item, gathers more
+for up to `max_wait_ms` (or until `max_batch`), and runs each kind in one pass: every row names
+its own adapter (PEFT mixed-adapter batches), so a batch may mix adapters and the base model.
+Adapter loads and unloads run on the same thread, between batches, so a forward pass never sees
+the model change under it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sectune.evaluation.scoring import forward_logprobs, left_pad, sequence_logprobs
+from sectune.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"
+"""PEFT's name for "no adapter" in a mixed batch."""
+
+
+@dataclass
+class ClassifyWork:
+    adapter_key: str
+    prompt: list[int]
+    label_ids: list[list[int]]
+    """Each label's target ids; when their first tokens are distinct only those are scored."""
+    distinct_first_tokens: bool
+    future: Future[list[float]] = field(default_factory=Future)
+
+
+@dataclass
+class GenerateWork:
+    adapter_key: str
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    future: Future[Generated] = field(default_factory=Future)
+
+
+@dataclass
+class ControlWork:
+    fn: Callable[[], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Generated:
+    token_ids: list[int]
+    finish_reason: str
+    """"stop" (end of turn) or "length" (max_tokens reached)."""
+
+
+Work = ClassifyWork | GenerateWork | ControlWork
+
+
+class Engine:
+    """Owns the model and tokenizer; runs submitted work in batches on one thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        metrics: ServingMetrics,
+        autocast: bool = True,
+        max_batch: int = 16,
+        max_wait_ms: float = 5.0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.autocast = autocast
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self._queue: queue.Queue[Work | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="sectune-model", daemon=True)
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> None:
+        self.model.eval()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def has_adapters(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def submit(self, work: Work) -> Future[Any]:
+        if not self.alive:
+            work.future.set_exception(RuntimeError("the model worker is not running"))
+        else:
+            self._queue.put(work)
+        return work.future
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the model thread between batches; return its result (or raise)."""
+        return self.submit(ControlWork(fn)).result()
+
+    def load_adapter(self, directory: str, key: str) -> None:
+        def load() -> None:
+            from peft import PeftModel
+
+            if self.has_adapters:
+                self.model.load_adapter(directory, adapter_name=key)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, directory, adapter_name=key)
+            self.model.eval()
+
+        self.call(load)
+
+    def unload_adapter(self, key: str) -> None:
+        def unload() -> None:
+            # PEFT keeps at least one adapter on a PeftModel; the last one simply stays unused.
+            if (
+                self.has_adapters
+                and key in self.model.peft_config
+                and len(self.model.peft_config) > 1
+            ):
+                self.model.delete_adapter(key)
+
+        self.call(unload)
+
+    # ------------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch: list[Work] = [first]
+            if not isinstance(first, ControlWork):
+                deadline = time.monotonic() + self.max_wait
+                while len(batch) < self.max_batch:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        item = (
+                            self._queue.get(timeout=max(remaining, 0))
+                            if remaining > 0
+                            else self._queue.get_nowait()
+                        )
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._queue.put(None)
+                        break
+                    batch.append(item)
+                    if isinstance(item, ControlWork):
+                        break
+            self._run(batch)
+
+    def _run(self, batch: list[Work]) -> None:
+        classify = [w for w in batch if isinstance(w, ClassifyWork)]
+        generate = [w for w in batch if isinstance(w, GenerateWork)]
+        if classify:
+            self._guard(classify, self._classify)
+        groups: dict[tuple[float, float], list[GenerateWork]] = {}
+        for item in generate:
+            groups.setdefault((item.temperature, item.top_p), []).append(item)
+        for group in groups.values():
+            self._guard(group, self._generate)
+        for control in batch:
+            if isinstance(control, ControlWork):
+                try:
+                    control.future.set_result(control.fn())
+                except Exception as exc:
+                    control.future.set_exception(exc)
+
+    def _guard(self, works: list[Any], run: Callable[[list[Any]], None]) -> None:
+        try:
+            with torch.inference_mode(), self._amp():
+                run(works)
+        except Exception as exc:
+            log.exception("batch of %d failed", len(works))
+            for work in works:
+                if not work.future.done():
+                    work.future.set_exception(exc)
+
+    def _amp(self) -> Any:
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _names(self, works: list[ClassifyWork] | list[GenerateWork]) -> list[str] | None:
+        return [w.adapter_key for w in works] if self.has_adapters else None
+
+    def _classify(self, works: list[ClassifyWork]) -> None:
+        fast = [w for w in works if w.distinct_first_tokens]
+        if fast:
+            self.metrics.batch_size.labels("classify").observe(len(fast))
+            batch = left_pad([w.prompt for w in fast], self.tokenizer.pad_token_id)
+            logprobs = forward_logprobs(self.model, batch, 1, self._names(fast))[:, -1]
+            for row, work in zip(logprobs, fast, strict=True):
+                first = [ids[0] for ids in work.label_ids]
+                work.future.set_result(row[first].softmax(-1).tolist())
+        for work in works:
+            if work.distinct_first_tokens:
+                continue
+            self.metrics.batch_size.labels("classify").observe(1)
+            names = [work.adapter_key] if self.has_adapters else None
+            scores = sequence_logprobs(
+                self.model, [work.prompt], work.label_ids, self.tokenizer.pad_token_id, names
+            )
+            work.future.set_result(scores[0].softmax(-1).tolist())
+
+    def _generate(self, works: list[GenerateWork]) -> None:
+        self.metrics.batch_size.labels("generate").observe(len(works))
+        batch = left_pad([w.prompt for w in works], self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        sampling = works[0].temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(w.max_new_tokens for w in works),
+            "do_sample": sampling,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if sampling:
+            kwargs |= {"temperature": works[0].temperature, "top_p": works[0].top_p}
+        names = self._names(works)
+        if names is not None:
+            kwargs["adapter_names"] = names
+        output = self.model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            **kwargs,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
+        eos = self.tokenizer.eos_token_id
+        for tokens, work in zip(new_tokens, works, strict=True):
+            tokens = tokens[: work.max_new_tokens]
+            if eos in tokens:
+                work.future.set_result(Generated(tokens[: tokens.index(eos)], "stop"))
+            else:
+                work.future.set_result(Generated(tokens, "length"))

@@ -1,0 +1,83 @@
+"""The server's Prometheus metrics, per adapter and version.
+
+Names are what the chart's dashboards and alert rules query; keep them stable.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        version = ["adapter", "version"]
+        self.requests = Counter(
+            "sectune_serve_requests",
+            "Requests answered, by endpoint and HTTP status code.",
+            [*version, "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sectune_serve_request_duration_seconds",
+            "Time from request to response.",
+            [*version, "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sectune_serve_tokens",
+            "Tokens processed: kind is prompt or completion.",
+            [*version, "kind"],
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "sectune_serve_predictions",
+            "Labels predicted by /v1/classify.",
+            [*version, "label"],
+            registry=self.registry,
+        )
+        self.confidence = Histogram(
+            "sectune_serve_confidence",
+            "Probability of the predicted label.",
+            version,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.drift = Gauge(
+            "sectune_serve_drift_score",
+            "Jensen-Shannon divergence (bits, 0..1) of predicted labels over the drift window "
+            "against the evaluation-time distribution.",
+            version,
+            registry=self.registry,
+        )
+        self.adapter_info = Gauge(
+            "sectune_serve_adapter_info",
+            "Adapter versions loaded and verified (value 1), with their manifest digest and "
+            "traffic share.",
+            [*version, "sha256", "traffic"],
+            registry=self.registry,
+        )
+        self.load_failures = Counter(
+            "sectune_serve_adapter_load_failures",
+            "Adapter versions that could not be loaded (reason: integrity, base-model, storage, "
+            "invalid).",
+            [*version, "reason"],
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "sectune_serve_batch_size",
+            "Requests per forward pass (mixed adapters share a batch).",
+            ["kind"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "sectune_serve_config_reloads",
+            "Serving config reloads, by result (applied, partial, invalid).",
+            ["result"],
+            registry=self.registry,
+        )

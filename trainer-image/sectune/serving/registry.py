@@ -1,0 +1,310 @@
+"""Which adapter versions are loaded, verified and routed to, and how a config change applies.
+
+Applying a config loads what is new (download, verify every digest, check the base model,
+load into the model), reuses what is unchanged, and only then swaps the routing table. A version
+that fails to load is reported and skipped; its adapter keeps the versions that did load, or
+keeps serving what it served before if none did. The previous good adapter stays served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sectune import artifacts, storage
+from sectune.config import JobSpec
+from sectune.data.format import PromptFormatter
+from sectune.data.prepare import Example
+from sectune.serving.config import ServedVersion, ServingConfig
+from sectune.serving.drift import DriftMonitor, reference_distribution
+from sectune.serving.engine import Engine
+from sectune.serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class LoadError(RuntimeError):
+    """A version that cannot be served; `reason` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class LoadedVersion:
+    adapter: str
+    version: str
+    key: str
+    """The adapter's name inside the model."""
+    uri: str
+    sha256: str
+    traffic: int
+    spec: JobSpec
+    formatter: PromptFormatter
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+    drift: DriftMonitor | None = None
+    label_ids: list[list[int]] = field(default_factory=list)
+    distinct_first_tokens: bool = True
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.adapter}@{self.version}"
+
+    def describe(self, full: bool = False) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "version": self.version,
+            "sha256": self.sha256,
+            "uri": self.uri,
+            "traffic": self.traffic,
+            "job": self.manifest.get("job"),
+            "run": self.manifest.get("run"),
+            "task": self.spec.task.type,
+            "labels": self.spec.task.labels,
+            "gatesPassed": self.manifest.get("gatesPassed"),
+            "loadedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+        }
+        if full:
+            info["config"] = self.manifest.get("config")
+            info["training"] = {"metrics": self.manifest.get("metrics", {})}
+        return info
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    loaded: list[str]
+    failed: dict[str, str]
+    removed: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.loaded or self.failed or self.removed)
+
+
+class Registry:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ServingMetrics,
+        workdir: Path,
+        base_digest: str,
+        seed: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.workdir = workdir
+        self.base_digest = base_digest
+        self._routes: dict[str, list[LoadedVersion]] = {}
+        self._errors: dict[str, str] = {}
+        self._configured: list[str] = []
+        self._lock = threading.Lock()
+        self._apply_lock = threading.Lock()
+        self._random = random.Random(seed)
+
+    # ------------------------------------------------------------------ reading
+
+    def route(self, model: str) -> LoadedVersion:
+        """The version that answers a request for `model` ("name" or "name@version")."""
+        name, _, pinned = model.partition("@")
+        with self._lock:
+            versions = self._routes.get(name)
+        if not versions:
+            raise KeyError(model)
+        if pinned:
+            for version in versions:
+                if version.version == pinned:
+                    return version
+            raise KeyError(model)
+        weights = [v.traffic for v in versions]
+        if not any(weights):
+            weights = [1] * len(versions)
+        return self._random.choices(versions, weights=weights)[0]
+
+    def versions(self) -> dict[str, list[LoadedVersion]]:
+        with self._lock:
+            return {name: list(v) for name, v in self._routes.items()}
+
+    def errors(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._errors)
+
+    def not_ready(self) -> list[str]:
+        """Configured adapters with no version loaded."""
+        with self._lock:
+            return [name for name in self._configured if not self._routes.get(name)]
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, config: ServingConfig) -> ApplyResult:
+        with self._apply_lock:
+            return self._apply(config)
+
+    def _apply(self, config: ServingConfig) -> ApplyResult:
+        current = self.versions()
+        loaded_now: list[str] = []
+        failed: dict[str, str] = {}
+        new_routes: dict[str, list[LoadedVersion]] = {}
+        for adapter in config.adapters:
+            served: list[LoadedVersion] = []
+            for entry in adapter.versions:
+                label = f"{adapter.name}@{entry.version}"
+                try:
+                    version, fresh = self._obtain(adapter.name, entry, current, config)
+                except LoadError as exc:
+                    failed[label] = str(exc)
+                    self.metrics.load_failures.labels(adapter.name, entry.version, exc.reason).inc()
+                    log.error("not serving %s: %s", label, exc)
+                    continue
+                served.append(version)
+                if fresh:
+                    loaded_now.append(label)
+                    log.warning("loaded %s (sha256 %s)", label, version.sha256)
+            total = sum(v.traffic for v in served)
+            if total:
+                for v in served:  # a failed version's share goes to the versions that loaded
+                    v.traffic = round(100 * v.traffic / total)
+                new_routes[adapter.name] = served
+            elif current.get(adapter.name):
+                new_routes[adapter.name] = current[adapter.name]
+                log.error(
+                    "%s: no new version loaded; still serving the previous ones", adapter.name
+                )
+        kept = {v.key for versions in new_routes.values() for v in versions}
+        stale = [v for versions in current.values() for v in versions if v.key not in kept]
+        with self._lock:
+            self._routes = new_routes
+            self._errors = failed
+            self._configured = [a.name for a in config.adapters]
+        for version in stale:
+            self.engine.unload_adapter(version.key)
+            shutil.rmtree(self.workdir / version.key, ignore_errors=True)
+            log.warning("unloaded %s", version.model_id)
+        self._export_info()
+        return ApplyResult(loaded_now, failed, [v.model_id for v in stale])
+
+    def _obtain(
+        self,
+        name: str,
+        entry: ServedVersion,
+        current: dict[str, list[LoadedVersion]],
+        config: ServingConfig,
+    ) -> tuple[LoadedVersion, bool]:
+        try:
+            version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
+        except artifacts.IntegrityError as exc:
+            raise LoadError("integrity", str(exc)) from None
+        except storage.StorageError as exc:
+            raise LoadError("storage", str(exc)) from None
+        for existing in current.get(name, []):
+            if existing.version == entry.version and existing.sha256 == sha256:
+                existing.traffic = entry.traffic
+                return existing, False
+        key = f"{name}--{entry.version}--{sha256[:12]}"
+        directory = self.workdir / key
+        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            manifest = artifacts.fetch_verified(
+                version_uri, sha256, directory, include=("adapter/", "report.json")
+            )
+        except artifacts.IntegrityError as exc:
+            raise LoadError("integrity", str(exc)) from None
+        except storage.StorageError as exc:
+            raise LoadError("storage", str(exc)) from None
+        try:
+            return self._load(
+                name, entry, key, version_uri, sha256, manifest, directory, config
+            ), True
+        except LoadError:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _load(
+        self,
+        name: str,
+        entry: ServedVersion,
+        key: str,
+        version_uri: str,
+        sha256: str,
+        manifest: dict[str, Any],
+        directory: Path,
+        config: ServingConfig,
+    ) -> LoadedVersion:
+        import json
+
+        trained_on = manifest.get("baseModel", {}).get("sha256")
+        if trained_on != self.base_digest:
+            raise LoadError(
+                "base-model",
+                f"{version_uri} was trained on base model sha256 {trained_on}; this server "
+                f"serves {self.base_digest}. Serve it with its own base model.",
+            )
+        adapter_dir = directory / "adapter"
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise LoadError(
+                "invalid",
+                f"{version_uri} holds a whole model (method {manifest.get('method')}), not an "
+                "adapter; serve it as a base model of its own",
+            )
+        spec = JobSpec.model_validate(manifest["config"])
+        report_path = directory / "report.json"
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        formatter = PromptFormatter(self.engine.tokenizer, spec)
+        version = LoadedVersion(
+            adapter=name,
+            version=entry.version,
+            key=key,
+            uri=version_uri,
+            sha256=sha256,
+            traffic=entry.traffic,
+            spec=spec,
+            formatter=formatter,
+            manifest=manifest,
+            report=report,
+        )
+        if spec.task.type == "classification" and spec.task.labels:
+            probe = Example("probe", {"text": ""}, spec.task.labels[0])
+            version.label_ids = [formatter.target_ids(probe, label) for label in spec.task.labels]
+            firsts = [ids[0] for ids in version.label_ids]
+            version.distinct_first_tokens = len(set(firsts)) == len(firsts)
+            reference = reference_distribution(report)
+            if reference:
+                version.drift = DriftMonitor(
+                    reference, config.drift.window_minutes * 60, config.drift.min_requests
+                )
+        try:
+            self.engine.load_adapter(str(adapter_dir), key)
+        except Exception as exc:
+            raise LoadError("invalid", f"{version_uri}: the adapter does not load: {exc}") from None
+        return version
+
+    # ------------------------------------------------------------------ metrics
+
+    def _export_info(self) -> None:
+        self.metrics.adapter_info.clear()
+        self.metrics.drift.clear()
+        for versions in self.versions().values():
+            for v in versions:
+                self.metrics.adapter_info.labels(
+                    v.adapter, v.version, v.sha256, str(v.traffic)
+                ).set(1)
+
+    def update_drift(self) -> None:
+        for versions in self.versions().values():
+            for v in versions:
+                if v.drift is None:
+                    continue
+                score = v.drift.score()
+                if score is None:
+                    with contextlib.suppress(KeyError):
+                        self.metrics.drift.remove(v.adapter, v.version)
+                else:
+                    self.metrics.drift.labels(v.adapter, v.version).set(score)

@@ -1,0 +1,593 @@
+"""`sectune serve`: the HTTP API over the engine and the registry.
+
+Endpoints (OpenAI-compatible where a client expects it; the `model` field picks the adapter,
+`name@version` pins a version, `base` is the base model without an adapter):
+
+    POST /v1/classify            label + per-label probabilities, one forward pass
+    POST /v1/chat/completions    chat, the adapter's system prompt added when the request has none
+    POST /v1/completions         raw text completion
+    GET  /v1/models[/{name}]     adapters, versions, digests (+ training config and metrics)
+    GET  /metrics /healthz /readyz
+
+Request and response bodies are never logged: they carry the security data being triaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from sectune.config import ManifestError
+from sectune.data.prepare import Example
+from sectune.serving.config import BASE_MODEL_NAME, ServingConfig, load_serving_config
+from sectune.serving.engine import BASE_ADAPTER, ClassifyWork, Engine, GenerateWork
+from sectune.serving.metrics import ServingMetrics
+from sectune.serving.registry import LoadedVersion, Registry
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_CHARS = 64_000
+MAX_NEW_TOKENS = 2048
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+# ---------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ClassifyRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    input: str | dict[str, str] = Field(
+        description="The text to classify, or the fields the adapter's prompt template names."
+    )
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_INPUT_CHARS)
+
+
+class ChatRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+class CompletionRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(max_length=MAX_INPUT_CHARS)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+# ---------------------------------------------------------------------------- server state
+
+
+@dataclass
+class ServerOptions:
+    config_path: Path | None
+    config: ServingConfig
+    api_keys_file: Path | None = None
+    autocast: bool = True
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    reload_interval: float = 5.0
+    seed: int | None = None
+
+
+@dataclass
+class ServerState:
+    options: ServerOptions
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    engine: Engine | None = None
+    registry: Registry | None = None
+    base_uri: str = ""
+    loading: str = "starting"
+    """What the server is doing before it is ready; empty once loaded."""
+    fatal: str | None = None
+    _api_key_digests: list[bytes] = field(default_factory=list)
+    _config_digest: str = ""
+
+    # -------------------------------------------------------------- startup
+
+    def load(self) -> None:
+        """Resolve the base model, load it, start the worker, apply the config."""
+        import torch
+
+        from sectune import artifacts
+        from sectune.training import base_model
+
+        config = self.options.config
+        spec = config.base_model
+        if spec is None:
+            self.loading = "reading the adapters' manifests to find their base model"
+            spec = self._base_from_manifests(config, artifacts)
+        self.base_uri = spec.uri
+        self.loading = f"loading base model {spec.uri}"
+        resolved = base_model.resolve(spec)
+        model, tokenizer = base_model.load(resolved, spec, torch.float32)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            self.metrics,
+            autocast=self.options.autocast,
+            max_batch=self.options.max_batch,
+            max_wait_ms=self.options.max_wait_ms,
+        )
+        self.engine.start()
+        workdir = Path(tempfile.mkdtemp(prefix="sectune-serve-"))
+        self.registry = Registry(
+            self.engine, self.metrics, workdir, resolved.digest, seed=self.options.seed
+        )
+        self.loading = "loading adapters"
+        self._apply(config)
+        self.loading = ""
+
+    @staticmethod
+    def _base_from_manifests(config: ServingConfig, artifacts: Any) -> Any:
+        import json
+
+        from sectune import storage
+        from sectune.config import BaseModelSpec
+
+        seen: dict[str, BaseModelSpec] = {}
+        for adapter in config.adapters:
+            for entry in adapter.versions:
+                try:
+                    version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
+                    body = storage.read_bytes(f"{version_uri}/manifest.json")
+                except (artifacts.IntegrityError, storage.StorageError) as exc:
+                    log.error("%s@%s: %s", adapter.name, entry.version, exc)
+                    continue
+                if hashlib.sha256(body).hexdigest() != sha256:
+                    continue  # the registry reports it when it tries to load the version
+                base = json.loads(body)["baseModel"]
+                seen[base["sha256"]] = BaseModelSpec(
+                    uri=base["uri"], quantization=base.get("quantization", "none")
+                )
+        if not seen:
+            raise ManifestError(
+                "no adapter could be read to find the base model; set baseModel in the config"
+            )
+        if len(seen) > 1:
+            raise ManifestError(
+                "the adapters were trained on different base models ("
+                + ", ".join(s.uri for s in seen.values())
+                + "); set baseModel, or serve them from separate servers"
+            )
+        return next(iter(seen.values()))
+
+    def _apply(self, config: ServingConfig) -> None:
+        assert self.registry is not None
+        result = self.registry.apply(config)
+        outcome = "partial" if result.failed else "applied"
+        self.metrics.reloads.labels(outcome).inc()
+
+    def reload_if_changed(self) -> None:
+        """Re-read the config file; apply it when it, or a job's current.json, changed."""
+        path = self.options.config_path
+        if path is None or self.registry is None:
+            return
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            log.error("cannot read %s: %s; keeping the adapters loaded", path, exc.strerror)
+            return
+        digest = hashlib.sha256(text).hexdigest()
+        if digest == self._config_digest and not self._pointers_moved():
+            return
+        try:
+            config = load_serving_config(path)
+        except ManifestError as exc:
+            self.metrics.reloads.labels("invalid").inc()
+            log.error("%s; keeping the adapters loaded", exc)
+            self._config_digest = digest
+            return
+        self._config_digest = digest
+        self.options.config = config
+        self._apply(config)
+
+    def _pointers_moved(self) -> bool:
+        """A version given as a job prefix follows its current.json: did one move?"""
+        from sectune import artifacts, storage
+
+        assert self.registry is not None
+        loaded = self.registry.versions()
+        for adapter in self.options.config.adapters:
+            for entry in adapter.versions:
+                if entry.sha256 is not None:
+                    continue
+                try:
+                    _, sha256 = artifacts.resolve_version(entry.uri, None)
+                except (artifacts.IntegrityError, storage.StorageError):
+                    continue
+                served = {
+                    v.sha256 for v in loaded.get(adapter.name, []) if v.version == entry.version
+                }
+                if sha256 not in served:
+                    return True
+        return False
+
+    def remember_config(self) -> None:
+        if self.options.config_path is not None:
+            with contextlib.suppress(OSError):
+                self._config_digest = hashlib.sha256(
+                    self.options.config_path.read_bytes()
+                ).hexdigest()
+
+    def load_api_keys(self) -> None:
+        path = self.options.api_keys_file
+        if path is None:
+            return
+        keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not keys:
+            raise ManifestError(f"{path}: no API keys in the file (one per line)")
+        self._api_key_digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def authorized(self, header: str | None) -> bool:
+        if not self._api_key_digests:
+            return True
+        if not header or not header.startswith("Bearer "):
+            return False
+        given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+        return any(hmac.compare_digest(given, key) for key in self._api_key_digests)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"message": message, "type": "invalid_request_error"}}
+    if field:
+        body["error"]["param"] = field
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    from fastapi.exceptions import RequestValidationError
+
+    app = FastAPI(title="sectune", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = state.metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        if any(p["loc"] == ("body",) for p in exc.errors()):
+            return _error(422, "the body must be a JSON object (Content-Type: application/json)")
+        for problem in exc.errors():
+            where = ".".join(str(p) for p in problem["loc"] if p != "body")
+            problems.append(f"{where or 'body'}: {problem['msg']}")
+        first = (
+            ".".join(str(p) for p in exc.errors()[0]["loc"] if p != "body")
+            if exc.errors()
+            else None
+        )
+        return _error(422, "; ".join(problems), first)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.url.path.startswith("/v1/") and not state.authorized(
+            request.headers.get("authorization")
+        ):
+            response = _error(401, "missing or unknown API key: send Authorization: Bearer <key>")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        result: Response = await call_next(request)
+        return result
+
+    def engine_and_registry() -> tuple[Engine, Registry]:
+        if state.engine is None or state.registry is None or state.loading:
+            raise ApiError(503, f"not ready: {state.loading or 'starting'}")
+        return state.engine, state.registry
+
+    def pick(model: str, endpoint: str) -> LoadedVersion | None:
+        """The version for `model`, or None for the base model."""
+        _, registry = engine_and_registry()
+        if model == BASE_MODEL_NAME:
+            return None
+        try:
+            return registry.route(model)
+        except KeyError:
+            metrics.requests.labels("unknown", "", endpoint, "404").inc()
+            available = [*sorted(registry.versions()), BASE_MODEL_NAME]
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; available: {', '.join(available)} "
+                "(pin a version as name@version)",
+                "model",
+            ) from None
+
+    def observe(
+        version: LoadedVersion | None, endpoint: str, began: float, prompt: int, completion: int
+    ) -> tuple[str, str]:
+        adapter, ver = (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+        metrics.latency.labels(adapter, ver, endpoint).observe(time.perf_counter() - began)
+        metrics.requests.labels(adapter, ver, endpoint, "200").inc()
+        metrics.tokens.labels(adapter, ver, "prompt").inc(prompt)
+        if completion:
+            metrics.tokens.labels(adapter, ver, "completion").inc(completion)
+        return adapter, ver
+
+    def wait(future: Future[Any], version: LoadedVersion | None, endpoint: str) -> Any:
+        try:
+            return future.result()
+        except Exception:
+            adapter, ver = (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+            metrics.requests.labels(adapter, ver, endpoint, "500").inc()
+            log.exception("%s request for %s failed", endpoint, adapter)
+            raise ApiError(
+                500, "the model failed on this request; the server log has why"
+            ) from None
+
+    def headers(version: LoadedVersion | None) -> dict[str, str]:
+        if version is None:
+            return {"x-sectune-model": BASE_MODEL_NAME}
+        return {"x-sectune-model": version.model_id, "x-sectune-adapter-sha256": version.sha256}
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        if state.fatal:
+            return JSONResponse({"status": "failed", "reason": state.fatal}, status_code=503)
+        if state.engine is not None and not state.engine.alive:
+            return JSONResponse(
+                {"status": "failed", "reason": "model worker stopped"}, status_code=503
+            )
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if state.loading or state.registry is None:
+            return JSONResponse({"status": "loading", "reason": state.loading}, status_code=503)
+        missing = state.registry.not_ready()
+        if missing:
+            errors = state.registry.errors()
+            return JSONResponse(
+                {"status": "not ready", "adaptersWithoutVersion": missing, "errors": errors},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if state.registry is not None:
+            state.registry.update_drift()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_entry(name: str, versions: list[LoadedVersion], full: bool) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "owned_by": "sectune",
+            "versions": [v.describe(full) for v in versions],
+        }
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        _, registry = engine_and_registry()
+        data = [model_entry(n, v, False) for n, v in sorted(registry.versions().items())]
+        data.append(
+            {"id": BASE_MODEL_NAME, "object": "model", "owned_by": "sectune", "uri": state.base_uri}
+        )
+        return {"object": "list", "data": data, "errors": registry.errors()}
+
+    @app.get("/v1/models/{name}")
+    def get_model(name: str) -> dict[str, Any]:
+        _, registry = engine_and_registry()
+        versions = registry.versions().get(name)
+        if not versions:
+            raise ApiError(404, f"model {name!r} is not served here", "model")
+        return model_entry(name, versions, True)
+
+    @app.post("/v1/classify")
+    def classify(body: ClassifyRequest) -> Response:
+        began = time.perf_counter()
+        engine, _ = engine_and_registry()
+        version = pick(body.model, "classify")
+        if version is None or version.spec.task.type != "classification":
+            kind = "the base model" if version is None else f"a {version.spec.task.type} adapter"
+            raise ApiError(
+                400,
+                f"{body.model} is {kind}; /v1/classify needs a classification adapter "
+                "(use /v1/chat/completions)",
+                "model",
+            )
+        fields = body.input if isinstance(body.input, dict) else {"text": body.input}
+        if sum(len(v) for v in fields.values()) > MAX_INPUT_CHARS:
+            raise ApiError(413, f"input is longer than {MAX_INPUT_CHARS} characters", "input")
+        prompt = version.formatter.prompt_ids(Example("request", fields, ""))
+        prompt = prompt[-version.spec.hyperparameters.max_seq_length :]
+        probabilities = wait(
+            engine.submit(
+                ClassifyWork(version.key, prompt, version.label_ids, version.distinct_first_tokens)
+            ),
+            version,
+            "classify",
+        )
+        labels = version.spec.task.labels
+        best = max(range(len(labels)), key=probabilities.__getitem__)
+        adapter, ver = observe(version, "classify", began, len(prompt), 0)
+        metrics.predictions.labels(adapter, ver, labels[best]).inc()
+        metrics.confidence.labels(adapter, ver).observe(probabilities[best])
+        if version.drift is not None:
+            version.drift.record(labels[best])
+        return JSONResponse(
+            {
+                "object": "classification",
+                "model": version.model_id,
+                "label": labels[best],
+                "confidence": probabilities[best],
+                "probabilities": dict(zip(labels, probabilities, strict=True)),
+                "usage": {"prompt_tokens": len(prompt)},
+            },
+            headers=headers(version),
+        )
+
+    def complete(
+        version: LoadedVersion | None,
+        prompt: list[int],
+        body: ChatRequest | CompletionRequest,
+        endpoint: str,
+        began: float,
+    ) -> tuple[str, str, dict[str, int]]:
+        engine, _ = engine_and_registry()
+        if body.stream:
+            raise ApiError(
+                400, "streaming responses are not supported yet; set stream: false", "stream"
+            )
+        key = version.key if version is not None else BASE_ADAPTER
+        generated = wait(
+            engine.submit(GenerateWork(key, prompt, body.max_tokens, body.temperature, body.top_p)),
+            version,
+            endpoint,
+        )
+        text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
+        observe(version, endpoint, began, len(prompt), len(generated.token_ids))
+        usage = {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(generated.token_ids),
+            "total_tokens": len(prompt) + len(generated.token_ids),
+        }
+        return text, generated.finish_reason, usage
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest) -> Response:
+        began = time.perf_counter()
+        engine, _ = engine_and_registry()
+        version = pick(body.model, "chat")
+        messages = [m.model_dump() for m in body.messages]
+        if (
+            version is not None
+            and messages[0]["role"] != "system"
+            and version.spec.task.system_prompt
+        ):
+            messages.insert(0, {"role": "system", "content": version.spec.task.system_prompt})
+        text = engine.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        prompt = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if version is not None:
+            prompt = prompt[-version.spec.hyperparameters.max_seq_length :]
+        content, finish, usage = complete(version, prompt, body, "chat", began)
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{time.time_ns():x}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": version.model_id if version else BASE_MODEL_NAME,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            },
+            headers=headers(version),
+        )
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest) -> Response:
+        began = time.perf_counter()
+        engine, _ = engine_and_registry()
+        version = pick(body.model, "completions")
+        prompt = list(engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+        content, finish, usage = complete(version, prompt, body, "completions", began)
+        return JSONResponse(
+            {
+                "id": f"cmpl-{time.time_ns():x}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": version.model_id if version else BASE_MODEL_NAME,
+                "choices": [{"index": 0, "text": content, "finish_reason": finish}],
+                "usage": usage,
+            },
+            headers=headers(version),
+        )
+
+    return app
+
+
+def serve(
+    options: ServerOptions, host: str, port: int, ready: Callable[[str], None] | None = None
+) -> int:
+    """Run the server until SIGTERM/SIGINT. Loading happens after the port is open, so
+    /healthz and /readyz answer (503 "loading …") while the base model and adapters load."""
+    import uvicorn
+
+    state = ServerState(options)
+    state.load_api_keys()
+    state.remember_config()
+    app = create_app(state)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    )
+    stop = threading.Event()
+
+    def load_then_watch() -> None:
+        try:
+            state.load()
+        except Exception as exc:
+            state.fatal = str(exc)
+            log.error("cannot start serving: %s", exc)
+            server.should_exit = True
+            return
+        if ready:
+            ready(
+                f"serving {', '.join(sorted(state.registry.versions())) if state.registry else ''}"
+            )
+        while not stop.wait(options.reload_interval):
+            try:
+                state.reload_if_changed()
+            except Exception:
+                log.exception("config reload failed; keeping the adapters loaded")
+
+    def reload_now(*_: Any) -> None:
+        threading.Thread(target=state.reload_if_changed, daemon=True).start()
+
+    signal.signal(signal.SIGHUP, reload_now)
+    loader = threading.Thread(target=load_then_watch, name="sectune-loader", daemon=True)
+    loader.start()
+    try:
+        server.run()
+    finally:
+        stop.set()
+        if state.engine is not None:
+            state.engine.stop()
+    return 1 if state.fatal else 0
