@@ -65,6 +65,13 @@ class Generated:
 Work = ClassifyWork | GenerateWork | ControlWork
 
 
+class AdapterGone(RuntimeError):
+    """The adapter version a request was routed to was unloaded before it ran; retry."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"adapter {key} was unloaded before the request ran; retry it")
+
+
 class Engine:
     """Owns the model and tokenizer; runs submitted work in batches on one thread."""
 
@@ -167,7 +174,17 @@ class Engine:
                         break
             self._run(batch)
 
+    def _loaded(self, key: str) -> bool:
+        if self.has_adapters:
+            return key == BASE_ADAPTER or key in self.model.peft_config
+        return key == BASE_ADAPTER
+
     def _run(self, batch: list[Work]) -> None:
+        for work in batch:
+            # Routed just before its version was unloaded: fail this request, not its batch.
+            if isinstance(work, ClassifyWork | GenerateWork) and not self._loaded(work.adapter_key):
+                work.future.set_exception(AdapterGone(work.adapter_key))
+        batch = [w for w in batch if not w.future.done()]
         classify = [w for w in batch if isinstance(w, ClassifyWork)]
         generate = [w for w in batch if isinstance(w, GenerateWork)]
         if classify:

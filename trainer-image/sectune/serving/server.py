@@ -35,7 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sectune.config import ManifestError
 from sectune.data.prepare import Example
 from sectune.serving.config import BASE_MODEL_NAME, ServingConfig, load_serving_config
-from sectune.serving.engine import BASE_ADAPTER, ClassifyWork, Engine, GenerateWork
+from sectune.serving.engine import (
+    BASE_ADAPTER,
+    AdapterGone,
+    ClassifyWork,
+    Engine,
+    GenerateWork,
+)
 from sectune.serving.metrics import ServingMetrics
 from sectune.serving.registry import LoadedVersion, Registry
 
@@ -345,6 +351,10 @@ def create_app(state: ServerState) -> FastAPI:
     def wait(future: Future[Any], version: LoadedVersion | None, endpoint: str) -> Any:
         try:
             return future.result()
+        except AdapterGone:
+            raise ApiError(
+                503, "that adapter version was just replaced; retry the request"
+            ) from None
         except Exception:
             adapter, ver = (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
             metrics.requests.labels(adapter, ver, endpoint, "500").inc()

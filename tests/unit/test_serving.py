@@ -1,0 +1,244 @@
+"""The serving pieces that need no server: config validation, drift math, digest-verified fetches,
+and the model worker's mixed-adapter batches on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sectune import artifacts
+from sectune.config import ManifestError
+from sectune.serving.config import config_from_flags, load_serving_config, parse_serving_config
+from sectune.serving.drift import DriftMonitor, js_divergence, reference_distribution
+
+
+def _version(uri: str = "s3://b/jobs/triage/versions/r1", **extra: object) -> dict[str, object]:
+    return {"version": "v1", "uri": uri, "sha256": "a" * 64, **extra}
+
+
+def test_a_valid_config_parses_with_defaults() -> None:
+    config = parse_serving_config(
+        {"adapters": [{"name": "triage", "versions": [_version()]}]}, "serving.yaml"
+    )
+    assert config.base_model is None
+    assert config.adapters[0].versions[0].traffic == 100
+    assert config.drift.window_minutes == 60
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        (
+            {"adapters": [{"name": "triage", "versions": [_version(traffic=60)]}]},
+            "adapters.0: adapter triage: traffic adds up to 60; make it 100",
+        ),
+        (
+            {"adapters": [{"name": "Triage", "versions": [_version()]}]},
+            "adapters.0.name: String should match pattern",
+        ),
+        (
+            {"adapters": [{"name": "base", "versions": [_version()]}]},
+            "'base' is reserved for the base model",
+        ),
+        (
+            {
+                "adapters": [
+                    {"name": "t", "versions": [_version()]},
+                    {"name": "t", "versions": [_version()]},
+                ]
+            },
+            "names must be unique; repeated: t",
+        ),
+        (
+            {"adapters": [{"name": "t", "versions": [_version(uri="https://example.com/a")]}]},
+            "adapters.0.versions.0.uri: String should match pattern",
+        ),
+        (
+            {"adapters": [{"name": "t", "versions": [_version(sha256="abc")]}]},
+            "adapters.0.versions.0.sha256",
+        ),
+        (
+            {"adapters": [{"name": "t", "versions": []}]},
+            "adapters.0.versions: List should have at least 1",
+        ),
+        (
+            {"adapters": [{"name": "t", "versions": [_version()]}], "replicas": 2},
+            "replicas: Extra inputs",
+        ),
+    ],
+)
+def test_bad_configs_name_the_field(document: dict[str, object], expected: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_serving_config(document, "serving.yaml")
+    assert str(caught.value).startswith("serving.yaml: the serving config is not valid:")
+    assert expected in str(caught.value)
+
+
+def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"missing\.yaml: cannot read"):
+        load_serving_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("adapters: [\n")
+    with pytest.raises(ManifestError, match=r"broken\.yaml: not valid YAML"):
+        load_serving_config(broken)
+
+
+def test_adapter_flags_follow_each_jobs_current_version() -> None:
+    config = config_from_flags(["triage=s3://b/jobs/triage", "intel=file:///out/intel"], None)
+    assert [(a.name, a.versions[0].version, a.versions[0].sha256) for a in config.adapters] == [
+        ("triage", "current", None),
+        ("intel", "current", None),
+    ]
+    with pytest.raises(ManifestError, match="expected name=URI"):
+        config_from_flags(["s3://b/jobs/triage"], None)
+
+
+def test_js_divergence_bounds_and_a_known_value() -> None:
+    p = {"benign": 0.5, "malicious": 0.5}
+    assert js_divergence(p, p) == 0.0
+    assert js_divergence({"benign": 1.0}, {"malicious": 1.0}) == pytest.approx(1.0)
+    # JS({1, 0}, {0.5, 0.5}) = 1.5 - 0.75 * log2(3) bits.
+    expected = 1.5 - 0.75 * math.log2(3)
+    assert js_divergence({"benign": 1.0}, p) == pytest.approx(expected)
+
+
+def test_reference_distribution_is_the_tuned_models_predicted_labels() -> None:
+    report = {
+        "models": {
+            "tuned": {
+                "confusionMatrix": {"labels": ["benign", "malicious"], "matrix": [[3, 1], [0, 4]]}
+            }
+        }
+    }
+    assert reference_distribution(report) == {"benign": 3 / 8, "malicious": 5 / 8}
+    assert reference_distribution({"models": {"tuned": {"validationLoss": 1.0}}}) is None
+
+
+def test_drift_monitor_needs_enough_predictions_and_forgets_old_ones() -> None:
+    monitor = DriftMonitor({"benign": 0.5, "malicious": 0.5}, window_seconds=60, min_requests=4)
+    for t in range(3):
+        monitor.record("malicious", now=t)
+    assert monitor.score(now=3) is None
+    monitor.record("benign", now=3)
+    assert monitor.score(now=3) == pytest.approx(
+        js_divergence({"benign": 0.25, "malicious": 0.75}, monitor.reference)
+    )
+    # A minute later only the last prediction is in the window: too few to say.
+    assert monitor.score(now=62.5) is None
+
+
+def _publish(tmp_path: Path) -> tuple[str, artifacts.Published]:
+    from sectune import storage
+
+    stage = tmp_path / "stage"
+    (stage / "adapter").mkdir(parents=True)
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (stage / "report.json").write_text("{}")
+    (stage / "report.html").write_text("<html></html>")
+    prefix = storage.parse_uri(f"file://{tmp_path}/store/triage")
+    return prefix.uri, artifacts.publish(stage, prefix, "r1", {"job": "triage"})
+
+
+def test_resolve_version_follows_current_json_and_demands_a_digest_for_a_version(
+    tmp_path: Path,
+) -> None:
+    prefix, published = _publish(tmp_path)
+    assert artifacts.resolve_version(prefix, None) == (published.uri, published.manifest_sha256)
+    assert artifacts.resolve_version(published.uri, "b" * 64) == (published.uri, "b" * 64)
+    with pytest.raises(artifacts.IntegrityError, match=r"needs the sha256 of its manifest\.json"):
+        artifacts.resolve_version(published.uri, None)
+    with pytest.raises(artifacts.IntegrityError, match="not the expected"):
+        artifacts.resolve_version(prefix, "c" * 64)
+    with pytest.raises(artifacts.IntegrityError, match="neither a published version"):
+        artifacts.resolve_version(f"file://{tmp_path}/nothing", None)
+
+
+def test_fetch_verified_takes_only_what_it_verified(tmp_path: Path) -> None:
+    _, published = _publish(tmp_path)
+    dest = tmp_path / "fetched"
+    manifest = artifacts.fetch_verified(
+        published.uri, published.manifest_sha256, dest, include=("adapter/", "report.json")
+    )
+    assert manifest["job"] == "triage"
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "adapter/adapter_model.safetensors",
+        "manifest.json",
+        "report.json",
+    ]
+
+    with pytest.raises(artifacts.IntegrityError, match=r"manifest\.json: sha256"):
+        artifacts.fetch_verified(published.uri, "0" * 64, tmp_path / "wrong", include=("adapter/",))
+    weights = Path(published.uri.removeprefix("file://")) / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(b"tampered")
+    with pytest.raises(
+        artifacts.IntegrityError, match=r"adapter/adapter_model\.safetensors: content"
+    ):
+        artifacts.fetch_verified(
+            published.uri, published.manifest_sha256, tmp_path / "t", include=("adapter/",)
+        )
+    assert not (tmp_path / "t").exists()  # nothing half-fetched is left to be mistaken for good
+    json.loads((dest / "manifest.json").read_text())
+
+
+def test_engine_batches_mix_adapters_with_the_answers_each_gives_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sectune.serving.engine import (
+        BASE_ADAPTER,
+        AdapterGone,
+        ClassifyWork,
+        Engine,
+        GenerateWork,
+    )
+    from sectune.serving.metrics import ServingMetrics
+
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(
+            tmp_path / name
+        )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    metrics = ServingMetrics()
+    engine = Engine(model, tokenizer, metrics, autocast=False, max_batch=8, max_wait_ms=200)
+    engine.start()
+    try:
+        engine.load_adapter(str(tmp_path / "a"), "a")
+        engine.load_adapter(str(tmp_path / "b"), "b")
+        prompt = list(tokenizer("Failed password for admin")["input_ids"])
+        labels = [[5], [9], [17]]
+
+        def classify(key: str) -> ClassifyWork:
+            return ClassifyWork(key, prompt, labels, distinct_first_tokens=True)
+
+        alone = {key: engine.submit(classify(key)).result() for key in ("a", "b", BASE_ADAPTER)}
+        together = [engine.submit(classify(key)) for key in ("a", "b", BASE_ADAPTER, "a")]
+        results = [f.result() for f in together]
+        for key, result in zip(("a", "b", BASE_ADAPTER, "a"), results, strict=True):
+            assert result == pytest.approx(alone[key], abs=1e-5)
+        assert max(abs(x - y) for x, y in zip(alone["a"], alone["b"], strict=True)) > 1e-4
+        assert metrics.batch_size.labels("classify")._sum.get() > 3  # a batch held several
+
+        exact = ClassifyWork("a", prompt, [[5, 9], [5, 17]], distinct_first_tokens=False)
+        assert sum(engine.submit(exact).result()) == pytest.approx(1.0)
+
+        generated = engine.submit(GenerateWork("b", prompt, max_new_tokens=3)).result()
+        assert len(generated.token_ids) <= 3 and generated.finish_reason in ("stop", "length")
+
+        engine.unload_adapter("a")
+        assert list(engine.model.peft_config) == ["b"]
+        # A request routed to an adapter just unloaded fails alone; its batch-mates are answered.
+        gone, kept = engine.submit(classify("a")), engine.submit(classify("b"))
+        with pytest.raises(AdapterGone, match="adapter a was unloaded"):
+            gone.result()
+        assert kept.result() == pytest.approx(alone["b"], abs=1e-5)
+    finally:
+        engine.stop()
