@@ -228,6 +228,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.html").write_text(render_html(report))
     console.print(_summary_table(report))
+    if report.get("baselinesFrom"):
+        console.print(f"Baselines for gates: {report['baselinesFrom']}", soft_wrap=True)
     console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
     return 0 if report["gatesPassed"] else 3
 
@@ -250,6 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
+    if "SECTUNE_LOG_LEVEL" not in os.environ:  # loads, swaps and refusals are the server's news
+        logging.getLogger("sectune.serving").setLevel(logging.INFO)
     keys = args.api_keys_file or os.environ.get("SECTUNE_API_KEYS_FILE")
     options = ServerOptions(
         config_path=config_path,
@@ -406,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("SECTUNE_LOG_LEVEL", "WARNING"))
+    logging.basicConfig(
+        level=os.environ.get("SECTUNE_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # Deprecation notices from the ML libraries are for their callers' authors, not users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("presidio-analyzer", "transformers", "accelerate", "bitsandbytes", "httpx"):

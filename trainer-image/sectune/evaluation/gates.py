@@ -67,3 +67,14 @@ def evaluate_gates(
             GateOutcome(gate.name, gate.metric, value, gate.min, gate.max, passed, reason)
         )
     return outcomes
+
+
+def baselines_from_report(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The baselines a stored report measured at training time (base, fewShot, tfidf), for
+    gates over a baseline when the adapter is evaluated again later (the base model and the
+    training data are not re-run then; the margin is over the training-time baseline)."""
+    return {
+        name: {k: v for k, v in metrics.items() if k not in ("confusionMatrix", "calibration")}
+        for name, metrics in report.get("models", {}).items()
+        if name != "tuned"
+    }

@@ -42,6 +42,9 @@ CONSISTENCY_METRICS = (
 )
 
 
+BASELINES_FROM = "training time: the job's held-out set, not re-measured here"
+
+
 class EndpointError(RuntimeError):
     """The server cannot be reached or refused a request; the message says which and why."""
 
@@ -223,7 +226,8 @@ def evaluate_endpoint(
     gates = spec.evaluation.gates
     if gates_path:
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
-    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, {})]
+    baselines = version.get("training", {}).get("baselines", {})
+    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
     passed = all(g["passed"] for g in outcomes)
     failing = [g["name"] for g in outcomes if not g["passed"]]
     return {
@@ -237,6 +241,7 @@ def evaluate_endpoint(
         "data": {"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
         "models": {"tuned": metrics, "training": training},
         "consistency": consistency_table(metrics, training),
+        "baselinesFrom": BASELINES_FROM if baselines else None,
         "probes": probes,
         "gates": outcomes,
         "gatesPassed": passed,

@@ -145,6 +145,7 @@ def evaluate_stored(
 ) -> dict[str, Any]:
     """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
     its own gates or those in `gates_path` (a YAML list). Returns the report."""
+    import json
     import tempfile
     from pathlib import Path
 
@@ -154,7 +155,8 @@ def evaluate_stored(
     from sectune import artifacts, storage
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
-    from sectune.evaluation.gates import evaluate_gates
+    from sectune.evaluation.gates import baselines_from_report, evaluate_gates
+    from sectune.evaluation.remote import BASELINES_FROM
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
 
@@ -190,7 +192,12 @@ def evaluate_stored(
     gates = spec.evaluation.gates
     if gates_path:
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
-    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, {})]
+    report_uri = storage.parse_uri(version).join("report.json")
+    training_report = (
+        json.loads(storage.read_bytes(report_uri)) if storage.exists(report_uri) else {}
+    )
+    baselines = baselines_from_report(training_report)
+    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
     passed = all(g["passed"] for g in outcomes)
     failing = [g["name"] for g in outcomes if not g["passed"]]
     return {
@@ -202,6 +209,7 @@ def evaluate_stored(
             "sanitize": sanitized,
         },
         "models": {"tuned": metrics, "training": manifest.get("metrics", {})},
+        "baselinesFrom": BASELINES_FROM if baselines else None,
         "probes": probes,
         "gates": outcomes,
         "gatesPassed": passed,

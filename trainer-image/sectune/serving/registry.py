@@ -22,6 +22,7 @@ from sectune import artifacts, storage
 from sectune.config import JobSpec
 from sectune.data.format import PromptFormatter
 from sectune.data.prepare import Example
+from sectune.evaluation.gates import baselines_from_report
 from sectune.serving.config import ServedVersion, ServingConfig
 from sectune.serving.drift import DriftMonitor, reference_distribution
 from sectune.serving.engine import Engine
@@ -75,7 +76,10 @@ class LoadedVersion:
         }
         if full:
             info["config"] = self.manifest.get("config")
-            info["training"] = {"metrics": self.manifest.get("metrics", {})}
+            info["training"] = {
+                "metrics": self.manifest.get("metrics", {}),
+                "baselines": baselines_from_report(self.report),
+            }
         return info
 
 
@@ -167,7 +171,7 @@ class Registry:
                 served.append(version)
                 if fresh:
                     loaded_now.append(label)
-                    log.warning("loaded %s (sha256 %s)", label, version.sha256)
+                    log.info("loaded %s (sha256 %s)", label, version.sha256)
             total = sum(v.traffic for v in served)
             if total:
                 for v in served:  # a failed version's share goes to the versions that loaded
@@ -187,7 +191,7 @@ class Registry:
         for version in stale:
             self.engine.unload_adapter(version.key)
             shutil.rmtree(self.workdir / version.key, ignore_errors=True)
-            log.warning("unloaded %s", version.model_id)
+            log.info("unloaded %s", version.model_id)
         self._export_info()
         return ApplyResult(loaded_now, failed, [v.model_id for v in stale])
 

@@ -374,7 +374,10 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
     assert (tmp_path / "served" / "report.html").read_text().count("against training time") == 1
 
     gates = tmp_path / "gates.yaml"
-    gates.write_text("- metric: accuracy\n  min: 1.01\n")
+    gates.write_text(
+        "- metric: accuracy\n  min: 1.01\n"
+        "- metric: macroF1\n  overBaseline: base\n  min: -1\n"
+    )
     failed = sectune(
         "evaluate",
         "--endpoint",
@@ -391,6 +394,11 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
     )
     assert failed.returncode == 3
     assert "gates failed: accuracy>=1.01" in failed.stderr
+    gated = json.loads((tmp_path / "gated" / "report.json").read_text())
+    # The margin over the base model uses the baseline measured at training time.
+    [over_base] = [g for g in gated["gates"] if g["name"] == "macroF1-over-base>=-1"]
+    assert over_base["passed"] and over_base["value"] is not None
+    assert gated["baselinesFrom"].startswith("training time")
 
     pinned = sectune(
         "evaluate",
