@@ -375,8 +375,7 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
 
     gates = tmp_path / "gates.yaml"
     gates.write_text(
-        "- metric: accuracy\n  min: 1.01\n"
-        "- metric: macroF1\n  overBaseline: base\n  min: -1\n"
+        "- metric: accuracy\n  min: 1.01\n- metric: macroF1\n  overBaseline: base\n  min: -1\n"
     )
     failed = sectune(
         "evaluate",

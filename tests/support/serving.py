@@ -47,9 +47,10 @@ def _auth(key: str | None) -> dict[str, str]:
 
 
 def start_server(
-    workdir: Path, args: list[str], env: dict[str, str], ready: bool = True
+    workdir: Path, args: list[str], env: dict[str, str], precision: str = "fp32"
 ) -> SectuneServer:
-    """Start `sectune serve` (fp32, fast config polling) and wait until /readyz says ready."""
+    """Start `sectune serve` (fp32 by default, fast config polling) and wait until /readyz
+    says ready."""
     port = free_port()
     process = Server(
         "sectune-serve",
@@ -61,7 +62,7 @@ def start_server(
             "--port",
             str(port),
             "--precision",
-            "fp32",
+            precision,
             "--reload-interval",
             "0.5",
             *args,
@@ -71,7 +72,7 @@ def start_server(
     ).start()
     server = SectuneServer(f"http://127.0.0.1:{port}", process)
     try:
-        process.wait_http(server.url + ("/readyz" if ready else "/healthz"), timeout=120)
+        process.wait_http(server.url + "/readyz", timeout=120)
     except BaseException:
         process.stop()
         raise

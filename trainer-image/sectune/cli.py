@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_path=config_path,
         config=config,
         api_keys_file=Path(keys) if keys else None,
-        autocast=args.precision == "bf16",
+        precision=args.precision,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         reload_interval=args.reload_interval,
@@ -381,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
     )
     serve_cmd.add_argument(
-        "--precision", choices=["bf16", "fp32"], default="bf16", help="compute precision"
+        "--precision",
+        choices=["bf16", "autocast", "fp32"],
+        default="bf16",
+        help="bf16: bfloat16 weights (fastest); autocast: float32 weights with bfloat16 "
+        "autocast, as training-time evaluation computes; fp32: float32 throughout",
     )
     serve_cmd.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
     serve_cmd.add_argument(

@@ -216,7 +216,18 @@ class Engine:
         return torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast)
 
     def _names(self, works: list[ClassifyWork] | list[GenerateWork]) -> list[str] | None:
-        return [w.adapter_key for w in works] if self.has_adapters else None
+        """Per-row adapter names for a mixed batch. A batch for one adapter instead makes it
+        the active adapter and runs the plain forward pass (measurably faster than PEFT's
+        per-row routing, which splits every LoRA layer's input by adapter)."""
+        if not self.has_adapters:
+            return None
+        keys = {w.adapter_key for w in works}
+        if len(keys) == 1 and BASE_ADAPTER not in keys:
+            key = keys.pop()
+            if self.model.active_adapter != key:
+                self.model.set_adapter(key)
+            return None
+        return [w.adapter_key for w in works]
 
     def _classify(self, works: list[ClassifyWork]) -> None:
         fast = [w for w in works if w.distinct_first_tokens]
@@ -231,7 +242,7 @@ class Engine:
             if work.distinct_first_tokens:
                 continue
             self.metrics.batch_size.labels("classify").observe(1)
-            names = [work.adapter_key] if self.has_adapters else None
+            names = self._names([work])
             scores = sequence_logprobs(
                 self.model, [work.prompt], work.label_ids, self.tokenizer.pad_token_id, names
             )

@@ -104,7 +104,9 @@ class ServerOptions:
     config_path: Path | None
     config: ServingConfig
     api_keys_file: Path | None = None
-    autocast: bool = True
+    precision: str = "bf16"
+    """bf16: weights in bfloat16 (fastest); autocast: float32 weights with bfloat16 autocast
+    (the numerics of training-time evaluation); fp32: float32 throughout."""
     max_batch: int = 16
     max_wait_ms: float = 5.0
     reload_interval: float = 5.0
@@ -141,12 +143,14 @@ class ServerState:
         self.base_uri = spec.uri
         self.loading = f"loading base model {spec.uri}"
         resolved = base_model.resolve(spec)
-        model, tokenizer = base_model.load(resolved, spec, torch.float32)
+        precision = self.options.precision
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model, tokenizer = base_model.load(resolved, spec, dtype)
         self.engine = Engine(
             model,
             tokenizer,
             self.metrics,
-            autocast=self.options.autocast,
+            autocast=precision == "autocast",
             max_batch=self.options.max_batch,
             max_wait_ms=self.options.max_wait_ms,
         )
