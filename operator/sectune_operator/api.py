@@ -20,6 +20,7 @@ from sectune.config import (
     Spec,
     Uri,
 )
+from sectune.serving.config import check_versions
 
 Quantity = Annotated[
     str,
@@ -243,11 +244,7 @@ class AdapterSpec(Spec):
 
     @model_validator(mode="after")
     def _traffic(self) -> AdapterSpec:
-        total = sum(v.traffic for v in self.versions)
-        if total != 100:
-            raise ValueError(
-                f"adapters[{self.name}].versions: traffic adds up to {total}; make it 100"
-            )
+        check_versions(self.name, [(v.version, v.traffic) for v in self.versions])
         return self
 
 

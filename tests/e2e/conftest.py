@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sectune.yamlio import dump_yaml
-from support.jobs import write_dataset
+from support.jobs import tiny_job, write_dataset
 
 
 @pytest.fixture
@@ -17,37 +17,8 @@ def job_manifest(tmp_path: Path, tiny_model_dir: Path):  # type: ignore[no-untyp
 
     def make(name: str = "tiny", rows: int = 48, **spec_overrides: Any) -> Path:
         train = write_dataset(tmp_path / f"{name}-train.jsonl", rows)
-        spec: dict[str, Any] = {
-            "baseModel": {"uri": f"file://{tiny_model_dir}"},
-            "dataset": {"train": f"file://{train}", "validationSplit": 0.25},
-            "task": {
-                "type": "classification",
-                "labels": ["benign", "malicious"],
-                "systemPrompt": "Rate it.",
-            },
-            "method": {"type": "lora", "r": 4, "alpha": 8},
-            "hyperparameters": {
-                "learningRate": 0.01,
-                "epochs": 2,
-                "batchSize": 4,
-                "gradientAccumulation": 1,
-                "maxSeqLength": 96,
-            },
-            "resources": {"gpus": 0},
-        }
-        for key, value in spec_overrides.items():
-            spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
         path = tmp_path / f"{name}.yaml"
-        path.write_text(
-            dump_yaml(
-                {
-                    "apiVersion": "sectune.io/v1alpha1",
-                    "kind": "FineTuneJob",
-                    "metadata": {"name": name},
-                    "spec": spec,
-                }
-            )
-        )
+        path.write_text(dump_yaml(tiny_job(name, tiny_model_dir, train, **spec_overrides)))
         return path
 
     return make

@@ -15,7 +15,7 @@ import pytest
 
 from sectune import artifacts, storage
 from sectune.yamlio import dump_yaml
-from support.jobs import sectune, write_dataset
+from support.jobs import sectune, tiny_job, write_dataset
 from support.processes import wait_until
 from support.serving import SectuneServer, start_server
 
@@ -50,38 +50,16 @@ def _train(
     workdir: Path, model_dir: Path, name: str, seed: int, env: dict[str, str], prefix: str
 ) -> Version:
     train = write_dataset(workdir / f"{name}-{seed}.jsonl", 48, seed=seed)
-    spec: dict[str, Any] = {
-        "baseModel": {"uri": f"file://{model_dir}"},
-        "dataset": {"train": f"file://{train}", "validationSplit": 0.25},
-        "task": {
-            "type": "classification",
-            "labels": ["benign", "malicious"],
-            "systemPrompt": "Rate it.",
-        },
-        "method": {"type": "lora", "r": 4, "alpha": 8},
-        "hyperparameters": {
-            "learningRate": 0.01,
-            "epochs": 2,
-            "batchSize": 4,
-            "gradientAccumulation": 1,
-            "maxSeqLength": 96,
-            "seed": seed,
-        },
-        "evaluation": {"probeExamples": 4},
-        "resources": {"gpus": 0},
-        "output": {"uri": prefix},
-    }
-    manifest = workdir / f"{name}-{seed}.yaml"
-    manifest.write_text(
-        dump_yaml(
-            {
-                "apiVersion": "sectune.io/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": name},
-                "spec": spec,
-            }
-        )
+    document = tiny_job(
+        name,
+        model_dir,
+        train,
+        hyperparameters={"seed": seed},
+        evaluation={"probeExamples": 4},
+        output={"uri": prefix},
     )
+    manifest = workdir / f"{name}-{seed}.yaml"
+    manifest.write_text(dump_yaml(document))
     result = sectune("run", str(manifest), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     pointer = artifacts.current(f"{prefix}/{name}")

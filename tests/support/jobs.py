@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 WORDS = {
     "benign": ["backup", "completed", "scheduled", "update", "healthy", "routine"],
@@ -37,6 +38,37 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
         )
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tiny_job(name: str, model_dir: Path, train: Path, **spec_overrides: Any) -> dict[str, Any]:
+    """A FineTuneJob document training the tiny model on `train` in seconds. Each override
+    replaces a spec field, or (a dict) is merged into it."""
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": f"file://{model_dir}"},
+        "dataset": {"train": f"file://{train}", "validationSplit": 0.25},
+        "task": {
+            "type": "classification",
+            "labels": ["benign", "malicious"],
+            "systemPrompt": "Rate it.",
+        },
+        "method": {"type": "lora", "r": 4, "alpha": 8},
+        "hyperparameters": {
+            "learningRate": 0.01,
+            "epochs": 2,
+            "batchSize": 4,
+            "gradientAccumulation": 1,
+            "maxSeqLength": 96,
+        },
+        "resources": {"gpus": 0},
+    }
+    for key, value in spec_overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return {
+        "apiVersion": "sectune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def sectune(

@@ -33,7 +33,7 @@ def test_a_valid_config_parses_with_defaults() -> None:
     [
         (
             {"adapters": [{"name": "triage", "versions": [_version(traffic=60)]}]},
-            "adapters.0: adapter triage: traffic adds up to 60; make it 100",
+            "adapters.0: adapters[triage].versions: traffic adds up to 60; make it 100",
         ),
         (
             {"adapters": [{"name": "Triage", "versions": [_version()]}]},

@@ -568,15 +568,19 @@ def _strip_cluster_only(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return spec, ignored
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: where it is, what is wrong."""
-    lines = [f"{source}: the FineTuneJob spec is not valid:"]
+def format_validation_error(
+    error: ValidationError, source: str, what: str = "the FineTuneJob spec", root: str = "spec"
+) -> str:
+    """One line per problem: where it is (from `root`), what is wrong, the value given."""
+    lines = [f"{source}: {what} is not valid:"]
     for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "spec"
+        where = ".".join(
+            [root, *(str(p) for p in problem["loc"])] if root else [str(p) for p in problem["loc"]]
+        )
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-        lines.append(f"  spec.{where}: {message}{shown}")
+        lines.append(f"  {where or '(top level)'}: {message}{shown}")
     return "\n".join(lines)
 
 

@@ -127,7 +127,7 @@ def run_job(
     from sectune import artifacts
     from sectune.data.prepare import prepare_data
     from sectune.evaluation.baselines import tfidf_baseline
-    from sectune.evaluation.gates import evaluate_gates
+    from sectune.evaluation.gates import evaluate_gates, gate_verdict
     from sectune.evaluation.report import render_html
     from sectune.evaluation.suite import baselines, evaluate_tuned
     from sectune.training import base_model
@@ -184,11 +184,7 @@ def run_job(
     gate_outcomes = [
         g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
     ]
-    gates_passed = all(g["passed"] for g in gate_outcomes)
-    failing = [g["name"] for g in gate_outcomes if not g["passed"]]
-    verdict = "all gates passed" if gates_passed else "gates failed: " + ", ".join(failing)
-    if not spec.evaluation.gates:
-        verdict = "no gates set"
+    gates_passed, verdict = gate_verdict(gate_outcomes)
 
     report = {
         "job": name,

@@ -78,3 +78,11 @@ def baselines_from_report(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for name, metrics in report.get("models", {}).items()
         if name != "tuned"
     }
+
+
+def gate_verdict(outcomes: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Whether all gates passed, and the one-line verdict the report and CLI show."""
+    if not outcomes:
+        return True, "no gates set"
+    failing = [g["name"] for g in outcomes if not g["passed"]]
+    return not failing, "gates failed: " + ", ".join(failing) if failing else "all gates passed"

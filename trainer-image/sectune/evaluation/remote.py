@@ -22,23 +22,25 @@ from sectune.evaluation.metrics import (
     latency_summary,
 )
 from sectune.evaluation.probes import injection_probe, load_attacks
+from sectune.evaluation.report import HEADLINE
 
 CONCURRENCY = 8
 LATENCY_REQUESTS = 20
 CONSISTENCY_EXAMPLES = 48
 GENERATION_EXAMPLES = 64
-CONSISTENCY_METRICS = (
-    "accuracy",
-    "macroF1",
-    "weightedF1",
-    "rocAuc",
-    "expectedCalibrationError",
-    "formatCompliance",
-    "schemaCompliance",
-    "fieldF1",
-    "exactMatch",
-    "referenceOverlapF1",
-    "injectionFlipRate",
+# Quality metrics worth comparing between training time and serving (not speed: the hardware
+# and the path differ by design).
+CONSISTENCY_METRICS = tuple(
+    m
+    for m in HEADLINE
+    if m
+    not in (
+        "latencyP95Ms",
+        "throughputPerSecond",
+        "consistency",
+        "validationLoss",
+        "canaryExposure",
+    )
 )
 
 
@@ -206,7 +208,7 @@ def evaluate_endpoint(
 
     from pydantic import TypeAdapter
 
-    from sectune.evaluation.gates import evaluate_gates
+    from sectune.evaluation.gates import evaluate_gates, gate_verdict
     from sectune.evaluation.suite import load_labelled
     from sectune.yamlio import load_yaml
 
@@ -228,8 +230,7 @@ def evaluate_endpoint(
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
     baselines = version.get("training", {}).get("baselines", {})
     outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
-    passed = all(g["passed"] for g in outcomes)
-    failing = [g["name"] for g in outcomes if not g["passed"]]
+    passed, verdict = gate_verdict(outcomes)
     return {
         "job": version.get("job"),
         "endpoint": client.endpoint,
@@ -245,7 +246,5 @@ def evaluate_endpoint(
         "probes": probes,
         "gates": outcomes,
         "gatesPassed": passed,
-        "verdict": ("all gates passed" if passed else "gates failed: " + ", ".join(failing))
-        if gates
-        else "no gates set",
+        "verdict": verdict,
     }

@@ -155,7 +155,7 @@ def evaluate_stored(
     from sectune import artifacts, storage
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
-    from sectune.evaluation.gates import baselines_from_report, evaluate_gates
+    from sectune.evaluation.gates import baselines_from_report, evaluate_gates, gate_verdict
     from sectune.evaluation.remote import BASELINES_FROM
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
@@ -198,8 +198,7 @@ def evaluate_stored(
     )
     baselines = baselines_from_report(training_report)
     outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
-    passed = all(g["passed"] for g in outcomes)
-    failing = [g["name"] for g in outcomes if not g["passed"]]
+    passed, verdict = gate_verdict(outcomes)
     return {
         "job": manifest["job"],
         "adapter": {"uri": version, "sha256": pointer["sha256"] if pointer else None},
@@ -213,7 +212,5 @@ def evaluate_stored(
         "probes": probes,
         "gates": outcomes,
         "gatesPassed": passed,
-        "verdict": ("all gates passed" if passed else "gates failed: " + ", ".join(failing))
-        if gates
-        else "no gates set",
+        "verdict": verdict,
     }

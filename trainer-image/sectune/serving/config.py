@@ -35,11 +35,22 @@ from sectune.config import (
     ManifestError,
     Spec,
     Uri,
+    format_validation_error,
 )
 
 SERVING_CONFIG_KIND = "ServingConfig"
 BASE_MODEL_NAME = "base"
 """The `model` a client asks for to get the base model without an adapter."""
+
+
+def check_versions(adapter: str, versions: list[tuple[str, int]]) -> None:
+    """An adapter's versions: unique names, traffic adding up to 100 (raises ValueError)."""
+    total = sum(traffic for _, traffic in versions)
+    if total != 100:
+        raise ValueError(f"adapters[{adapter}].versions: traffic adds up to {total}; make it 100")
+    names = [name for name, _ in versions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapters[{adapter}].versions: version names must be unique")
 
 
 class ServedVersion(Spec):
@@ -66,12 +77,7 @@ class ServedAdapter(Spec):
 
     @model_validator(mode="after")
     def _traffic(self) -> ServedAdapter:
-        total = sum(v.traffic for v in self.versions)
-        if total != 100:
-            raise ValueError(f"adapter {self.name}: traffic adds up to {total}; make it 100")
-        names = [v.version for v in self.versions]
-        if len(set(names)) != len(names):
-            raise ValueError(f"adapter {self.name}: version names must be unique")
+        check_versions(self.name, [(v.version, v.traffic) for v in self.versions])
         return self
 
 
@@ -114,14 +120,8 @@ def parse_serving_config(document: Any, source: str) -> ServingConfig:
     try:
         return ServingConfig.model_validate(document)
     except ValidationError as exc:
-        lines = [f"{source}: the serving config is not valid:"]
-        for problem in exc.errors():
-            where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-            message = problem["msg"].removeprefix("Value error, ")
-            value = problem.get("input")
-            shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-            lines.append(f"  {where}: {message}{shown}")
-        raise ManifestError("\n".join(lines)) from None
+        message = format_validation_error(exc, source, "the serving config", root="")
+        raise ManifestError(message) from None
 
 
 def load_serving_config(path: Path) -> ServingConfig:
