@@ -429,3 +429,85 @@ def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_pa
     assert all(0.0 <= float(r["value"][1]) <= 1.0 for r in drift)
     predictions = prometheus.query('sum(sectune_serve_predictions_total{adapter="triage"})')
     assert float(predictions[0]["value"][1]) == 8.0
+
+
+def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_one_does(
+    trained, serve, tiny_model_dir, tmp_path
+):
+    rows = [
+        {
+            "id": f"x{i}",
+            "text": f"Accepted password for user{i % 3} from 10.0.0.{i} port {1000 + i}",
+            "fields": json.dumps({"event": "ssh_login_accepted", "port": 1000 + i}),
+        }
+        for i in range(24)
+    ]
+    data = tmp_path / "logs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schema = {
+        "type": "object",
+        "required": ["event"],
+        "properties": {"event": {"type": "string"}, "port": {"type": "integer"}},
+    }
+    document = tiny_job(
+        "extract",
+        tiny_model_dir,
+        data,
+        output={"uri": trained.prefix},
+        dataset={"format": "instruction", "fields": {"instruction": "text", "output": "fields"}},
+        task={"type": "extraction", "labels": [], "outputSchema": schema},
+        hyperparameters={"epochs": 12, "learningRate": 0.02},  # enough to learn the JSON shape
+        evaluation={"gates": [{"metric": "schemaCompliance", "min": 0.0}]},
+    )
+    manifest = tmp_path / "extract.yaml"
+    manifest.write_text(dump_yaml(document))
+    assert sectune("run", str(manifest), env=trained.env).returncode == 0
+    server = serve("--adapter", f"extract={trained.prefix}/extract")
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+
+    stored = sectune(
+        "evaluate",
+        "--adapter",
+        f"{trained.prefix}/extract",
+        "--data",
+        f"file://{held_out}",
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "stored"),
+        env=trained.env,
+    )
+    assert stored.returncode == 0, stored.stderr[-3000:]
+    served = sectune(
+        "evaluate",
+        "--endpoint",
+        server.url,
+        "--model",
+        "extract",
+        "--data",
+        f"file://{held_out}",
+        "--out",
+        str(tmp_path / "served"),
+        env=trained.env,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    a = json.loads((tmp_path / "stored" / "report.json").read_text())
+    b = json.loads((tmp_path / "served" / "report.json").read_text())
+    for metric in ("formatCompliance", "schemaCompliance", "fieldF1", "exactMatch"):
+        assert b["models"]["tuned"][metric] == pytest.approx(a["models"]["tuned"][metric]), metric
+    assert b["models"]["tuned"]["examples"] == 8 and b["models"]["tuned"]["latencyP95Ms"] > 0
+    # Greedy answers through the API are the stored adapter's answers (same prompts, fp32).
+    same = [
+        x["output"] == y["output"]
+        for x, y in zip(a["probes"]["samples"], b["probes"]["samples"], strict=True)
+    ]
+    assert len(same) == 5 and sum(same) >= 4, (a["probes"]["samples"], b["probes"]["samples"])
+    # ...and they are the adapter's: it learned the JSON's opening, the base model did not.
+    assert all(x["output"].startswith('{"event": "ssh_login') for x in b["probes"]["samples"])
+    base = server.post(
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": rows[0]["text"]}]},
+    )
+    assert not base.json()["choices"][0]["message"]["content"].startswith('{"event"')
+    assert b["gatesPassed"] and "schemaCompliance" in b["consistency"]
