@@ -300,6 +300,10 @@ def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, ser
         key="first-key",
     )
     assert too_long.status_code == 422 and "max_tokens" in too_long.json()["error"]["message"]
+    huge = server.post(
+        "/v1/classify", {"model": "triage", "input": "x" * 5_000_000}, key="first-key"
+    )
+    assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
 
 
 def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, serve, tmp_path):

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS = 64_000
 MAX_NEW_TOKENS = 2048
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class ApiError(Exception):
@@ -310,6 +311,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if "chunked" in request.headers.get("transfer-encoding", ""):
+            return _error(411, "send the body with a Content-Length (chunked bodies are refused)")
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         if request.url.path.startswith("/v1/") and not state.authorized(
             request.headers.get("authorization")
         ):
