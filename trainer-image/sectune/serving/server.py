@@ -18,11 +18,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,7 +576,18 @@ def serve(
     state.load_api_keys()
     state.remember_config()
     app = create_app(state)
-    server = uvicorn.Server(
+
+    class GracefulServer(uvicorn.Server):
+        """Finishes in-flight requests on SIGTERM/SIGINT, then returns (uvicorn's default
+        re-raises the signal, which would skip the clean-up below)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.handle_exit)
+            yield
+
+    server = GracefulServer(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     )
     stop = threading.Event()
@@ -610,4 +622,6 @@ def serve(
         stop.set()
         if state.engine is not None:
             state.engine.stop()
+        if state.registry is not None:  # the verified adapter files downloaded at load
+            shutil.rmtree(state.registry.workdir, ignore_errors=True)
     return 1 if state.fatal else 0
