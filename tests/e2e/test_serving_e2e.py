@@ -62,6 +62,7 @@ def _train(
     manifest.write_text(dump_yaml(document))
     result = sectune("run", str(manifest), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Serve:   sectune serve --adapter {name}={prefix}/{name}\n" in result.stderr
     pointer = artifacts.current(f"{prefix}/{name}")
     assert pointer is not None
     return Version(f"{prefix}/{name}/versions/{pointer['version']}", pointer["sha256"])
@@ -209,6 +210,9 @@ def test_config_change_hot_swaps_versions_and_canary_splits_traffic(trained, ser
     assert "triage@v1" in gone.json()["error"]["message"]
     assert server.process.alive() and server.process.process and server.process.process.pid == pid
     assert (server.metric("sectune_serve_config_reloads_total", result="applied") or 0) >= 3
+
+    server.stop()  # SIGTERM, as the kubelet sends it: answered requests, clean exit
+    assert server.process.process and server.process.process.returncode == 0
 
 
 def test_a_version_that_fails_verification_is_refused_and_the_previous_stays(

@@ -145,6 +145,9 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     console.print(f"Adapter: {outcome.adapter_uri}", soft_wrap=True)
     console.print(f"Digest:  sha256 {outcome.adapter_sha256} (manifest.json)", soft_wrap=True)
     console.print(f"Report:  {outcome.adapter_uri}/report.html", soft_wrap=True)
+    if outcome.phase == "Succeeded" and outcome.adapter_uri:
+        job_prefix = outcome.adapter_uri.rsplit("/versions/", 1)[0]
+        console.print(f"Serve:   sectune serve --adapter {name}={job_prefix}", soft_wrap=True)
     code = runner.EXIT_OK if outcome.phase == "Succeeded" else runner.EXIT_GATES_FAILED
     return finish(code, outcome.termination_message())
 
