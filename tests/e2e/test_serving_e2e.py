@@ -309,6 +309,26 @@ def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, ser
     )
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
 
+    # current.json moves (a rollback here; a new run that passed its gates alike): followed.
+    client, pointer_key = _s3_client(trained), "adapters/triage/current.json"
+    original = client.get_object(Bucket=trained.bucket, Key=pointer_key)["Body"].read()
+    v1_run = trained.triage_v1.uri.rsplit("/", 1)[1]
+    pointer = {
+        "version": v1_run,
+        "manifest": f"versions/{v1_run}/manifest.json",
+        "sha256": trained.triage_v1.sha256,
+    }
+    client.put_object(Bucket=trained.bucket, Key=pointer_key, Body=json.dumps(pointer).encode())
+    try:
+
+        def serving_v1() -> bool:
+            answer = server.classify("triage", TEXTS[0], key="first-key")
+            return answer.headers.get("x-sectune-adapter-sha256") == trained.triage_v1.sha256
+
+        wait_until(serving_v1, 60, "the moved current.json followed")
+    finally:
+        client.put_object(Bucket=trained.bucket, Key=pointer_key, Body=original)
+
 
 def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, serve, tmp_path):
     server = serve("--adapter", f"triage={trained.prefix}/triage")

@@ -110,6 +110,7 @@ class Registry:
         self._routes: dict[str, list[LoadedVersion]] = {}
         self._errors: dict[str, str] = {}
         self._configured: list[str] = []
+        self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
         self._apply_lock = threading.Lock()
         self._random = random.Random(seed)
@@ -140,6 +141,11 @@ class Registry:
     def errors(self) -> dict[str, str]:
         with self._lock:
             return dict(self._errors)
+
+    def resolved(self, model_id: str) -> str | None:
+        """The manifest digest `name@version` resolved to when last applied (loaded or not)."""
+        with self._lock:
+            return self._resolved.get(model_id)
 
     def not_ready(self) -> list[str]:
         """Configured adapters with no version loaded."""
@@ -208,6 +214,7 @@ class Registry:
             raise LoadError("integrity", str(exc)) from None
         except storage.StorageError as exc:
             raise LoadError("storage", str(exc)) from None
+        self._resolved[f"{name}@{entry.version}"] = sha256
         for existing in current.get(name, []):
             if existing.version == entry.version and existing.sha256 == sha256:
                 existing.traffic = entry.traffic

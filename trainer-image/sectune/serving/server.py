@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sectune.config import ManifestError
+from sectune.config import BaseModelSpec, ManifestError
 from sectune.data.prepare import Example
 from sectune.serving.config import BASE_MODEL_NAME, ServingConfig, load_serving_config
 from sectune.serving.engine import (
@@ -134,14 +134,13 @@ class ServerState:
         """Resolve the base model, load it, start the worker, apply the config."""
         import torch
 
-        from sectune import artifacts
         from sectune.training import base_model
 
         config = self.options.config
         spec = config.base_model
         if spec is None:
             self.loading = "reading the adapters' manifests to find their base model"
-            spec = self._base_from_manifests(config, artifacts)
+            spec = self._base_from_manifests(config)
         self.base_uri = spec.uri
         self.loading = f"loading base model {spec.uri}"
         resolved = base_model.resolve(spec)
@@ -166,11 +165,10 @@ class ServerState:
         self.loading = ""
 
     @staticmethod
-    def _base_from_manifests(config: ServingConfig, artifacts: Any) -> Any:
+    def _base_from_manifests(config: ServingConfig) -> BaseModelSpec:
         import json
 
-        from sectune import storage
-        from sectune.config import BaseModelSpec
+        from sectune import artifacts, storage
 
         seen: dict[str, BaseModelSpec] = {}
         for adapter in config.adapters:
@@ -208,7 +206,11 @@ class ServerState:
     def reload_if_changed(self) -> None:
         """Re-read the config file; apply it when it, or a job's current.json, changed."""
         path = self.options.config_path
-        if path is None or self.registry is None:
+        if self.registry is None:
+            return
+        if path is None:  # adapters from the command line: only job prefixes can move
+            if self._pointers_moved():
+                self._apply(self.options.config)
             return
         try:
             text = path.read_bytes()
@@ -234,7 +236,6 @@ class ServerState:
         from sectune import artifacts, storage
 
         assert self.registry is not None
-        loaded = self.registry.versions()
         for adapter in self.options.config.adapters:
             for entry in adapter.versions:
                 if entry.sha256 is not None:
@@ -243,10 +244,9 @@ class ServerState:
                     _, sha256 = artifacts.resolve_version(entry.uri, None)
                 except (artifacts.IntegrityError, storage.StorageError):
                     continue
-                served = {
-                    v.sha256 for v in loaded.get(adapter.name, []) if v.version == entry.version
-                }
-                if sha256 not in served:
+                # Compared with what was last tried, so a version that failed is not retried
+                # (and re-reported) every few seconds, only when its pointer moves again.
+                if sha256 != self.registry.resolved(f"{adapter.name}@{entry.version}"):
                     return True
         return False
 
