@@ -15,7 +15,7 @@ import pytest
 
 from sectune import artifacts, storage
 from sectune.yamlio import dump_yaml
-from support.jobs import sectune, tiny_job, write_dataset
+from support.jobs import LOGIN_SCHEMA, sectune, tiny_job, write_dataset, write_login_lines
 from support.processes import wait_until
 from support.serving import SectuneServer, start_server
 
@@ -462,21 +462,8 @@ def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_pa
 def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_one_does(
     trained, serve, tiny_model_dir, tmp_path
 ):
-    rows = [
-        {
-            "id": f"x{i}",
-            "text": f"Accepted password for user{i % 3} from 10.0.0.{i} port {1000 + i}",
-            "fields": json.dumps({"event": "ssh_login_accepted", "port": 1000 + i}),
-        }
-        for i in range(24)
-    ]
-    data = tmp_path / "logs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    schema = {
-        "type": "object",
-        "required": ["event"],
-        "properties": {"event": {"type": "string"}, "port": {"type": "integer"}},
-    }
+    data = write_login_lines(tmp_path / "logs.jsonl", 24)
+    schema = LOGIN_SCHEMA
     document = tiny_job(
         "extract",
         tiny_model_dir,
@@ -491,8 +478,7 @@ def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_on
     manifest.write_text(dump_yaml(document))
     assert sectune("run", str(manifest), env=trained.env).returncode == 0
     server = serve("--adapter", f"extract={trained.prefix}/extract")
-    held_out = tmp_path / "held-out.jsonl"
-    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    held_out = write_login_lines(tmp_path / "held-out.jsonl", 8)
 
     stored = sectune(
         "evaluate",
@@ -535,7 +521,7 @@ def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_on
     assert all(x["output"].startswith('{"event": "ssh_login') for x in b["probes"]["samples"])
     base = server.post(
         "/v1/chat/completions",
-        {"model": "base", "messages": [{"role": "user", "content": rows[0]["text"]}]},
+        {"model": "base", "messages": [{"role": "user", "content": "Accepted password for user0"}]},
     )
     assert not base.json()["choices"][0]["message"]["content"].startswith('{"event"')
     assert b["gatesPassed"] and "schemaCompliance" in b["consistency"]

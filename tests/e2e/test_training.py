@@ -14,7 +14,7 @@ import pytest
 
 from sectune import artifacts, storage
 from sectune.config import load_manifest
-from support.jobs import sectune
+from support.jobs import LOGIN_SCHEMA, sectune, write_login_lines
 from support.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -272,21 +272,8 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
 
 
 def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s3_bucket, tmp_path):
-    rows = [
-        {
-            "id": f"x{i}",
-            "text": f"Accepted password for user{i % 3} from 10.0.0.{i} port {1000 + i}",
-            "fields": json.dumps({"event": "ssh_login_accepted", "port": 1000 + i}),
-        }
-        for i in range(24)
-    ]
-    data = tmp_path / "logs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    schema = {
-        "type": "object",
-        "required": ["event"],
-        "properties": {"event": {"type": "string"}, "port": {"type": "integer"}},
-    }
+    data = write_login_lines(tmp_path / "logs.jsonl", 24)
+    schema = LOGIN_SCHEMA
     manifest = job_manifest(
         "extract",
         output={"uri": f"s3://{s3_bucket}/adapters"},

@@ -40,6 +40,30 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+LOGIN_SCHEMA = {
+    "type": "object",
+    "required": ["event"],
+    "properties": {"event": {"type": "string"}, "port": {"type": "integer"}},
+}
+"""The JSON the extraction examples of `write_login_lines` parse a line into."""
+
+
+def write_login_lines(path: Path, rows: int) -> Path:
+    """Extraction examples: an sshd line (`text`) and its JSON (`fields`, per LOGIN_SCHEMA)."""
+    lines = [
+        json.dumps(
+            {
+                "id": f"x{i}",
+                "text": f"Accepted password for user{i % 3} from 10.0.0.{i} port {1000 + i}",
+                "fields": json.dumps({"event": "ssh_login_accepted", "port": 1000 + i}),
+            }
+        )
+        for i in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def tiny_job(name: str, model_dir: Path, train: Path, **spec_overrides: Any) -> dict[str, Any]:
     """A FineTuneJob document training the tiny model on `train` in seconds. Each override
     replaces a spec field, or (a dict) is merged into it."""
