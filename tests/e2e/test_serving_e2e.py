@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,11 @@ def test_a_version_that_fails_verification_is_refused_and_the_previous_stays(
     config.write_text(invalid)
 
 
+def _evaluate(env: dict[str, str], out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`sectune evaluate ARGS --out OUT`, as a user runs it."""
+    return sectune("evaluate", *args, "--out", str(out), env=env)
+
+
 def _s3_client(trained: Trained) -> Any:
     return storage.s3_client(trained.env)
 
@@ -335,30 +341,19 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
     data = f"file://{trained.held_out}"
     env = trained.env
 
-    stored = sectune(
-        "evaluate",
+    stored = _evaluate(
+        env,
+        tmp_path / "stored",
         "--adapter",
         f"{trained.prefix}/triage",
         "--data",
         data,
         "--precision",
         "fp32",
-        "--out",
-        str(tmp_path / "stored"),
-        env=env,
     )
     assert stored.returncode == 0, stored.stderr[-3000:]
-    served = sectune(
-        "evaluate",
-        "--endpoint",
-        server.url,
-        "--model",
-        "triage",
-        "--data",
-        data,
-        "--out",
-        str(tmp_path / "served"),
-        env=env,
+    served = _evaluate(
+        env, tmp_path / "served", "--endpoint", server.url, "--model", "triage", "--data", data
     )
     assert served.returncode == 0, served.stderr[-3000:]
     a = json.loads((tmp_path / "stored" / "report.json").read_text())["models"]["tuned"]
@@ -383,8 +378,9 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
     gates.write_text(
         "- metric: accuracy\n  min: 1.01\n- metric: macroF1\n  overBaseline: base\n  min: -1\n"
     )
-    failed = sectune(
-        "evaluate",
+    failed = _evaluate(
+        env,
+        tmp_path / "gated",
         "--endpoint",
         server.url,
         "--model",
@@ -393,9 +389,6 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
         data,
         "--gates",
         str(gates),
-        "--out",
-        str(tmp_path / "gated"),
-        env=env,
     )
     assert failed.returncode == 3
     assert "gates failed: accuracy>=1.01" in failed.stderr
@@ -405,17 +398,8 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
     assert over_base["passed"] and over_base["value"] is not None
     assert gated["baselinesFrom"].startswith("training time")
 
-    pinned = sectune(
-        "evaluate",
-        "--endpoint",
-        server.url,
-        "--model",
-        "triage@v9",
-        "--data",
-        data,
-        "--out",
-        str(tmp_path / "pinned"),
-        env=env,
+    pinned = _evaluate(
+        env, tmp_path / "pinned", "--endpoint", server.url, "--model", "triage@v9", "--data", data
     )
     assert pinned.returncode == 2 and "no version 'v9'" in pinned.stderr
 
@@ -480,30 +464,26 @@ def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_on
     server = serve("--adapter", f"extract={trained.prefix}/extract")
     held_out = write_login_lines(tmp_path / "held-out.jsonl", 8)
 
-    stored = sectune(
-        "evaluate",
+    stored = _evaluate(
+        trained.env,
+        tmp_path / "stored",
         "--adapter",
         f"{trained.prefix}/extract",
         "--data",
         f"file://{held_out}",
         "--precision",
         "fp32",
-        "--out",
-        str(tmp_path / "stored"),
-        env=trained.env,
     )
     assert stored.returncode == 0, stored.stderr[-3000:]
-    served = sectune(
-        "evaluate",
+    served = _evaluate(
+        trained.env,
+        tmp_path / "served",
         "--endpoint",
         server.url,
         "--model",
         "extract",
         "--data",
         f"file://{held_out}",
-        "--out",
-        str(tmp_path / "served"),
-        env=trained.env,
     )
     assert served.returncode == 0, served.stderr[-3000:]
     a = json.loads((tmp_path / "stored" / "report.json").read_text())

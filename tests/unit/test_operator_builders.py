@@ -88,6 +88,11 @@ def _job(conditions: list[dict[str, Any]] | None = None, suspend: bool = False) 
     }
 
 
+def _failed_job(reason: str) -> dict[str, Any]:
+    """A Job the Job controller marked Failed for `reason`."""
+    return _job([{"type": "Failed", "status": "True", "reason": reason, "lastTransitionTime": NOW}])
+
+
 def _pod(
     name: str, phase: str, exit_code: int | None = None, message: str | None = None
 ) -> dict[str, Any]:
@@ -117,16 +122,7 @@ def test_failed_job_takes_reason_and_message_from_the_trainer():
     message = json.dumps(
         {"reason": "InvalidInput", "message": "train.jsonl:3: field 'label' is missing"}
     )
-    job = _job(
-        [
-            {
-                "type": "Failed",
-                "status": "True",
-                "reason": "PodFailurePolicy",
-                "lastTransitionTime": NOW,
-            }
-        ]
-    )
+    job = _failed_job("PodFailurePolicy")
     status = derive_status(
         job, [_pod("p1", "Failed", 2, message)], {"phase": "Training"}, 1, NOW, attempts=1
     )
@@ -139,16 +135,7 @@ def test_failed_job_takes_reason_and_message_from_the_trainer():
 
 
 def test_log_tail_is_used_when_the_message_is_not_json():
-    job = _job(
-        [
-            {
-                "type": "Failed",
-                "status": "True",
-                "reason": "BackoffLimitExceeded",
-                "lastTransitionTime": NOW,
-            }
-        ]
-    )
+    job = _failed_job("BackoffLimitExceeded")
     status = derive_status(
         job, [_pod("p1", "Failed", 1, "Traceback ... CUDA out of memory")], {}, 1, NOW, attempts=4
     )

@@ -85,88 +85,94 @@ def current(job_prefix: str | storage.Location) -> dict[str, Any] | None:
     return dict(json.loads(storage.read_bytes(pointer)))
 
 
+def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes, dict[str, Any]]:
+    """A version's manifest.json (raw and parsed), checked against `expected_sha256` if given."""
+    import hashlib
+
+    body = storage.read_bytes(storage.parse_uri(version_uri).join("manifest.json"))
+    actual = hashlib.sha256(body).hexdigest()
+    if expected_sha256 and actual != expected_sha256:
+        raise IntegrityError(
+            f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_sha256}"
+        )
+    return body, dict(json.loads(body))
+
+
+def _read_checked(version_uri: str, name: str, info: dict[str, Any]) -> bytes:
+    import hashlib
+
+    data = storage.read_bytes(storage.parse_uri(version_uri).join(name))
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise IntegrityError(f"{version_uri}/{name}: content does not match its recorded sha256")
+    return data
+
+
 def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> dict[str, Any]:
     """Read a version's manifest and check every file's digest (and the manifest's own).
     Returns the manifest; raises IntegrityError naming the first mismatch."""
-    import hashlib
-
-    version = storage.parse_uri(version_uri)
-    body = storage.read_bytes(version.join("manifest.json"))
-    actual = hashlib.sha256(body).hexdigest()
-    if expected_manifest_sha256 and actual != expected_manifest_sha256:
-        raise IntegrityError(
-            f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_manifest_sha256}"
-        )
-    manifest = json.loads(body)
+    _, manifest = read_manifest(version_uri, expected_manifest_sha256)
     for name, info in manifest["files"].items():
-        data = storage.read_bytes(version.join(name))
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise IntegrityError(
-                f"{version_uri}/{name}: content does not match its recorded sha256"
-            )
-    return dict(manifest)
+        _read_checked(version_uri, name, info)
+    return manifest
 
 
-def resolve_version(uri: str, sha256: str | None) -> tuple[str, str]:
-    """A version URI and the manifest digest to verify it against.
-
-    `uri` is a version (…/versions/<run>, which then needs `sha256`) or a job prefix, whose
-    current.json names the version and its digest (and exists only if the job's gates passed).
-    """
+def locate_version(uri: str) -> tuple[str, str | None]:
+    """The version `uri` names: itself when it holds a manifest.json (no digest known), or,
+    for a job prefix, the version its current.json points at with the digest recorded there
+    (current.json exists only if the job's gates passed)."""
     uri = uri.rstrip("/")
     if storage.exists(f"{uri}/manifest.json"):
-        if sha256 is None:
-            raise IntegrityError(
-                f"{uri}: a version URI needs the sha256 of its manifest.json; give it, "
-                "or give the job prefix to follow its current.json"
-            )
-        return uri, sha256
+        return uri, None
     pointer = current(uri)
     if pointer is None:
         raise IntegrityError(
             f"{uri}: neither a published version (no manifest.json) nor a job with a "
             "passing version (no current.json)"
         )
-    if sha256 is not None and sha256 != pointer["sha256"]:
-        raise IntegrityError(
-            f"{uri}: current.json points at a manifest with sha256 {pointer['sha256']}, "
-            f"not the expected {sha256}"
-        )
     return f"{uri}/versions/{pointer['version']}", str(pointer["sha256"])
 
 
-def fetch_verified(
-    version_uri: str, expected_manifest_sha256: str, dest: Path, include: tuple[str, ...]
-) -> dict[str, Any]:
-    """Download the manifest and the files under `include` (prefixes such as "adapter/") into
-    `dest`, checking each against its recorded digest. Returns the manifest; raises
-    IntegrityError naming the first mismatch, leaving nothing in `dest` it could be mistaken for.
+def resolve_version(uri: str, sha256: str | None) -> tuple[str, str]:
+    """A version URI and the manifest digest to verify it against.
+
+    `uri` is a version (…/versions/<run>, which then needs `sha256`) or a job prefix, whose
+    current.json names the version and its digest.
     """
-    import hashlib
+    version, recorded = locate_version(uri)
+    if recorded is None:
+        if sha256 is None:
+            raise IntegrityError(
+                f"{version}: a version URI needs the sha256 of its manifest.json; give it, "
+                "or give the job prefix to follow its current.json"
+            )
+        return version, sha256
+    if sha256 is not None and sha256 != recorded:
+        raise IntegrityError(
+            f"{uri.rstrip('/')}: current.json points at a manifest with sha256 {recorded}, "
+            f"not the expected {sha256}"
+        )
+    return version, recorded
+
+
+def fetch_verified(
+    version_uri: str, expected_manifest_sha256: str | None, dest: Path, include: tuple[str, ...]
+) -> dict[str, Any]:
+    """Download the manifest and the files under `include` (prefixes such as "adapter/"; ""
+    for all) into `dest`, checking each against its recorded digest (and the manifest against
+    `expected_manifest_sha256` if given). Returns the manifest; raises IntegrityError naming
+    the first mismatch, leaving nothing in `dest` it could be mistaken for.
+    """
     import shutil
 
-    version = storage.parse_uri(version_uri)
-    body = storage.read_bytes(version.join("manifest.json"))
-    actual = hashlib.sha256(body).hexdigest()
-    if actual != expected_manifest_sha256:
-        raise IntegrityError(
-            f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_manifest_sha256}"
-        )
-    manifest = json.loads(body)
+    body, manifest = read_manifest(version_uri, expected_manifest_sha256)
     try:
         for name, info in manifest["files"].items():
-            if not name.startswith(include):
-                continue
-            data = storage.read_bytes(version.join(name))
-            if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise IntegrityError(
-                    f"{version_uri}/{name}: content does not match its recorded sha256"
-                )
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            if name.startswith(include):
+                target = dest / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(_read_checked(version_uri, name, info))
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     (dest / "manifest.json").write_bytes(body)
-    return dict(manifest)
+    return manifest

@@ -107,3 +107,10 @@ def label_token_ids(
 ) -> list[list[int]]:
     """The target ids of each label after this example's prompt."""
     return [formatter.target_ids(example, label) for label in labels]
+
+
+def first_tokens_distinct(label_ids: list[list[int]]) -> bool:
+    """Whether every label starts with a token of its own: one forward pass then scores them
+    all (otherwise each label's whole sequence must be scored)."""
+    firsts = [ids[0] for ids in label_ids]
+    return len(set(firsts)) == len(firsts)

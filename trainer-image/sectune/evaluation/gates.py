@@ -69,6 +69,10 @@ def evaluate_gates(
     return outcomes
 
 
+BASELINES_FROM = "training time: the job's held-out set, not re-measured here"
+"""Where a later evaluation's baselines come from (said in its report)."""
+
+
 def baselines_from_report(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The baselines a stored report measured at training time (base, fewShot, tfidf), for
     gates over a baseline when the adapter is evaluated again later (the base model and the

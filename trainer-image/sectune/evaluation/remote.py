@@ -44,9 +44,6 @@ CONSISTENCY_METRICS = tuple(
 )
 
 
-BASELINES_FROM = "training time: the job's held-out set, not re-measured here"
-
-
 class EndpointError(RuntimeError):
     """The server cannot be reached or refused a request; the message says which and why."""
 
@@ -208,7 +205,7 @@ def evaluate_endpoint(
 
     from pydantic import TypeAdapter
 
-    from sectune.evaluation.gates import evaluate_gates, gate_verdict
+    from sectune.evaluation.gates import BASELINES_FROM, evaluate_gates, gate_verdict
     from sectune.evaluation.suite import load_labelled
     from sectune.yamlio import load_yaml
 

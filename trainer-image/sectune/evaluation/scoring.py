@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sectune.config import JobSpec
-from sectune.data.format import PromptFormatter
+from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.data.prepare import Example
 
 
@@ -96,9 +96,9 @@ def score_labels(
     formatter = PromptFormatter(tokenizer, spec)
     model.eval()
     prompts = [formatter.prompt_ids(e) for e in examples]
-    label_ids = [formatter.target_ids(examples[0], label) for label in labels] if examples else []
+    label_ids = label_token_ids(formatter, examples[0], labels) if examples else []
     first_tokens = [ids[0] for ids in label_ids]
-    distinct = len(set(first_tokens)) == len(first_tokens)
+    distinct = first_tokens_distinct(label_ids)
     max_len = spec.hyperparameters.max_seq_length
     prompts = [p[-max_len:] for p in prompts]
     device_type = next(model.parameters()).device.type

@@ -152,24 +152,24 @@ def evaluate_stored(
     import torch
     from pydantic import TypeAdapter
 
-    from sectune import artifacts, storage
+    from sectune import artifacts
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
-    from sectune.evaluation.gates import baselines_from_report, evaluate_gates, gate_verdict
-    from sectune.evaluation.remote import BASELINES_FROM
+    from sectune.evaluation.gates import (
+        BASELINES_FROM,
+        baselines_from_report,
+        evaluate_gates,
+        gate_verdict,
+    )
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
 
-    version = adapter_uri.rstrip("/")
-    pointer = artifacts.current(version) if not storage.exists(f"{version}/manifest.json") else None
-    if pointer is not None:
-        version = f"{version}/versions/{pointer['version']}"
-    manifest = artifacts.verify(version, pointer["sha256"] if pointer else None)
-    spec = JobSpec.model_validate(manifest["config"])
+    version, sha256 = artifacts.locate_version(adapter_uri)
     workdir = Path(tempfile.mkdtemp(prefix="sectune-evaluate-"))
-    adapter_dir = storage.download_dir(
-        storage.parse_uri(version).join("adapter"), workdir / "adapter"
-    )
+    # Every file checked against the manifest, each read once.
+    manifest = artifacts.fetch_verified(version, sha256, workdir, include=("",))
+    spec = JobSpec.model_validate(manifest["config"])
+    adapter_dir = workdir / "adapter"
 
     examples, sanitized = load_labelled(data_uri, spec)
 
@@ -192,16 +192,14 @@ def evaluate_stored(
     gates = spec.evaluation.gates
     if gates_path:
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
-    report_uri = storage.parse_uri(version).join("report.json")
-    training_report = (
-        json.loads(storage.read_bytes(report_uri)) if storage.exists(report_uri) else {}
-    )
+    report_path = workdir / "report.json"
+    training_report = json.loads(report_path.read_text()) if report_path.exists() else {}
     baselines = baselines_from_report(training_report)
     outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
     passed, verdict = gate_verdict(outcomes)
     return {
         "job": manifest["job"],
-        "adapter": {"uri": version, "sha256": pointer["sha256"] if pointer else None},
+        "adapter": {"uri": version, "sha256": sha256},
         "data": {
             "uri": data_uri,
             "examples": len(examples),

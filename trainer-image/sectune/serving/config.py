@@ -38,7 +38,6 @@ from sectune.config import (
     format_validation_error,
 )
 
-SERVING_CONFIG_KIND = "ServingConfig"
 BASE_MODEL_NAME = "base"
 """The `model` a client asks for to get the base model without an adapter."""
 
@@ -93,7 +92,7 @@ class DriftSettings(Spec):
 class ServingConfig(Spec):
     """The server's configuration file."""
 
-    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    api_version: str = f"{API_GROUP}/{API_VERSION}"
     kind: Literal["ServingConfig"] = "ServingConfig"
     base_model: BaseModelSpec | None = None
     """The base model. Omitted: the one the adapters' manifests name (they must agree)."""

@@ -40,7 +40,12 @@ def js_divergence(p: dict[str, float], q: dict[str, float]) -> float:
 
 
 class DriftMonitor:
-    """Predictions of one adapter version over a sliding window, and their drift score."""
+    """Predictions of one adapter version over a sliding window, and their drift score.
+
+    Counts are kept per slice of 1/60 of the window, so memory stays bounded whatever the
+    request rate (and whether or not anyone scrapes the score)."""
+
+    SLICES = 60
 
     def __init__(
         self, reference: dict[str, float], window_seconds: float, min_requests: int
@@ -48,20 +53,29 @@ class DriftMonitor:
         self.reference = reference
         self.window_seconds = window_seconds
         self.min_requests = min_requests
-        self._seen: deque[tuple[float, str]] = deque()
+        self._width = window_seconds / self.SLICES
+        self._slices: deque[tuple[float, Counter[str]]] = deque()
         self._lock = threading.Lock()
 
+    def _forget(self, now: float) -> None:
+        while self._slices and self._slices[0][0] < now - self.window_seconds:
+            self._slices.popleft()
+
     def record(self, label: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        start = now - now % self._width
         with self._lock:
-            self._seen.append((time.monotonic() if now is None else now, label))
+            self._forget(now)
+            if not self._slices or self._slices[-1][0] != start:
+                self._slices.append((start, Counter()))
+            self._slices[-1][1][label] += 1
 
     def score(self, now: float | None = None) -> float | None:
         """The drift score over the window, or None with too few predictions to say."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            while self._seen and self._seen[0][0] < now - self.window_seconds:
-                self._seen.popleft()
-            counts = Counter(label for _, label in self._seen)
+            self._forget(now)
+            counts: Counter[str] = sum((c for _, c in self._slices), Counter())
         total = sum(counts.values())
         if total < self.min_requests:
             return None

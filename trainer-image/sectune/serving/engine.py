@@ -157,13 +157,8 @@ class Engine:
             if not isinstance(first, ControlWork):
                 deadline = time.monotonic() + self.max_wait
                 while len(batch) < self.max_batch:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        item = (
-                            self._queue.get(timeout=max(remaining, 0))
-                            if remaining > 0
-                            else self._queue.get_nowait()
-                        )
+                    try:  # a timeout of 0 takes only what is already waiting
+                        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
                     except queue.Empty:
                         break
                     if item is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from sectune import artifacts, storage
 from sectune.config import JobSpec
-from sectune.data.format import PromptFormatter
+from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.data.prepare import Example
 from sectune.evaluation.gates import baselines_from_report
 from sectune.serving.config import ServedVersion, ServingConfig
@@ -89,10 +89,6 @@ class ApplyResult:
     failed: dict[str, str]
     removed: list[str]
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.loaded or self.failed or self.removed)
-
 
 class Registry:
     def __init__(
@@ -101,7 +97,6 @@ class Registry:
         metrics: ServingMetrics,
         workdir: Path,
         base_digest: str,
-        seed: int | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -113,7 +108,7 @@ class Registry:
         self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
         self._apply_lock = threading.Lock()
-        self._random = random.Random(seed)
+        self._random = random.Random()
 
     # ------------------------------------------------------------------ reading
 
@@ -214,7 +209,8 @@ class Registry:
             raise LoadError("integrity", str(exc)) from None
         except storage.StorageError as exc:
             raise LoadError("storage", str(exc)) from None
-        self._resolved[f"{name}@{entry.version}"] = sha256
+        with self._lock:
+            self._resolved[f"{name}@{entry.version}"] = sha256
         for existing in current.get(name, []):
             if existing.version == entry.version and existing.sha256 == sha256:
                 existing.traffic = entry.traffic
@@ -283,9 +279,8 @@ class Registry:
         )
         if spec.task.type == "classification" and spec.task.labels:
             probe = Example("probe", {"text": ""}, spec.task.labels[0])
-            version.label_ids = [formatter.target_ids(probe, label) for label in spec.task.labels]
-            firsts = [ids[0] for ids in version.label_ids]
-            version.distinct_first_tokens = len(set(firsts)) == len(firsts)
+            version.label_ids = label_token_ids(formatter, probe, spec.task.labels)
+            version.distinct_first_tokens = first_tokens_distinct(version.label_ids)
             reference = reference_distribution(report)
             if reference:
                 version.drift = DriftMonitor(

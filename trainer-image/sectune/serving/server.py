@@ -112,7 +112,6 @@ class ServerOptions:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     reload_interval: float = 5.0
-    seed: int | None = None
 
 
 @dataclass
@@ -157,31 +156,26 @@ class ServerState:
         )
         self.engine.start()
         workdir = Path(tempfile.mkdtemp(prefix="sectune-serve-"))
-        self.registry = Registry(
-            self.engine, self.metrics, workdir, resolved.digest, seed=self.options.seed
-        )
+        self.registry = Registry(self.engine, self.metrics, workdir, resolved.digest)
         self.loading = "loading adapters"
         self._apply(config)
         self.loading = ""
 
     @staticmethod
     def _base_from_manifests(config: ServingConfig) -> BaseModelSpec:
-        import json
-
         from sectune import artifacts, storage
 
         seen: dict[str, BaseModelSpec] = {}
         for adapter in config.adapters:
             for entry in adapter.versions:
                 try:
-                    version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
-                    body = storage.read_bytes(f"{version_uri}/manifest.json")
+                    _, manifest = artifacts.read_manifest(
+                        *artifacts.resolve_version(entry.uri, entry.sha256)
+                    )
                 except (artifacts.IntegrityError, storage.StorageError) as exc:
                     log.error("%s@%s: %s", adapter.name, entry.version, exc)
                     continue
-                if hashlib.sha256(body).hexdigest() != sha256:
-                    continue  # the registry reports it when it tries to load the version
-                base = json.loads(body)["baseModel"]
+                base = manifest["baseModel"]
                 seen[base["sha256"]] = BaseModelSpec(
                     uri=base["uri"], quantization=base.get("quantization", "none")
                 )
@@ -348,10 +342,14 @@ def create_app(state: ServerState) -> FastAPI:
                 "model",
             ) from None
 
+    def labels(version: LoadedVersion | None) -> tuple[str, str]:
+        """The (adapter, version) metric labels of a request's model."""
+        return (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+
     def observe(
         version: LoadedVersion | None, endpoint: str, began: float, prompt: int, completion: int
     ) -> tuple[str, str]:
-        adapter, ver = (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+        adapter, ver = labels(version)
         metrics.latency.labels(adapter, ver, endpoint).observe(time.perf_counter() - began)
         metrics.requests.labels(adapter, ver, endpoint, "200").inc()
         metrics.tokens.labels(adapter, ver, "prompt").inc(prompt)
@@ -367,7 +365,7 @@ def create_app(state: ServerState) -> FastAPI:
                 503, "that adapter version was just replaced; retry the request"
             ) from None
         except Exception:
-            adapter, ver = (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+            adapter, ver = labels(version)
             metrics.requests.labels(adapter, ver, endpoint, "500").inc()
             log.exception("%s request for %s failed", endpoint, adapter)
             raise ApiError(
