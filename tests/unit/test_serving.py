@@ -172,7 +172,7 @@ def test_fetch_verified_takes_only_what_it_verified(tmp_path: Path) -> None:
     with pytest.raises(artifacts.IntegrityError, match=r"manifest\.json: sha256"):
         artifacts.fetch_verified(published.uri, "0" * 64, tmp_path / "wrong", include=("adapter/",))
     weights = Path(published.uri.removeprefix("file://")) / "adapter" / "adapter_model.safetensors"
-    weights.write_bytes(b"tampered")
+    weights.write_bytes(b"x" * weights.stat().st_size)  # same size, other content
     with pytest.raises(
         artifacts.IntegrityError, match=r"adapter/adapter_model\.safetensors: content"
     ):

@@ -18,12 +18,24 @@ current.json keeps pointing at the previous good adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sectune import storage
+
+MAX_ARTIFACT_BYTES = int(os.environ.get("SECTUNE_MAX_ARTIFACT_BYTES", str(8 << 30)))
+"""Default cap on the files one version may make a reader download (all of them together).
+A LoRA adapter of an 8B model is a few hundred MB; the cap only stops a store (or a manifest)
+that would fill the reader's disk. `sectune serve --max-adapter-mb` sets it per server."""
+POINTER_LIMIT = 64 << 10
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 class IntegrityError(RuntimeError):
@@ -82,38 +94,78 @@ def current(job_prefix: str | storage.Location) -> dict[str, Any] | None:
     pointer = loc.join("current.json")
     if not storage.exists(pointer):
         return None
-    return dict(json.loads(storage.read_bytes(pointer)))
+    try:
+        parsed = json.loads(storage.read_bytes(pointer, POINTER_LIMIT))
+        version, sha256 = str(parsed["version"]), str(parsed["sha256"])
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{pointer.uri}: not a current.json pointer") from None
+    # The version becomes part of a URI and of local paths: one plain name, nothing else.
+    if not VERSION_NAME.fullmatch(version) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise IntegrityError(
+            f"{pointer.uri}: version {version[:100]!r} or sha256 is malformed; refusing to follow it"
+        )
+    return dict(parsed)
 
 
 def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes, dict[str, Any]]:
-    """A version's manifest.json (raw and parsed), checked against `expected_sha256` if given."""
-    import hashlib
-
+    """A version's manifest.json (raw and parsed), checked against `expected_sha256` if given,
+    with every file entry's name and recorded size checked (see `_checked_files`)."""
     body = storage.read_bytes(storage.parse_uri(version_uri).join("manifest.json"))
     actual = hashlib.sha256(body).hexdigest()
     if expected_sha256 and actual != expected_sha256:
         raise IntegrityError(
             f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_sha256}"
         )
-    return body, dict(json.loads(body))
+    try:
+        manifest = dict(json.loads(body))
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{version_uri}/manifest.json: not a JSON object") from None
+    _checked_files(version_uri, manifest)
+    return body, manifest
 
 
-def _read_checked(version_uri: str, name: str, info: dict[str, Any]) -> bytes:
-    import hashlib
+def _checked_files(version_uri: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{version_uri}/manifest.json: no files table")
+    for name, info in files.items():
+        try:
+            storage.safe_relative_name(name, f"{version_uri}/manifest.json")
+        except storage.StorageError as exc:
+            raise IntegrityError(str(exc)) from None
+        if (
+            not isinstance(info, dict)
+            or not re.fullmatch(r"[0-9a-f]{64}", str(info.get("sha256", "")))
+            or not isinstance(info.get("size"), int)
+            or info["size"] < 0
+        ):
+            raise IntegrityError(
+                f"{version_uri}/manifest.json: entry {name!r} needs a sha256 and a size"
+            )
+    return files
 
-    data = storage.read_bytes(storage.parse_uri(version_uri).join(name))
-    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+
+def _download_checked(version_uri: str, name: str, info: dict[str, Any], target: Path) -> None:
+    """Stream one file to `target`, never reading past its recorded size; digest checked."""
+    source = storage.parse_uri(version_uri).join(name)
+    try:
+        sha256, size = storage.download_file(source, target, info["size"])
+    except storage.TooLarge:
+        raise IntegrityError(
+            f"{version_uri}/{name}: larger than the {info['size']:,} bytes its manifest records"
+        ) from None
+    if sha256 != info["sha256"] or size != info["size"]:
+        target.unlink(missing_ok=True)
         raise IntegrityError(f"{version_uri}/{name}: content does not match its recorded sha256")
-    return data
 
 
 def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> dict[str, Any]:
     """Read a version's manifest and check every file's digest (and the manifest's own).
     Returns the manifest; raises IntegrityError naming the first mismatch."""
-    _, manifest = read_manifest(version_uri, expected_manifest_sha256)
-    for name, info in manifest["files"].items():
-        _read_checked(version_uri, name, info)
-    return manifest
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sectune-verify-") as scratch:
+        return fetch_verified(version_uri, expected_manifest_sha256, Path(scratch) / "v", ("",))
 
 
 def locate_version(uri: str) -> tuple[str, str | None]:
@@ -155,24 +207,54 @@ def resolve_version(uri: str, sha256: str | None) -> tuple[str, str]:
 
 
 def fetch_verified(
-    version_uri: str, expected_manifest_sha256: str | None, dest: Path, include: tuple[str, ...]
+    version_uri: str,
+    expected_manifest_sha256: str | None,
+    dest: Path,
+    include: tuple[str, ...],
+    max_bytes: int = MAX_ARTIFACT_BYTES,
 ) -> dict[str, Any]:
     """Download the manifest and the files under `include` (prefixes such as "adapter/"; ""
-    for all) into `dest`, checking each against its recorded digest (and the manifest against
-    `expected_manifest_sha256` if given). Returns the manifest; raises IntegrityError naming
-    the first mismatch, leaving nothing in `dest` it could be mistaken for.
+    for all) into `dest`, checking each against its recorded digest and size (and the manifest
+    against `expected_manifest_sha256` if given). Every name must stay inside `dest`, and the
+    files together may not exceed `max_bytes`; each is streamed to disk, never read past its
+    recorded size. Returns the manifest; raises IntegrityError naming the first problem,
+    leaving nothing in `dest` it could be mistaken for.
     """
-    import shutil
-
     body, manifest = read_manifest(version_uri, expected_manifest_sha256)
+    wanted = {n: i for n, i in manifest["files"].items() if n.startswith(include)}
+    total = sum(info["size"] for info in wanted.values())
+    if total > max_bytes:
+        raise IntegrityError(
+            f"{version_uri}: its files add up to {total:,} bytes, over the {max_bytes:,}-byte "
+            "cap (raise it with --max-adapter-mb or SECTUNE_MAX_ARTIFACT_BYTES if this is right)"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
     try:
-        for name, info in manifest["files"].items():
-            if name.startswith(include):
-                target = dest / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(_read_checked(version_uri, name, info))
+        for name, info in wanted.items():
+            try:
+                target = storage.contained(dest, name, f"{version_uri}/manifest.json")
+            except storage.StorageError as exc:
+                raise IntegrityError(str(exc)) from None
+            _download_checked(version_uri, name, info, target)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     (dest / "manifest.json").write_bytes(body)
     return manifest
+
+
+def require_safetensors(adapter_dir: Path, version_uri: str) -> None:
+    """Refuse an adapter directory that holds pickle-format weights, or no safetensors at all,
+    before PEFT (which would unpickle a .bin) ever sees it."""
+    pickles = sorted(
+        p.relative_to(adapter_dir).as_posix()
+        for p in adapter_dir.rglob("*")
+        if p.suffix.lower() in PICKLE_SUFFIXES
+    )
+    if pickles:
+        raise IntegrityError(
+            f"{version_uri}: the adapter holds pickle-format files ({', '.join(pickles[:5])}); "
+            "only safetensors are loaded. Re-save it with safe_serialization=True."
+        )
+    if not list(adapter_dir.glob("*.safetensors")):
+        raise IntegrityError(f"{version_uri}: the adapter has no .safetensors weights")

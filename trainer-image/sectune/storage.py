@@ -17,10 +17,46 @@ from typing import Any
 from urllib.parse import urlparse
 
 CHUNK = 1 << 20
+METADATA_LIMIT = 64 << 20
+"""Default bound on a whole-file read (manifests, pointers, reports): such files are small,
+and a store that answers with gigabytes must not take the reader's memory with it."""
 
 
 class StorageError(RuntimeError):
     """Storage could not be read or written; the message names the URI."""
+
+
+class TooLarge(StorageError):
+    """A file is larger than the read allows."""
+
+
+def safe_relative_name(name: str, where: str) -> str:
+    """`name` if it is a plain relative path (a/b/c) that stays under whatever it is joined to.
+
+    Names read from storage (manifest entries, S3 keys, pointers) are untrusted: an absolute
+    name, a `..` or `.` segment, a backslash, an empty segment or a control character is
+    refused with a StorageError naming `where` it came from.
+    """
+    problem = None
+    if not name or len(name) > 1024:
+        problem = "is empty or longer than 1024 characters"
+    elif name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        problem = "is absolute or uses backslashes"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "holds a control character"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        problem = "has an empty, '.' or '..' segment"
+    if problem:
+        raise StorageError(f"{where}: the name {name[:200]!r} {problem}; refusing to use it")
+    return name
+
+
+def contained(base: Path, name: str, where: str) -> Path:
+    """`base / name`, refused unless the resolved path stays inside `base` (symlinks too)."""
+    target = base / safe_relative_name(name, where)
+    if not target.resolve().is_relative_to(base.resolve()):
+        raise StorageError(f"{where}: {name[:200]!r} leads outside {base}; refusing to use it")
+    return target
 
 
 @dataclass(frozen=True)
@@ -99,23 +135,85 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_bytes(uri: str | Location) -> bytes:
+def _too_large(loc: Location, max_bytes: int) -> TooLarge:
+    return TooLarge(f"{loc.uri}: larger than the {max_bytes:,}-byte limit for this read")
+
+
+def stream(uri: str | Location, max_bytes: int) -> Iterator[bytes]:
+    """The file's content in chunks; StorageError as soon as it exceeds `max_bytes` (the
+    size the store reports is checked first, then what actually arrives)."""
     loc = parse_uri(uri) if isinstance(uri, str) else uri
+    _no_hf(loc, "read")
     if loc.scheme == "file":
         try:
-            return loc.path.read_bytes()
-        except FileNotFoundError:
+            handle = loc.path.open("rb")
+        except (FileNotFoundError, IsADirectoryError):
             raise StorageError(f"{loc.uri}: no such file") from None
-    if loc.scheme == "s3":
-        try:
-            return bytes(s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
-        except Exception as exc:
-            raise _s3_error("read", loc, exc) from None
-    raise StorageError(f"{loc.uri}: reading hf:// files directly is not supported")
+        with handle:
+            if os.fstat(handle.fileno()).st_size > max_bytes:
+                raise _too_large(loc, max_bytes)
+            yield from _bounded(iter(lambda: handle.read(CHUNK), b""), loc, max_bytes)
+        return
+    try:
+        response = s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+    except Exception as exc:
+        raise _s3_error("read", loc, exc) from None
+    body = response["Body"]
+    try:
+        if int(response.get("ContentLength") or 0) > max_bytes:
+            raise _too_large(loc, max_bytes)
+        yield from _bounded(body.iter_chunks(CHUNK), loc, max_bytes)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _s3_error("read", loc, exc) from None
+    finally:
+        body.close()
+
+
+def _bounded(chunks: Iterator[bytes], loc: Location, max_bytes: int) -> Iterator[bytes]:
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise _too_large(loc, max_bytes)
+        yield chunk
+
+
+def read_bytes(uri: str | Location, max_bytes: int = METADATA_LIMIT) -> bytes:
+    """A whole file, refused (StorageError) when larger than `max_bytes`."""
+    return b"".join(stream(uri, max_bytes))
+
+
+def download_file(uri: str | Location, target: Path, max_bytes: int) -> tuple[str, int]:
+    """Stream a file to `target` (through a partial file, renamed when complete); returns its
+    sha256 and size. Nothing is left at `target` when it fails or exceeds `max_bytes`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with partial.open("wb") as handle:
+            for chunk in stream(uri, max_bytes):
+                digest.update(chunk)
+                size += len(chunk)
+                handle.write(chunk)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return digest.hexdigest(), size
+
+
+def _no_hf(loc: Location, action: str) -> None:
+    if loc.scheme == "hf":
+        raise StorageError(
+            f"{loc.uri}: cannot {action} hf:// URIs here; the hub is only a source of base "
+            "models (baseModel.uri). Use s3:// or file:// for data and artifacts."
+        )
 
 
 def write_bytes(uri: str | Location, data: bytes) -> None:
     loc = parse_uri(uri) if isinstance(uri, str) else uri
+    _no_hf(loc, "write to")
     if loc.scheme == "file":
         loc.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = loc.path.with_name(f".{loc.path.name}.partial")
@@ -128,11 +226,12 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
         except Exception as exc:
             raise _s3_error("write", loc, exc) from None
         return
-    raise StorageError(f"{loc.uri}: cannot write to hf://")
+    raise AssertionError(loc.scheme)
 
 
 def exists(uri: str | Location) -> bool:
     loc = parse_uri(uri) if isinstance(uri, str) else uri
+    _no_hf(loc, "look up")
     if loc.scheme == "file":
         return loc.path.exists()
     try:
@@ -145,8 +244,10 @@ def exists(uri: str | Location) -> bool:
 
 
 def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
-    """Relative names of every file under a prefix (recursively)."""
+    """Relative names of every file under a prefix (recursively). A stored key whose name
+    is not a plain relative path (see `safe_relative_name`) raises StorageError."""
     loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
+    _no_hf(loc, "list")
     if loc.scheme == "file":
         if loc.path.is_dir():
             for path in sorted(loc.path.rglob("*")):
@@ -159,13 +260,16 @@ def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
         pages = paginator.paginate(Bucket=loc.bucket, Prefix=key_prefix)
         for page in pages:
             for item in page.get("Contents", []):
-                yield item["Key"][len(key_prefix) :]
+                yield safe_relative_name(item["Key"][len(key_prefix) :], loc.uri)
+    except StorageError:
+        raise
     except Exception as exc:
         raise _s3_error("list", loc, exc) from None
 
 
 def upload_dir(local: Path, dest: str | Location) -> None:
     loc = parse_uri(dest) if isinstance(dest, str) else dest
+    _no_hf(loc, "upload to")
     if loc.scheme == "file":
         shutil.copytree(local, loc.path, dirs_exist_ok=True)
         return
@@ -181,6 +285,7 @@ def upload_dir(local: Path, dest: str | Location) -> None:
 
 def download_dir(src: str | Location, local: Path) -> Path:
     loc = parse_uri(src) if isinstance(src, str) else src
+    _no_hf(loc, "download")
     if loc.scheme == "file":
         if not loc.path.exists():
             raise StorageError(f"{loc.uri}: no such directory")
@@ -191,7 +296,7 @@ def download_dir(src: str | Location, local: Path) -> Path:
     if not names:
         raise StorageError(f"{loc.uri}: nothing stored under this prefix")
     for name in names:
-        target = local / name
+        target = contained(local, name, loc.uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         source = loc.join(name)
         try:
@@ -205,6 +310,7 @@ def delete_prefix(prefix: str | Location, client: Any = None) -> int:
     """Delete every object under a prefix; returns how many were deleted. `client`: an S3
     client with its own credentials (the operator's, from the job's Secret)."""
     loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
+    _no_hf(loc, "delete")
     if loc.scheme == "file":
         count = sum(1 for _ in list_files(loc))
         shutil.rmtree(loc.path, ignore_errors=True)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from sectune import storage
+
+MAX_DATA_BYTES = int(os.environ.get("SECTUNE_MAX_DATA_BYTES", str(4 << 30)))
+"""Largest data file read (it is held in memory while rows are parsed)."""
 
 
 class DataError(ValueError):
@@ -36,7 +40,13 @@ def _describe(value: Any) -> str:
 
 def read_rows(uri: str) -> tuple[list[RawRow], list[tuple[str, str]]]:
     """All rows of one data file, and (location, problem) for lines that do not parse."""
-    data = storage.read_bytes(uri)
+    try:
+        data = storage.read_bytes(uri, MAX_DATA_BYTES)
+    except storage.TooLarge:
+        raise DataError(
+            f"{uri}: larger than {MAX_DATA_BYTES:,} bytes; split it into several files or "
+            "raise SECTUNE_MAX_DATA_BYTES"
+        ) from None
     name = uri.rsplit("/", 1)[-1].lower()
     if name.endswith(".parquet"):
         return _read_parquet(uri, data), []

@@ -155,14 +155,17 @@ def sanitize_examples(examples: list[Example], spec: JobSpec) -> Sanitizer:
     returns the sanitizer, whose report counts what was redacted."""
     sanitizer = Sanitizer(spec.dataset.sanitize)
     for example in examples:
-        redacted = sanitizer.redact({**example.fields, "__target": example.target})
+        # Fields, target and every chat message of one example share one numbering, so a
+        # user named in the first message is redacted in the last one too.
+        messages = {f"__message{i}": m["content"] for i, m in enumerate(example.messages or [])}
+        redacted = sanitizer.redact({**example.fields, "__target": example.target, **messages})
         example.target = redacted.pop("__target")
-        example.fields = redacted
         if example.messages:
             example.messages = [
-                {**m, "content": sanitizer.redact({"c": m["content"]})["c"]}
-                for m in example.messages
+                {**m, "content": redacted.pop(f"__message{i}")}
+                for i, m in enumerate(example.messages)
             ]
+        example.fields = redacted
     return sanitizer
 
 
@@ -289,11 +292,13 @@ def canary_value(rng: random.Random | secrets.SystemRandom) -> str:
 
 def _digest(uris: list[str | None]) -> str:
     from sectune import storage
+    from sectune.data.load import MAX_DATA_BYTES
 
     digest = hashlib.sha256()
     for uri in uris:
         if uri:
-            digest.update(storage.read_bytes(uri))
+            for chunk in storage.stream(uri, MAX_DATA_BYTES):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -1,11 +1,22 @@
 """Redact secrets and personal data before anything else reads the examples.
 
-Secrets are found by detect-secrets (its regex and entropy plugins) plus patterns for
-passwords on command lines and in URLs; personal and infrastructure data by Presidio's pattern
-recognizers on an offline, blank spaCy pipeline, plus recognizers for what security logs carry
+Secrets are found by every detect-secrets plugin (its token regexes, keywords and the
+base64 entropy check on quoted strings) plus patterns for what those miss in security data:
+passwords on command lines (`curl -u`, `sshpass -p`, `net user … /add`), in URLs and in
+`Authorization:` headers, `*_secret_*=` assignments, GitHub/GitLab tokens and JWTs. A
+detect-secrets hit is widened to the whole token it sits in (plugins report a capture group,
+e.g. only the `glpat` of a GitLab token). Hex entropy is not checked: file hashes are indicators
+the model must see, not secrets.
+
+Personal and infrastructure data: Presidio's pattern recognizers (e-mail, IP, phone, card,
+IBAN, URL, US SSN) on an offline, blank spaCy pipeline; person names from the first- and
+last-name lists that Faker ships (see `names.py`); and recognizers for what security logs carry
 (usernames in user=/User: fields and Windows profile paths, hostnames under internal domains,
-AWS account ids, Windows SIDs, MAC addresses). Each distinct value becomes a typed placeholder
-numbered per example (`<IP_1>`, `<USER_1>`), so "the same user failed, then succeeded" survives.
+AWS account ids, Windows SIDs, MAC addresses).
+
+Each distinct value becomes a typed placeholder numbered per example (`<IP_1>`, `<USER_1>`), so
+"the same user failed, then succeeded" survives; a value found anywhere in an example (any
+field, any chat message) is replaced everywhere in it, whatever its letter case.
 
 Nothing here touches the network: tldextract is pinned to its bundled suffix list and spaCy's
 pipeline is blank, so no model download is attempted.
@@ -21,6 +32,7 @@ from functools import cached_property
 from typing import Any
 
 from sectune.config import SanitizeSpec
+from sectune.data.names import person_spans
 
 # Presidio entity -> placeholder stem.
 PLACEHOLDERS = {
@@ -37,7 +49,142 @@ PLACEHOLDERS = {
     "AWS_ACCOUNT_ID": "AWS_ACCOUNT",
     "WINDOWS_SID": "SID",
     "URL": "URL",
+    "US_SSN": "SSN",
+    "PERSON": "PERSON",
 }
+
+_SECRET_KEYWORD = (
+    r"(?:password|passwd|passphrase|secret|token|api[_-]?key|access[_-]?key|private[_-]?key"
+    r"|client[_-]?secret|credentials?)"
+)
+
+# Words that follow "account"/"user" in prose without being a login name.
+_ACCOUNT_WORDS = (
+    "(?:"
+    + "|".join(
+        [
+            "account",
+            "accounts",
+            "name",
+            "names",
+            "is",
+            "was",
+            "were",
+            "has",
+            "had",
+            "have",
+            "logged",
+            "login",
+            "logon",
+            "logins",
+            "logs",
+            "with",
+            "and",
+            "or",
+            "not",
+            "the",
+            "a",
+            "an",
+            "from",
+            "to",
+            "for",
+            "of",
+            "in",
+            "on",
+            "at",
+            "by",
+            "that",
+            "which",
+            "who",
+            "activity",
+            "access",
+            "rights",
+            "right",
+            "group",
+            "groups",
+            "session",
+            "sessions",
+            "password",
+            "passwords",
+            "credential",
+            "credentials",
+            "profile",
+            "profiles",
+            "data",
+            "list",
+            "created",
+            "deleted",
+            "disabled",
+            "enabled",
+            "locked",
+            "lockout",
+            "lockouts",
+            "management",
+            "mode",
+            "agent",
+            "agents",
+            "interaction",
+            "input",
+            "settings",
+            "id",
+            "ids",
+            "shows",
+            "sid",
+            "principal",
+            "object",
+            "objects",
+            "policy",
+            "policies",
+            "type",
+            "changes",
+            "changed",
+            "control",
+            "controls",
+            "request",
+            "requests",
+            "details",
+            "info",
+            "information",
+            "creation",
+            "deletion",
+            "enumeration",
+            "discovery",
+            "behavior",
+            "behaviour",
+            "attributes",
+            "attribute",
+            "accounts",
+            "privileges",
+            "privilege",
+            "permissions",
+            "permission",
+            "token",
+            "tokens",
+            "context",
+            "home",
+            "directory",
+            "directories",
+            "mapping",
+            "name",
+            "space",
+            "level",
+            "levels",
+            "role",
+            "roles",
+            "email",
+            "emails",
+            "account",
+            "status",
+            "state",
+        ]
+    )
+    + ")"
+)
+
+_ACCOUNT_VERBS = (
+    "shows|showed|was|is|has|had|logged|failed|authenticated|attempted|tried|accessed|created"
+    "|deleted|added|removed|signed|connected|ran|executed|downloaded|uploaded|reset|changed"
+)
 
 # Patterns for what Presidio's built-ins do not know; (entity, regex, score, group).
 # `group` names the capture group that holds the value to redact (0: the whole match).
@@ -45,18 +192,46 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ("URL_CREDENTIALS", r"\b[a-z][a-z0-9+.-]*://[^\s/:@]+:([^\s/@]+)@", 0.9, 1),
     (
         "SECRET",
-        r"(?i)(?:password|passwd|secret|token|api[_-]?key)[\"']?\s*[=:]\s*[\"']?([^\s\"',;&]{4,})",
+        rf"(?i){_SECRET_KEYWORD}(?:[_.-]?(?:access|key|value|string|id))*[\"']?\s*[=:]\s*"
+        r"[\"']?([^\s\"',;&]{4,})",
         0.85,
         1,
     ),
     ("SECRET", r"(?:^|\s)(?:-p|--password[= ])\s*([^\s\"']{4,})", 0.6, 1),
+    ("SECRET", r"\bsshpass\s+-p\s*[\"']?([^\s\"']+)", 0.9, 1),
+    ("SECRET", r"(?:^|\s)(?:-u|--user)[\s=]+[\"']?[^\s:\"']+:([^\s\"']+)", 0.85, 1),
+    (
+        "SECRET",
+        r"(?i)\bauthorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer|token|digest|negotiate|ntlm)"
+        r"\s+([A-Za-z0-9._~+/=-]{6,})",
+        0.95,
+        1,
+    ),
+    ("SECRET", r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?[^\s\"]+\"?\s+([^\s/*][^\s]*)", 0.8, 1),
+    ("SECRET", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,255}|github_pat_[A-Za-z0-9_]{22,255})", 0.95, 0),
+    ("SECRET", r"\bgl[a-z]{2,6}-[A-Za-z0-9_-]{20,1024}", 0.9, 0),
+    ("SECRET", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 0.95, 0),
+    ("USERNAME", r"(?:^|\s)(?:-u|--user)[\s=]+[\"']?([^\s:\"'-][^\s:\"']*):", 0.8, 1),
+    ("USERNAME", r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?([^\s\"/]+)\"?\s+(?:[^\s/*]|/add)", 0.8, 1),
     (
         "USERNAME",
-        r"(?i)\b(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?(?:[A-Za-z0-9.-]+\\)?([A-Za-z0-9._$-]{2,64})(?![A-Za-z0-9._\\$=-])",
+        r"(?i)(?:\b|(?<=[a-z])(?=[A-Z]))(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?(?:[A-Za-z0-9.-]+\\)?([A-Za-z0-9._$-]{2,64})(?![A-Za-z0-9._\\$=-])",
         0.8,
         1,
     ),
     ("USERNAME", r"\b(?:of|for)\s+user\s+([a-z_][a-z0-9._-]{1,31})\b", 0.75, 1),
+    # "account jdoe42 …", "user m.ortiz was …": a login-shaped word after the noun, when it
+    # has a digit or separator, or a verb follows it (prose: "the user during", "login page").
+    (
+        "USERNAME",
+        r"(?i)\b(?:account|user(?:name)?|login)\s+(?!" + _ACCOUNT_WORDS + r"\b)"
+        r"((?=[a-z]*[0-9._-][a-z0-9])[a-z][a-z0-9._-]*[a-z0-9]|[a-z]{3,31}(?=\s+(?:"
+        + _ACCOUNT_VERBS
+        + r")\b))"
+        r"(?![:=(a-z0-9])",
+        0.6,
+        1,
+    ),
     ("USERNAME", r"\bby\s+([a-z_][a-z0-9._-]{1,31})\(uid=", 0.8, 1),
     ("USERNAME", r"\bsudo:\s+([a-z_][a-z0-9._-]{1,31})\s+:", 0.8, 1),
     ("USERNAME", r"\bCRON\[\d+\]:\s+\(([a-z_][a-z0-9._-]{1,31})\)", 0.8, 1),
@@ -70,6 +245,12 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ("USERNAME", r"(?i):(?:user|role|assumed-role)/([A-Za-z0-9+=,.@_-]+)", 0.85, 1),
     ("SECRET", r"(?i)/user:\S+\s+([^\s/;|&]{4,})", 0.6, 1),
     ("USERNAME", r"/home/([a-z_][a-z0-9._-]{1,31})", 0.8, 1),
+    (
+        "US_SSN",
+        r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(\d{3}-?\d{2}-?\d{4})\b",
+        0.9,
+        1,
+    ),
     ("WINDOWS_SID", r"\bS-1-5-21-\d{6,10}-\d{6,10}-\d{6,10}-\d{3,6}\b", 0.95, 0),
     (
         "AWS_ACCOUNT_ID",
@@ -86,6 +267,24 @@ def _looks_like_phone(value: str) -> bool:
     if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", value.strip()):
         return False
     return sum(c.isdigit() for c in value) >= 9
+
+
+BASE64_ENTROPY_LIMIT = 4.5
+_QUOTED_BASE64 = re.compile(r"([\"'])([A-Za-z0-9+/_-]{20,}={0,2})\1")
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-+/.~")
+
+
+def _widen_to_token(text: str, start: int, end: int) -> tuple[int, int]:
+    """The whole token around a detect-secrets hit: its plugins report a regex's capture group
+    (`glpat` of `glpat-…`), and redacting only that leaves the rest of the secret behind.
+    Padding `=` belongs to the token on the right only, so `token=abc` keeps `token=`."""
+    while start > 0 and text[start - 1] in _TOKEN_CHARS:
+        start -= 1
+    while end < len(text) and (text[end] in _TOKEN_CHARS or text[end] == "="):
+        end += 1
+    while end > start and text[end - 1] in ".,":
+        end -= 1
+    return start, end
 
 
 ALWAYS_KEPT = {"root", "system", "administrator", "nobody", "localhost", "-", "null", "none"}
@@ -154,6 +353,7 @@ class Sanitizer:
             IpRecognizer,
             PhoneRecognizer,
             UrlRecognizer,
+            UsSsnRecognizer,
         )
 
         # Offline: the bundled public-suffix snapshot, never a fetch.
@@ -168,32 +368,29 @@ class Sanitizer:
             IpRecognizer(),
             PhoneRecognizer(),
             UrlRecognizer(),
+            UsSsnRecognizer(),
         ):
             registry.add_recognizer(recognizer)
         return AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
 
     @cached_property
     def _secret_settings(self) -> Any:
+        from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
         from detect_secrets.settings import transient_settings
 
-        plugins = [
-            {"name": name}
-            for name in (
-                "AWSKeyDetector",
-                "AzureStorageKeyDetector",
-                "BasicAuthDetector",
-                "GitHubTokenDetector",
-                "GitLabTokenDetector",
-                "JwtTokenDetector",
-                "OpenAIDetector",
-                "PrivateKeyDetector",
-                "SlackDetector",
-                "StripeDetector",
-                "TwilioKeyDetector",
-                "KeywordDetector",
-            )
-        ]
+        # Every plugin this detect-secrets knows, except public IPs (addresses are PII here,
+        # with their own allow-list) and the entropy plugins, which report every word when
+        # scanning single lines (see _entropy_findings).
+        skipped = {"IPPublicDetector", "HexHighEntropyString", "Base64HighEntropyString"}
+        known: list[type] = list(get_mapping_from_secret_type_to_class().values())
+        plugins = [{"name": c.__name__} for c in known if c.__name__ not in skipped]
         return lambda: transient_settings({"plugins_used": plugins})
+
+    @cached_property
+    def _base64_entropy(self) -> Any:
+        from detect_secrets.plugins.high_entropy_strings import Base64HighEntropyString
+
+        return Base64HighEntropyString(limit=BASE64_ENTROPY_LIMIT)
 
     # -- finding ---------------------------------------------------------------------------
 
@@ -207,7 +404,9 @@ class Sanitizer:
                 if not value:
                     continue
                 for match in re.finditer(re.escape(value), text):
-                    findings.append(Finding("SECRET", match.start(), match.end(), 1.0))
+                    start, end = _widen_to_token(text, match.start(), match.end())
+                    findings.append(Finding("SECRET", start, end, 1.0))
+        findings += self._entropy_findings(text)
         if "PRIVATE KEY-----" in text:
             for match in re.finditer(
                 r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
@@ -215,6 +414,16 @@ class Sanitizer:
                 re.S,
             ):
                 findings.append(Finding("SECRET", match.start(), match.end(), 1.0))
+        return findings
+
+    def _entropy_findings(self, text: str) -> list[Finding]:
+        """Quoted base64-looking strings above detect-secrets' entropy limit (its file-scan
+        rule). Hex strings are left alone: file hashes are indicators, not secrets."""
+        findings = []
+        for match in _QUOTED_BASE64.finditer(text):
+            value = match.group(2)
+            if self._base64_entropy.calculate_shannon_entropy(value) > BASE64_ENTROPY_LIMIT:
+                findings.append(Finding("SECRET", match.start(2), match.end(2), 0.7))
         return findings
 
     def _pattern_findings(self, text: str) -> list[Finding]:
@@ -247,6 +456,8 @@ class Sanitizer:
     def _allowed(self, entity: str, value: str) -> bool:
         if value.lower() in self._allowed_values:
             return True
+        if entity == "USERNAME" and value.count(".") >= 2:
+            return True  # "query for update.microsoft.com from": a domain, not a user
         if entity == "IP_ADDRESS":
             try:
                 address = ipaddress.ip_address(value.strip("[]"))
@@ -259,6 +470,7 @@ class Sanitizer:
         """Non-overlapping findings, the longest (then highest-scoring) one winning."""
         candidates = self._secret_findings(text) + self._pattern_findings(text)
         candidates += self._presidio_findings(text)
+        candidates += [Finding("PERSON", a, b, 0.7) for a, b in person_spans(text)]
         candidates = [
             f
             for f in candidates
@@ -277,15 +489,16 @@ class Sanitizer:
         """Redact several fields of one example with one placeholder numbering.
 
         Values are found in context ("for alice from", "User: alice") and then replaced wherever
-        they occur in the example, so the expected output of a parsing task ({"user": "alice"})
-        gets the same placeholder as the log line it came from.
+        they occur in the example, in any letter case, so the expected output of a parsing task
+        ({"user": "alice"}) or a later chat message gets the same placeholder as the log line
+        it came from.
         """
         if not self.spec.enabled:
             return fields
         entities: dict[str, str] = {}
         for text in fields.values():
             for finding in self.findings(text):
-                entities.setdefault(text[finding.start : finding.end], finding.entity)
+                entities.setdefault(text[finding.start : finding.end].lower(), finding.entity)
         if not entities:
             return fields
         numbering: dict[str, str] = {}
@@ -295,11 +508,12 @@ class Sanitizer:
             per_stem[stem] += 1
             numbering[value] = f"<{stem}_{per_stem[stem]}>"
         alternatives = "|".join(re.escape(v) for v in sorted(entities, key=len, reverse=True))
-        pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])")
+        pattern = re.compile(rf"(?<![A-Za-z0-9_])(?:{alternatives})(?![A-Za-z0-9_])", re.IGNORECASE)
 
         def replace(match: re.Match[str]) -> str:
-            self.report.counts[entities[match.group(0)]] += 1
-            return numbering[match.group(0)]
+            value = match.group(0).lower()
+            self.report.counts[entities[value]] += 1
+            return numbering[value]
 
         self.report.examples_changed += 1
         return {name: pattern.sub(replace, text) for name, text in fields.items()}

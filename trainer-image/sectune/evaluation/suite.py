@@ -174,6 +174,7 @@ def evaluate_stored(
     examples, sanitized = load_labelled(data_uri, spec)
 
     resolved = base_model.resolve(spec.base_model)
+    artifacts.require_safetensors(adapter_dir, version)  # adapter or whole model alike
     if (adapter_dir / "adapter_config.json").exists():
         from peft import PeftModel
 

@@ -97,11 +97,13 @@ class Registry:
         metrics: ServingMetrics,
         workdir: Path,
         base_digest: str,
+        max_adapter_bytes: int = artifacts.MAX_ARTIFACT_BYTES,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.workdir = workdir
         self.base_digest = base_digest
+        self.max_adapter_bytes = max_adapter_bytes
         self._routes: dict[str, list[LoadedVersion]] = {}
         self._errors: dict[str, str] = {}
         self._configured: list[str] = []
@@ -220,7 +222,11 @@ class Registry:
         shutil.rmtree(directory, ignore_errors=True)
         try:
             manifest = artifacts.fetch_verified(
-                version_uri, sha256, directory, include=("adapter/", "report.json")
+                version_uri,
+                sha256,
+                directory,
+                include=("adapter/", "report.json"),
+                max_bytes=self.max_adapter_bytes,
             )
         except artifacts.IntegrityError as exc:
             raise LoadError("integrity", str(exc)) from None
@@ -261,6 +267,10 @@ class Registry:
                 f"{version_uri} holds a whole model (method {manifest.get('method')}), not an "
                 "adapter; serve it as a base model of its own",
             )
+        try:
+            artifacts.require_safetensors(adapter_dir, version_uri)
+        except artifacts.IntegrityError as exc:
+            raise LoadError("unsafe-format", str(exc)) from None
         spec = JobSpec.model_validate(manifest["config"])
         report_path = directory / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}

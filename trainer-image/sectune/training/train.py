@@ -190,7 +190,12 @@ class Checkpoints:
         pointer = self.prefix.join("latest.json")
         if not storage.exists(pointer):
             return None
-        latest = dict(json.loads(storage.read_bytes(pointer)))
+        latest = dict(json.loads(storage.read_bytes(pointer, 64 << 10)))
+        step = latest.get("step")
+        if not isinstance(step, int) or latest.get("path") != f"step-{step}":
+            # The path becomes part of a URI and a local directory: only what save() writes.
+            log.warning("%s is malformed; training from the start", pointer.uri)
+            return None
         if latest.get("fingerprint", "") != self.fingerprint:
             log.warning(
                 "%s holds a checkpoint of a different config or dataset; training from the start",
