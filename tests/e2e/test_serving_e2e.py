@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sectune import artifacts, storage
@@ -282,36 +283,45 @@ def _s3_client(trained: Trained) -> Any:
 
 def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, serve, tmp_path):
     keys = tmp_path / "api-keys"
-    keys.write_text("first-key\nsecond-key\n")
+    keys.write_text(
+        "# soc-bot: the triage bot; comment lines are never keys\n"
+        "first-key-0123456789\n"
+        "second second-key-0123456789\n"
+        "scoped scoped-key-0123456789 other-adapter\n"
+    )
     server = serve("--adapter", f"triage={trained.prefix}/triage", "--api-keys-file", str(keys))
 
     assert server.get("/v1/models").status_code == 401
     assert server.classify("triage", TEXTS[0]).status_code == 401
     assert server.classify("triage", TEXTS[0], key="wrong").status_code == 401
-    served = server.get("/v1/models", key="second-key").json()
+    comment = "# soc-bot: the triage bot; comment lines are never keys"
+    assert server.classify("triage", TEXTS[0], key=comment).status_code == 401
+    forbidden = server.classify("triage", TEXTS[0], key="scoped-key-0123456789")
+    assert forbidden.status_code == 403 and "'scoped' may not use 'triage'" in forbidden.text
+    served = server.get("/v1/models", key="second-key-0123456789").json()
     [triage] = [m for m in served["data"] if m["id"] == "triage"]
     # The job prefix resolved through current.json: the latest version that passed its gates.
     assert triage["versions"][0]["sha256"] == trained.triage_v2.sha256
     assert server.get("/readyz").status_code == 200 and server.get("/metrics").status_code == 200
 
-    unknown = server.classify("nope", TEXTS[0], key="first-key")
+    unknown = server.classify("nope", TEXTS[0], key="first-key-0123456789")
     assert unknown.status_code == 404 and "triage" in unknown.json()["error"]["message"]
-    missing = server.post("/v1/classify", {"model": "triage"}, key="first-key")
+    missing = server.post("/v1/classify", {"model": "triage"}, key="first-key-0123456789")
     assert missing.status_code == 422 and missing.json()["error"]["param"] == "input"
     stream = server.post(
         "/v1/chat/completions",
         {"model": "triage", "messages": [{"role": "user", "content": "x"}], "stream": True},
-        key="first-key",
+        key="first-key-0123456789",
     )
     assert stream.status_code == 400 and stream.json()["error"]["param"] == "stream"
     too_long = server.post(
         "/v1/chat/completions",
         {"model": "triage", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
-        key="first-key",
+        key="first-key-0123456789",
     )
     assert too_long.status_code == 422 and "max_tokens" in too_long.json()["error"]["message"]
     huge = server.post(
-        "/v1/classify", {"model": "triage", "input": "x" * 5_000_000}, key="first-key"
+        "/v1/classify", {"model": "triage", "input": "x" * 5_000_000}, key="first-key-0123456789"
     )
     assert huge.status_code == 413 and "larger than" in huge.json()["error"]["message"]
 
@@ -328,7 +338,7 @@ def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, ser
     try:
 
         def serving_v1() -> bool:
-            answer = server.classify("triage", TEXTS[0], key="first-key")
+            answer = server.classify("triage", TEXTS[0], key="first-key-0123456789")
             return answer.headers.get("x-sectune-adapter-sha256") == trained.triage_v1.sha256
 
         wait_until(serving_v1, 60, "the moved current.json followed")
@@ -505,3 +515,57 @@ def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_on
     )
     assert not base.json()["choices"][0]["message"]["content"].startswith('{"event"')
     assert b["gatesPassed"] and "schemaCompliance" in b["consistency"]
+
+
+def test_one_client_cannot_starve_or_fail_the_others(trained, serve):
+    """Probes answer while the model is saturated; past --max-in-flight requests get 429 with
+    Retry-After; a half-sent request is cut off; a prompt too long for the model is refused
+    naming the field; a long padded alert is cut as training cuts it, not from the front."""
+    import socket
+
+    server = serve(
+        "--adapter", f"triage={trained.prefix}/triage",
+        "--max-in-flight", "3", "--read-timeout", "2", "--max-batch", "2",
+    )  # fmt: skip
+    long_chat = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "describe the alert " * 20}],
+        "max_tokens": 200,
+    }
+    with ThreadPoolExecutor(8) as pool:
+        busy = [pool.submit(server.post, "/v1/chat/completions", long_chat) for _ in range(8)]
+        wait_until(lambda: any(f.done() for f in busy), 120, "a first answer")
+        probe = httpx.get(server.url + "/healthz", timeout=3)
+        ready = httpx.get(server.url + "/readyz", timeout=3)
+        answers = [f.result() for f in busy]
+    assert probe.status_code == 200 and ready.json() == {"status": "ready"}
+    codes = sorted(a.status_code for a in answers)
+    assert 200 in codes and 429 in codes, codes
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+
+    # A client that sends half a request line holds nothing for long.
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        sock.settimeout(10)
+        assert sock.recv(1024) == b""  # closed by the server after --read-timeout
+
+    too_long = server.post(
+        "/v1/completions", {"model": "base", "prompt": "word " * 3000, "max_tokens": 16}
+    )
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "prompt"
+    assert "context" in too_long.json()["error"]["message"]
+
+    # An alert followed by filler keeps its head (system prompt and alert) in the prompt.
+    alert = TEXTS[0]
+    padded = server.classify("triage", alert + " filler" * 3000)
+    assert padded.status_code == 200
+    assert padded.json()["usage"]["prompt_tokens"] <= 96  # the job's maxSeqLength
+    assert server.get("/healthz").json() == {"status": "ok"}  # no details without a key
+
+
+def test_a_keyless_server_on_loopback_refuses_other_host_names(trained, serve):
+    server = serve("--adapter", f"triage={trained.prefix}/triage")
+    rebinding = httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example"})
+    assert rebinding.status_code == 400
+    assert server.get("/v1/models").status_code == 200

@@ -242,3 +242,86 @@ def test_engine_batches_mix_adapters_with_the_answers_each_gives_alone(
         assert kept.result() == pytest.approx(alone["b"], abs=1e-5)
     finally:
         engine.stop()
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def test_api_keys_file_comments_ids_scopes_and_errors(tmp_path: Path) -> None:
+    from sectune.serving.auth import load_api_keys, parse_api_keys
+
+    keys = parse_api_keys(
+        "# the SOC bot\n\nsoc-bot aaaaaaaaaaaaaaaa0 triage,attack\nbbbbbbbbbbbbbbbb1\n", "keys"
+    )
+    assert [(k.id, k.adapters) for k in keys] == [
+        ("soc-bot", frozenset({"triage", "attack"})),
+        ("key-4", None),
+    ]
+    assert keys[0].allows("triage") and not keys[0].allows("other") and keys[1].allows("x")
+    with pytest.raises(ManifestError, match="keys:2: the key is shorter than 16"):
+        parse_api_keys("# c\nbot short\n", "keys")
+    with pytest.raises(ManifestError, match="no API keys"):
+        parse_api_keys("# only a comment\n", "keys")
+    with pytest.raises(ManifestError, match="appears twice"):
+        parse_api_keys("a aaaaaaaaaaaaaaaa0\na bbbbbbbbbbbbbbbb1\n", "keys")
+    with pytest.raises(ManifestError, match="cannot read"):
+        load_api_keys(tmp_path / "missing")
+
+
+def test_empty_api_keys_variable_is_an_error_not_auth_off(monkeypatch, capsys) -> None:
+    from sectune.cli import main
+
+    monkeypatch.setenv("SECTUNE_API_KEYS_FILE", "")
+    assert main(["serve", "--adapter", "a=file:///nowhere"]) == 2
+    assert "SECTUNE_API_KEYS_FILE is set but empty" in capsys.readouterr().err
+
+
+def test_default_allowed_hosts() -> None:
+    from sectune.serving.server import default_allowed_hosts
+
+    assert "localhost" in default_allowed_hosts("127.0.0.1")
+    assert "*" not in default_allowed_hosts("::1")
+    assert default_allowed_hosts("0.0.0.0") == ["*"]
+
+
+def test_fit_prompt_keeps_head_and_tail_like_training() -> None:
+    from sectune.data.format import fit_prompt
+
+    prompt = list(range(100))
+    assert fit_prompt(prompt, 200) == prompt
+    assert fit_prompt(prompt, 10) == [0, 1, 2, 3, 4, 95, 96, 97, 98, 99]
+
+
+def test_a_failing_row_fails_alone_and_abandoned_work_never_runs() -> None:
+    from sectune.serving.engine import ClassifyWork, Engine
+    from sectune.serving.metrics import ServingMetrics
+
+    ran: list[list[list[int]]] = []
+
+    def classify(works: list[ClassifyWork]) -> None:
+        ran.append([w.prompt for w in works])
+        if any(w.prompt == [666] for w in works):
+            raise ValueError("poisoned row")
+        for w in works:
+            w.future.set_result([1.0])
+
+    engine = Engine.__new__(Engine)  # the batching logic only, without a model
+    engine.max_batch_tokens, engine.max_queue_seconds = 8, 30.0
+    engine.autocast, engine.metrics = False, ServingMetrics()
+    engine._loaded = lambda key: True  # type: ignore[method-assign]
+    engine._amp = lambda: __import__("contextlib").nullcontext()  # type: ignore[method-assign]
+    engine._classify = classify  # type: ignore[method-assign]
+    good = [ClassifyWork("a", [1], label_ids=[[1]], distinct_first_tokens=True) for _ in range(2)]
+    bad = ClassifyWork("a", [666], label_ids=[[1]], distinct_first_tokens=True)
+    gone = ClassifyWork("a", [7, 7], label_ids=[[1]], distinct_first_tokens=True)
+    gone.abandon()
+    long = ClassifyWork("a", list(range(10)), label_ids=[[1]], distinct_first_tokens=True)
+    engine._run([*good, bad, gone, long])
+    assert [w.future.result() for w in good] == [[1.0], [1.0]]
+    with pytest.raises(ValueError, match="poisoned"):
+        bad.future.result()
+    assert gone.future.cancelled()
+    assert not any([7, 7] in batch for batch in ran)  # dropped before it ran
+    assert long.future.result() == [1.0]
+    assert [list(range(10))] in ran  # the long row ran alone (token budget 8)
+    assert any(len(batch) > 1 for batch in ran)  # the short rows shared a batch

@@ -258,6 +258,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if "SECTUNE_LOG_LEVEL" not in os.environ:  # loads, swaps and refusals are the server's news
         logging.getLogger("sectune.serving").setLevel(logging.INFO)
     keys = args.api_keys_file or os.environ.get("SECTUNE_API_KEYS_FILE")
+    if keys is not None and not keys.strip():  # set but empty: never read as "auth off"
+        console.print(
+            "[red]error:[/] SECTUNE_API_KEYS_FILE is set but empty; point it at the keys file, "
+            "or unset it to serve without keys"
+        )
+        return 2
     options = ServerOptions(
         config_path=config_path,
         config=config,
@@ -266,6 +272,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         reload_interval=args.reload_interval,
+        max_in_flight=args.max_in_flight,
+        request_timeout=args.request_timeout,
+        max_adapter_bytes=args.max_adapter_mb << 20,
+        allowed_hosts=args.allowed_host,
+        read_timeout=args.read_timeout,
     )
     console.log(
         f"Listening on http://{args.host}:{args.port} (loading the model; /readyz says when ready)"
@@ -275,6 +286,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ManifestError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
+
+
+def artifacts_cap_mb() -> int:
+    from sectune.artifacts import MAX_ARTIFACT_BYTES
+
+    return MAX_ARTIFACT_BYTES >> 20
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
@@ -380,8 +397,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument(
         "--api-keys-file",
-        help="require Authorization: Bearer <key>, keys one per line "
-        "(default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
+        help="require Authorization: Bearer <key>; one '<key-id> <key> [adapters]' per line, "
+        "# comments (default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
+    )
+    serve_cmd.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="Host header to answer (repeatable; default: loopback names on a loopback "
+        "address, any host otherwise)",
+    )
+    serve_cmd.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=64,
+        help="inference requests accepted at once; more get 429 with Retry-After",
+    )
+    serve_cmd.add_argument(
+        "--request-timeout", type=float, default=120.0, help="seconds before a request gets 504"
+    )
+    serve_cmd.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a whole request; slower connections are closed",
+    )
+    serve_cmd.add_argument(
+        "--max-adapter-mb",
+        type=int,
+        default=artifacts_cap_mb(),
+        help="largest adapter version downloaded, in MiB (default: $SECTUNE_MAX_ARTIFACT_BYTES "
+        "or 8192)",
     )
     serve_cmd.add_argument(
         "--precision",

@@ -94,12 +94,20 @@ class PromptFormatter:
             if room < 8:
                 target = target[: self.max_length - 8]
                 room = 8
-            # Keep the start and the end of the prompt: the end holds the chat template's
-            # assistant header, which the target must follow.
-            head, tail = room // 2, room - room // 2
-            prompt = prompt[:head] + prompt[len(prompt) - tail :]
+            prompt = fit_prompt(prompt, room)
         labels = [IGNORE] * len(prompt) + target
         return Encoded(prompt + target, labels, truncated)
+
+
+def fit_prompt(prompt: list[int], room: int) -> list[int]:
+    """A prompt cut to `room` tokens the way training cuts it: keep the start (system prompt,
+    task template, the beginning of the input) and the end (the chat template's assistant
+    header, which the answer must follow); drop the middle. Serving cuts the same way, so
+    text appended to a log line cannot push the instructions out of the prompt."""
+    if len(prompt) <= room:
+        return prompt
+    head, tail = room // 2, room - room // 2
+    return prompt[:head] + prompt[len(prompt) - tail :]
 
 
 def label_token_ids(

@@ -5,6 +5,12 @@ for up to `max_wait_ms` (or until `max_batch`), and runs each kind in one pass: 
 its own adapter (PEFT mixed-adapter batches), so a batch may mix adapters and the base model.
 Adapter loads and unloads run on the same thread, between batches, so a forward pass never sees
 the model change under it.
+
+One tenant cannot hold up or fail the others: work waits at most `max_queue_seconds` before it is
+refused (503, retry); work whose client has gone (`abandon`) is dropped before it runs and stops
+generating if it is running; a batch is split so that rows x longest prompt stays within
+`max_batch_tokens` (one long prompt is not padded onto every short one); and when a batch fails,
+its rows are retried one by one so only the row that fails gets the error.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sectune.evaluation.scoring import forward_logprobs, left_pad, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
@@ -30,23 +37,31 @@ BASE_ADAPTER = "__base__"
 
 
 @dataclass
-class ClassifyWork:
+class _Request:
     adapter_key: str
     prompt: list[int]
-    label_ids: list[list[int]]
-    """Each label's target ids; when their first tokens are distinct only those are scored."""
-    distinct_first_tokens: bool
-    future: Future[list[float]] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic, kw_only=True)
+    abandoned: bool = field(default=False, kw_only=True)
+    """Set by the handler when its client has gone or its deadline passed."""
+    future: Future[Any] = field(default_factory=Future, kw_only=True)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self.future.cancel()  # only takes effect while still queued
 
 
 @dataclass
-class GenerateWork:
-    adapter_key: str
-    prompt: list[int]
+class ClassifyWork(_Request):
+    label_ids: list[list[int]]
+    """Each label's target ids; when their first tokens are distinct only those are scored."""
+    distinct_first_tokens: bool
+
+
+@dataclass
+class GenerateWork(_Request):
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
-    future: Future[Generated] = field(default_factory=Future)
 
 
 @dataclass
@@ -63,6 +78,10 @@ class Generated:
 
 
 Work = ClassifyWork | GenerateWork | ControlWork
+
+
+class Overloaded(RuntimeError):
+    """The work waited longer than the queue allows; the client should retry later."""
 
 
 class AdapterGone(RuntimeError):
@@ -83,6 +102,8 @@ class Engine:
         autocast: bool = True,
         max_batch: int = 16,
         max_wait_ms: float = 5.0,
+        max_batch_tokens: int = 16_384,
+        max_queue_seconds: float = 30.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -90,6 +111,8 @@ class Engine:
         self.autocast = autocast
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue_seconds = max_queue_seconds
         self._queue: queue.Queue[Work | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="sectune-model", daemon=True)
 
@@ -110,6 +133,12 @@ class Engine:
     @property
     def has_adapters(self) -> bool:
         return hasattr(self.model, "peft_config")
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + generated) one sequence may hold."""
+        config = getattr(self.model, "config", None)
+        return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
     def submit(self, work: Work) -> Future[Any]:
         if not self.alive:
@@ -174,21 +203,33 @@ class Engine:
             return key == BASE_ADAPTER or key in self.model.peft_config
         return key == BASE_ADAPTER
 
+    def _admit(self, work: Work) -> bool:
+        """Whether `work` should run now: not cancelled, not waiting too long, its adapter
+        still loaded (a version unloaded just after routing fails this request alone)."""
+        if not work.future.set_running_or_notify_cancel():
+            return False  # its client went away while it was queued
+        if isinstance(work, ControlWork):
+            return True
+        if time.monotonic() - work.queued_at > self.max_queue_seconds:
+            work.future.set_exception(Overloaded("the request waited too long in the queue"))
+            return False
+        if not self._loaded(work.adapter_key):
+            work.future.set_exception(AdapterGone(work.adapter_key))
+            return False
+        return True
+
     def _run(self, batch: list[Work]) -> None:
-        for work in batch:
-            # Routed just before its version was unloaded: fail this request, not its batch.
-            if isinstance(work, ClassifyWork | GenerateWork) and not self._loaded(work.adapter_key):
-                work.future.set_exception(AdapterGone(work.adapter_key))
-        batch = [w for w in batch if not w.future.done()]
+        batch = [w for w in batch if self._admit(w)]
         classify = [w for w in batch if isinstance(w, ClassifyWork)]
         generate = [w for w in batch if isinstance(w, GenerateWork)]
-        if classify:
-            self._guard(classify, self._classify)
+        for chunk in self._by_token_budget(classify):
+            self._guard(chunk, self._classify)
         groups: dict[tuple[float, float], list[GenerateWork]] = {}
         for item in generate:
             groups.setdefault((item.temperature, item.top_p), []).append(item)
         for group in groups.values():
-            self._guard(group, self._generate)
+            for chunk in self._by_token_budget(group):
+                self._guard(chunk, self._generate)
         for control in batch:
             if isinstance(control, ControlWork):
                 try:
@@ -196,15 +237,31 @@ class Engine:
                 except Exception as exc:
                     control.future.set_exception(exc)
 
+    def _by_token_budget(self, works: list[Any]) -> list[list[Any]]:
+        """Sub-batches of similar length whose padded size (rows x longest row, generated
+        tokens included) stays within `max_batch_tokens`; a row alone may exceed it."""
+        chunks: list[list[Any]] = []
+        for work in sorted(works, key=_padded_length):
+            if chunks and (len(chunks[-1]) + 1) * _padded_length(work) <= self.max_batch_tokens:
+                chunks[-1].append(work)
+            else:
+                chunks.append([work])
+        return chunks
+
     def _guard(self, works: list[Any], run: Callable[[list[Any]], None]) -> None:
         try:
             with torch.inference_mode(), self._amp():
                 run(works)
         except Exception as exc:
-            log.exception("batch of %d failed", len(works))
-            for work in works:
-                if not work.future.done():
-                    work.future.set_exception(exc)
+            if len(works) > 1:  # find the row that fails; the others get their answers
+                log.warning("batch of %d failed (%s); running its rows one by one", len(works), exc)
+                for work in works:
+                    if not work.future.done():
+                        self._guard([work], run)
+                return
+            log.exception("request failed")
+            if not works[0].future.done():
+                works[0].future.set_exception(exc)
 
     def _amp(self) -> Any:
         device = next(self.model.parameters()).device.type
@@ -256,6 +313,7 @@ class Engine:
         }
         if sampling:
             kwargs |= {"temperature": works[0].temperature, "top_p": works[0].top_p}
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAbandoned(works)])
         names = self._names(works)
         if names is not None:
             kwargs["adapter_names"] = names
@@ -272,3 +330,20 @@ class Engine:
                 work.future.set_result(Generated(tokens[: tokens.index(eos)], "stop"))
             else:
                 work.future.set_result(Generated(tokens, "length"))
+
+
+def _padded_length(work: ClassifyWork | GenerateWork) -> int:
+    extra = work.max_new_tokens if isinstance(work, GenerateWork) else 1
+    return len(work.prompt) + extra
+
+
+class _StopAbandoned(StoppingCriteria):
+    """A generation stopping criterion: rows whose client has gone stop generating (and the
+    batch ends when every row is done), so a vanished client does not hold the model."""
+
+    def __init__(self, works: list[GenerateWork]) -> None:
+        super().__init__()
+        self.works = works
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        return torch.tensor([w.abandoned for w in self.works], device=input_ids.device)

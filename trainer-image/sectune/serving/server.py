@@ -14,6 +14,7 @@ Request and response bodies are never logged: they carry the security data being
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -24,7 +25,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +32,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from sectune import artifacts
 from sectune.config import BaseModelSpec, ManifestError
+from sectune.data.format import fit_prompt
 from sectune.data.prepare import Example
+from sectune.serving.auth import ApiKey, load_api_keys
 from sectune.serving.config import BASE_MODEL_NAME, ServingConfig, load_serving_config
 from sectune.serving.engine import (
     BASE_ADAPTER,
@@ -42,7 +47,9 @@ from sectune.serving.engine import (
     ClassifyWork,
     Engine,
     GenerateWork,
+    Overloaded,
 )
+from sectune.serving.http import protocol_with_timeout
 from sectune.serving.metrics import ServingMetrics
 from sectune.serving.registry import LoadedVersion, Registry
 
@@ -51,14 +58,27 @@ log = logging.getLogger(__name__)
 MAX_INPUT_CHARS = 64_000
 MAX_NEW_TOKENS = 2048
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DISCONNECT_POLL_SECONDS = 0.25
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.field = field
+        self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
 # ---------------------------------------------------------------------------- request bodies
@@ -112,6 +132,22 @@ class ServerOptions:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     reload_interval: float = 5.0
+    max_in_flight: int = 64
+    """Inference requests accepted at once (queued or running); more get 429 + Retry-After."""
+    request_timeout: float = 120.0
+    """Seconds a request may take in all; after that it is dropped and answered 504."""
+    max_queue_seconds: float = 30.0
+    """Seconds a request may wait for the model before it is refused with 503 + Retry-After."""
+    max_batch_tokens: int = 16_384
+    """Padded tokens (rows × longest row) in one forward pass."""
+    max_adapter_bytes: int = field(default_factory=lambda: artifacts.MAX_ARTIFACT_BYTES)
+    """Cap on what one adapter version may download."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host headers answered; empty: loopback names when listening on loopback, else any."""
+    max_connections: int = 256
+    """Open connections at once; more get 503."""
+    read_timeout: float = 10.0
+    """Seconds a client has to send a whole request (headers and body) once it starts."""
 
 
 @dataclass
@@ -124,7 +160,9 @@ class ServerState:
     loading: str = "starting"
     """What the server is doing before it is ready; empty once loaded."""
     fatal: str | None = None
-    _api_key_digests: list[bytes] = field(default_factory=list)
+    in_flight: int = 0
+    """Inference requests being handled now (only touched on the event loop)."""
+    api_keys: list[ApiKey] = field(default_factory=list)
     _config_digest: str = ""
 
     # -------------------------------------------------------------- startup
@@ -153,10 +191,14 @@ class ServerState:
             autocast=precision == "autocast",
             max_batch=self.options.max_batch,
             max_wait_ms=self.options.max_wait_ms,
+            max_batch_tokens=self.options.max_batch_tokens,
+            max_queue_seconds=self.options.max_queue_seconds,
         )
         self.engine.start()
         workdir = Path(tempfile.mkdtemp(prefix="sectune-serve-"))
-        self.registry = Registry(self.engine, self.metrics, workdir, resolved.digest)
+        self.registry = Registry(
+            self.engine, self.metrics, workdir, resolved.digest, self.options.max_adapter_bytes
+        )
         self.loading = "loading adapters"
         self._apply(config)
         self.loading = ""
@@ -252,21 +294,19 @@ class ServerState:
                 ).hexdigest()
 
     def load_api_keys(self) -> None:
-        path = self.options.api_keys_file
-        if path is None:
-            return
-        keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not keys:
-            raise ManifestError(f"{path}: no API keys in the file (one per line)")
-        self._api_key_digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        if self.options.api_keys_file is not None:
+            self.api_keys = load_api_keys(self.options.api_keys_file)
 
-    def authorized(self, header: str | None) -> bool:
-        if not self._api_key_digests:
-            return True
+    def caller(self, header: str | None) -> ApiKey | None:
+        """The key the Authorization header carries, or None when it carries no known key."""
         if not header or not header.startswith("Bearer "):
-            return False
+            return None
         given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
-        return any(hmac.compare_digest(given, key) for key in self._api_key_digests)
+        found = None
+        for key in self.api_keys:  # every key compared, in constant time each
+            if hmac.compare_digest(given, key.digest):
+                found = key
+        return found
 
 
 # ---------------------------------------------------------------------------- the app
@@ -279,15 +319,23 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> FastAPI:
     from fastapi.exceptions import RequestValidationError
 
     app = FastAPI(title="sectune", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = state.metrics
+    options = state.options
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.field)
+        response = _error(exc.status, exc.message, exc.field)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is listening; for the access log
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -311,23 +359,36 @@ def create_app(state: ServerState) -> FastAPI:
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        if request.url.path.startswith("/v1/") and not state.authorized(
-            request.headers.get("authorization")
-        ):
-            response = _error(401, "missing or unknown API key: send Authorization: Bearer <key>")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
+        request.state.caller = None
+        if request.url.path.startswith("/v1/") and state.api_keys:
+            request.state.caller = state.caller(request.headers.get("authorization"))
+            if request.state.caller is None:
+                response = _error(
+                    401, "missing or unknown API key: send Authorization: Bearer <key>"
+                )
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
         result: Response = await call_next(request)
         return result
 
+    # Outermost: a request naming a host this server does not answer for (DNS rebinding
+    # against a server on 127.0.0.1) is refused before anything else reads it.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"])
+
     def engine_and_registry() -> tuple[Engine, Registry]:
         if state.engine is None or state.registry is None or state.loading:
-            raise ApiError(503, f"not ready: {state.loading or 'starting'}")
+            raise ApiError(503, "not ready: the model is loading", retry_after=5)
         return state.engine, state.registry
 
-    def pick(model: str, endpoint: str) -> LoadedVersion | None:
-        """The version for `model`, or None for the base model."""
+    def pick(request: Request, model: str, endpoint: str) -> LoadedVersion | None:
+        """The version for `model`, or None for the base model; 403 when the caller's key
+        is not allowed to use it."""
         _, registry = engine_and_registry()
+        caller: ApiKey | None = request.state.caller
+        adapter = model.partition("@")[0]
+        if caller is not None and not caller.allows(adapter):
+            metrics.requests.labels("forbidden", "", endpoint, "403").inc()
+            raise ApiError(403, f"API key {caller.id!r} may not use {adapter!r}", "model")
         if model == BASE_MODEL_NAME:
             return None
         try:
@@ -357,15 +418,54 @@ def create_app(state: ServerState) -> FastAPI:
             metrics.tokens.labels(adapter, ver, "completion").inc(completion)
         return adapter, ver
 
-    def wait(future: Future[Any], version: LoadedVersion | None, endpoint: str) -> Any:
+    @contextlib.asynccontextmanager
+    async def admitted() -> Any:
+        """One of at most `max_in_flight` inference requests; beyond that, 429 at once."""
+        if state.in_flight >= options.max_in_flight:
+            metrics.requests.labels("overloaded", "", "any", "429").inc()
+            raise ApiError(429, "the server is at its request limit; retry shortly", retry_after=1)
+        state.in_flight += 1
         try:
-            return future.result()
+            yield
+        finally:
+            state.in_flight -= 1
+
+    async def run(
+        request: Request,
+        work: ClassifyWork | GenerateWork,
+        version: LoadedVersion | None,
+        endpoint: str,
+        began: float,
+    ) -> Any:
+        """Submit work to the model and wait for it without holding a thread; drop it when
+        the client goes away or the request's deadline passes."""
+        engine, _ = engine_and_registry()
+        future = asyncio.wrap_future(engine.submit(work))
+        adapter, ver = labels(version)
+        deadline = began + options.request_timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    return future.result()
+                if await request.is_disconnected():
+                    work.abandon()
+                    metrics.requests.labels(adapter, ver, endpoint, "499").inc()
+                    raise ClientGone
+                if time.perf_counter() > deadline:
+                    work.abandon()
+                    metrics.requests.labels(adapter, ver, endpoint, "504").inc()
+                    raise ApiError(504, f"no answer within {options.request_timeout:g} s")
         except AdapterGone:
             raise ApiError(
-                503, "that adapter version was just replaced; retry the request"
+                503, "that adapter version was just replaced; retry the request", retry_after=1
             ) from None
+        except Overloaded:
+            metrics.requests.labels(adapter, ver, endpoint, "503").inc()
+            raise ApiError(503, "the model is overloaded; retry shortly", retry_after=2) from None
+        except (ApiError, ClientGone):
+            raise
         except Exception:
-            adapter, ver = labels(version)
             metrics.requests.labels(adapter, ver, endpoint, "500").inc()
             log.exception("%s request for %s failed", endpoint, adapter)
             raise ApiError(
@@ -377,26 +477,23 @@ def create_app(state: ServerState) -> FastAPI:
             return {"x-sectune-model": BASE_MODEL_NAME}
         return {"x-sectune-model": version.model_id, "x-sectune-adapter-sha256": version.sha256}
 
+    # Probes run on the event loop, never in the thread pool inference uses: they answer in
+    # milliseconds under any load. They say nothing about why (no URIs, no errors): that is
+    # in /v1/models, behind the API keys, and in the log.
     @app.get("/healthz")
-    def healthz() -> Response:
-        if state.fatal:
-            return JSONResponse({"status": "failed", "reason": state.fatal}, status_code=503)
-        if state.engine is not None and not state.engine.alive:
-            return JSONResponse(
-                {"status": "failed", "reason": "model worker stopped"}, status_code=503
-            )
+    async def healthz() -> Response:
+        if state.fatal or (state.engine is not None and not state.engine.alive):
+            return JSONResponse({"status": "failed"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
-    def readyz() -> Response:
+    async def readyz() -> Response:
         if state.loading or state.registry is None:
-            return JSONResponse({"status": "loading", "reason": state.loading}, status_code=503)
+            return JSONResponse({"status": "loading"}, status_code=503)
         missing = state.registry.not_ready()
         if missing:
-            errors = state.registry.errors()
             return JSONResponse(
-                {"status": "not ready", "adaptersWithoutVersion": missing, "errors": errors},
-                status_code=503,
+                {"status": "not ready", "adaptersWithoutVersion": len(missing)}, status_code=503
             )
         return JSONResponse({"status": "ready"})
 
@@ -434,10 +531,9 @@ def create_app(state: ServerState) -> FastAPI:
         return model_entry(name, versions, True)
 
     @app.post("/v1/classify")
-    def classify(body: ClassifyRequest) -> Response:
+    async def classify(request: Request, body: ClassifyRequest) -> Response:
         began = time.perf_counter()
-        engine, _ = engine_and_registry()
-        version = pick(body.model, "classify")
+        version = pick(request, body.model, "classify")
         if version is None or version.spec.task.type != "classification":
             kind = "the base model" if version is None else f"a {version.spec.task.type} adapter"
             raise ApiError(
@@ -449,15 +545,26 @@ def create_app(state: ServerState) -> FastAPI:
         fields = body.input if isinstance(body.input, dict) else {"text": body.input}
         if sum(len(v) for v in fields.values()) > MAX_INPUT_CHARS:
             raise ApiError(413, f"input is longer than {MAX_INPUT_CHARS} characters", "input")
-        prompt = version.formatter.prompt_ids(Example("request", fields, ""))
-        prompt = prompt[-version.spec.hyperparameters.max_seq_length :]
-        probabilities = wait(
-            engine.submit(
-                ClassifyWork(version.key, prompt, version.label_ids, version.distinct_first_tokens)
-            ),
-            version,
-            "classify",
+        prompt = await run_in_threadpool(
+            version.formatter.prompt_ids, Example("request", fields, "")
         )
+        # Cut as training cut it (start and end kept), so padding cannot push out the
+        # instructions and the alert.
+        longest_label = max((len(ids) for ids in version.label_ids), default=1)
+        prompt = fit_prompt(prompt, version.spec.hyperparameters.max_seq_length - longest_label)
+        async with admitted():
+            probabilities = await run(
+                request,
+                ClassifyWork(
+                    version.key,
+                    prompt,
+                    label_ids=version.label_ids,
+                    distinct_first_tokens=version.distinct_first_tokens,
+                ),
+                version,
+                "classify",
+                began,
+            )
         labels = version.spec.task.labels
         best = max(range(len(labels)), key=probabilities.__getitem__)
         adapter, ver = observe(version, "classify", began, len(prompt), 0)
@@ -477,7 +584,32 @@ def create_app(state: ServerState) -> FastAPI:
             headers=headers(version),
         )
 
-    def complete(
+    def fit_to_context(
+        engine: Engine,
+        version: LoadedVersion | None,
+        prompt: list[int],
+        max_tokens: int,
+        field_name: str,
+    ) -> list[int]:
+        """An adapter's prompt is cut as its training cut it; a prompt that cannot fit the
+        model's context with `max_tokens` after it is refused, naming the field."""
+        room = engine.context_length - max_tokens
+        if version is not None:
+            room = min(room, version.spec.hyperparameters.max_seq_length)
+            if room >= 8:
+                return fit_prompt(prompt, room)
+        if len(prompt) > room:
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt)} tokens; with max_tokens {max_tokens} the model's "
+                f"context of {engine.context_length} leaves room for {max(room, 0)}. Shorten "
+                "it or lower max_tokens.",
+                field_name,
+            )
+        return prompt
+
+    async def complete(
+        request: Request,
         version: LoadedVersion | None,
         prompt: list[int],
         body: ChatRequest | CompletionRequest,
@@ -490,11 +622,15 @@ def create_app(state: ServerState) -> FastAPI:
                 400, "streaming responses are not supported yet; set stream: false", "stream"
             )
         key = version.key if version is not None else BASE_ADAPTER
-        generated = wait(
-            engine.submit(GenerateWork(key, prompt, body.max_tokens, body.temperature, body.top_p)),
-            version,
-            endpoint,
+        work = GenerateWork(
+            key,
+            prompt,
+            max_new_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
         )
+        async with admitted():
+            generated = await run(request, work, version, endpoint, began)
         text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
         observe(version, endpoint, began, len(prompt), len(generated.token_ids))
         usage = {
@@ -505,10 +641,10 @@ def create_app(state: ServerState) -> FastAPI:
         return text, generated.finish_reason, usage
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest) -> Response:
+    async def chat(request: Request, body: ChatRequest) -> Response:
         began = time.perf_counter()
         engine, _ = engine_and_registry()
-        version = pick(body.model, "chat")
+        version = pick(request, body.model, "chat")
         messages = [m.model_dump() for m in body.messages]
         if (
             version is not None
@@ -516,13 +652,17 @@ def create_app(state: ServerState) -> FastAPI:
             and version.spec.task.system_prompt
         ):
             messages.insert(0, {"role": "system", "content": version.spec.task.system_prompt})
-        text = engine.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+
+        def tokenize() -> list[int]:
+            text = engine.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        prompt = fit_to_context(
+            engine, version, await run_in_threadpool(tokenize), body.max_tokens, "messages"
         )
-        prompt = list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if version is not None:
-            prompt = prompt[-version.spec.hyperparameters.max_seq_length :]
-        content, finish, usage = complete(version, prompt, body, "chat", began)
+        content, finish, usage = await complete(request, version, prompt, body, "chat", began)
         return JSONResponse(
             {
                 "id": f"chatcmpl-{time.time_ns():x}",
@@ -542,12 +682,20 @@ def create_app(state: ServerState) -> FastAPI:
         )
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         began = time.perf_counter()
         engine, _ = engine_and_registry()
-        version = pick(body.model, "completions")
-        prompt = list(engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
-        content, finish, usage = complete(version, prompt, body, "completions", began)
+        version = pick(request, body.model, "completions")
+
+        def tokenize() -> list[int]:
+            return list(engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+
+        prompt = fit_to_context(
+            engine, version, await run_in_threadpool(tokenize), body.max_tokens, "prompt"
+        )
+        content, finish, usage = await complete(
+            request, version, prompt, body, "completions", began
+        )
         return JSONResponse(
             {
                 "id": f"cmpl-{time.time_ns():x}",
@@ -563,6 +711,19 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def default_allowed_hosts(host: str) -> list[str]:
+    """Loopback names when listening on loopback (a browser page cannot reach a keyless local
+    server through a rebinding DNS name); any host otherwise (pods are reached by IP and by
+    Service names the server cannot know)."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return LOOPBACK_HOSTS if loopback else ["*"]
+
+
 def serve(
     options: ServerOptions, host: str, port: int, ready: Callable[[str], None] | None = None
 ) -> int:
@@ -573,7 +734,7 @@ def serve(
     state = ServerState(options)
     state.load_api_keys()
     state.remember_config()
-    app = create_app(state)
+    app = create_app(state, options.allowed_hosts or default_allowed_hosts(host))
 
     class GracefulServer(uvicorn.Server):
         """Finishes in-flight requests on SIGTERM/SIGINT, then returns (uvicorn's default
@@ -586,7 +747,16 @@ def serve(
             yield
 
     server = GracefulServer(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            http=protocol_with_timeout(options.read_timeout),
+            limit_concurrency=options.max_connections,
+            timeout_keep_alive=5,
+        )
     )
     stop = threading.Event()
 

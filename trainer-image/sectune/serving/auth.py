@@ -1,0 +1,86 @@
+"""API keys of `sectune serve`: who may call the API, and which adapters each caller may use.
+
+The keys file (`--api-keys-file`, or the file an AdapterDeployment mounts from its Secret) has
+one key per line:
+
+    # comment lines and blank lines are ignored
+    <key-id> <key> [<adapter>,<adapter>…]
+
+`key-id` names the caller in the access log and metrics (the key itself is never logged);
+the optional third column limits the key to those adapters (others answer 403); a line with a
+single word is a key for every adapter, named `key-<line number>`. Keys are kept only as
+SHA-256 digests and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sectune.config import ManifestError
+
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MIN_KEY_LENGTH = 16
+MAX_KEYS_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    digest: bytes
+    adapters: frozenset[str] | None = None
+    """Adapters this key may use; None: all of them."""
+
+    def allows(self, adapter: str) -> bool:
+        return self.adapters is None or adapter in self.adapters
+
+
+def parse_api_keys(text: str, source: str) -> list[ApiKey]:
+    """Keys from the file's text; ManifestError naming the line for anything malformed."""
+    keys: list[ApiKey] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) == 1:
+            key_id, secret, scope = f"key-{number}", parts[0], None
+        elif len(parts) in (2, 3):
+            key_id, secret = parts[0], parts[1]
+            scope = frozenset(a for a in parts[2].split(",") if a) if len(parts) == 3 else None
+        else:
+            raise ManifestError(
+                f"{source}:{number}: expected '<key-id> <key> [<adapter>,…]', found "
+                f"{len(parts)} words"
+            )
+        if not KEY_ID.fullmatch(key_id):
+            raise ManifestError(f"{source}:{number}: key id must be letters, digits, . _ -")
+        if len(secret) < MIN_KEY_LENGTH:
+            raise ManifestError(
+                f"{source}:{number}: the key is shorter than {MIN_KEY_LENGTH} characters; "
+                "generate one with `openssl rand -hex 32`"
+            )
+        if key_id in seen:
+            raise ManifestError(f"{source}:{number}: key id {key_id!r} appears twice")
+        seen.add(key_id)
+        keys.append(ApiKey(key_id, hashlib.sha256(secret.encode()).digest(), scope))
+    if not keys:
+        raise ManifestError(
+            f"{source}: no API keys in the file (one '<key-id> <key>' per line); "
+            "to serve without keys, do not pass a keys file"
+        )
+    return keys
+
+
+def load_api_keys(path: Path) -> list[ApiKey]:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_KEYS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the API keys file ({exc.strerror})") from None
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
+    return parse_api_keys(data.decode("utf-8", errors="replace"), str(path))

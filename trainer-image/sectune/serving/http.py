@@ -1,0 +1,57 @@
+"""The HTTP/1.1 protocol `sectune serve` runs on: uvicorn's h11 protocol plus a read deadline.
+
+uvicorn closes idle keep-alive connections, but a client that sends half a request line or
+header (or a body slower than it promised) holds its connection for as long as it likes. Here
+each request must arrive whole within `read_timeout` seconds of its first byte (or of the
+connection opening); otherwise the connection is closed. Requests being answered are not
+affected: the deadline stops once the request has been read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class DeadlineH11Protocol(H11Protocol):
+    read_timeout: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._read_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()  # the first byte of the next request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            self._disarm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_deadline = self.loop.call_later(self.read_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _too_slow(self) -> None:
+        self._read_deadline = None
+        if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            self.transport.close()
+
+
+def protocol_with_timeout(seconds: float) -> type[DeadlineH11Protocol]:
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"read_timeout": seconds})
