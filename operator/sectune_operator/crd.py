@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from sectune.config import API_GROUP, API_VERSION
+from sectune.config import API_GROUP, API_VERSION, JOB_NAME_PATTERN, MAX_JOB_NAME
 from sectune.yamlio import dump_yaml
 from sectune_operator.api import (
     AdapterDeploymentSpec,
@@ -185,6 +185,16 @@ def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> d
 AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
 
+JOB_NAME_RULE = {
+    "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME} && "
+    f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
+    "message": f"metadata.name: at most {MAX_JOB_NAME} characters, lowercase letters, digits "
+    "and '-', starting with a letter (the training Job, its Service and pod hostnames are "
+    "named after it)",
+    "fieldPath": ".metadata.name",
+}
+
+
 def finetunejob_crd() -> dict[str, Any]:
     spec = openapi_schema(FineTuneJobSpec)
     return _crd(
@@ -205,7 +215,7 @@ def finetunejob_crd() -> dict[str, Any]:
         ],
         "A fine-tuning run: data sanitized, adapter trained, evaluated against gates and "
         "stored with its lineage.",
-        [_immutable_once_started(spec)],
+        [_immutable_once_started(spec), JOB_NAME_RULE],
     )
 
 

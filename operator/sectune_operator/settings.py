@@ -29,6 +29,15 @@ class Settings:
         default_factory=lambda: _env("ALLOW_FILE_URIS", "false") == "true"
     )
     """file:// URIs point into the pod's own filesystem; refused unless explicitly allowed."""
+    storage_endpoints: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            e.strip().rstrip("/") for e in _env("STORAGE_ENDPOINTS", "").split(",") if e.strip()
+        )
+    )
+    """S3 endpoints (AWS_ENDPOINT_URL values) the operator itself may call when it deletes a
+    job's artifacts with that job's credentials; a Secret naming any other endpoint is refused,
+    so a tenant cannot point the operator at an arbitrary URL. Empty: only AWS's own
+    endpoints (a Secret without AWS_ENDPOINT_URL)."""
     progress_url_template: str = field(
         default_factory=lambda: _env("PROGRESS_URL", "http://{ip}:{port}/metrics")
     )

@@ -151,6 +151,19 @@ BAD_JOBS = [
     ),
     ("chat-rows-for-classification", _with(VALID_JOB, "dataset.format", "chat"), "dataset.format"),
     ("deadline-too-short", _with(VALID_JOB, "activeDeadlineSeconds", 10), "activeDeadlineSeconds"),
+    # Accepted before, and failed (or misled) only after hours of work:
+    (
+        "gate-min-above-max",
+        _with(VALID_JOB, "evaluation", {"gates": [{"metric": "accuracy", "min": 0.9, "max": 0.5}]}),
+        "can never pass",
+    ),
+    ("template-without-text", _with(VALID_JOB, "task.template", "Classify this alert."), "{text}"),
+    (
+        "name-too-long-for-children",
+        {**VALID_JOB, "metadata": {"name": "a" * 53}},
+        "metadata.name: at most 52",
+    ),
+    ("name-with-dots", {**VALID_JOB, "metadata": {"name": "triage.v2"}}, "metadata.name"),
 ]
 
 _V = "adapters.0.versions"

@@ -358,10 +358,15 @@ def test_delete_removes_children_and_keeps_artifacts_by_default(
     assert s3.list_objects_v2(Bucket=s3_bucket, Prefix="soc/triage/")["KeyCount"] == 1
 
 
+def _allowing(s3_server) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Operator settings that let it call the test's S3 endpoint (chart: storage.endpoints)."""
+    return {"env": {"SECTUNE_STORAGE_ENDPOINTS": s3_server.endpoint}}
+
+
 def test_cleanup_policy_delete_removes_artifacts(
     api_client, namespace, start_operator, s3_server, s3_bucket
 ):
-    start_operator()
+    start_operator(**_allowing(s3_server))
     _secret(api_client, namespace, data=s3_server.env())
     s3 = s3_server.client()
     for key in (
@@ -384,7 +389,7 @@ def test_cleanup_policy_delete_removes_artifacts(
 def test_storage_error_on_cleanup_is_reported_and_can_be_skipped(
     api_client, namespace, start_operator, s3_server, s3_bucket
 ):
-    start_operator()
+    start_operator(**_allowing(s3_server))
     _secret(api_client, namespace, data={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
     _create_with_cleanup(api_client, namespace, s3_bucket)
     objects = client.CustomObjectsApi(api_client)
@@ -408,6 +413,50 @@ def test_storage_error_on_cleanup_is_reported_and_can_be_skipped(
     )
 
     wait_until(lambda: _deleted(api_client, namespace), 60, "FineTuneJob released")
+
+
+@pytest.mark.parametrize(
+    ("output", "secret_endpoint", "refusal"),
+    [
+        # no credentials: the operator would have deleted with its own identity
+        ({"uri": "s3://{bucket}/soc"}, None, "never its own"),
+        # a tenant's Secret pointing the operator at an endpoint it was not given
+        (
+            {"uri": "s3://{bucket}/soc", "credentials": {"name": "storage"}},
+            "http://169.254.169.254",
+            "not allowed to call",
+        ),
+    ],
+    ids=["no-credentials", "foreign-endpoint"],
+)
+def test_cleanup_never_acts_as_a_confused_deputy(
+    api_client, namespace, start_operator, s3_server, s3_bucket, output, secret_endpoint, refusal
+):
+    start_operator(**_allowing(s3_server))
+    env = s3_server.env()
+    _secret(
+        api_client,
+        namespace,
+        data={**env, "AWS_ENDPOINT_URL": secret_endpoint or env["AWS_ENDPOINT_URL"]},
+    )
+    s3 = s3_server.client()
+    s3.put_object(Bucket=s3_bucket, Key="soc/triage/current.json", Body=b"{}")
+    output = {**output, "uri": output["uri"].format(bucket=s3_bucket)}
+    _create(api_client, namespace, _ftj(cleanupPolicy="Delete", output=output))
+    finalizer = "sectune.io/artifact-cleanup"
+    wait_until(
+        lambda: finalizer in (_get(api_client, namespace)["metadata"].get("finalizers") or []),
+        30,
+        "finalizer",
+    )
+    client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "triage"
+    )
+
+    wait_until(lambda: _deleted(api_client, namespace), 60, "FineTuneJob released")
+    message = next(m for r, m in _events(api_client, namespace) if r == "CleanupRefused")
+    assert refusal in message
+    assert s3.list_objects_v2(Bucket=s3_bucket, Prefix="soc/triage/")["KeyCount"] == 1
 
 
 def test_restarted_operator_creates_no_duplicate_and_converges(

@@ -28,6 +28,11 @@ FINETUNEJOB_KIND = "FineTuneJob"
 URI_PATTERN = r"^(s3|hf|file)://[^/:@\s]*(/\S*)?$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_JOB_NAME = 52
+"""A FineTuneJob's children are named <name>-train (Job, ConfigMap, headless Service: DNS-1035
+labels of at most 63 characters) and indexed pods are reached as <name>-train-<index>: 52
+leaves room for 999 nodes."""
 
 Uri = Annotated[
     str,
@@ -212,6 +217,8 @@ class TaskSpec(Spec):
             raise ValueError(
                 "task.outputSchema: extraction needs a JSON Schema for its output; add one"
             )
+        if not any(f in self.template for f in ("{text}", "{instruction}", "{input}")):
+            raise ValueError(TEMPLATE_MESSAGE)
         if self.head == "classifier" and self.type != "classification":
             raise ValueError("task.head: classifier is only for type classification; use lm")
         return self
@@ -365,6 +372,11 @@ class Gate(Spec):
             raise ValueError(f"evaluation.gates[{self.metric}]: set min, max or both")
         if self.metric in ("precision", "recall", "f1") and not self.class_name:
             raise ValueError(f"evaluation.gates[{self.metric}]: per-class metric needs class")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(
+                f"evaluation.gates[{self.metric}]: min {self.min:g} is above max {self.max:g}, "
+                "so the gate can never pass; swap or fix them"
+            )
         return self
 
     @property
@@ -451,6 +463,11 @@ class JobSpec(Spec):
 
 
 #: CEL rules the CRD carries, keyed by the model they sit on; each mirrors a validator above.
+TEMPLATE_MESSAGE = (
+    "task.template: names no field of the row ({text}, or {instruction} / {input}), so every "
+    "example would get the same prompt; add {text} where the input goes"
+)
+
 CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
     TaskSpec: [
         {
@@ -463,6 +480,12 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "rule": "self.type != 'extraction' || has(self.outputSchema)",
             "message": "task.outputSchema: extraction needs a JSON Schema for its output; add one",
             "fieldPath": ".outputSchema",
+        },
+        {
+            "rule": "self.template.contains('{text}') || self.template.contains('{instruction}')"
+            " || self.template.contains('{input}')",
+            "message": TEMPLATE_MESSAGE,
+            "fieldPath": ".template",
         },
         {
             "rule": "self.head != 'classifier' || self.type == 'classification'",
@@ -487,6 +510,12 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         {
             "rule": "has(self.min) || has(self.max)",
             "message": "evaluation.gates: set min, max or both",
+        },
+        {
+            "rule": "!has(self.min) || !has(self.max) || self.min <= self.max",
+            "message": "evaluation.gates: min is above max, so the gate can never pass; "
+            "swap or fix them",
+            "fieldPath": ".min",
         },
         {
             # `class` is a plain field name for CEL in Kubernetes (not one of its escaped keywords).
@@ -627,9 +656,15 @@ def parse_manifest(
             f"{source}: apiVersion is {api_version!r}; use {API_GROUP}/{API_VERSION}"
         )
     name = (document.get("metadata") or {}).get("name")
-    if not isinstance(name, str) or not re.fullmatch(DNS_LABEL_PATTERN, name or ""):
+    if (
+        not isinstance(name, str)
+        or not re.fullmatch(JOB_NAME_PATTERN, name)
+        or len(name) > MAX_JOB_NAME
+    ):
         raise ManifestError(
-            f"{source}: metadata.name {name!r} must be a DNS label (lowercase letters, digits, -)"
+            f"{source}: metadata.name {str(name)[:80]!r}: at most {MAX_JOB_NAME} characters, "
+            "lowercase letters, digits and '-', starting with a letter (the training Job, its "
+            "Service and pod hostnames are named after it)"
         )
     raw_spec = document.get("spec")
     if not isinstance(raw_spec, dict):

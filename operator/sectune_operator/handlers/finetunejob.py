@@ -307,19 +307,48 @@ def phases(namespace: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
     return {namespace: status.get("phase") or "Pending"}
 
 
+PROGRESS_READ_LIMIT = 256 << 10
+"""A trainer's /metrics is a few KB; a pod answering more is cut off (it could be any image)."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None  # a redirect from a training pod (to a metadata address, say) is not followed
+
+
+_PROGRESS_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def _pod_ip(pod: dict[str, Any]) -> str | None:
+    """The pod's IP when it is a plain unicast address (never loopback, link-local such as
+    the cloud metadata address, multicast or unspecified)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address((pod.get("status") or {}).get("podIP") or "")
+    except ValueError:
+        return None
+    if address.is_loopback or address.is_link_local or address.is_multicast:
+        return None
+    if address.is_unspecified:
+        return None
+    return str(address) if address.version == 4 else f"[{address}]"
+
+
 def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    if not running:
-        return None
-    ip = (running[-1].get("status") or {}).get("podIP")
+    ip = _pod_ip(running[-1]) if running else None
     if not ip:
         return None
     url = settings.progress_url_template.format(ip=ip, port=METRICS_PORT)
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return progress_from_metrics(response.read().decode())
-    except OSError:
+        with _PROGRESS_OPENER.open(url, timeout=1) as response:
+            body = response.read(PROGRESS_READ_LIMIT + 1)
+    except (OSError, ValueError):
         return None  # the trainer is still loading, or the pod is not reachable
+    if len(body) > PROGRESS_READ_LIMIT:
+        return None
+    return progress_from_metrics(body.decode(errors="replace"))
 
 
 @kopf.timer(
@@ -389,13 +418,42 @@ def count_phases(phases: kopf.Index, **_: Any) -> None:
 # --------------------------------------------------------------------------- deletion
 
 
-def _storage_credentials(spec: FineTuneJobSpec, namespace: str) -> dict[str, str] | None:
+class CleanupRefused(Exception):
+    """Deleting this job's artifacts would act beyond what the job itself may do."""
+
+
+def _cleanup_client(
+    spec: FineTuneJobSpec, prefix: storage.Location, namespace: str, settings: Settings
+) -> Any:
+    """An S3 client holding the job's own credentials, for an endpoint the operator's settings
+    allow. The operator never deletes with its own identity (a tenant could name another
+    tenant's prefix), never calls an endpoint a tenant's Secret invents, and never deletes
+    file:// paths (they would be the operator pod's own files) unless reconcile allows them."""
     import base64
 
-    if spec.output.credentials is None:
+    if prefix.scheme == "file":
+        if not settings.allow_file_uris:
+            raise CleanupRefused(
+                f"{prefix.uri}: file:// URIs are not allowed in this cluster; nothing deleted"
+            )
         return None
+    if prefix.scheme != "s3":
+        raise CleanupRefused(f"{prefix.uri}: only s3:// artifacts can be deleted")
+    if spec.output.credentials is None:
+        raise CleanupRefused(
+            "spec.output.credentials is not set: the operator deletes only with the job's own "
+            "storage credentials, never its own; artifacts kept"
+        )
     secret = client.CoreV1Api().read_namespaced_secret(spec.output.credentials.name, namespace)
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    credentials = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    endpoint = credentials.get("AWS_ENDPOINT_URL", "").strip().rstrip("/")
+    if endpoint and endpoint not in settings.storage_endpoints:
+        raise CleanupRefused(
+            f"the Secret {spec.output.credentials.name} names AWS_ENDPOINT_URL {endpoint[:200]}, "
+            "which the operator is not allowed to call (chart value storage.endpoints); "
+            "artifacts kept"
+        )
+    return storage.s3_client(credentials)
 
 
 @kopf.on.delete(
@@ -430,10 +488,13 @@ def delete_artifacts(
         )
         return
     try:
-        credentials = _storage_credentials(parsed, namespace)
         deleted = storage.delete_prefix(
-            prefix, client=storage.s3_client(credentials) if prefix.scheme == "s3" else None
+            prefix, client=_cleanup_client(parsed, prefix, namespace, settings)
         )
+    except CleanupRefused as exc:
+        kopf.warn(body, reason="CleanupRefused", message=str(exc))
+        logger.warning(f"Kept artifacts under {prefix.uri}: {exc}")
+        return
     except (storage.StorageError, ApiException) as exc:
         reason = exc.reason if isinstance(exc, ApiException) else str(exc)
         if retry + 1 >= CLEANUP_TRIES:
