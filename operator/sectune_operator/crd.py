@@ -191,7 +191,6 @@ JOB_NAME_RULE = {
     "message": f"metadata.name: at most {MAX_JOB_NAME} characters, lowercase letters, digits "
     "and '-', starting with a letter (the training Job, its Service and pod hostnames are "
     "named after it)",
-    "fieldPath": ".metadata.name",
 }
 
 
