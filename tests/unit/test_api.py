@@ -144,7 +144,7 @@ def test_manifest_reports_cluster_only_fields_and_resolves_relative_data(tmp_pat
                 "apiVersion": "sectune.io/v1alpha1",
                 "metadata": {"name": "Bad_Name"},
             },
-            "DNS label",
+            "metadata.name 'Bad_Name': at most 52 characters",
         ),
         (
             {
