@@ -35,6 +35,7 @@ A LoRA adapter of an 8B model is a few hundred MB; the cap only stops a store (o
 that would fill the reader's disk. `sectune serve --max-adapter-mb` sets it per server."""
 POINTER_LIMIT = 64 << 10
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -100,7 +101,7 @@ def current(job_prefix: str | storage.Location) -> dict[str, Any] | None:
     except (ValueError, KeyError, TypeError):
         raise IntegrityError(f"{pointer.uri}: not a current.json pointer") from None
     # The version becomes part of a URI and of local paths: one plain name, nothing else.
-    if not VERSION_NAME.fullmatch(version) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+    if not VERSION_NAME.fullmatch(version) or not SHA256.fullmatch(sha256):
         raise IntegrityError(
             f"{pointer.uri}: version {version[:100]!r} or sha256 is malformed; refusing to follow it"
         )
@@ -124,7 +125,7 @@ def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes,
     return body, manifest
 
 
-def _checked_files(version_uri: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _checked_files(version_uri: str, manifest: dict[str, Any]) -> None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise IntegrityError(f"{version_uri}/manifest.json: no files table")
@@ -135,14 +136,13 @@ def _checked_files(version_uri: str, manifest: dict[str, Any]) -> dict[str, dict
             raise IntegrityError(str(exc)) from None
         if (
             not isinstance(info, dict)
-            or not re.fullmatch(r"[0-9a-f]{64}", str(info.get("sha256", "")))
+            or not SHA256.fullmatch(str(info.get("sha256", "")))
             or not isinstance(info.get("size"), int)
             or info["size"] < 0
         ):
             raise IntegrityError(
                 f"{version_uri}/manifest.json: entry {name!r} needs a sha256 and a size"
             )
-    return files
 
 
 def _download_checked(version_uri: str, name: str, info: dict[str, Any], target: Path) -> None:

@@ -142,8 +142,7 @@ def _too_large(loc: Location, max_bytes: int) -> TooLarge:
 def stream(uri: str | Location, max_bytes: int) -> Iterator[bytes]:
     """The file's content in chunks; StorageError as soon as it exceeds `max_bytes` (the
     size the store reports is checked first, then what actually arrives)."""
-    loc = parse_uri(uri) if isinstance(uri, str) else uri
-    _no_hf(loc, "read")
+    loc = _storage_location(uri, "read")
     if loc.scheme == "file":
         try:
             handle = loc.path.open("rb")
@@ -203,17 +202,20 @@ def download_file(uri: str | Location, target: Path, max_bytes: int) -> tuple[st
     return digest.hexdigest(), size
 
 
-def _no_hf(loc: Location, action: str) -> None:
+def _storage_location(uri: str | Location, action: str) -> Location:
+    """`uri` parsed, refused when it is hf://: the hub is a source of base models only, and
+    every function here would otherwise treat it as an S3 bucket."""
+    loc = parse_uri(uri) if isinstance(uri, str) else uri
     if loc.scheme == "hf":
         raise StorageError(
             f"{loc.uri}: cannot {action} hf:// URIs here; the hub is only a source of base "
             "models (baseModel.uri). Use s3:// or file:// for data and artifacts."
         )
+    return loc
 
 
 def write_bytes(uri: str | Location, data: bytes) -> None:
-    loc = parse_uri(uri) if isinstance(uri, str) else uri
-    _no_hf(loc, "write to")
+    loc = _storage_location(uri, "write to")
     if loc.scheme == "file":
         loc.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = loc.path.with_name(f".{loc.path.name}.partial")
@@ -230,8 +232,7 @@ def write_bytes(uri: str | Location, data: bytes) -> None:
 
 
 def exists(uri: str | Location) -> bool:
-    loc = parse_uri(uri) if isinstance(uri, str) else uri
-    _no_hf(loc, "look up")
+    loc = _storage_location(uri, "look up")
     if loc.scheme == "file":
         return loc.path.exists()
     try:
@@ -246,8 +247,7 @@ def exists(uri: str | Location) -> bool:
 def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
     """Relative names of every file under a prefix (recursively). A stored key whose name
     is not a plain relative path (see `safe_relative_name`) raises StorageError."""
-    loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
-    _no_hf(loc, "list")
+    loc = _storage_location(prefix, "list")
     if loc.scheme == "file":
         if loc.path.is_dir():
             for path in sorted(loc.path.rglob("*")):
@@ -268,8 +268,7 @@ def list_files(prefix: str | Location, client: Any = None) -> Iterator[str]:
 
 
 def upload_dir(local: Path, dest: str | Location) -> None:
-    loc = parse_uri(dest) if isinstance(dest, str) else dest
-    _no_hf(loc, "upload to")
+    loc = _storage_location(dest, "upload to")
     if loc.scheme == "file":
         shutil.copytree(local, loc.path, dirs_exist_ok=True)
         return
@@ -284,8 +283,7 @@ def upload_dir(local: Path, dest: str | Location) -> None:
 
 
 def download_dir(src: str | Location, local: Path) -> Path:
-    loc = parse_uri(src) if isinstance(src, str) else src
-    _no_hf(loc, "download")
+    loc = _storage_location(src, "download")
     if loc.scheme == "file":
         if not loc.path.exists():
             raise StorageError(f"{loc.uri}: no such directory")
@@ -309,8 +307,7 @@ def download_dir(src: str | Location, local: Path) -> Path:
 def delete_prefix(prefix: str | Location, client: Any = None) -> int:
     """Delete every object under a prefix; returns how many were deleted. `client`: an S3
     client with its own credentials (the operator's, from the job's Secret)."""
-    loc = parse_uri(prefix) if isinstance(prefix, str) else prefix
-    _no_hf(loc, "delete")
+    loc = _storage_location(prefix, "delete")
     if loc.scheme == "file":
         count = sum(1 for _ in list_files(loc))
         shutil.rmtree(loc.path, ignore_errors=True)

@@ -328,9 +328,12 @@ def _pod_ip(pod: dict[str, Any]) -> str | None:
         address = ipaddress.ip_address((pod.get("status") or {}).get("podIP") or "")
     except ValueError:
         return None
-    if address.is_loopback or address.is_link_local or address.is_multicast:
-        return None
-    if address.is_unspecified:
+    if (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_unspecified
+    ):
         return None
     return str(address) if address.version == 4 else f"[{address}]"
 

@@ -418,18 +418,6 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
             metrics.tokens.labels(adapter, ver, "completion").inc(completion)
         return adapter, ver
 
-    @contextlib.asynccontextmanager
-    async def admitted() -> Any:
-        """One of at most `max_in_flight` inference requests; beyond that, 429 at once."""
-        if state.in_flight >= options.max_in_flight:
-            metrics.requests.labels("overloaded", "", "any", "429").inc()
-            raise ApiError(429, "the server is at its request limit; retry shortly", retry_after=1)
-        state.in_flight += 1
-        try:
-            yield
-        finally:
-            state.in_flight -= 1
-
     async def run(
         request: Request,
         work: ClassifyWork | GenerateWork,
@@ -438,12 +426,17 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         began: float,
     ) -> Any:
         """Submit work to the model and wait for it without holding a thread; drop it when
-        the client goes away or the request's deadline passes."""
+        the client goes away or the request's deadline passes. At most `max_in_flight`
+        requests are in here at once; beyond that, 429 at once."""
         engine, _ = engine_and_registry()
-        future = asyncio.wrap_future(engine.submit(work))
+        if state.in_flight >= options.max_in_flight:
+            metrics.requests.labels("overloaded", "", "any", "429").inc()
+            raise ApiError(429, "the server is at its request limit; retry shortly", retry_after=1)
         adapter, ver = labels(version)
         deadline = began + options.request_timeout
+        state.in_flight += 1
         try:
+            future = asyncio.wrap_future(engine.submit(work))
             while True:
                 done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
                 if done:
@@ -471,6 +464,8 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
             raise ApiError(
                 500, "the model failed on this request; the server log has why"
             ) from None
+        finally:
+            state.in_flight -= 1
 
     def headers(version: LoadedVersion | None) -> dict[str, str]:
         if version is None:
@@ -552,19 +547,18 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         # instructions and the alert.
         longest_label = max((len(ids) for ids in version.label_ids), default=1)
         prompt = fit_prompt(prompt, version.spec.hyperparameters.max_seq_length - longest_label)
-        async with admitted():
-            probabilities = await run(
-                request,
-                ClassifyWork(
-                    version.key,
-                    prompt,
-                    label_ids=version.label_ids,
-                    distinct_first_tokens=version.distinct_first_tokens,
-                ),
-                version,
-                "classify",
-                began,
-            )
+        probabilities = await run(
+            request,
+            ClassifyWork(
+                version.key,
+                prompt,
+                label_ids=version.label_ids,
+                distinct_first_tokens=version.distinct_first_tokens,
+            ),
+            version,
+            "classify",
+            began,
+        )
         labels = version.spec.task.labels
         best = max(range(len(labels)), key=probabilities.__getitem__)
         adapter, ver = observe(version, "classify", began, len(prompt), 0)
@@ -629,8 +623,7 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
             temperature=body.temperature,
             top_p=body.top_p,
         )
-        async with admitted():
-            generated = await run(request, work, version, endpoint, began)
+        generated = await run(request, work, version, endpoint, began)
         text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
         observe(version, endpoint, began, len(prompt), len(generated.token_ids))
         usage = {
