@@ -249,34 +249,46 @@ class AdapterSpec(Spec):
 
 
 class RollbackSpec(Spec):
-    """When a canary version is rolled back automatically."""
+    """When a canary version is rolled back automatically: the operator asks Prometheus for each
+    canary version's figures over the window and, when one exceeds its bound, routes the
+    adapter's traffic to the stable version until the spec changes."""
 
+    window_minutes: int = Field(5, ge=1, le=1440)
+    """Window the canary's error rate, p95 latency and drift are measured over."""
+    min_requests: int = Field(20, ge=1, le=1_000_000)
+    """Fewer canary requests than this in the window give no verdict."""
     max_error_rate: float = Field(0.05, ge=0.0, le=1.0)
     """Highest fraction of failed requests."""
     max_latency_p95_ms: int = Field(2000, ge=1)
     """Highest p95 latency in milliseconds."""
     max_drift: float = Field(0.3, ge=0.0, le=1.0)
-    """Highest drift score against the evaluation-time reference."""
+    """Highest drift score (predicted labels or prompt lengths) against the training-time
+    reference."""
 
 
 class PromotionSpec(Spec):
     """Rules for putting versions into service."""
 
     require_passed_gates: bool = True
-    """Serve only adapters whose FineTuneJob passed all its gates."""
+    """Serve only adapter versions whose evaluation passed every gate: the operator does not
+    render a FineTuneJob whose gates failed, and the servers refuse a stored version whose
+    manifest says its gates failed."""
     rollback: RollbackSpec = Field(default_factory=RollbackSpec)  # type: ignore[arg-type]
     """Automatic rollback thresholds."""
 
 
 class DriftSpec(Spec):
-    """Drift of predictions against the distribution recorded at evaluation time."""
+    """Drift of what is served against what the adapter was trained and evaluated on: the
+    predicted-label mix (classification) and the prompt-length mix (every task type)."""
 
     enabled: bool = True
-    """Compute a drift score per adapter version."""
+    """Compute drift scores per adapter version."""
     window_minutes: int = Field(60, ge=1, le=10080)
     """Sliding window of requests the score is computed over."""
+    min_requests: int = Field(20, ge=1, le=1_000_000)
+    """Fewer requests than this in the window report no score."""
     threshold: float = Field(0.2, ge=0.0, le=1.0)
-    """Score above which the SectuneAdapterDrift alert fires."""
+    """Score above which drift alerts fire (exported as sectune_serve_drift_threshold)."""
 
 
 class ServingResources(Spec):
@@ -310,9 +322,15 @@ class AdapterDeploymentSpec(Spec):
     drift: DriftSpec = Field(default_factory=DriftSpec)  # type: ignore[arg-type]
     """Drift monitoring."""
     auth_secret: SecretReference | None = None
-    """Secret with the API keys clients must present (key `api-keys`, one per line)."""
+    """Secret with the API keys clients must present (key `api-keys`: one
+    `<key-id> <key> [adapter,…]` per line). Unset: the API answers without keys."""
+    credentials: SecretReference | None = None
+    """Secret with the storage keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional
+    AWS_ENDPOINT_URL, AWS_REGION) the servers read the base model and adapters with."""
     image: str | None = Field(None, max_length=512)
     """Server image (default: the operator's setting)."""
+    image_pull_secrets: list[SecretReference] = Field(default_factory=list, max_length=8)
+    """Secrets for pulling the server image."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> AdapterDeploymentSpec:
@@ -320,6 +338,16 @@ class AdapterDeploymentSpec(Spec):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"adapters: names must be unique; repeated: {', '.join(duplicates)}")
+        if "base" in names:
+            raise ValueError("adapters: 'base' is reserved for the base model")
+        if self.runtime == "vllm":
+            split = [a.name for a in self.adapters if sum(v.traffic > 0 for v in a.versions) > 1]
+            if split:
+                raise ValueError(
+                    f"adapters[{split[0]}]: runtime vllm cannot split an adapter's traffic "
+                    "between versions; give one version 100 (others stay reachable as "
+                    "name@version) or use runtime sectune for canaries"
+                )
         return self
 
 
@@ -336,6 +364,40 @@ class ActiveAdapter(Spec):
     """Verified digest of its manifest.json."""
     traffic: int | None = None
     """Percent of the adapter's requests it answers."""
+
+
+class Revision(Spec):
+    """One rendered adapter set, kept for audit."""
+
+    revision: int
+    """The counter value."""
+    adapters: str = Field(max_length=4096)
+    """What was rendered, e.g. "alert-triage v1 90%, v2 10%; attack-tactics v1 100%"."""
+    config_sha256: str
+    """sha256 of the rendered ServingConfig."""
+    time: str
+    """When it was rendered (RFC 3339)."""
+    reason: str = Field("", max_length=1024)
+    """Why: the spec changed, a FineTuneJob finished, a canary was rolled back."""
+
+
+class RolledBack(Spec):
+    """A canary version the operator took out of traffic."""
+
+    adapter: str
+    """Adapter name."""
+    version: str
+    """The canary version."""
+    metric: str
+    """The figure that exceeded its bound: errorRate, latencyP95Ms or drift."""
+    value: float
+    """What Prometheus measured over the window."""
+    threshold: float
+    """The bound from spec.promotion.rollback."""
+    generation: int
+    """The spec generation it holds for: a new generation clears it."""
+    time: str
+    """When the rollback happened (RFC 3339)."""
 
 
 class AdapterDeploymentStatus(Spec):
@@ -356,7 +418,11 @@ class AdapterDeploymentStatus(Spec):
     active_adapters: list[ActiveAdapter] = Field(default_factory=list)
     """Adapter versions loaded and verified."""
     revision: int | None = None
-    """Revision of the served adapter set (kept for rollback)."""
+    """Counter of distinct adapter sets rendered for the servers."""
+    history: list[Revision] = Field(default_factory=list, max_length=10)
+    """The latest rendered adapter sets, newest last."""
+    rolled_back: list[RolledBack] = Field(default_factory=list)
+    """Canary versions out of traffic until the spec's generation changes."""
     endpoint: str | None = None
     """In-cluster URL of the OpenAI-compatible API."""
 

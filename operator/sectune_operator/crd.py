@@ -218,6 +218,18 @@ def finetunejob_crd() -> dict[str, Any]:
     )
 
 
+MAX_SERVING_NAME = 57
+"""An AdapterDeployment's Service is <name>-serve, a DNS label of at most 63 characters."""
+
+
+SERVING_NAME_RULE = {
+    "rule": f"size(self.metadata.name) <= {MAX_SERVING_NAME} && "
+    f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
+    "message": f"metadata.name: at most {MAX_SERVING_NAME} characters, lowercase letters, "
+    "digits and '-', starting with a letter (its Service is named <name>-serve)",
+}
+
+
 def adapterdeployment_crd() -> dict[str, Any]:
     return _crd(
         "AdapterDeployment",
@@ -229,11 +241,13 @@ def adapterdeployment_crd() -> dict[str, Any]:
             _column("Phase", ".status.phase"),
             _column("Ready", ".status.ready"),
             _column("Adapters", ".status.adapterCount", "integer"),
-            _column("Endpoint", ".status.endpoint"),
+            _column("Revision", ".status.revision", "integer"),
+            _column("Endpoint", ".status.endpoint", priority=1),
             AGE,
         ],
         "A base model served with many adapters, hot-swapped from storage with digests "
         "verified, canary traffic and automatic rollback.",
+        [SERVING_NAME_RULE],
     )
 
 

@@ -14,7 +14,7 @@ FINETUNEJOBS = Gauge(
 )
 RECONCILE_DURATION = Histogram(
     "sectune_operator_reconcile_duration_seconds",
-    "Time to reconcile a FineTuneJob (create or update)",
+    "Time to reconcile a FineTuneJob or AdapterDeployment (create or update)",
     registry=REGISTRY,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
@@ -42,7 +42,18 @@ API_RETRIES = Counter(
     ["operation"],
     registry=REGISTRY,
 )
-
+SERVING_REVISIONS = Counter(
+    "sectune_operator_serving_revisions_total",
+    "Adapter sets rendered for AdapterDeployment servers",
+    ["namespace"],
+    registry=REGISTRY,
+)
+CANARY_ROLLBACKS = Counter(
+    "sectune_operator_canary_rollbacks_total",
+    "Canary versions rolled back automatically, by the figure that exceeded its bound",
+    ["namespace", "metric"],
+    registry=REGISTRY,
+)
 
 _phase_labels: set[tuple[str, str]] = set()
 

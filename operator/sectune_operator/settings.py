@@ -42,6 +42,33 @@ class Settings:
         default_factory=lambda: _env("PROGRESS_URL", "http://{ip}:{port}/metrics")
     )
     """Where a running trainer's metrics are read from ({ip}: the pod IP, {port}: 9400)."""
+    server_image: str = field(
+        default_factory=lambda: _env(
+            "SERVER_IMAGE", _env("TRAINER_IMAGE", "ghcr.io/sectune/trainer:0.1.0")
+        )
+    )
+    """Image of sectune server pods (and vLLM's adapter-fetching init container) when an
+    AdapterDeployment names none; `sectune serve` ships in the trainer image."""
+    vllm_image: str = field(
+        default_factory=lambda: _env("VLLM_IMAGE", "docker.io/vllm/vllm-openai:v0.11.0")
+    )
+    """Image of vLLM server pods (runtime: vllm)."""
+    serving_cpu: str = field(default_factory=lambda: _env("SERVING_CPU", "2"))
+    serving_memory: str = field(default_factory=lambda: _env("SERVING_MEMORY", "8Gi"))
+    """CPU and memory of a server replica whose AdapterDeployment names none."""
+    serving_metrics_url_template: str = field(
+        default_factory=lambda: _env("SERVING_METRICS_URL", "http://{ip}:{port}/metrics")
+    )
+    """Where a server replica's metrics are read from (which adapter versions it serves)."""
+    prometheus_url: str = field(default_factory=lambda: _env("PROMETHEUS_URL", "").rstrip("/"))
+    """Prometheus' HTTP API for canary analysis; empty: no analysis (a condition says so)."""
+    prometheus_selector: str = field(
+        default_factory=lambda: _env(
+            "PROMETHEUS_SELECTOR", 'namespace="{namespace}",pod=~"{deployment}-.+"'
+        )
+    )
+    """Label matchers that pick one AdapterDeployment's server series ({namespace},
+    {deployment}: the server Deployment's name)."""
     finalizer: str = "sectune.io/artifact-cleanup"
     skip_cleanup_annotation: str = "sectune.io/skip-artifact-cleanup"
     """Set to "true" on a FineTuneJob stuck deleting to release it without deleting artifacts."""

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from sectune_operator.handlers.finetunejob import PROGRESS_READ_LIMIT, _pod_ip, _scrape_progress
+from sectune_operator.handlers.finetunejob import _scrape_progress
+from sectune_operator.scrape import READ_LIMIT as PROGRESS_READ_LIMIT
+from sectune_operator.scrape import pod_ip as _pod_ip
 from sectune_operator.settings import Settings
 
 METRICS = b"sectune_train_step 3\nsectune_train_total_steps 10\n"

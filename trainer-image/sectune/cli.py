@@ -257,6 +257,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if "SECTUNE_LOG_LEVEL" not in os.environ:  # loads, swaps and refusals are the server's news
         logging.getLogger("sectune.serving").setLevel(logging.INFO)
+    # The access log is JSON lines on stdout, apart from the server's own log on stderr.
+    access = logging.getLogger("sectune.access")
+    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
     keys = args.api_keys_file or os.environ.get("SECTUNE_API_KEYS_FILE")
     if keys is not None and not keys.strip():  # set but empty: never read as "auth off"
         console.print(
@@ -292,6 +299,31 @@ def artifacts_cap_mb() -> int:
     from sectune.artifacts import MAX_ARTIFACT_BYTES
 
     return MAX_ARTIFACT_BYTES >> 20
+
+
+def cmd_fetch_adapters(args: argparse.Namespace) -> int:
+    """Verify every version of a ServingConfig onto disk (vLLM's init container)."""
+    from sectune import artifacts, storage
+    from sectune.serving.config import load_serving_config
+    from sectune.serving.fetch import fetch_adapters
+    from sectune.serving.registry import LoadError
+    from sectune.training.base_model import ModelError
+
+    try:
+        config = load_serving_config(Path(args.config))
+        fetched = fetch_adapters(config, Path(args.out), args.max_adapter_mb << 20)
+    except (
+        ManifestError,
+        LoadError,
+        ModelError,
+        artifacts.IntegrityError,
+        storage.StorageError,
+    ) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+    for line in fetched:
+        print(f"verified {line}")
+    return 0
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
@@ -443,7 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--reload-interval", type=float, default=5.0, help="seconds between config checks"
     )
+    serve_cmd.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not write the JSON access log (one line per /v1/ request on stdout)",
+    )
     serve_cmd.set_defaults(func=cmd_serve)
+
+    fetch = sub.add_parser(
+        "fetch-adapters",
+        help="verify every adapter version of a ServingConfig onto disk (vLLM init container)",
+    )
+    fetch.add_argument("--config", required=True, help="ServingConfig YAML")
+    fetch.add_argument("--out", required=True, help="directory to place base/ and adapters in")
+    fetch.add_argument(
+        "--max-adapter-mb",
+        type=int,
+        default=artifacts_cap_mb(),
+        help="largest adapter version downloaded, in MiB",
+    )
+    fetch.set_defaults(func=cmd_fetch_adapters)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -112,6 +112,16 @@ def training_fingerprint(spec: JobSpec, dataset_digest: str | None) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def prompt_length_reference(tokenizer: Any, spec: JobSpec, data: Any) -> dict[str, float] | None:
+    """Prompt-length mix of the held-out examples, as served prompts will be measured."""
+    from sectune.data.format import PromptFormatter
+    from sectune.serving.drift import length_distribution
+
+    formatter = PromptFormatter(tokenizer, spec)
+    examples = data.test or data.validation
+    return length_distribution([n for n in (len(formatter.prompt_ids(e)) for e in examples) if n])
+
+
 def run_job(
     name: str,
     spec: JobSpec,
@@ -252,6 +262,8 @@ def run_job(
         "metrics": {k: v for k, v in models["tuned"].items() if isinstance(v, int | float)},
         "gates": gate_outcomes,
         "gatesPassed": gates_passed,
+        # What serving compares its inputs with (sectune.serving.drift).
+        "reference": {"promptTokens": prompt_length_reference(tokenizer, spec, data)},
     }
     published = artifacts.publish(stage, prefix, run_id, manifest, make_current=gates_passed)
     phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")

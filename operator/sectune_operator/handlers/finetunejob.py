@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import urllib.request
 from typing import Any
 
 import kopf
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 
 from sectune import storage
 from sectune.config import format_validation_error
-from sectune_operator import metrics
+from sectune_operator import metrics, scrape
 from sectune_operator.api import FineTuneJobSpec
 from sectune_operator.builders.finetunejob import (
     JOB_LABEL,
@@ -307,51 +306,13 @@ def phases(namespace: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
     return {namespace: status.get("phase") or "Pending"}
 
 
-PROGRESS_READ_LIMIT = 256 << 10
-"""A trainer's /metrics is a few KB; a pod answering more is cut off (it could be any image)."""
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *_: Any, **__: Any) -> None:
-        return None  # a redirect from a training pod (to a metadata address, say) is not followed
-
-
-_PROGRESS_OPENER = urllib.request.build_opener(_NoRedirects)
-
-
-def _pod_ip(pod: dict[str, Any]) -> str | None:
-    """The pod's IP when it is a plain unicast address (never loopback, link-local such as
-    the cloud metadata address, multicast or unspecified)."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address((pod.get("status") or {}).get("podIP") or "")
-    except ValueError:
-        return None
-    if (
-        address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_unspecified
-    ):
-        return None
-    return str(address) if address.version == 4 else f"[{address}]"
-
-
 def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    ip = _pod_ip(running[-1]) if running else None
+    ip = scrape.pod_ip(running[-1]) if running else None
     if not ip:
         return None
-    url = settings.progress_url_template.format(ip=ip, port=METRICS_PORT)
-    try:
-        with _PROGRESS_OPENER.open(url, timeout=1) as response:
-            body = response.read(PROGRESS_READ_LIMIT + 1)
-    except (OSError, ValueError):
-        return None  # the trainer is still loading, or the pod is not reachable
-    if len(body) > PROGRESS_READ_LIMIT:
-        return None
-    return progress_from_metrics(body.decode(errors="replace"))
+    text = scrape.fetch_text(settings.progress_url_template.format(ip=ip, port=METRICS_PORT))
+    return progress_from_metrics(text) if text is not None else None
 
 
 @kopf.timer(

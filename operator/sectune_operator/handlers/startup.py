@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import kopf
@@ -19,6 +20,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     # Shared by reference with every handler's memo: pod UIDs seen / counted per FineTuneJob.
     memo.pods_seen = {}
     memo.pods_counted = {}
+    # What was rendered last per AdapterDeployment (handlers/adapterdeployment.py).
+    memo.serving = {}
+    memo.serving_lock = threading.Lock()
     # The CRDs' status is structural: kopf keeps its bookkeeping in annotations instead.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="sectune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -36,5 +40,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
     logger.info(
-        f"Started sectune operator (trainer image {ours.trainer_image}, metrics :{ours.metrics_port})"
+        f"Started sectune operator (trainer image {ours.trainer_image}, server image "
+        f"{ours.server_image}, metrics :{ours.metrics_port}, canary analysis "
+        f"{'on' if ours.prometheus_url else 'off'})"
     )

@@ -81,12 +81,17 @@ class ServedAdapter(Spec):
 
 
 class DriftSettings(Spec):
-    """How predictions are compared with the distribution recorded at evaluation time."""
+    """How what is served is compared with what the adapter was trained and evaluated on."""
 
+    enabled: bool = True
+    """Compute drift scores (predicted labels; prompt lengths) per adapter version."""
     window_minutes: int = Field(60, ge=1, le=10080)
     """Sliding window of requests the drift score is computed over."""
     min_requests: int = Field(20, ge=1)
-    """Fewer predictions than this in the window report no score."""
+    """Fewer requests than this in the window report no score."""
+    threshold: float = Field(0.2, ge=0.0, le=1.0)
+    """Score above which drift alerts fire; exported as sectune_serve_drift_threshold so one
+    alert rule serves every deployment."""
 
 
 class ServingConfig(Spec):
@@ -100,6 +105,9 @@ class ServingConfig(Spec):
     """Adapters offered; names are unique."""
     drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
     """Drift monitoring."""
+    require_passed_gates: bool = True
+    """Refuse a version whose manifest says its evaluation gates failed (load-failure reason
+    gates-failed). False serves it anyway: for comparing a failed run by hand."""
 
     @model_validator(mode="after")
     def _unique(self) -> ServingConfig:

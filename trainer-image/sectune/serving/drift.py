@@ -1,9 +1,14 @@
-"""Drift of served predictions against what the adapter predicted at evaluation time.
+"""Drift of what is served against what the adapter was trained and evaluated on.
 
-The reference is the tuned model's predicted-label distribution on the held-out test set
-(the column sums of the report's confusion matrix). The score is the Jensen-Shannon divergence
-(base 2, so it lies in [0, 1]) between that and the labels predicted over a sliding window:
-0 when the served mix matches evaluation, 1 when they share no label at all.
+Two scores per adapter version, both the Jensen-Shannon divergence (base 2, so in [0, 1]) of a
+sliding window of requests against a reference: 0 when the served mix matches, 1 when they
+share nothing.
+- Predictions (classification): the reference is the tuned model's predicted-label mix on the
+  held-out test set (the column sums of the report's confusion matrix).
+- Inputs (every task type): the reference is the mix of prompt lengths, in power-of-two token
+  buckets, of the held-out examples, recorded in the lineage manifest at training time. Alerts
+  sent by a new log source, a template that changed, or pasted documents in place of alerts
+  move it long before anyone reads the answers.
 """
 
 from __future__ import annotations
@@ -26,6 +31,38 @@ def reference_distribution(report: dict[str, Any]) -> dict[str, float] | None:
     if not total:
         return None
     return {label: count / total for label, count in zip(labels, predicted, strict=True)}
+
+
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Upper bounds (exclusive) of the prompt-length buckets, in tokens; longer is the last bucket."""
+
+
+def length_bucket(tokens: int) -> str:
+    """The bucket a prompt of `tokens` tokens falls into, e.g. "<64" or ">=4096"."""
+    for bound in LENGTH_BUCKETS:
+        if tokens < bound:
+            return f"<{bound}"
+    return f">={LENGTH_BUCKETS[-1]}"
+
+
+def length_distribution(lengths: list[int]) -> dict[str, float] | None:
+    """Shares of prompt lengths per bucket (what the manifest records), or None without any."""
+    if not lengths:
+        return None
+    counts = Counter(length_bucket(n) for n in lengths)
+    return {bucket: count / len(lengths) for bucket, count in sorted(counts.items())}
+
+
+def input_reference(manifest: dict[str, Any]) -> dict[str, float] | None:
+    """The prompt-length reference a manifest recorded (None for versions trained before it)."""
+    reference = (manifest.get("reference") or {}).get("promptTokens")
+    if not isinstance(reference, dict) or not reference:
+        return None
+    try:
+        shares = {str(k): float(v) for k, v in reference.items()}
+    except (TypeError, ValueError):
+        return None
+    return shares if sum(shares.values()) > 0 else None
 
 
 def js_divergence(p: dict[str, float], q: dict[str, float]) -> float:

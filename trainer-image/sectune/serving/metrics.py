@@ -54,6 +54,28 @@ class ServingMetrics:
             version,
             registry=self.registry,
         )
+        self.input_drift = Gauge(
+            "sectune_serve_input_drift_score",
+            "Jensen-Shannon divergence (bits, 0..1) of prompt lengths over the drift window "
+            "against the held-out data the adapter was evaluated on (every task type).",
+            version,
+            registry=self.registry,
+        )
+        self.drift_threshold = Gauge(
+            "sectune_serve_drift_threshold",
+            "The deployment's drift threshold per adapter version (spec.drift.threshold), so "
+            "one alert rule compares every score with its own bound.",
+            version,
+            registry=self.registry,
+        )
+        self.adapter_refused = Gauge(
+            "sectune_serve_adapter_refused",
+            "Configured adapter versions this server refused on its last config apply "
+            "(value 1), by reason: integrity, base-model, storage, invalid, unsafe-format, "
+            "gates-failed.",
+            [*version, "reason"],
+            registry=self.registry,
+        )
         self.adapter_info = Gauge(
             "sectune_serve_adapter_info",
             "Adapter versions loaded and verified (value 1), with their manifest digest and "
@@ -64,7 +86,7 @@ class ServingMetrics:
         self.load_failures = Counter(
             "sectune_serve_adapter_load_failures",
             "Adapter versions that could not be loaded (reason: integrity, base-model, storage, "
-            "invalid).",
+            "invalid, unsafe-format, gates-failed).",
             [*version, "reason"],
             registry=self.registry,
         )

@@ -24,7 +24,7 @@ from sectune.data.format import PromptFormatter, first_tokens_distinct, label_to
 from sectune.data.prepare import Example
 from sectune.evaluation.gates import baselines_from_report
 from sectune.serving.config import ServedVersion, ServingConfig
-from sectune.serving.drift import DriftMonitor, reference_distribution
+from sectune.serving.drift import DriftMonitor, input_reference, reference_distribution
 from sectune.serving.engine import Engine
 from sectune.serving.metrics import ServingMetrics
 
@@ -53,6 +53,9 @@ class LoadedVersion:
     manifest: dict[str, Any]
     report: dict[str, Any]
     drift: DriftMonitor | None = None
+    """Predicted labels against the evaluation-time mix (classification)."""
+    input_drift: DriftMonitor | None = None
+    """Prompt lengths against the held-out data's (every task type)."""
     label_ids: list[list[int]] = field(default_factory=list)
     distinct_first_tokens: bool = True
     loaded_at: float = field(default_factory=time.time)
@@ -90,6 +93,18 @@ class ApplyResult:
     removed: list[str]
 
 
+def require_passed_gates(manifest: dict[str, Any], version_uri: str) -> None:
+    """A version whose evaluation failed its gates is not served (promotion.requirePassedGates)."""
+    if manifest.get("gatesPassed") is not False:
+        return
+    failing = [g.get("name", "?") for g in manifest.get("gates") or [] if not g.get("passed")]
+    raise LoadError(
+        "gates-failed",
+        f"{version_uri} failed its evaluation gates ({', '.join(failing) or 'see report.json'}); "
+        "it is not served. Retrain it, or set requirePassedGates: false to compare it by hand.",
+    )
+
+
 class Registry:
     def __init__(
         self,
@@ -106,6 +121,8 @@ class Registry:
         self.max_adapter_bytes = max_adapter_bytes
         self._routes: dict[str, list[LoadedVersion]] = {}
         self._errors: dict[str, str] = {}
+        self._refused: dict[tuple[str, str], str] = {}
+        self._drift_threshold = 0.0
         self._configured: list[str] = []
         self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -159,6 +176,7 @@ class Registry:
         current = self.versions()
         loaded_now: list[str] = []
         failed: dict[str, str] = {}
+        refused: dict[tuple[str, str], str] = {}
         new_routes: dict[str, list[LoadedVersion]] = {}
         for adapter in config.adapters:
             served: list[LoadedVersion] = []
@@ -168,6 +186,7 @@ class Registry:
                     version, fresh = self._obtain(adapter.name, entry, current, config)
                 except LoadError as exc:
                     failed[label] = str(exc)
+                    refused[(adapter.name, entry.version)] = exc.reason
                     self.metrics.load_failures.labels(adapter.name, entry.version, exc.reason).inc()
                     log.error("not serving %s: %s", label, exc)
                     continue
@@ -190,7 +209,9 @@ class Registry:
         with self._lock:
             self._routes = new_routes
             self._errors = failed
+            self._refused = refused
             self._configured = [a.name for a in config.adapters]
+            self._drift_threshold = config.drift.threshold
         for version in stale:
             self.engine.unload_adapter(version.key)
             shutil.rmtree(self.workdir / version.key, ignore_errors=True)
@@ -215,6 +236,8 @@ class Registry:
             self._resolved[f"{name}@{entry.version}"] = sha256
         for existing in current.get(name, []):
             if existing.version == entry.version and existing.sha256 == sha256:
+                if config.require_passed_gates:
+                    require_passed_gates(existing.manifest, existing.uri)
                 existing.traffic = entry.traffic
                 return existing, False
         key = f"{name}--{entry.version}--{sha256[:12]}"
@@ -253,6 +276,8 @@ class Registry:
     ) -> LoadedVersion:
         import json
 
+        if config.require_passed_gates:
+            require_passed_gates(manifest, version_uri)
         trained_on = manifest.get("baseModel", {}).get("sha256")
         if trained_on != self.base_digest:
             raise LoadError(
@@ -287,15 +312,17 @@ class Registry:
             manifest=manifest,
             report=report,
         )
+        window, least = config.drift.window_minutes * 60, config.drift.min_requests
         if spec.task.type == "classification" and spec.task.labels:
             probe = Example("probe", {"text": ""}, spec.task.labels[0])
             version.label_ids = label_token_ids(formatter, probe, spec.task.labels)
             version.distinct_first_tokens = first_tokens_distinct(version.label_ids)
             reference = reference_distribution(report)
-            if reference:
-                version.drift = DriftMonitor(
-                    reference, config.drift.window_minutes * 60, config.drift.min_requests
-                )
+            if reference and config.drift.enabled:
+                version.drift = DriftMonitor(reference, window, least)
+        lengths = input_reference(manifest)
+        if lengths and config.drift.enabled:
+            version.input_drift = DriftMonitor(lengths, window, least)
         try:
             self.engine.load_adapter(str(adapter_dir), key)
         except Exception as exc:
@@ -305,22 +332,38 @@ class Registry:
     # ------------------------------------------------------------------ metrics
 
     def _export_info(self) -> None:
-        self.metrics.adapter_info.clear()
-        self.metrics.drift.clear()
+        for gauge in (
+            self.metrics.adapter_info,
+            self.metrics.drift,
+            self.metrics.input_drift,
+            self.metrics.drift_threshold,
+            self.metrics.adapter_refused,
+        ):
+            gauge.clear()
+        with self._lock:
+            refused, threshold = dict(self._refused), self._drift_threshold
+        for (adapter, version), reason in refused.items():
+            self.metrics.adapter_refused.labels(adapter, version, reason).set(1)
         for versions in self.versions().values():
             for v in versions:
                 self.metrics.adapter_info.labels(
                     v.adapter, v.version, v.sha256, str(v.traffic)
                 ).set(1)
+                if v.drift is not None or v.input_drift is not None:
+                    self.metrics.drift_threshold.labels(v.adapter, v.version).set(threshold)
 
     def update_drift(self) -> None:
         for versions in self.versions().values():
             for v in versions:
-                if v.drift is None:
-                    continue
-                score = v.drift.score()
-                if score is None:
-                    with contextlib.suppress(KeyError):
-                        self.metrics.drift.remove(v.adapter, v.version)
-                else:
-                    self.metrics.drift.labels(v.adapter, v.version).set(score)
+                for monitor, gauge in (
+                    (v.drift, self.metrics.drift),
+                    (v.input_drift, self.metrics.input_drift),
+                ):
+                    if monitor is None:
+                        continue
+                    score = monitor.score()
+                    if score is None:
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(v.adapter, v.version)
+                    else:
+                        gauge.labels(v.adapter, v.version).set(score)

@@ -10,6 +10,8 @@ Endpoints (OpenAI-compatible where a client expects it; the `model` field picks 
     GET  /metrics /healthz /readyz
 
 Request and response bodies are never logged: they carry the security data being triaged.
+Each /v1/ request gets one JSON access-log line (logger `sectune.access`): time, caller key id,
+adapter, version, endpoint, status, latency and token counts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sectune.data.format import fit_prompt
 from sectune.data.prepare import Example
 from sectune.serving.auth import ApiKey, load_api_keys
 from sectune.serving.config import BASE_MODEL_NAME, ServingConfig, load_serving_config
+from sectune.serving.drift import length_bucket
 from sectune.serving.engine import (
     BASE_ADAPTER,
     AdapterGone,
@@ -54,6 +57,7 @@ from sectune.serving.metrics import ServingMetrics
 from sectune.serving.registry import LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sectune.access")
 
 MAX_INPUT_CHARS = 64_000
 MAX_NEW_TOKENS = 2048
@@ -360,15 +364,21 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         request.state.caller = None
-        if request.url.path.startswith("/v1/") and state.api_keys:
+        request.state.served = None
+        request.state.tokens = (0, 0)
+        if not request.url.path.startswith("/v1/"):
+            passed: Response = await call_next(request)
+            return passed
+        began = time.perf_counter()
+        result: Response
+        if state.api_keys:
             request.state.caller = state.caller(request.headers.get("authorization"))
-            if request.state.caller is None:
-                response = _error(
-                    401, "missing or unknown API key: send Authorization: Bearer <key>"
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-        result: Response = await call_next(request)
+        if state.api_keys and request.state.caller is None:
+            result = _error(401, "missing or unknown API key: send Authorization: Bearer <key>")
+            result.headers["WWW-Authenticate"] = "Bearer"
+        else:
+            result = await call_next(request)
+        _access_line(request, result.status_code, time.perf_counter() - began)
         return result
 
     # Outermost: a request naming a host this server does not answer for (DNS rebinding
@@ -390,9 +400,10 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
             metrics.requests.labels("forbidden", "", endpoint, "403").inc()
             raise ApiError(403, f"API key {caller.id!r} may not use {adapter!r}", "model")
         if model == BASE_MODEL_NAME:
+            request.state.served = (BASE_MODEL_NAME, "")
             return None
         try:
-            return registry.route(model)
+            version = registry.route(model)
         except KeyError:
             metrics.requests.labels("unknown", "", endpoint, "404").inc()
             available = [*sorted(registry.versions()), BASE_MODEL_NAME]
@@ -402,14 +413,24 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
                 "(pin a version as name@version)",
                 "model",
             ) from None
+        request.state.served = (version.adapter, version.version)
+        return version
 
     def labels(version: LoadedVersion | None) -> tuple[str, str]:
         """The (adapter, version) metric labels of a request's model."""
         return (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
 
     def observe(
-        version: LoadedVersion | None, endpoint: str, began: float, prompt: int, completion: int
+        request: Request,
+        version: LoadedVersion | None,
+        endpoint: str,
+        began: float,
+        prompt: int,
+        completion: int,
     ) -> tuple[str, str]:
+        request.state.tokens = (prompt, completion)
+        if version is not None and version.input_drift is not None:
+            version.input_drift.record(length_bucket(prompt))
         adapter, ver = labels(version)
         metrics.latency.labels(adapter, ver, endpoint).observe(time.perf_counter() - began)
         metrics.requests.labels(adapter, ver, endpoint, "200").inc()
@@ -561,7 +582,7 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         )
         labels = version.spec.task.labels
         best = max(range(len(labels)), key=probabilities.__getitem__)
-        adapter, ver = observe(version, "classify", began, len(prompt), 0)
+        adapter, ver = observe(request, version, "classify", began, len(prompt), 0)
         metrics.predictions.labels(adapter, ver, labels[best]).inc()
         metrics.confidence.labels(adapter, ver).observe(probabilities[best])
         if version.drift is not None:
@@ -625,7 +646,7 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         )
         generated = await run(request, work, version, endpoint, began)
         text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
-        observe(version, endpoint, began, len(prompt), len(generated.token_ids))
+        observe(request, version, endpoint, began, len(prompt), len(generated.token_ids))
         usage = {
             "prompt_tokens": len(prompt),
             "completion_tokens": len(generated.token_ids),
@@ -702,6 +723,33 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         )
 
     return app
+
+
+def _access_line(request: Request, status: int, seconds: float) -> None:
+    """One JSON line per API request: who, which model, what came of it. Never the body, never
+    the key (only its id from the keys file)."""
+    import json
+
+    caller: ApiKey | None = request.state.caller
+    adapter, version = request.state.served or (None, None)
+    prompt, completion = request.state.tokens
+    access_log.info(
+        json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "key": caller.id if caller else None,
+                "method": request.method,
+                "endpoint": request.url.path,
+                "adapter": adapter,
+                "version": version or None,
+                "status": status,
+                "latencyMs": round(seconds * 1000, 1),
+                "promptTokens": prompt,
+                "completionTokens": completion,
+            },
+            separators=(",", ":"),
+        )
+    )
 
 
 def default_allowed_hosts(host: str) -> list[str]:

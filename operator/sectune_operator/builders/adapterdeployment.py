@@ -1,0 +1,438 @@
+"""AdapterDeployment -> the rendered ServingConfig, its ConfigMap, the server Deployment, its
+Service and (replicas > 1) a PodDisruptionBudget. Pure functions.
+
+The ServingConfig is the same contract `sectune serve --config` reads on a laptop: the operator
+resolves every `fineTuneJob` source to that job's version URI and digest, leaves out versions it
+must not serve (gates failed, job not finished), moves the traffic of rolled-back canaries to
+the stable version, and keeps an adapter's previous versions when none of its new ones can be
+rendered. The servers re-read the mounted file and swap adapters without a restart (runtime
+sectune); vLLM, whose runtime adapter loading is documented as unsafe, is rolled instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sectune.serving.config import DriftSettings, ServedAdapter, ServedVersion, ServingConfig
+from sectune.yamlio import dump_yaml
+from sectune_operator.api import AdapterDeploymentSpec, AdapterSpec
+from sectune_operator.builders.finetunejob import STORAGE_ENV
+from sectune_operator.settings import Settings
+
+SERVING_LABEL = "sectune.io/adapterdeployment"
+CONFIG_KEY = "serving.yaml"
+CONFIG_DIR = "/etc/sectune"
+KEYS_KEY = "api-keys"
+KEYS_DIR = "/etc/sectune/keys"
+ADAPTERS_DIR = "/adapters"
+API_PORT = 8000
+CONTAINER = "server"
+CONFIG_HASH_ANNOTATION = "sectune.io/serving-config-sha256"
+SPEC_HASH_ANNOTATION = "sectune.io/rendered-sha256"
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def child_name(name: str) -> str:
+    """Predictable name of every child: <deployment>-serve."""
+    return f"{name}-serve"
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        SERVING_LABEL: name,
+        "app.kubernetes.io/name": "sectune-server",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "sectune-operator",
+    }
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{child_name(name)}.{namespace}.svc:{API_PORT}/v1"
+
+
+# --------------------------------------------------------------------------- the adapter set
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a version's files are and the digest of its manifest.json."""
+
+    uri: str
+    sha256: str
+
+
+@dataclass
+class Rendered:
+    """The ServingConfig to hand the servers, and what was left out and why."""
+
+    config: ServingConfig | None
+    kept_previous: list[str] = field(default_factory=list)
+    """Adapters none of whose new versions can be served: their previous versions stay."""
+
+
+def stable_version(adapter: AdapterSpec) -> str:
+    """The version a canary is measured against and rolled back to: the one with the most
+    traffic in the spec (the first of those on a tie)."""
+    return max(adapter.versions, key=lambda v: v.traffic).version
+
+
+def _shares(weights: dict[str, int]) -> dict[str, int]:
+    """Weights scaled to add up to 100 (the remainder goes to the largest)."""
+    total = sum(weights.values())
+    if not total:
+        weights, total = dict.fromkeys(weights, 1), len(weights)
+    shares = {name: weight * 100 // total for name, weight in weights.items()}
+    largest = max(weights, key=lambda name: weights[name])
+    shares[largest] += 100 - sum(shares.values())
+    return shares
+
+
+def render_serving_config(
+    spec: AdapterDeploymentSpec,
+    resolved: dict[tuple[str, str], Resolved],
+    rolled_back: set[tuple[str, str]],
+    previous: ServingConfig | None,
+) -> Rendered:
+    """The adapter set the servers should load (see the module docstring)."""
+    before = {a.name: a for a in previous.adapters} if previous else {}
+    adapters: list[ServedAdapter] = []
+    kept: list[str] = []
+    for adapter in spec.adapters:
+        stable = stable_version(adapter)
+        weights = {
+            v.version: 0 if (adapter.name, v.version) in rolled_back else v.traffic
+            for v in adapter.versions
+            if (adapter.name, v.version) in resolved
+        }
+        if stable not in weights or not sum(weights.values()):
+            # Its main version cannot be served (yet): what served it before stays.
+            if adapter.name in before:
+                adapters.append(before[adapter.name])
+                kept.append(adapter.name)
+                continue
+            if not sum(weights.values()):
+                continue
+        else:  # a rolled-back canary's share goes back to the stable version
+            weights[stable] += sum(
+                v.traffic
+                for v in adapter.versions
+                if (adapter.name, v.version) in rolled_back and v.version in weights
+            )
+        shares = _shares(weights)
+        adapters.append(
+            ServedAdapter(
+                name=adapter.name,
+                versions=[
+                    ServedVersion(
+                        version=version,
+                        uri=resolved[(adapter.name, version)].uri,
+                        sha256=resolved[(adapter.name, version)].sha256,
+                        traffic=shares[version],
+                    )
+                    for version in weights
+                ],
+            )
+        )
+    if not adapters:
+        return Rendered(None, kept)
+    config = ServingConfig(
+        base_model=spec.base_model,
+        adapters=adapters,
+        drift=DriftSettings(
+            enabled=spec.drift.enabled,
+            window_minutes=spec.drift.window_minutes,
+            min_requests=spec.drift.min_requests,
+            threshold=spec.drift.threshold,
+        ),
+        require_passed_gates=spec.promotion.require_passed_gates,
+    )
+    return Rendered(config, kept)
+
+
+def config_document(config: ServingConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def config_sha256(config: ServingConfig) -> str:
+    canonical = json.dumps(config_document(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def describe(config: ServingConfig) -> str:
+    """The adapter set in a line: "alert-triage v1 90%, v2 10%; attack-tactics v1 100%"."""
+    return "; ".join(
+        f"{a.name} " + ", ".join(f"{v.version} {v.traffic}%" for v in a.versions)
+        for a in config.adapters
+    )
+
+
+# --------------------------------------------------------------------------- children
+
+
+def build_configmap(name: str, config: ServingConfig) -> dict[str, Any]:
+    header = (
+        f"# Rendered by the sectune operator from AdapterDeployment {name}; edits are "
+        "overwritten.\n"
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": child_name(name),
+            "labels": labels(name),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_sha256(config)},
+        },
+        "data": {CONFIG_KEY: header + dump_yaml(config_document(config))},
+    }
+
+
+def build_service(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {SERVING_LABEL: name},
+            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def build_pdb(name: str) -> dict[str, Any]:
+    """At most one server replica down at a time for voluntary disruptions (drains)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {SERVING_LABEL: name}}},
+    }
+
+
+def _storage_env(spec: AdapterDeploymentSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "SECTUNE_CACHE", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+    ]
+    if spec.credentials:
+        for variable, (key, optional) in STORAGE_ENV.items():
+            ref = {"name": spec.credentials.name, "key": key, "optional": optional}
+            env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _resources(spec: AdapterDeploymentSpec, settings: Settings) -> dict[str, Any]:
+    limits = {
+        "cpu": spec.resources.cpu or settings.serving_cpu,
+        "memory": spec.resources.memory or settings.serving_memory,
+    }
+    if spec.resources.gpus:
+        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+    return {"limits": limits, "requests": {k: v for k, v in limits.items() if "gpu" not in k}}
+
+
+def _probes() -> dict[str, Any]:
+    # Both probes answer on the event loop, never behind inference (sectune.serving.server):
+    # a busy replica is not restarted. Loading a base model can take minutes: readiness waits
+    # for it, liveness only checks the process is serving.
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+
+
+def server_command(spec: AdapterDeploymentSpec) -> list[str]:
+    """What a sectune server replica runs (the e2e tests run exactly this locally)."""
+    command = [
+        "sectune", "serve",
+        "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
+        "--host", "0.0.0.0",
+        "--port", str(API_PORT),
+    ]  # fmt: skip
+    if spec.auth_secret:
+        command += ["--api-keys-file", f"{KEYS_DIR}/{KEYS_KEY}"]
+    return command
+
+
+def fetch_command() -> list[str]:
+    """The vLLM init container: verify and place every adapter version (same digest checks)."""
+    return [
+        "sectune", "fetch-adapters",
+        "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
+        "--out", ADAPTERS_DIR,
+    ]  # fmt: skip
+
+
+def vllm_command(config: ServingConfig, spec: AdapterDeploymentSpec) -> list[str]:
+    """vLLM's OpenAI server with every version as a LoRA module: `name` is the version with
+    the traffic, `name@version` pins one (the sectune server's naming)."""
+    modules = []
+    for adapter in config.adapters:
+        for v in adapter.versions:
+            path = f"{ADAPTERS_DIR}/{adapter.name}/{v.version}/adapter"
+            modules.append(f"{adapter.name}@{v.version}={path}")
+            if v.traffic == 100:
+                modules.append(f"{adapter.name}={path}")
+    count = sum(len(a.versions) for a in config.adapters)
+    return [
+        "vllm", "serve", f"{ADAPTERS_DIR}/base",
+        "--served-model-name", "base",
+        "--host", "0.0.0.0",
+        "--port", str(API_PORT),
+        "--enable-lora",
+        "--max-loras", str(min(count, 16)),
+        "--max-lora-rank", "64",
+        *(["--api-key", "$(SECTUNE_VLLM_API_KEY)"] if spec.auth_secret else []),
+        "--lora-modules", *modules,
+    ]  # fmt: skip
+
+
+def build_deployment(
+    name: str, spec: AdapterDeploymentSpec, config: ServingConfig, settings: Settings
+) -> dict[str, Any]:
+    """The server Deployment. A sectune server hot-swaps adapters from the mounted ConfigMap,
+    so a new adapter set does not roll its pods; vLLM pods are rolled (config hash)."""
+    pod_labels = labels(name)
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "cache", "mountPath": "/cache"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": child_name(name)}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    env = _storage_env(spec)
+    if spec.auth_secret and spec.runtime == "sectune":
+        mounts.append({"name": "api-keys", "mountPath": KEYS_DIR, "readOnly": True})
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {
+                    "secretName": spec.auth_secret.name,
+                    "items": [{"key": KEYS_KEY, "path": KEYS_KEY}],
+                },
+            }
+        )
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.server_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": server_command(spec),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": API_PORT}],
+        "resources": _resources(spec, settings),
+        "securityContext": RESTRICTED,
+        "volumeMounts": mounts,
+        **_probes(),
+    }
+    template_annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(API_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    init_containers: list[dict[str, Any]] = []
+    if spec.runtime == "vllm":
+        volumes.append({"name": "adapters", "emptyDir": {}})
+        init_containers.append(
+            {
+                "name": "fetch-adapters",
+                "image": settings.server_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": fetch_command(),
+                "env": env,
+                "resources": _resources(spec, settings) | {"limits": {"memory": "4Gi"}},
+                "securityContext": RESTRICTED,
+                "volumeMounts": [*mounts, {"name": "adapters", "mountPath": ADAPTERS_DIR}],
+            }
+        )
+        vllm_env = [e for e in env if e["name"] in ("HOME", "HF_HOME")]
+        if spec.auth_secret:
+            ref = {"name": spec.auth_secret.name, "key": "vllm-api-key"}
+            vllm_env.append({"name": "SECTUNE_VLLM_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+        container |= {
+            "image": spec.image or settings.vllm_image,
+            "command": vllm_command(config, spec),
+            "env": vllm_env,
+            "volumeMounts": [
+                *[m for m in mounts if m["name"] != "config"],
+                {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
+            ],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+            "livenessProbe": {
+                "httpGet": {"path": "/health", "port": "http"},
+                "periodSeconds": 10,
+                "failureThreshold": 6,
+            },
+        }
+        # vLLM loads adapters only at start: a new adapter set rolls the pods.
+        template_annotations[CONFIG_HASH_ANNOTATION] = config_sha256(config)
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 60,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if spec.replicas > 1:
+        pod_spec["topologySpreadConstraints"] = [
+            {
+                "maxSkew": 1,
+                "topologyKey": key,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {SERVING_LABEL: name}},
+            }
+            for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+        ]
+    deployment: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": {SERVING_LABEL: name}},
+            # A replica is replaced only once its successor is ready: no capacity lost.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": template_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+    digest = hashlib.sha256(json.dumps(deployment, sort_keys=True).encode()).hexdigest()
+    deployment["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+    return deployment

@@ -1,0 +1,61 @@
+"""`sectune fetch-adapters`: put every version of a ServingConfig on disk, verified, for a server
+that cannot fetch and verify by itself (vLLM's init container, runtime: vllm).
+
+The same checks as `sectune serve` makes before loading: every file against the manifest's
+digests and the manifest against its pinned sha256, safetensors only, gates passed (unless the
+config says otherwise), trained on the base model that is served. Any failure fails the whole
+command, so a vLLM pod never starts with a set it could not verify and the Deployment's previous
+pods keep serving.
+
+    <out>/base                        -> the resolved base model directory
+    <out>/<adapter>/<version>/adapter  the adapter files
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sectune import artifacts, storage
+from sectune.config import ManifestError
+from sectune.serving.config import ServingConfig
+from sectune.serving.registry import LoadError, require_passed_gates
+
+
+def fetch_adapters(
+    config: ServingConfig, out: Path, max_bytes: int = artifacts.MAX_ARTIFACT_BYTES
+) -> list[str]:
+    """Fetch and verify every version; returns "name@version sha256" lines."""
+    from sectune.training import base_model
+
+    if config.base_model is None:
+        raise ManifestError("baseModel: a server fed by fetch-adapters needs its base model set")
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = base_model.resolve(config.base_model)
+    fetched = []
+    for adapter in config.adapters:
+        for entry in adapter.versions:
+            label = f"{adapter.name}@{entry.version}"
+            where = f"{adapter.name}/{entry.version}"
+            directory = storage.contained(out, where, f"adapter {label}")
+            shutil.rmtree(directory, ignore_errors=True)
+            version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
+            manifest = artifacts.fetch_verified(
+                version_uri, sha256, directory, include=("adapter/",), max_bytes=max_bytes
+            )
+            artifacts.require_safetensors(directory / "adapter", version_uri)
+            if config.require_passed_gates:
+                require_passed_gates(manifest, version_uri)
+            trained_on = (manifest.get("baseModel") or {}).get("sha256")
+            if trained_on != resolved.digest:
+                raise LoadError(
+                    "base-model",
+                    f"{label}: trained on base model sha256 {trained_on}, not the served "
+                    f"{resolved.digest}",
+                )
+            fetched.append(f"{label} {sha256}")
+    base = out / "base"
+    if base.is_symlink() or base.exists():
+        base.unlink()
+    base.symlink_to(resolved.path, target_is_directory=True)
+    return fetched
