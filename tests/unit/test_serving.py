@@ -325,3 +325,40 @@ def test_a_failing_row_fails_alone_and_abandoned_work_never_runs() -> None:
     assert long.future.result() == [1.0]
     assert [list(range(10))] in ran  # the long row ran alone (token budget 8)
     assert any(len(batch) > 1 for batch in ran)  # the short rows shared a batch
+
+
+def test_prompt_length_reference_and_input_drift() -> None:
+    from sectune.serving.drift import input_reference, length_bucket, length_distribution
+
+    assert [length_bucket(n) for n in (0, 15, 16, 100, 5000)] == [
+        "<16",
+        "<16",
+        "<32",
+        "<128",
+        ">=4096",
+    ]
+    reference = length_distribution([20, 20, 40, 100])
+    assert reference == {"<128": 0.25, "<32": 0.5, "<64": 0.25}
+    assert input_reference({"reference": {"promptTokens": reference}}) == reference
+    assert input_reference({}) is None  # versions trained before the reference existed
+    assert input_reference({"reference": {"promptTokens": {"<16": "x"}}}) is None
+    monitor = DriftMonitor(reference, window_seconds=60, min_requests=4)
+    for _ in range(4):
+        monitor.record(length_bucket(3000), now=1.0)  # pasted documents instead of alerts
+    assert monitor.score(now=2.0) == pytest.approx(1.0)
+
+
+def test_a_version_whose_gates_failed_is_refused_naming_the_gate() -> None:
+    from sectune.serving.registry import LoadError, require_passed_gates
+
+    require_passed_gates({"gatesPassed": True}, "s3://b/v")
+    require_passed_gates({}, "s3://b/v")  # no gates recorded: nothing to refuse on
+    manifest = {
+        "gatesPassed": False,
+        "gates": [{"name": "macroF1>=0.9", "passed": False}, {"name": "x", "passed": True}],
+    }
+    with pytest.raises(LoadError, match=r"failed its evaluation gates \(macroF1>=0.9\)") as error:
+        require_passed_gates(manifest, "s3://b/v")
+    assert error.value.reason == "gates-failed"
+    config = parse_serving_config({"adapters": [{"name": "a", "versions": [_version()]}]}, "x")
+    assert config.require_passed_gates is True

@@ -1,0 +1,276 @@
+"""AdapterDeployment rendering, replica reports and canary judgement: pure functions, no cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from sectune.serving.config import ServingConfig
+from sectune.yamlio import load_yaml
+from sectune_operator import canary, serving_status
+from sectune_operator.api import AdapterDeploymentSpec, RollbackSpec
+from sectune_operator.builders.adapterdeployment import (
+    CONFIG_KEY,
+    Resolved,
+    build_configmap,
+    build_deployment,
+    build_pdb,
+    build_service,
+    config_sha256,
+    describe,
+    fetch_command,
+    render_serving_config,
+)
+from sectune_operator.settings import Settings
+
+SHA = {n: f"{n}" * 64 for n in "abcdef"}
+
+
+def _spec(**overrides: Any) -> AdapterDeploymentSpec:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/base"},
+        "adapters": [
+            {
+                "name": "triage",
+                "versions": [
+                    {
+                        "version": "v1",
+                        "source": {"uri": "s3://a/triage/versions/r1", "sha256": SHA["a"]},
+                        "traffic": 90,
+                    },
+                    {"version": "v2", "source": {"fineTuneJob": "triage-v2"}, "traffic": 10},
+                ],
+            },
+            {
+                "name": "tactics",
+                "versions": [{"version": "v1", "source": {"fineTuneJob": "tactics"}}],
+            },
+        ],
+        "credentials": {"name": "storage"},
+    }
+    spec.update(overrides)
+    return AdapterDeploymentSpec.model_validate(spec)
+
+
+RESOLVED = {
+    ("triage", "v1"): Resolved("s3://a/triage/versions/r1", SHA["a"]),
+    ("triage", "v2"): Resolved("s3://a/triage-v2/versions/r2", SHA["b"]),
+    ("tactics", "v1"): Resolved("s3://a/tactics/versions/r3", SHA["c"]),
+}
+
+
+def _traffic(config: ServingConfig | None) -> dict[str, dict[str, int]]:
+    assert config is not None
+    return {a.name: {v.version: v.traffic for v in a.versions} for a in config.adapters}
+
+
+def test_every_version_resolved_renders_the_spec_traffic_with_digests():
+    rendered = render_serving_config(_spec(), RESOLVED, set(), None)
+    assert _traffic(rendered.config) == {"triage": {"v1": 90, "v2": 10}, "tactics": {"v1": 100}}
+    assert rendered.config is not None
+    v2 = rendered.config.adapters[0].versions[1]
+    assert (v2.uri, v2.sha256) == ("s3://a/triage-v2/versions/r2", SHA["b"])
+    assert rendered.config.require_passed_gates is True
+    assert describe(rendered.config) == "triage v1 90%, v2 10%; tactics v1 100%"
+
+
+def test_an_unresolved_canary_gives_its_share_to_the_versions_that_resolve():
+    resolved = {k: v for k, v in RESOLVED.items() if k != ("triage", "v2")}
+    rendered = render_serving_config(_spec(), resolved, set(), None)
+    assert _traffic(rendered.config)["triage"] == {"v1": 100}
+
+
+def test_a_rolled_back_canary_stays_loaded_with_no_traffic():
+    rendered = render_serving_config(_spec(), RESOLVED, {("triage", "v2")}, None)
+    assert _traffic(rendered.config)["triage"] == {"v1": 100, "v2": 0}
+
+
+def test_an_adapter_whose_main_version_cannot_be_served_keeps_its_previous_versions():
+    before = render_serving_config(_spec(), RESOLVED, set(), None).config
+    spec = _spec(
+        adapters=[
+            {
+                "name": "triage",
+                "versions": [{"version": "v3", "source": {"fineTuneJob": "failed-gates"}}],
+            },
+            {"name": "tactics", "versions": [{"version": "v1", "source": {"fineTuneJob": "t"}}]},
+        ]
+    )
+    rendered = render_serving_config(
+        spec, {("tactics", "v1"): RESOLVED[("tactics", "v1")]}, set(), before
+    )
+    assert _traffic(rendered.config)["triage"] == {"v1": 90, "v2": 10}
+    assert rendered.kept_previous == ["triage"]
+    nothing = render_serving_config(spec, {}, set(), None)
+    assert nothing.config is None
+
+
+def test_configmap_holds_a_serving_config_the_server_reads():
+    config = render_serving_config(_spec(), RESOLVED, set(), None).config
+    assert config is not None
+    configmap = build_configmap("soc", config)
+    parsed = ServingConfig.model_validate(load_yaml(configmap["data"][CONFIG_KEY]))
+    assert parsed == config
+    assert configmap["metadata"]["annotations"]["sectune.io/serving-config-sha256"] == (
+        config_sha256(config)
+    )
+
+
+def test_server_deployment_is_restricted_probed_and_gets_credentials_by_reference():
+    spec = _spec(replicas=3, resources={"gpus": 1}, authSecret={"name": "keys"})
+    config = render_serving_config(spec, RESOLVED, set(), None).config
+    assert config is not None
+    deployment = build_deployment("soc", spec, config, Settings())
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"][:4] == ["sectune", "serve", "--config", "/etc/sectune/serving.yaml"]
+    assert container["command"][-2:] == ["--api-keys-file", "/etc/sectune/keys/api-keys"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    secret_env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+    assert secret_env["AWS_SECRET_ACCESS_KEY"] == "storage"
+    assert not any("value" in e and "SECRET" in e["name"] for e in container["env"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {c["topologyKey"] for c in pod["topologySpreadConstraints"]} >= {
+        "kubernetes.io/hostname"
+    }
+    assert {"name": "cache", "mountPath": "/cache"} in container["volumeMounts"]
+    # A new adapter set is hot-swapped: it must not change the pod template (no restart).
+    other = render_serving_config(spec, RESOLVED, {("triage", "v2")}, None).config
+    assert other is not None
+    assert (
+        build_deployment("soc", spec, other, Settings())["spec"]["template"]
+        == (deployment["spec"]["template"])
+    )
+    assert build_service("soc")["spec"]["ports"][0]["port"] == 8000
+    assert build_pdb("soc")["spec"]["maxUnavailable"] == 1
+
+
+def test_vllm_runtime_verifies_in_an_init_container_and_rolls_on_a_new_set():
+    spec = _spec(
+        runtime="vllm",
+        adapters=[
+            {
+                "name": "triage",
+                "versions": [
+                    {
+                        "version": "v1",
+                        "source": {"uri": "s3://a/t/versions/r1", "sha256": SHA["a"]},
+                    },
+                    {"version": "v2", "source": {"fineTuneJob": "t2"}, "traffic": 0},
+                ],
+            }
+        ],
+    )
+    config = render_serving_config(
+        spec, RESOLVED | {("triage", "v2"): RESOLVED[("triage", "v2")]}, set(), None
+    ).config
+    assert config is not None
+    deployment = build_deployment("soc", spec, config, Settings())
+    pod = deployment["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["command"] == fetch_command()
+    command = pod["containers"][0]["command"]
+    assert command[:3] == ["vllm", "serve", "/adapters/base"]
+    modules = command[command.index("--lora-modules") + 1 :]
+    assert "triage=/adapters/triage/v1/adapter" in modules
+    assert "triage@v2=/adapters/triage/v2/adapter" in modules
+    annotation = "sectune.io/serving-config-sha256"
+    assert deployment["spec"]["template"]["metadata"]["annotations"][annotation] == config_sha256(
+        config
+    )
+
+
+def test_vllm_runtime_refuses_a_traffic_split():
+    with pytest.raises(ValidationError, match="runtime vllm cannot split"):
+        _spec(runtime="vllm")
+
+
+def test_base_is_not_an_adapter_name():
+    with pytest.raises(ValidationError, match="reserved for the base model"):
+        _spec(
+            adapters=[
+                {"name": "base", "versions": [{"version": "v1", "source": {"fineTuneJob": "x"}}]}
+            ]
+        )
+
+
+# --------------------------------------------------------------------------- replica reports
+
+def _info(adapter: str, version: str, sha256: str, traffic: int) -> str:
+    return (
+        f'sectune_serve_adapter_info{{adapter="{adapter}",version="{version}",'
+        f'sha256="{sha256}",traffic="{traffic}"}} 1.0\n'
+    )
+
+
+INFO = "# TYPE sectune_serve_adapter_info gauge\n"
+METRICS = (
+    INFO
+    + _info("triage", "v1", SHA["a"], 90)
+    + _info("triage", "v2", SHA["b"], 10)
+    + _info("tactics", "v1", SHA["c"], 100)
+)
+REFUSING = (
+    INFO
+    + _info("triage", "v1", SHA["a"], 100)
+    + _info("tactics", "v1", SHA["c"], 100)
+    + "# TYPE sectune_serve_adapter_refused gauge\n"
+    + 'sectune_serve_adapter_refused{adapter="triage",version="v2",reason="integrity"} 1.0\n'
+)
+
+
+def test_a_swap_is_done_only_when_every_ready_replica_reports_the_rendered_set():
+    config = render_serving_config(_spec(), RESOLVED, set(), None).config
+    good = serving_status.parse_report("pod-a", METRICS)
+    refusing = serving_status.parse_report("pod-b", REFUSING)
+    both = serving_status.observe(config, [good, refusing], ["pod-a", "pod-b"])
+    assert not both.converged and both.lagging == ["pod-b"]
+    assert both.refusals == ["pod-b refused triage@v2 (integrity)"]
+    assert ("triage", "v2", SHA["b"], 10) not in both.active  # not served by every replica
+    active = serving_status.active_adapters(both.active, config)
+    assert {(a["name"], a["version"]) for a in active} == {("tactics", "v1")}
+    assert active[0]["uri"] == "s3://a/tactics/versions/r3"
+    one = serving_status.observe(config, [good], ["pod-a"])
+    assert one.converged and len(one.active) == 3
+    silent = serving_status.observe(config, [good], ["pod-a", "pod-c"])
+    assert silent.lagging == ["pod-c"]
+    assert serving_status.phase(True, 2, 2, one, degraded=False) == "Ready"
+    assert serving_status.phase(True, 2, 2, silent, degraded=False) == "Progressing"
+    assert serving_status.phase(True, 3, 2, one, degraded=False) == "Degraded"
+    assert serving_status.phase(False, 2, 0, one, degraded=False) == "Pending"
+
+
+def test_garbage_metrics_are_no_report():
+    assert serving_status.parse_report("p", "not {{ prometheus").served == set()
+
+
+# --------------------------------------------------------------------------- canary judgement
+
+
+def test_canary_figures_are_judged_against_each_bound():
+    bounds = RollbackSpec(max_error_rate=0.02, max_latency_p95_ms=800, max_drift=0.25)
+    assert canary.judge(canary.Figures(100, 0.01, 200.0, 0.1), bounds) is None
+    errors = canary.judge(canary.Figures(100, 0.5, 200.0, 0.1), bounds)
+    assert errors is not None and (errors.metric, errors.value) == ("errorRate", 0.5)
+    slow = canary.judge(canary.Figures(100, 0.0, 1200.0, None), bounds)
+    assert slow is not None and slow.metric == "latencyP95Ms" and slow.threshold == 800
+    drift = canary.judge(canary.Figures(100, None, None, 0.4), bounds)
+    assert drift is not None and drift.describe() == "drift 0.4 above 0.25"
+
+
+def test_canary_queries_pick_the_deployments_series_only():
+    asked = canary.queries('namespace="soc",pod=~"soc-serve-.+"', "triage", "v2", 5)
+    for promql in asked.values():
+        assert 'namespace="soc",pod=~"soc-serve-.+",adapter="triage",version="v2"' in promql
+        assert "[5m]" in promql
+    assert 'code=~"5.."' in asked["errors"]
