@@ -9,6 +9,7 @@ import pytest
 
 from sectune.yamlio import dump_yaml
 from support.jobs import tiny_job, write_dataset
+from support.trained import Trained, train_adapters
 
 
 @pytest.fixture
@@ -30,3 +31,9 @@ def s3_env(s3_server, monkeypatch):  # type: ignore[no-untyped-def]
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server.env()
+
+
+@pytest.fixture(scope="session")
+def trained(s3_server, tiny_model_dir, tmp_path_factory) -> Trained:  # type: ignore[no-untyped-def]
+    """Two versions of a triage adapter and one other adapter in the S3 server (trained once)."""
+    return train_adapters(s3_server, tiny_model_dir, tmp_path_factory.mktemp("serving"))

@@ -5,21 +5,20 @@ digests verified, mixed-adapter batches, hot swaps, Prometheus scraping, and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from sectune import artifacts, storage
+from sectune import storage
 from sectune.yamlio import dump_yaml
-from support.jobs import LOGIN_SCHEMA, sectune, tiny_job, write_dataset, write_login_lines
+from support.jobs import LOGIN_SCHEMA, sectune, tiny_job, write_login_lines
 from support.processes import wait_until
 from support.serving import SectuneServer, start_server
+from support.trained import Trained, Version
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -29,69 +28,6 @@ TEXTS = [
     "exfil ransom beacon dump by user=<USER_1> from <IP_3> #3",
     "healthy routine backup update by user=<USER_3> from <IP_1> #4",
 ]
-
-
-@dataclass(frozen=True)
-class Version:
-    uri: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Trained:
-    bucket: str
-    prefix: str
-    env: dict[str, str]
-    triage_v1: Version
-    triage_v2: Version
-    other: Version
-    held_out: Path
-
-
-def _train(
-    workdir: Path, model_dir: Path, name: str, seed: int, env: dict[str, str], prefix: str
-) -> Version:
-    train = write_dataset(workdir / f"{name}-{seed}.jsonl", 48, seed=seed)
-    document = tiny_job(
-        name,
-        model_dir,
-        train,
-        hyperparameters={"seed": seed},
-        evaluation={"probeExamples": 4},
-        output={"uri": prefix},
-    )
-    manifest = workdir / f"{name}-{seed}.yaml"
-    manifest.write_text(dump_yaml(document))
-    result = sectune("run", str(manifest), env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Serve:   sectune serve --adapter {name}={prefix}/{name}\n" in result.stderr
-    pointer = artifacts.current(f"{prefix}/{name}")
-    assert pointer is not None
-    return Version(f"{prefix}/{name}/versions/{pointer['version']}", pointer["sha256"])
-
-
-@pytest.fixture(scope="module")
-def trained(s3_server, tiny_model_dir, tmp_path_factory) -> Trained:  # type: ignore[no-untyped-def]
-    """Two versions of a triage adapter and one other adapter, all on the tiny base model."""
-    workdir = tmp_path_factory.mktemp("serving")
-    bucket = "serving-e2e"
-    s3_server.client().create_bucket(Bucket=bucket)
-    env = s3_server.env()
-    prefix = f"s3://{bucket}/adapters"
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process reads the store too (current.json)
-    try:
-        v1 = _train(workdir, tiny_model_dir, "triage", 1, env, prefix)
-        v2 = _train(workdir, tiny_model_dir, "triage", 2, env, prefix)
-        other = _train(workdir, tiny_model_dir, "other", 3, env, prefix)
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    held_out = write_dataset(workdir / "held-out.jsonl", 24, seed=9)
-    return Trained(bucket, prefix, env, v1, v2, other, held_out)
 
 
 def _config(

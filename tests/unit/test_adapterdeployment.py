@@ -206,6 +206,7 @@ def test_base_is_not_an_adapter_name():
 
 # --------------------------------------------------------------------------- replica reports
 
+
 def _info(adapter: str, version: str, sha256: str, traffic: int) -> str:
     return (
         f'sectune_serve_adapter_info{{adapter="{adapter}",version="{version}",'

@@ -244,7 +244,7 @@ class _Memory:
     """What the operator rendered last for one AdapterDeployment."""
 
     def __init__(self, status: dict[str, Any]) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered when a rollback re-renders at once
         self.revision = int(status.get("revision") or 0)
         self.history: list[dict[str, Any]] = list(status.get("history") or [])
         self.rolled_back: list[dict[str, Any]] = list(status.get("rolledBack") or [])
@@ -560,6 +560,15 @@ def _converge(
         }
 
 
+def _local_uris(spec: AdapterDeploymentSpec) -> list[str]:
+    """Fields holding file:// URIs (they would point into the server pod's own filesystem)."""
+    fields = {"spec.baseModel.uri": spec.base_model.uri}
+    for a in spec.adapters:
+        for v in a.versions:
+            fields[f"spec.adapters[{a.name}].versions[{v.version}].source.uri"] = v.source.uri or ""
+    return [field for field, uri in fields.items() if uri.startswith("file://")]
+
+
 def _write_status(
     patch: kopf.Patch, body: kopf.Body, status: kopf.Status, new: dict[str, Any]
 ) -> None:
@@ -606,15 +615,26 @@ def reconcile(
     """Validate the spec, render and apply the servers' children, write status."""
     generation = int(meta.get("generation") or 0)
     started = time.monotonic()
+    settings: Settings = memo.settings
     try:
-        AdapterDeploymentSpec.model_validate(dict(spec))
+        parsed = AdapterDeploymentSpec.model_validate(dict(spec))
+        reason, message = "", ""
+        local = _local_uris(parsed) if not settings.allow_file_uris else []
+        if local:
+            reason = "LocalURINotAllowed"
+            message = (
+                f"{', '.join(local)}: file:// URIs point into the server pod's own filesystem; "
+                "use s3:// or hf:// in a cluster"
+            )
     except ValidationError as exc:
+        reason = "InvalidSpec"
         message = format_validation_error(exc, f"AdapterDeployment {namespace}/{name}")
+    if reason:
         conditions = set_condition(
             status.get("conditions") or [],
             "Available",
             "False",
-            "InvalidSpec",
+            reason,
             message,
             _now(),
             generation,
@@ -622,9 +642,9 @@ def reconcile(
         patch.status.update(
             {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
         )
-        metrics.RECONCILE_ERRORS.labels("InvalidSpec").inc()
-        kopf.warn(body, reason="InvalidSpec", message=message)
-        raise kopf.PermanentError(message) from None
+        metrics.RECONCILE_ERRORS.labels(reason).inc()
+        kopf.warn(body, reason=reason, message=message)
+        raise kopf.PermanentError(message)
     new = _converge(
         name, namespace, dict(spec), status, generation, body, memo, _indexes(**kwargs), logger,
         analyse=False,

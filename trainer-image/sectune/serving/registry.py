@@ -4,6 +4,9 @@ Applying a config loads what is new (download, verify every digest, check the ba
 load into the model), reuses what is unchanged, and only then swaps the routing table. A version
 that fails to load is reported and skipped; its adapter keeps the versions that did load, or
 keeps serving what it served before if none did. The previous good adapter stays served.
+
+A version taken out of the routing table stays loaded for `RETIRE_SECONDS`, so requests routed
+to it just before the swap still run: a hot swap fails no request.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from sectune.serving.engine import Engine
 from sectune.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
+
+RETIRE_SECONDS = 30.0
+"""How long a replaced version stays loaded for requests already routed to it (the engine's
+default queue limit: a request waiting longer is refused anyway)."""
 
 
 class LoadError(RuntimeError):
@@ -122,6 +129,8 @@ class Registry:
         self._routes: dict[str, list[LoadedVersion]] = {}
         self._errors: dict[str, str] = {}
         self._refused: dict[tuple[str, str], str] = {}
+        self._retired: dict[str, tuple[float, LoadedVersion]] = {}
+        """Versions out of the routing table, by key, with when they are unloaded."""
         self._drift_threshold = 0.0
         self._configured: list[str] = []
         self._resolved: dict[str, str] = {}
@@ -207,17 +216,31 @@ class Registry:
         kept = {v.key for versions in new_routes.values() for v in versions}
         stale = [v for versions in current.values() for v in versions if v.key not in kept]
         with self._lock:
+            for key in kept:
+                self._retired.pop(key, None)
+            for version in stale:
+                self._retired[version.key] = (time.monotonic() + RETIRE_SECONDS, version)
             self._routes = new_routes
             self._errors = failed
             self._refused = refused
             self._configured = [a.name for a in config.adapters]
             self._drift_threshold = config.drift.threshold
-        for version in stale:
+        self.unload_retired()
+        self._export_info()
+        return ApplyResult(loaded_now, failed, [v.model_id for v in stale])
+
+    def unload_retired(self, now: float | None = None) -> list[str]:
+        """Unload versions out of routing for longer than RETIRE_SECONDS."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = [v for deadline, v in self._retired.values() if deadline <= now]
+            for version in due:
+                del self._retired[version.key]
+        for version in due:
             self.engine.unload_adapter(version.key)
             shutil.rmtree(self.workdir / version.key, ignore_errors=True)
             log.info("unloaded %s", version.model_id)
-        self._export_info()
-        return ApplyResult(loaded_now, failed, [v.model_id for v in stale])
+        return [v.model_id for v in due]
 
     def _obtain(
         self,
@@ -234,7 +257,9 @@ class Registry:
             raise LoadError("storage", str(exc)) from None
         with self._lock:
             self._resolved[f"{name}@{entry.version}"] = sha256
-        for existing in current.get(name, []):
+        with self._lock:
+            retired = [v for _, v in self._retired.values() if v.adapter == name]
+        for existing in [*current.get(name, []), *retired]:
             if existing.version == entry.version and existing.sha256 == sha256:
                 if config.require_passed_gates:
                     require_passed_gates(existing.manifest, existing.uri)

@@ -248,6 +248,7 @@ class ServerState:
         path = self.options.config_path
         if self.registry is None:
             return
+        self.registry.unload_retired()
         if path is None:  # adapters from the command line: only job prefixes can move
             if self._pointers_moved():
                 self._apply(self.options.config)

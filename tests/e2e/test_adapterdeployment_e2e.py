@@ -1,0 +1,378 @@
+"""An AdapterDeployment end to end: the operator renders it on the real control plane, the
+rendered server command runs as two local processes (the replicas kwok plays) reading the file
+the ConfigMap holds, against the real S3 server, scraped by the real Prometheus.
+
+`kubectl apply` of a new version hot-swaps every replica with zero failed requests and the
+status reports what the replicas serve; a canary past its bound is rolled back automatically
+from Prometheus' figures."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from sectune.yamlio import dump_yaml
+from support.processes import Server, free_port, wait_until
+from support.replicas import ReplicaNetwork
+from support.trained import Trained
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.cluster]
+
+GROUP, VERSION = "sectune.io", "v1alpha1"
+KEY = "e2e-client-key-0123456789abcdef"
+TEXT = "mimikatz lsass dump beacon by user=<USER_1> from <IP_1>"
+
+
+def _manifest(
+    trained: Trained, model_dir: Path, triage: list[dict[str, Any]], **spec: Any
+) -> dict[str, Any]:
+    def pinned(version: str, source: Any, traffic: int) -> dict[str, Any]:
+        return {
+            "version": version,
+            "source": {"uri": source.uri, "sha256": source.sha256},
+            "traffic": traffic,
+        }
+
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "soc"},
+        "spec": {
+            "baseModel": {"uri": f"file://{model_dir}"},
+            "adapters": [
+                {"name": "triage", "versions": [pinned(*t) for t in triage]},
+                {"name": "other", "versions": [pinned("v1", trained.other, 100)]},
+            ],
+            "replicas": 2,
+            "credentials": {"name": "storage"},
+            "authSecret": {"name": "soc-keys"},
+            **spec,
+        },
+    }
+
+
+@dataclass
+class Kubelet:
+    """What a kubelet does for the server pods, on this machine: syncs the ConfigMap and the
+    keys Secret into files, and runs each pod's container command as a local process."""
+
+    api: Any
+    namespace: str
+    workdir: Path
+    network: ReplicaNetwork
+    replicas: dict[str, tuple[Server, str]] = field(default_factory=dict)
+    syncs: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "etc" / "serving.yaml"
+
+    def sync_once(self) -> bool:
+        try:
+            configmap = client.CoreV1Api(self.api).read_namespaced_config_map(
+                "soc-serve", self.namespace
+            )
+        except ApiException:
+            return False
+        text = configmap.data["serving.yaml"]
+        if self.config_path.exists() and self.config_path.read_text() == text:
+            return True
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)  # atomically, as the kubelet swaps a ConfigMap volume
+        self.syncs += 1
+        return True
+
+    def sync_forever(self) -> None:
+        while not self._stop.wait(0.5):
+            self.sync_once()
+
+    def start_pod(self, pod: str, deployment: Any) -> None:
+        core = client.CoreV1Api(self.api)
+        container = deployment.spec.template.spec.containers[0]
+        env: dict[str, str] = {}
+        for item in container.env:
+            if item.value_from is None:
+                env[item.name] = item.value
+                continue
+            ref = item.value_from.secret_key_ref
+            data = core.read_namespaced_secret(ref.name, self.namespace).data or {}
+            if ref.key in data:
+                env[item.name] = base64.b64decode(data[ref.key]).decode()
+        root = self.workdir / pod
+        env |= {
+            "HOME": str(root),
+            "SECTUNE_CACHE": str(root / "cache"),
+            "HF_HOME": str(root / "hf"),
+        }
+        keys = core.read_namespaced_secret("soc-keys", self.namespace).data["api-keys"]
+        keys_path = self.workdir / "etc" / "api-keys"
+        keys_path.write_bytes(base64.b64decode(keys))
+        port = free_port()
+        paths = {
+            "/etc/sectune/serving.yaml": str(self.config_path),
+            "/etc/sectune/keys/api-keys": str(keys_path),
+        }
+        command = [paths.get(arg, arg) for arg in container.command]
+        assert command[:2] == ["sectune", "serve"]
+        command[command.index("--host") + 1] = "127.0.0.1"
+        command[command.index("--port") + 1] = str(port)
+        server = Server(
+            pod,
+            [sys.executable, "-m", "sectune.cli", *command[1:]],
+            self.workdir / f"{pod}.log",
+            env=env,
+        ).start()
+        url = f"http://127.0.0.1:{port}"
+        self.replicas[pod] = (server, url)
+        self.network.route(pod, f"{url}/metrics")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for server, _ in self.replicas.values():
+            server.stop()
+
+
+@pytest.fixture
+def kubelet(api_client, namespace, tmp_path) -> Iterator[Kubelet]:  # type: ignore[no-untyped-def]
+    network = ReplicaNetwork()
+    kube = Kubelet(api_client, namespace, tmp_path, network)
+    yield kube
+    kube.stop()
+    network.stop()
+
+
+def _status(api_client: Any, namespace: str) -> dict[str, Any]:
+    body = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", "soc"
+    )
+    return body.get("status") or {}
+
+
+def _serves(api_client: Any, namespace: str, triage: dict[str, str]) -> bool:
+    """Ready, with every replica serving exactly these triage versions (version -> sha256)."""
+    status = _status(api_client, namespace)
+    active = {
+        a["version"]: a["sha256"] for a in status.get("activeAdapters", []) if a["name"] == "triage"
+    }
+    return status.get("phase") in ("Ready", "Degraded") and active == triage
+
+
+def _apply(control_plane: Any, namespace: str, document: dict[str, Any], workdir: Path) -> None:
+    path = workdir / "adapterdeployment.yaml"
+    path.write_text(dump_yaml(document))
+    applied = control_plane.kubectl("apply", "-n", namespace, "-f", str(path))
+    assert applied.returncode == 0, applied.stderr
+
+
+def _classify(url: str, model: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/classify",
+        json={"model": model, "input": TEXT},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+
+
+def test_apply_hot_swaps_every_replica_and_a_bad_canary_is_rolled_back(
+    api_client,
+    namespace,
+    control_plane,
+    start_operator,
+    kubelet,
+    prometheus,
+    trained,
+    tiny_model_dir,
+    tmp_path,
+):
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "storage"}, "stringData": trained.env}
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "soc-keys"},
+            "stringData": {"api-keys": f"# SOC tools\nsoc-console {KEY}\n"},
+        },
+    )
+    operator = start_operator(
+        env={
+            "SECTUNE_SERVING_METRICS_URL": kubelet.network.url_template,
+            "SECTUNE_PROMETHEUS_URL": "",  # set below, once Prometheus scrapes the replicas
+            "SECTUNE_ALLOW_FILE_URIS": "true",
+        }
+    )
+    _apply(
+        control_plane,
+        namespace,
+        _manifest(trained, tiny_model_dir, [("v1", trained.triage_v1, 100)]),
+        tmp_path,
+    )
+
+    wait_until(kubelet.sync_once, 30, "rendered ConfigMap")
+    apps = client.AppsV1Api(api_client)
+    deployment = apps.read_namespaced_deployment("soc-serve", namespace)
+
+    def running() -> list[str]:
+        pods = core.list_namespaced_pod(
+            namespace, label_selector="sectune.io/adapterdeployment=soc"
+        ).items
+        return sorted(p.metadata.name for p in pods if p.status.phase == "Running")
+
+    wait_until(lambda: len(running()) == 2, 60, "two server pods")
+    for pod in running():
+        kubelet.start_pod(pod, deployment)
+    for server, url in kubelet.replicas.values():
+        server.wait_http(f"{url}/readyz", timeout=180)
+    threading.Thread(target=kubelet.sync_forever, daemon=True).start()
+    wait_until(
+        lambda: _serves(api_client, namespace, {"v1": trained.triage_v1.sha256}), 60, "v1 served"
+    )
+    assert _status(api_client, namespace)["revision"] == 1
+
+    # A client keeps asking both replicas for both adapters while v2 is applied.
+    failures: list[str] = []
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            for _, url in kubelet.replicas.values():
+                for model in ("triage", "other"):
+                    response = _classify(url, model)
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code} {response.text[:200]}")
+                    else:
+                        answered.append(response.headers["x-sectune-model"])
+
+    loop = threading.Thread(target=client_loop)
+    loop.start()
+    try:
+        _apply(
+            control_plane,
+            namespace,
+            _manifest(trained, tiny_model_dir, [("v2", trained.triage_v2, 100)]),
+            tmp_path,
+        )
+        wait_until(
+            lambda: _serves(api_client, namespace, {"v2": trained.triage_v2.sha256}),
+            90,
+            "v2 served",
+        )
+        time.sleep(1)
+    finally:
+        stop.set()
+        loop.join()
+    assert failures == []
+    assert "triage@v1" in answered and answered[-4:].count("triage@v2") == 2
+    for _, url in kubelet.replicas.values():
+        assert _classify(url, "triage").headers["x-sectune-model"] == "triage@v2"
+    status = _status(api_client, namespace)
+    assert (
+        status["revision"] == 2
+        and status["history"][-1]["adapters"] == "triage v2 100%; other v1 100%"
+    )
+
+    # Every request is in the access log as one JSON line naming the caller's key id, never the key.
+    _, first = next(iter(kubelet.replicas.items()))
+    log = first[0].log_path.read_text()
+    assert KEY not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"time"')]
+    assert lines and all(line["key"] == "soc-console" and line["status"] == 200 for line in lines)
+    assert {(line["adapter"], line["version"]) for line in lines} >= {
+        ("triage", "v2"),
+        ("other", "v1"),
+    }
+
+    # Canary: v1 back at 50 % with a p95 bound below anything it can measure -> rolled back.
+    prometheus.start(
+        [
+            {
+                "job_name": "sectune-serve",
+                "static_configs": [
+                    {
+                        "targets": [url.removeprefix("http://")],
+                        "labels": {"namespace": namespace, "pod": pod},
+                    }
+                    for pod, (_, url) in kubelet.replicas.items()
+                ],
+            }
+        ]
+    )
+    operator.stop()
+    operator = start_operator(
+        name="operator-with-prometheus",
+        env={
+            "SECTUNE_SERVING_METRICS_URL": kubelet.network.url_template,
+            "SECTUNE_PROMETHEUS_URL": prometheus.url,
+            "SECTUNE_ALLOW_FILE_URIS": "true",
+        },
+    )
+    canary = _manifest(
+        trained,
+        tiny_model_dir,
+        [("v2", trained.triage_v2, 50), ("v1", trained.triage_v1, 50)],
+        promotion={"rollback": {"windowMinutes": 1, "minRequests": 10, "maxLatencyP95Ms": 1}},
+    )
+    _apply(control_plane, namespace, canary, tmp_path)
+    wait_until(
+        lambda: _serves(
+            api_client, namespace, {"v2": trained.triage_v2.sha256, "v1": trained.triage_v1.sha256}
+        ),
+        60,
+        "canary served",
+    )
+
+    def rolled_back() -> bool:
+        for _, url in kubelet.replicas.values():
+            _classify(url, "triage")
+        return bool(_status(api_client, namespace).get("rolledBack"))
+
+    try:
+        wait_until(rolled_back, 120, "canary rolled back", interval=0.2)
+    except TimeoutError:
+        conditions = _status(api_client, namespace).get("conditions")
+        raise AssertionError(f"no rollback; conditions: {conditions}") from None
+    status = _status(api_client, namespace)
+    [record] = status["rolledBack"]
+    assert (record["adapter"], record["version"], record["metric"]) == (
+        "triage",
+        "v1",
+        "latencyP95Ms",
+    )
+    assert record["value"] > 1
+    condition = next(c for c in status["conditions"] if c["type"] == "CanaryRolledBack")
+    assert condition["status"] == "True" and "triage@v1: latencyP95Ms" in condition["message"]
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=soc").items
+    assert any(e.reason == "CanaryRolledBack" and e.type == "Warning" for e in events)
+
+    # The servers get the stable-only routing: every unpinned request goes to v2.
+    def stable_only() -> bool:
+        active = _status(api_client, namespace)["activeAdapters"]
+        return ("triage", "v1", 0) in {(a["name"], a["version"], a["traffic"]) for a in active}
+
+    wait_until(stable_only, 60, "v1 out of traffic on every replica")
+    for _, url in kubelet.replicas.values():
+        assert {_classify(url, "triage").headers["x-sectune-model"] for _ in range(10)} == {
+            "triage@v2"
+        }
+    # The user's spec is untouched: GitOps owns it.
+    spec = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", "soc"
+    )["spec"]
+    assert [v["traffic"] for v in spec["adapters"][0]["versions"]] == [50, 50]
