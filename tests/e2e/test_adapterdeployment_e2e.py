@@ -376,3 +376,58 @@ def test_apply_hot_swaps_every_replica_and_a_bad_canary_is_rolled_back(
         GROUP, VERSION, namespace, "adapterdeployments", "soc"
     )["spec"]
     assert [v["traffic"] for v in spec["adapters"][0]["versions"]] == [50, 50]
+
+
+def test_vllm_init_container_command_verifies_every_version_onto_disk(
+    trained, tiny_model_dir, tmp_path
+):
+    """runtime: vllm is rendered, not run (no vLLM here): its init container's command is run
+    as rendered, against the real S3 server, and refuses what the sectune server refuses."""
+    from sectune.serving.config import ServingConfig
+    from sectune_operator.api import AdapterDeploymentSpec
+    from sectune_operator.builders.adapterdeployment import (
+        Resolved,
+        build_configmap,
+        build_deployment,
+        render_serving_config,
+    )
+    from sectune_operator.settings import Settings
+    from support.jobs import sectune
+
+    document = _manifest(trained, tiny_model_dir, [("v1", trained.triage_v1, 100)])["spec"]
+    spec = AdapterDeploymentSpec.model_validate(document | {"runtime": "vllm"})
+    resolved = {
+        ("triage", "v1"): Resolved(trained.triage_v1.uri, trained.triage_v1.sha256),
+        ("other", "v1"): Resolved(trained.other.uri, trained.other.sha256),
+    }
+    config = render_serving_config(spec, resolved, set(), None).config
+    assert config is not None
+    pod = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "serving.yaml").write_text(build_configmap("soc", config)["data"]["serving.yaml"])
+    out = tmp_path / "adapters"
+    paths = {"/etc/sectune/serving.yaml": str(etc / "serving.yaml"), "/adapters": str(out)}
+    command = [paths.get(arg, arg) for arg in init["command"]]
+    env = trained.env | {"SECTUNE_CACHE": str(tmp_path / "cache")}
+    fetched = sectune(*command[1:], env=env)
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    assert f"verified triage@v1 {trained.triage_v1.sha256}" in fetched.stdout
+    assert (out / "triage" / "v1" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "base" / "config.json").is_file()
+    served_as = pod["containers"][0]["command"]
+    assert "triage=/adapters/triage/v1/adapter" in served_as
+
+    # A digest that does not match fails the init container: the pod never starts.
+    tampered = ServingConfig.model_validate(
+        config.model_dump() | {"adapters": [
+            {"name": "triage", "versions": [
+                {"version": "v1", "uri": trained.triage_v1.uri, "sha256": trained.triage_v2.sha256}
+            ]}
+        ]}
+    )  # fmt: skip
+    (etc / "serving.yaml").write_text(build_configmap("soc", tampered)["data"]["serving.yaml"])
+    refused = sectune(*command[1:], env=env)
+    assert refused.returncode == 1
+    assert "sha256" in refused.stdout + refused.stderr
