@@ -1,4 +1,5 @@
-"""API keys of `sectune serve`: who may call the API, and which adapters each caller may use.
+"""API keys of `sectune serve`: who may call the API, which adapters each caller may use, and
+the audit trail of what each caller did.
 
 The keys file (`--api-keys-file`, or the file an AdapterDeployment mounts from its Secret) has
 one key per line:
@@ -15,11 +16,18 @@ SHA-256 digests and compared in constant time.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
+import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sectune.config import ManifestError
+
+access_log = logging.getLogger("sectune.access")
 
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 MIN_KEY_LENGTH = 16
@@ -84,3 +92,41 @@ def load_api_keys(path: Path) -> list[ApiKey]:
     if len(data) > MAX_KEYS_FILE_BYTES:
         raise ManifestError(f"{path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
     return parse_api_keys(data.decode("utf-8", errors="replace"), str(path))
+
+
+def find_key(keys: list[ApiKey], header: str | None) -> ApiKey | None:
+    """The key an `Authorization: Bearer <key>` header carries, or None. Every key is compared,
+    each in constant time, so timing says nothing about which keys exist."""
+    if not header or not header.startswith("Bearer "):
+        return None
+    given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.digest):
+            found = key
+    return found
+
+
+def audit(request: Any, status: int, seconds: float) -> None:
+    """One JSON access-log line for an API request: who (key id, never the key), which model,
+    what came of it. Never the body. `request.state` carries caller, served and tokens."""
+    caller: ApiKey | None = request.state.caller
+    adapter, version = request.state.served or (None, None)
+    prompt, completion = request.state.tokens
+    access_log.info(
+        json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "key": caller.id if caller else None,
+                "method": request.method,
+                "endpoint": request.url.path,
+                "adapter": adapter,
+                "version": version or None,
+                "status": status,
+                "latencyMs": round(seconds * 1000, 1),
+                "promptTokens": prompt,
+                "completionTokens": completion,
+            },
+            separators=(",", ":"),
+        )
+    )

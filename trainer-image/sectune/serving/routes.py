@@ -1,0 +1,464 @@
+"""The HTTP API (OpenAI-compatible where a client expects it; the `model` field picks the
+adapter, `name@version` pins a version, `base` is the base model without an adapter):
+
+    POST /v1/classify            label + per-label probabilities, one forward pass
+    POST /v1/chat/completions    chat, the adapter's system prompt added when the request has none
+    POST /v1/completions         raw text completion
+    GET  /v1/models[/{name}]     adapters, versions, digests (+ training config and metrics)
+    GET  /metrics /healthz /readyz
+
+Routes take the server's state through a dependency (`State`); request and response bodies are
+never logged: they carry the security data being triaged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from sectune.data.format import fit_prompt
+from sectune.data.prepare import Example
+from sectune.serving.auth import ApiKey
+from sectune.serving.config import BASE_MODEL_NAME
+from sectune.serving.drift import length_bucket
+from sectune.serving.engine import (
+    BASE_ADAPTER,
+    AdapterGone,
+    ClassifyWork,
+    Engine,
+    GenerateWork,
+    Overloaded,
+)
+from sectune.serving.registry import LoadedVersion, Registry
+from sectune.serving.state import ServerState
+
+log = logging.getLogger(__name__)
+
+MAX_INPUT_CHARS = 64_000
+MAX_NEW_TOKENS = 2048
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+# ---------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ClassifyRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    input: str | dict[str, str] = Field(
+        description="The text to classify, or the fields the adapter's prompt template names."
+    )
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_INPUT_CHARS)
+
+
+class ChatRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+class CompletionRequest(_Body):
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(max_length=MAX_INPUT_CHARS)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.sectune
+    return state
+
+
+State = Annotated[ServerState, Depends(get_state)]
+router = APIRouter()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def engine_and_registry(state: ServerState) -> tuple[Engine, Registry]:
+    if state.engine is None or state.registry is None or state.loading:
+        raise ApiError(503, "not ready: the model is loading", retry_after=5)
+    return state.engine, state.registry
+
+
+def pick(state: ServerState, request: Request, model: str, endpoint: str) -> LoadedVersion | None:
+    """The version for `model`, or None for the base model; 403 when the caller's key
+    is not allowed to use it."""
+    _, registry = engine_and_registry(state)
+    caller: ApiKey | None = request.state.caller
+    adapter = model.partition("@")[0]
+    if caller is not None and not caller.allows(adapter):
+        state.metrics.requests.labels("forbidden", "", endpoint, "403").inc()
+        raise ApiError(403, f"API key {caller.id!r} may not use {adapter!r}", "model")
+    if model == BASE_MODEL_NAME:
+        request.state.served = (BASE_MODEL_NAME, "")
+        return None
+    try:
+        version = registry.route(model)
+    except KeyError:
+        state.metrics.requests.labels("unknown", "", endpoint, "404").inc()
+        available = [*sorted(registry.versions()), BASE_MODEL_NAME]
+        raise ApiError(
+            404,
+            f"model {model!r} is not served here; available: {', '.join(available)} "
+            "(pin a version as name@version)",
+            "model",
+        ) from None
+    request.state.served = (version.adapter, version.version)
+    return version
+
+
+def labels(version: LoadedVersion | None) -> tuple[str, str]:
+    """The (adapter, version) metric labels of a request's model."""
+    return (version.adapter, version.version) if version else (BASE_MODEL_NAME, "")
+
+
+def observe(
+    state: ServerState,
+    request: Request,
+    version: LoadedVersion | None,
+    endpoint: str,
+    began: float,
+    prompt: int,
+    completion: int,
+) -> tuple[str, str]:
+    request.state.tokens = (prompt, completion)
+    if version is not None and version.input_drift is not None:
+        version.input_drift.record(length_bucket(prompt))
+    adapter, ver = labels(version)
+    state.metrics.latency.labels(adapter, ver, endpoint).observe(time.perf_counter() - began)
+    state.metrics.requests.labels(adapter, ver, endpoint, "200").inc()
+    state.metrics.tokens.labels(adapter, ver, "prompt").inc(prompt)
+    if completion:
+        state.metrics.tokens.labels(adapter, ver, "completion").inc(completion)
+    return adapter, ver
+
+
+async def run(
+    state: ServerState,
+    request: Request,
+    work: ClassifyWork | GenerateWork,
+    version: LoadedVersion | None,
+    endpoint: str,
+    began: float,
+) -> Any:
+    """Submit work to the model and wait for it without holding a thread; drop it when
+    the client goes away or the request's deadline passes. At most `max_in_flight`
+    requests are in here at once; beyond that, 429 at once."""
+    engine, _ = engine_and_registry(state)
+    if state.in_flight >= state.options.max_in_flight:
+        state.metrics.requests.labels("overloaded", "", "any", "429").inc()
+        raise ApiError(429, "the server is at its request limit; retry shortly", retry_after=1)
+    adapter, ver = labels(version)
+    deadline = began + state.options.request_timeout
+    state.in_flight += 1
+    try:
+        future = asyncio.wrap_future(engine.submit(work))
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                work.abandon()
+                state.metrics.requests.labels(adapter, ver, endpoint, "499").inc()
+                raise ClientGone
+            if time.perf_counter() > deadline:
+                work.abandon()
+                state.metrics.requests.labels(adapter, ver, endpoint, "504").inc()
+                raise ApiError(504, f"no answer within {state.options.request_timeout:g} s")
+    except AdapterGone:
+        raise ApiError(
+            503, "that adapter version was just replaced; retry the request", retry_after=1
+        ) from None
+    except Overloaded:
+        state.metrics.requests.labels(adapter, ver, endpoint, "503").inc()
+        raise ApiError(503, "the model is overloaded; retry shortly", retry_after=2) from None
+    except (ApiError, ClientGone):
+        raise
+    except Exception:
+        state.metrics.requests.labels(adapter, ver, endpoint, "500").inc()
+        log.exception("%s request for %s failed", endpoint, adapter)
+        raise ApiError(500, "the model failed on this request; the server log has why") from None
+    finally:
+        state.in_flight -= 1
+
+
+def headers(version: LoadedVersion | None) -> dict[str, str]:
+    if version is None:
+        return {"x-sectune-model": BASE_MODEL_NAME}
+    return {"x-sectune-model": version.model_id, "x-sectune-adapter-sha256": version.sha256}
+
+
+# Probes run on the event loop, never in the thread pool inference uses: they answer in
+# milliseconds under any load. They say nothing about why (no URIs, no errors): that is
+# in /v1/models, behind the API keys, and in the log.
+@router.get("/healthz")
+async def healthz(state: State) -> Response:
+    if state.fatal or (state.engine is not None and not state.engine.alive):
+        return JSONResponse({"status": "failed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> Response:
+    if state.loading or state.registry is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    missing = state.registry.not_ready()
+    if missing:
+        return JSONResponse(
+            {"status": "not ready", "adaptersWithoutVersion": len(missing)}, status_code=503
+        )
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+def prometheus_metrics(state: State) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if state.registry is not None:
+        state.registry.update_drift()
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def model_entry(name: str, versions: list[LoadedVersion], full: bool) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "owned_by": "sectune",
+        "versions": [v.describe(full) for v in versions],
+    }
+
+
+@router.get("/v1/models")
+def list_models(state: State) -> dict[str, Any]:
+    _, registry = engine_and_registry(state)
+    data = [model_entry(n, v, False) for n, v in sorted(registry.versions().items())]
+    data.append(
+        {"id": BASE_MODEL_NAME, "object": "model", "owned_by": "sectune", "uri": state.base_uri}
+    )
+    return {"object": "list", "data": data, "errors": registry.errors()}
+
+
+@router.get("/v1/models/{name}")
+def get_model(state: State, name: str) -> dict[str, Any]:
+    _, registry = engine_and_registry(state)
+    versions = registry.versions().get(name)
+    if not versions:
+        raise ApiError(404, f"model {name!r} is not served here", "model")
+    return model_entry(name, versions, True)
+
+
+@router.post("/v1/classify")
+async def classify(state: State, request: Request, body: ClassifyRequest) -> Response:
+    began = time.perf_counter()
+    version = pick(state, request, body.model, "classify")
+    if version is None or version.spec.task.type != "classification":
+        kind = "the base model" if version is None else f"a {version.spec.task.type} adapter"
+        raise ApiError(
+            400,
+            f"{body.model} is {kind}; /v1/classify needs a classification adapter "
+            "(use /v1/chat/completions)",
+            "model",
+        )
+    fields = body.input if isinstance(body.input, dict) else {"text": body.input}
+    if sum(len(v) for v in fields.values()) > MAX_INPUT_CHARS:
+        raise ApiError(413, f"input is longer than {MAX_INPUT_CHARS} characters", "input")
+    prompt = await run_in_threadpool(version.formatter.prompt_ids, Example("request", fields, ""))
+    # Cut as training cut it (start and end kept), so padding cannot push out the
+    # instructions and the alert.
+    longest_label = max((len(ids) for ids in version.label_ids), default=1)
+    prompt = fit_prompt(prompt, version.spec.hyperparameters.max_seq_length - longest_label)
+    probabilities = await run(
+        state,
+        request,
+        ClassifyWork(
+            version.key,
+            prompt,
+            label_ids=version.label_ids,
+            distinct_first_tokens=version.distinct_first_tokens,
+        ),
+        version,
+        "classify",
+        began,
+    )
+    labels = version.spec.task.labels
+    best = max(range(len(labels)), key=probabilities.__getitem__)
+    adapter, ver = observe(state, request, version, "classify", began, len(prompt), 0)
+    state.metrics.predictions.labels(adapter, ver, labels[best]).inc()
+    state.metrics.confidence.labels(adapter, ver).observe(probabilities[best])
+    if version.drift is not None:
+        version.drift.record(labels[best])
+    return JSONResponse(
+        {
+            "object": "classification",
+            "model": version.model_id,
+            "label": labels[best],
+            "confidence": probabilities[best],
+            "probabilities": dict(zip(labels, probabilities, strict=True)),
+            "usage": {"prompt_tokens": len(prompt)},
+        },
+        headers=headers(version),
+    )
+
+
+def fit_to_context(
+    engine: Engine,
+    version: LoadedVersion | None,
+    prompt: list[int],
+    max_tokens: int,
+    field_name: str,
+) -> list[int]:
+    """An adapter's prompt is cut as its training cut it; a prompt that cannot fit the
+    model's context with `max_tokens` after it is refused, naming the field."""
+    room = engine.context_length - max_tokens
+    if version is not None:
+        room = min(room, version.spec.hyperparameters.max_seq_length)
+        if room >= 8:
+            return fit_prompt(prompt, room)
+    if len(prompt) > room:
+        raise ApiError(
+            400,
+            f"the prompt is {len(prompt)} tokens; with max_tokens {max_tokens} the model's "
+            f"context of {engine.context_length} leaves room for {max(room, 0)}. Shorten "
+            "it or lower max_tokens.",
+            field_name,
+        )
+    return prompt
+
+
+async def complete(
+    state: ServerState,
+    request: Request,
+    version: LoadedVersion | None,
+    prompt: list[int],
+    body: ChatRequest | CompletionRequest,
+    endpoint: str,
+    began: float,
+) -> tuple[str, str, dict[str, int]]:
+    engine, _ = engine_and_registry(state)
+    if body.stream:
+        raise ApiError(
+            400, "streaming responses are not supported yet; set stream: false", "stream"
+        )
+    key = version.key if version is not None else BASE_ADAPTER
+    work = GenerateWork(
+        key,
+        prompt,
+        max_new_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+    )
+    generated = await run(state, request, work, version, endpoint, began)
+    text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
+    observe(state, request, version, endpoint, began, len(prompt), len(generated.token_ids))
+    usage = {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(generated.token_ids),
+        "total_tokens": len(prompt) + len(generated.token_ids),
+    }
+    return text, generated.finish_reason, usage
+
+
+@router.post("/v1/chat/completions")
+async def chat(state: State, request: Request, body: ChatRequest) -> Response:
+    began = time.perf_counter()
+    engine, _ = engine_and_registry(state)
+    version = pick(state, request, body.model, "chat")
+    messages = [m.model_dump() for m in body.messages]
+    if version is not None and messages[0]["role"] != "system" and version.spec.task.system_prompt:
+        messages.insert(0, {"role": "system", "content": version.spec.task.system_prompt})
+
+    def tokenize() -> list[int]:
+        text = engine.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompt = fit_to_context(
+        engine, version, await run_in_threadpool(tokenize), body.max_tokens, "messages"
+    )
+    content, finish, usage = await complete(state, request, version, prompt, body, "chat", began)
+    return JSONResponse(
+        {
+            "id": f"chatcmpl-{time.time_ns():x}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": version.model_id if version else BASE_MODEL_NAME,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        },
+        headers=headers(version),
+    )
+
+
+@router.post("/v1/completions")
+async def completions(state: State, request: Request, body: CompletionRequest) -> Response:
+    began = time.perf_counter()
+    engine, _ = engine_and_registry(state)
+    version = pick(state, request, body.model, "completions")
+
+    def tokenize() -> list[int]:
+        return list(engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+
+    prompt = fit_to_context(
+        engine, version, await run_in_threadpool(tokenize), body.max_tokens, "prompt"
+    )
+    content, finish, usage = await complete(
+        state, request, version, prompt, body, "completions", began
+    )
+    return JSONResponse(
+        {
+            "id": f"cmpl-{time.time_ns():x}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": version.model_id if version else BASE_MODEL_NAME,
+            "choices": [{"index": 0, "text": content, "finish_reason": finish}],
+            "usage": usage,
+        },
+        headers=headers(version),
+    )

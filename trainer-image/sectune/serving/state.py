@@ -1,0 +1,143 @@
+"""What a running server holds: its options, the base model and engine, the adapter registry,
+the config watcher and the API keys; and how it starts (the base model resolved, loaded, the
+adapters applied)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sectune import artifacts
+from sectune.config import BaseModelSpec, ManifestError
+from sectune.serving.auth import ApiKey, load_api_keys
+from sectune.serving.config import ServingConfig
+from sectune.serving.engine import Engine
+from sectune.serving.metrics import ServingMetrics
+from sectune.serving.registry import Registry
+from sectune.serving.watch import ConfigWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerOptions:
+    config_path: Path | None
+    config: ServingConfig
+    api_keys_file: Path | None = None
+    precision: str = "bf16"
+    """bf16: weights in bfloat16 (fastest); autocast: float32 weights with bfloat16 autocast
+    (the numerics of training-time evaluation); fp32: float32 throughout."""
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    reload_interval: float = 5.0
+    max_in_flight: int = 64
+    """Inference requests accepted at once (queued or running); more get 429 + Retry-After."""
+    request_timeout: float = 120.0
+    """Seconds a request may take in all; after that it is dropped and answered 504."""
+    max_queue_seconds: float = 30.0
+    """Seconds a request may wait for the model before it is refused with 503 + Retry-After."""
+    max_batch_tokens: int = 16_384
+    """Padded tokens (rows × longest row) in one forward pass."""
+    max_adapter_bytes: int = field(default_factory=lambda: artifacts.MAX_ARTIFACT_BYTES)
+    """Cap on what one adapter version may download."""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Host headers answered; empty: loopback names when listening on loopback, else any."""
+    max_connections: int = 256
+    """Open connections at once; more get 503."""
+    read_timeout: float = 10.0
+    """Seconds a client has to send a whole request (headers and body) once it starts."""
+
+
+@dataclass
+class ServerState:
+    options: ServerOptions
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    engine: Engine | None = None
+    registry: Registry | None = None
+    base_uri: str = ""
+    loading: str = "starting"
+    """What the server is doing before it is ready; empty once loaded."""
+    fatal: str | None = None
+    in_flight: int = 0
+    """Inference requests being handled now (only touched on the event loop)."""
+    api_keys: list[ApiKey] = field(default_factory=list)
+    watcher: ConfigWatcher | None = None
+
+    # -------------------------------------------------------------- startup
+
+    def load(self) -> None:
+        """Resolve the base model, load it, start the worker, apply the config."""
+        import torch
+
+        from sectune.training import base_model
+
+        config = self.options.config
+        spec = config.base_model
+        if spec is None:
+            self.loading = "reading the adapters' manifests to find their base model"
+            spec = self._base_from_manifests(config)
+        self.base_uri = spec.uri
+        self.loading = f"loading base model {spec.uri}"
+        resolved = base_model.resolve(spec)
+        precision = self.options.precision
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model, tokenizer = base_model.load(resolved, spec, dtype)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            self.metrics,
+            autocast=precision == "autocast",
+            max_batch=self.options.max_batch,
+            max_wait_ms=self.options.max_wait_ms,
+            max_batch_tokens=self.options.max_batch_tokens,
+            max_queue_seconds=self.options.max_queue_seconds,
+        )
+        self.engine.start()
+        workdir = Path(tempfile.mkdtemp(prefix="sectune-serve-"))
+        self.registry = Registry(
+            self.engine, self.metrics, workdir, resolved.digest, self.options.max_adapter_bytes
+        )
+        self.loading = "loading adapters"
+        self.watcher = ConfigWatcher(self.registry, self.metrics, config, self.options.config_path)
+        self.watcher.apply(config)
+        self.loading = ""
+
+    @staticmethod
+    def _base_from_manifests(config: ServingConfig) -> BaseModelSpec:
+        from sectune import artifacts, storage
+
+        seen: dict[str, BaseModelSpec] = {}
+        for adapter in config.adapters:
+            for entry in adapter.versions:
+                try:
+                    _, manifest = artifacts.read_manifest(
+                        *artifacts.resolve_version(entry.uri, entry.sha256)
+                    )
+                except (artifacts.IntegrityError, storage.StorageError) as exc:
+                    log.error("%s@%s: %s", adapter.name, entry.version, exc)
+                    continue
+                base = manifest["baseModel"]
+                seen[base["sha256"]] = BaseModelSpec(
+                    uri=base["uri"], quantization=base.get("quantization", "none")
+                )
+        if not seen:
+            raise ManifestError(
+                "no adapter could be read to find the base model; set baseModel in the config"
+            )
+        if len(seen) > 1:
+            raise ManifestError(
+                "the adapters were trained on different base models ("
+                + ", ".join(s.uri for s in seen.values())
+                + "); set baseModel, or serve them from separate servers"
+            )
+        return next(iter(seen.values()))
+
+    def load_api_keys(self) -> None:
+        if self.options.api_keys_file is not None:
+            self.api_keys = load_api_keys(self.options.api_keys_file)
+
+    def reload_if_changed(self) -> None:
+        if self.watcher is not None:
+            self.watcher.reload_if_changed()
