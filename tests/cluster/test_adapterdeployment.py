@@ -412,3 +412,37 @@ def test_operator_identity_may_manage_servers_and_nothing_more(operator_kubeconf
         )
     assert refused.value.status == 403
     assert apps.list_namespaced_deployment(namespace).items == []
+
+
+def test_the_shipped_example_renders_what_it_can_and_says_what_it_waits_for(
+    api_client, namespace, operator, control_plane
+):
+    from pathlib import Path
+
+    example = (
+        Path(__file__).resolve().parents[2] / "examples" / "serving" / "adapterdeployment.yaml"
+    )
+    applied = control_plane.kubectl("apply", "-n", namespace, "-f", str(example))
+    assert applied.returncode == 0, applied.stderr
+
+    def rendered() -> ServingConfig | None:
+        return _rendered(api_client, namespace, "soc-models")
+
+    wait_until(lambda: rendered() is not None, 30, "rendered ConfigMap")
+    # The pinned alert-triage v1 is served; the FineTuneJobs it names do not exist here.
+    assert _traffic(rendered()) == {
+        "alert-triage": {
+            "v1": ("9f2c6d5e0b8a47c1d3e2f4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f", 100)
+        }
+    }
+    status = _status(api_client, namespace, "soc-models")
+    resolved = next(c for c in status["conditions"] if c["type"] == "VersionsResolved")
+    assert resolved["reason"] == "JobNotFound"
+    assert "alert-triage@v2: FineTuneJob alert-triage does not exist" in resolved["message"]
+    assert "attack-tactics@v1: FineTuneJob attack-tactics does not exist" in resolved["message"]
+    deployment = client.AppsV1Api(api_client).read_namespaced_deployment(
+        "soc-models-serve", namespace
+    )
+    container = deployment.spec.template.spec.containers[0]
+    assert container.resources.limits == {"cpu": "4", "memory": "8Gi"}
+    assert container.command[-2:] == ["--api-keys-file", "/etc/sectune/keys/api-keys"]

@@ -473,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
     )
     serve_cmd.add_argument(
-        "--reload-interval", type=float, default=5.0, help="seconds between config checks"
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        help="seconds between checks of the config file (job prefixes' current.json: every 5 s)",
     )
     serve_cmd.add_argument(
         "--no-access-log",

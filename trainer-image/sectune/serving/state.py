@@ -31,7 +31,7 @@ class ServerOptions:
     (the numerics of training-time evaluation); fp32: float32 throughout."""
     max_batch: int = 16
     max_wait_ms: float = 5.0
-    reload_interval: float = 5.0
+    reload_interval: float = 1.0
     max_in_flight: int = 64
     """Inference requests accepted at once (queued or running); more get 429 + Retry-After."""
     request_timeout: float = 120.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 from sectune import artifacts, storage
@@ -16,6 +17,10 @@ from sectune.serving.metrics import ServingMetrics
 from sectune.serving.registry import Registry
 
 log = logging.getLogger(__name__)
+
+POINTER_CHECK_SECONDS = 5.0
+"""How often job prefixes' current.json are read (a storage request each); the config file is
+checked at every reload interval (a local stat and hash)."""
 
 
 class ConfigWatcher:
@@ -31,6 +36,7 @@ class ConfigWatcher:
         self.config = config
         self.config_path = config_path
         self._digest = ""
+        self._pointers_checked = time.monotonic()
         if config_path is not None:
             with contextlib.suppress(OSError):
                 self._digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
@@ -68,6 +74,10 @@ class ConfigWatcher:
 
     def _pointers_moved(self) -> bool:
         """A version given as a job prefix follows its current.json: did one move?"""
+        now = time.monotonic()
+        if now - self._pointers_checked < POINTER_CHECK_SECONDS:
+            return False
+        self._pointers_checked = now
         for adapter in self.config.adapters:
             for entry in adapter.versions:
                 if entry.sha256 is not None:
