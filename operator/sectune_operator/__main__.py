@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 
 import kopf
 
@@ -30,10 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--priority",
         type=int,
-        default=int(os.environ.get("SECTUNE_PRIORITY", "0")),
-        help="peering priority of this replica",
+        default=int(os.environ["SECTUNE_PRIORITY"]) if os.environ.get("SECTUNE_PRIORITY") else None,
+        help="peering priority of this replica; the highest acts, the others stand by (default: "
+        "a random one, so replicas of one Deployment never tie: kopf pauses every operator "
+        "that sees a peer of equal priority)",
     )
     args = parser.parse_args(argv)
+    if args.priority is None:
+        args.priority = 1 + secrets.randbelow(2**31 - 2)
 
     import sectune_operator.handlers  # noqa: F401  (registers the handlers)
 

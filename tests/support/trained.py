@@ -53,6 +53,7 @@ def train_version(
 
 def train_adapters(s3_server, model_dir: Path, workdir: Path) -> Trained:  # type: ignore[no-untyped-def]
     """Two versions of a triage adapter and one other adapter, all on the tiny base model."""
+    workdir.mkdir(parents=True, exist_ok=True)
     bucket = "serving-e2e"
     s3_server.client().create_bucket(Bucket=bucket)
     env = s3_server.env()

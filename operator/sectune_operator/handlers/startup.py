@@ -29,6 +29,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
         prefix="sectune.io", key="last-handled-configuration"
     )
     settings.persistence.finalizer = ours.finalizer
+    # A replica that dies without leaving the peering (killed, node lost) is taken over from
+    # when its peering record expires: this lifetime bounds the failover.
+    settings.peering.lifetime = ours.peering_lifetime
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
@@ -42,5 +45,5 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     logger.info(
         f"Started sectune operator (trainer image {ours.trainer_image}, server image "
         f"{ours.server_image}, metrics :{ours.metrics_port}, canary analysis "
-        f"{'on' if ours.prometheus_url else 'off'})"
+        f"{'on' if ours.prometheus_url else 'off'}, peering priority {settings.peering.priority})"
     )
