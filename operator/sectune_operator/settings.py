@@ -69,9 +69,7 @@ class Settings:
     )
     """Label matchers that pick one AdapterDeployment's server series ({namespace},
     {deployment}: the server Deployment's name)."""
-    peering_lifetime: int = field(
-        default_factory=lambda: int(_env("PEERING_LIFETIME", "20"))
-    )
+    peering_lifetime: int = field(default_factory=lambda: int(_env("PEERING_LIFETIME", "20")))
     """Seconds a replica's peering record lives without a keep-alive; a standby takes over
     from a leader that died within about this long (kopf's default is 60)."""
     finalizer: str = "sectune.io/artifact-cleanup"

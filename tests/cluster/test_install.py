@@ -47,7 +47,7 @@ def _replica(deployment: dict[str, Any], name: str, kubeconfig: Path, workdir: P
         "SECTUNE_METRICS_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
     }
-    args = [*container.get("args", []), "--liveness", f"http://127.0.0.1:{health}/healthz"]
+    args = [*(container.get("args") or []), "--liveness", f"http://127.0.0.1:{health}/healthz"]
     server = Server(
         name, [sys.executable, "-m", "sectune_operator", *args], workdir / f"{name}.log", env=env
     ).start()
@@ -125,12 +125,15 @@ def test_default_install_elects_one_replica_and_fails_over(
             server.stop()
         control_plane.kubectl("delete", "-f", str(manifest), "--ignore-not-found")
 
-    # replicaCount 1: no peering object is rendered, and the one replica acts alone.
+    # replicaCount 1, installed afresh: the peering object is rendered too (the operator waits
+    # for it), and the one replica acts alone.
     single = render("replicaCount=1")
-    assert not [d for d in single if d["kind"] == "ClusterKopfPeering"]
+    assert [d["kind"] for d in single if "Peering" in d["kind"]] == ["ClusterKopfPeering"]
+    assert control_plane.kubectl("apply", "-f", str(manifest)).returncode == 0
     alone = _replica(_deployment(single), "alone", operator_kubeconfig, tmp_path)
     try:
         _ftj(api_client, namespace, "third")
         wait_until(lambda: _acted(alone, "third"), 60, "single replica acted")
     finally:
         alone.stop()
+        control_plane.kubectl("delete", "-f", str(manifest), "--ignore-not-found")

@@ -1,11 +1,10 @@
 """The operator against the real control plane, acting as its own ServiceAccount with only the
 chart's ClusterRole: children, pod spec, status from observed state, failures, preemption,
-suspend/resume, deletion with and without artifact cleanup, restarts and two replicas."""
+suspend/resume, deletion with and without artifact cleanup, restarts (replicas and failover: test_install.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -473,31 +472,6 @@ def test_restarted_operator_creates_no_duplicate_and_converges(
     _finish(api_client, namespace, 0, json.dumps(RESULT))
     wait_until(lambda: _phase_is(api_client, namespace, "Succeeded"), 60, "Succeeded after restart")
     assert len(batch.list_namespaced_job(namespace).items) == 1
-
-
-def test_two_replicas_only_one_acts(api_client, namespace, start_operator):
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        "kopf.dev",
-        "v1",
-        namespace,
-        "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sectune"}},
-    )
-    leader = start_operator("leader", peering="sectune", priority=100)
-    standby = start_operator("standby", peering="sectune", priority=10)
-    time.sleep(3)  # peers see each other through the KopfPeering object
-    _secret(api_client, namespace)
-    _create(api_client, namespace, _ftj())
-    wait_until(
-        lambda: client.BatchV1Api(api_client).list_namespaced_job(namespace).items, 30, "Job"
-    )
-    time.sleep(2)
-    assert "Created Job triage-train" in leader.log()
-    assert "Created Job triage-train" not in standby.log()
-
-    leader.stop()  # a graceful stop leaves the peering; the standby takes over
-    _create(api_client, namespace, _ftj("second"))
-    wait_until(lambda: "Created Job second-train" in standby.log(), 60, "standby took over")
 
 
 def test_operator_metrics(api_client, namespace, start_operator):
