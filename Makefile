@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EXTRAS ?= operator,trainer,dev
 
-.PHONY: setup demo test test-unit test-cluster test-e2e lint typecheck crds check-crds test-env clean
+.PHONY: setup demo upload-example test test-unit test-cluster test-e2e lint typecheck crds check-crds dashboards check-dashboards test-env clean
 
 # Python environment outside the repository (torch is a few GB; installed once per machine).
 $(VENV)/.installed-%: pyproject.toml
@@ -28,8 +28,12 @@ demo: setup
 	$(VENV)/bin/sectune models fetch-demo
 	$(VENV)/bin/sectune run examples/attack-tactics/finetunejob.yaml
 
+## examples/cluster's data and the demo base model into s3://sectune-example (AWS_* from the env).
+upload-example: setup
+	$(PY) hack/upload_example.py
+
 ## Every test tier. .ci/run calls exactly this.
-test: setup test-env lint typecheck check-crds
+test: setup test-env lint typecheck check-crds check-dashboards
 	$(PY) -m pytest -p no:cacheprovider -ra tests
 
 test-env:
@@ -56,6 +60,13 @@ crds: setup
 
 check-crds: setup
 	$(PY) -m sectune_operator.crd --check
+
+## Grafana dashboards, generated into the chart from sectune_operator.dashboards.
+dashboards: setup
+	$(PY) -m sectune_operator.dashboards
+
+check-dashboards: setup
+	$(PY) -m sectune_operator.dashboards --check
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@
 #   helm                                              (helm.sh/helm/v3)
 #   minio                                             (github.com/minio/minio)
 #   prometheus, promtool, chromium                    (Debian packages)
+#   checkov                                           (PyPI, in a virtualenv of its own)
 # Prints progress, names every tool it could not obtain, and exits non-zero then.
 set -uo pipefail
 
@@ -21,6 +22,7 @@ ETCD_VERSION=v3.7.3
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # RELEASE.2026-02-12T20-18-48Z
+CHECKOV_VERSION=3.3.30
 
 export GOTOOLCHAIN=auto GOFLAGS=-trimpath CGO_ENABLED=0
 ldflags="-s -w"
@@ -78,6 +80,20 @@ for cmd in prometheus promtool chromium; do
   if command -v "$cmd" >/dev/null; then step "$cmd present"; else missing+=("$cmd"); fi
 done
 
+# checkov (Kubernetes best-practice checks on the rendered chart and the operator's children):
+# its own virtualenv, so its pins never meet the project's.
+checkov_env="$cache/checkov-$CHECKOV_VERSION"
+if [[ -x $checkov_env/bin/checkov ]]; then
+  step "checkov $CHECKOV_VERSION cached"
+else
+  step "installing checkov $CHECKOV_VERSION (first time only)"
+  if { python3 -m venv "$checkov_env" && "$checkov_env/bin/pip" install -q "checkov==$CHECKOV_VERSION"; } >"$cache/build-checkov.log" 2>&1; then
+    step "installed checkov"
+  else
+    tail -20 "$cache/build-checkov.log"; missing+=(checkov)
+  fi
+fi
+
 # Stable names for the fixtures: bin/current/<tool> -> the pinned version.
 mkdir -p "$bin/current"
 for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm minio; do
@@ -87,6 +103,7 @@ for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd k
   esac
   [[ -x "$bin/$tool-$v" ]] && ln -sf "$bin/$tool-$v" "$bin/current/$tool"
 done
+[[ -x $checkov_env/bin/checkov ]] && ln -sf "$checkov_env/bin/checkov" "$bin/current/checkov"
 
 if ((${#missing[@]})); then
   step "could not obtain: ${missing[*]} (see $cache/build-*.log)"

@@ -30,6 +30,12 @@ TRAINING_DURATION = Histogram(
     registry=REGISTRY,
     buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
 )
+FINETUNEJOB_FAILURES = Counter(
+    "sectune_operator_finetunejob_failures_total",
+    "FineTuneJobs that ended Failed, by reason (the Failed condition's)",
+    ["namespace", "reason"],
+    registry=REGISTRY,
+)
 GATE_FAILURES = Counter(
     "sectune_operator_gate_failures_total",
     "Jobs that ended with failed gates",

@@ -72,6 +72,24 @@ class Settings:
     peering_lifetime: int = field(default_factory=lambda: int(_env("PEERING_LIFETIME", "20")))
     """Seconds a replica's peering record lives without a keep-alive; a standby takes over
     from a leader that died within about this long (kopf's default is 60)."""
+    network_policies: bool = field(
+        default_factory=lambda: _env("NETWORK_POLICIES", "false") == "true"
+    )
+    """Give each training Job and AdapterDeployment a NetworkPolicy (chart networkPolicies)."""
+    api_namespaces: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            n.strip() for n in _env("API_NAMESPACES", "").split(",") if n.strip()
+        )
+    )
+    """Namespaces whose pods may call a server's API besides its own."""
+    monitoring_namespace: str = field(
+        default_factory=lambda: _env("MONITORING_NAMESPACE", "monitoring")
+    )
+    """Where Prometheus runs: it may scrape training pods and servers."""
+    operator_namespace: str = field(
+        default_factory=lambda: _env("OPERATOR_NAMESPACE", "sectune-system")
+    )
+    """The operator's own namespace: it reads training progress and server reports."""
     finalizer: str = "sectune.io/artifact-cleanup"
     skip_cleanup_annotation: str = "sectune.io/skip-artifact-cleanup"
     """Set to "true" on a FineTuneJob stuck deleting to release it without deleting artifacts."""

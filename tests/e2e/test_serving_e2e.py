@@ -16,6 +16,7 @@ import pytest
 from sectune import storage
 from sectune.yamlio import dump_yaml
 from support.jobs import LOGIN_SCHEMA, sectune, tiny_job, write_login_lines
+from support.monitoring import dashboard_queries
 from support.processes import wait_until
 from support.serving import SectuneServer, start_server
 from support.trained import Trained, Version
@@ -351,9 +352,13 @@ def test_evaluate_endpoint_matches_the_stored_adapter_and_checks_gates(trained, 
 
 
 def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_path, prometheus):
+    tampered = Version(trained.triage_v2.uri, "0" * 64)  # refused: its digest does not match
     config = _config(
         tmp_path / "serving.yaml",
-        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+        {
+            "triage": [("v1", trained.triage_v1, 100), ("v9", tampered, 0)],
+            "other": [("v1", trained.other, 100)],
+        },
         drift={"windowMinutes": 5, "minRequests": 4},
     )
     server = serve("--config", str(config))
@@ -387,6 +392,17 @@ def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_pa
     assert all(0.0 <= float(r["value"][1]) <= 1.0 for r in drift)
     predictions = prometheus.query('sum(sectune_serve_predictions_total{adapter="triage"})')
     assert float(predictions[0]["value"][1]) == 8.0
+
+    # Every query of the shipped Serving dashboard returns series from this real traffic (the
+    # 5xx ratio only evaluates: nothing failed).
+    def answered(expr: str) -> bool:
+        return bool(prometheus.query(expr))
+
+    for expr in dashboard_queries()["sectune-serving"]:
+        if 'code=~"5.."' in expr:
+            prometheus.query(expr)
+            continue
+        wait_until(lambda expr=expr: answered(expr), 30, f"series for {expr}")
 
 
 def test_evaluate_endpoint_on_an_extraction_adapter_generates_what_the_stored_one_does(

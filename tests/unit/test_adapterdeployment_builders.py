@@ -275,3 +275,29 @@ def test_canary_queries_pick_the_deployments_series_only():
         assert 'namespace="soc",pod=~"soc-serve-.+",adapter="triage",version="v2"' in promql
         assert "[5m]" in promql
     assert 'code=~"5.."' in asked["errors"]
+
+
+def test_network_policies_admit_only_their_callers():
+    from sectune_operator.builders import finetunejob
+
+    settings = Settings(
+        operator_namespace="sectune-system",
+        monitoring_namespace="monitoring",
+        api_namespaces=("soc-tools",),
+    )
+    training = finetunejob.build_network_policy("triage", settings)["spec"]
+    assert training["podSelector"] == {"matchLabels": {"sectune.io/finetunejob": "triage"}}
+    own, scrapes = training["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"sectune.io/finetunejob": "triage"}}}]}
+    assert scrapes["ports"] == [{"protocol": "TCP", "port": 9400}]
+    names = scrapes["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert names == ["monitoring", "sectune-system"]
+
+    from sectune_operator.builders.adapterdeployment import build_network_policy
+
+    serving = build_network_policy("soc", settings)["spec"]
+    [rule] = serving["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert rule["from"][0] == {"podSelector": {}}  # its own namespace
+    allowed = [f["namespaceSelector"]["matchExpressions"][0]["values"] for f in rule["from"][1:]]
+    assert allowed == [["soc-tools"], ["monitoring", "sectune-system"]]

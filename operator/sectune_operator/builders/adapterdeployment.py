@@ -19,7 +19,7 @@ from typing import Any
 from sectune.serving.config import DriftSettings, ServedAdapter, ServedVersion, ServingConfig
 from sectune.yamlio import dump_yaml
 from sectune_operator.api import AdapterDeploymentSpec, AdapterSpec
-from sectune_operator.builders.finetunejob import STORAGE_ENV
+from sectune_operator.builders.finetunejob import EXCEPTIONS, STORAGE_ENV, UID, from_namespaces
 from sectune_operator.settings import Settings
 
 SERVING_LABEL = "sectune.io/adapterdeployment"
@@ -218,6 +218,25 @@ def build_pdb(name: str) -> dict[str, Any]:
     }
 
 
+def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
+    """Servers accept the API port from their own namespace and the allowed API namespaces, and
+    (for /metrics on the same port) from the operator's and the monitoring namespace."""
+    callers: list[dict[str, Any]] = [{"podSelector": {}}]
+    if settings.api_namespaces:
+        callers.append(from_namespaces(list(settings.api_namespaces)))
+    callers.append(from_namespaces([settings.operator_namespace, settings.monitoring_namespace]))
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": child_name(name), "labels": labels(name)},
+        "spec": {
+            "podSelector": {"matchLabels": {SERVING_LABEL: name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": callers, "ports": [{"protocol": "TCP", "port": API_PORT}]}],
+        },
+    }
+
+
 def _storage_env(spec: AdapterDeploymentSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
@@ -392,9 +411,9 @@ def build_deployment(
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "terminationGracePeriodSeconds": 60,
@@ -434,5 +453,5 @@ def build_deployment(
         },
     }
     digest = hashlib.sha256(json.dumps(deployment, sort_keys=True).encode()).hexdigest()
-    deployment["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+    deployment["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest, **EXCEPTIONS}
     return deployment

@@ -36,6 +36,7 @@ from sectune_operator.builders.adapterdeployment import (
     Resolved,
     build_configmap,
     build_deployment,
+    build_network_policy,
     build_pdb,
     build_service,
     child_name,
@@ -211,7 +212,10 @@ def _apply_children(
                 deployment["metadata"]["resourceVersion"] = current.metadata.resource_version
                 apps.replace_namespaced_deployment(child_name(name), namespace, deployment)
                 logger.info(f"Updated Deployment {child_name(name)}")
-            for child in (build_service(name), build_pdb(name)):
+            children = [build_service(name), build_pdb(name)]
+            if settings.network_policies:
+                children.append(build_network_policy(name, settings))
+            for child in children:
                 if child["kind"] == "PodDisruptionBudget" and spec.replicas <= 1:
                     try:
                         policy.delete_namespaced_pod_disruption_budget(child_name(name), namespace)
@@ -220,11 +224,11 @@ def _apply_children(
                             raise
                     continue
                 kopf.adopt(child, owner=body)
-                create = (
-                    core.create_namespaced_service
-                    if child["kind"] == "Service"
-                    else policy.create_namespaced_pod_disruption_budget
-                )
+                create = {
+                    "Service": core.create_namespaced_service,
+                    "PodDisruptionBudget": policy.create_namespaced_pod_disruption_budget,
+                    "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
+                }[child["kind"]]
                 try:
                     create(namespace, child)
                     logger.info(f"Created {child['kind']} {child_name(name)}")

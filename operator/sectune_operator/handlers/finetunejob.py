@@ -27,6 +27,7 @@ from sectune_operator.builders.finetunejob import (
     METRICS_PORT,
     build_configmap,
     build_job,
+    build_network_policy,
     build_service,
     child_name,
 )
@@ -42,7 +43,12 @@ def _now() -> str:
 
 
 def _fail(
-    patch: kopf.Patch, status: dict[str, Any], generation: int, reason: str, message: str
+    patch: kopf.Patch,
+    status: dict[str, Any],
+    namespace: str,
+    generation: int,
+    reason: str,
+    message: str,
 ) -> None:
     conditions = set_condition(
         status.get("conditions") or [], "Ready", "False", reason, message, _now(), generation
@@ -51,6 +57,8 @@ def _fail(
     patch.status.update(
         {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
     )
+    if status.get("phase") != "Failed":
+        metrics.FINETUNEJOB_FAILURES.labels(namespace, reason).inc()
 
 
 def _local_uris(spec: FineTuneJobSpec) -> list[str]:
@@ -91,6 +99,7 @@ def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> boo
         "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
         "Service": client.CoreV1Api().create_namespaced_service,
         "Job": client.BatchV1Api().create_namespaced_job,
+        "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
     }[kind]
     try:
         create(namespace, body)
@@ -147,7 +156,7 @@ def reconcile(
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
         message = format_validation_error(exc, f"FineTuneJob {namespace}/{name}")
-        _fail(patch, dict(status), generation, "InvalidSpec", message)
+        _fail(patch, dict(status), namespace, generation, "InvalidSpec", message)
         metrics.RECONCILE_ERRORS.labels("InvalidSpec").inc()
         kopf.warn(body, reason="InvalidSpec", message=message)
         raise kopf.PermanentError(message) from None
@@ -161,7 +170,7 @@ def reconcile(
             else "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
         )
         reason = "LocalURINotAllowed" if local else "OutputRequired"
-        _fail(patch, dict(status), generation, reason, message)
+        _fail(patch, dict(status), namespace, generation, reason, message)
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         kopf.warn(body, reason="InvalidSpec", message=message)
         raise kopf.PermanentError(message)
@@ -199,6 +208,8 @@ def reconcile(
         raise kopf.TemporaryError(message, delay=10)
 
     children = [("ConfigMap", build_configmap(name, parsed))]
+    if settings.network_policies:
+        children.append(("NetworkPolicy", build_network_policy(name, settings)))
     if parsed.resources.nodes > 1:
         children.append(("Service", build_service(name)))
     job = build_job(name, parsed, settings)
@@ -360,6 +371,7 @@ def refresh_status(
         )
         if failed:
             kopf.warn(body, reason=failed["reason"], message=failed["message"][:1000])
+            metrics.FINETUNEJOB_FAILURES.labels(namespace, failed["reason"]).inc()
             if failed["reason"] == "GatesFailed":
                 metrics.GATE_FAILURES.labels(namespace).inc()
         else:
