@@ -311,6 +311,7 @@ def test_gates_decide_what_is_rendered_and_a_job_that_passes_later_is_picked_up(
     )
     wait_until(lambda: _rendered(api_client, namespace) is not None, 30, "rendered ConfigMap")
     assert _traffic(_rendered(api_client, namespace))["triage"] == {"v1": (SHA["pinned"], 100)}
+    wait_until(lambda: _condition(api_client, namespace, "VersionsResolved"), 30, "condition")
     resolved = _condition(api_client, namespace, "VersionsResolved")
     assert (resolved["status"], resolved["reason"]) == ("False", "GatesFailed")
     assert (
@@ -435,8 +436,14 @@ def test_the_shipped_example_renders_what_it_can_and_says_what_it_waits_for(
             "v1": ("9f2c6d5e0b8a47c1d3e2f4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f", 100)
         }
     }
-    status = _status(api_client, namespace, "soc-models")
-    resolved = next(c for c in status["conditions"] if c["type"] == "VersionsResolved")
+
+    def resolved_condition() -> dict[str, Any] | None:
+        conditions = _status(api_client, namespace, "soc-models").get("conditions") or []
+        return next((c for c in conditions if c["type"] == "VersionsResolved"), None)
+
+    wait_until(lambda: resolved_condition() is not None, 30, "VersionsResolved condition")
+    resolved = resolved_condition()
+    assert resolved is not None
     assert resolved["reason"] == "JobNotFound"
     assert "alert-triage@v2: FineTuneJob alert-triage does not exist" in resolved["message"]
     assert "attack-tactics@v1: FineTuneJob attack-tactics does not exist" in resolved["message"]
