@@ -23,6 +23,7 @@ from sectune_operator.api import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
+from sectune_operator.generated import write_or_check
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
@@ -265,21 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, action="append", help="directories to write into")
     parser.add_argument("--check", action="store_true", help="fail if the files differ")
     args = parser.parse_args(argv)
-    stale = []
-    for directory in args.out or [CRD_DIR, CHART_CRD_DIR]:
-        for name, text in render_all().items():
-            path = directory / name
-            if args.check:
-                if not path.exists() or path.read_text() != text:
-                    stale.append(str(path))
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-                print(f"Wrote {path}")
-    if stale:
-        print("CRDs differ from the models; run `make crds`: " + ", ".join(stale), file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(
+        render_all(),
+        args.out or [CRD_DIR, CHART_CRD_DIR],
+        args.check,
+        "CRDs differ from the models (make crds)",
+    )
 
 
 if __name__ == "__main__":

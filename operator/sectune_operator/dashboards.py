@@ -22,6 +22,8 @@ from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
+from sectune_operator.generated import write_or_check
+
 DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "charts" / "sectune" / "files" / "dashboards"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -458,23 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the files differ")
     args = parser.parse_args(argv)
-    stale = []
-    for name, text in render_all().items():
-        path = DASHBOARD_DIR / name
-        if args.check:
-            if not path.exists() or path.read_text() != text:
-                stale.append(str(path))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"Wrote {path}")
-    if stale:
-        print(
-            "dashboards differ from the code; run `make dashboards`: " + ", ".join(stale),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return write_or_check(
+        render_all(),
+        [DASHBOARD_DIR],
+        args.check,
+        "dashboards differ from the code (make dashboards)",
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,15 @@ from typing import Any
 from sectune_operator.builders.finetunejob import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
+
+
+def utc_now() -> str:
+    """Now, as condition timestamps are written (RFC 3339, seconds, UTC)."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 CONDITION_TYPES = (
     "Ready",
     "Suspended",

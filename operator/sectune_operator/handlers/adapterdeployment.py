@@ -12,7 +12,6 @@ and the timer never count one revision twice.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from typing import Any
@@ -47,14 +46,10 @@ from sectune_operator.builders.adapterdeployment import (
     stable_version,
 )
 from sectune_operator.settings import Settings
-from sectune_operator.status import set_condition
+from sectune_operator.status import set_condition, utc_now
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "adapterdeployments"
 HISTORY = 10
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------- indexes
@@ -345,7 +340,7 @@ def _analyse(
                 "value": round(breach.value, 6),
                 "threshold": breach.threshold,
                 "generation": generation,
-                "time": _now(),
+                "time": utc_now(),
             }
         )
         message = (
@@ -430,7 +425,7 @@ def _converge(
                     "revision": memory.revision,
                     "adapters": describe(config)[:4096],
                     "configSha256": digest,
-                    "time": _now(),
+                    "time": utc_now(),
                     "reason": why,
                 }
                 memory.history = [*memory.history, entry][-HISTORY:]
@@ -448,14 +443,14 @@ def _converge(
                 )
             reason = refused[0][0]
             conditions = set_condition(
-                conditions, "VersionsResolved", "False", reason, message, _now(), generation
+                conditions, "VersionsResolved", "False", reason, message, utc_now(), generation
             )
             if message != memory.refusal_message:
                 kopf.warn(body, reason=reason, message=message[:1000])
         else:
             message = "every version's source is resolved"
             conditions = set_condition(
-                conditions, "VersionsResolved", "True", "Resolved", message, _now(), generation
+                conditions, "VersionsResolved", "True", "Resolved", message, utc_now(), generation
             )
         memory.refusal_message = message if refused else ""
 
@@ -475,7 +470,7 @@ def _converge(
                 )  # fmt: skip
         if analysis is not None:
             conditions = set_condition(
-                conditions, "CanaryAnalysis", *analysis[:3], _now(), generation
+                conditions, "CanaryAnalysis", *analysis[:3], utc_now(), generation
             )
         if memory.rolled_back:
             last = memory.rolled_back[-1]
@@ -490,7 +485,7 @@ def _converge(
                     for r in memory.rolled_back
                 )
                 + f" (since {last['time']}; cleared by the next spec change)",
-                _now(),
+                utc_now(),
                 generation,
             )
         else:
@@ -500,7 +495,7 @@ def _converge(
                 "False",
                 "NoRollback",
                 "no canary rolled back in this generation",
-                _now(),
+                utc_now(),
                 generation,
             )
 
@@ -521,7 +516,7 @@ def _converge(
                 f"revision {revision}"
                 + (f"; waiting for {', '.join(observed.lagging[:5])}" if observed.lagging else ""),
             )
-        conditions = set_condition(conditions, "Progressing", *progress, _now(), generation)
+        conditions = set_condition(conditions, "Progressing", *progress, utc_now(), generation)
         available = ready > 0 and bool(observed.active)
         conditions = set_condition(
             conditions,
@@ -529,7 +524,7 @@ def _converge(
             "True" if available else "False",
             "ReplicasServing" if available else "NoReplicaServing",
             f"{ready}/{spec.replicas} replicas ready",
-            _now(),
+            utc_now(),
             generation,
         )
         problems = list(observed.refusals)
@@ -544,7 +539,7 @@ def _converge(
             if observed.refusals
             else ("ReplicasUnavailable" if problems else "AsDesired"),
             "; ".join(problems)[:4000] or "every replica serves what was rendered",
-            _now(),
+            utc_now(),
             generation,
         )
         return {
@@ -640,7 +635,7 @@ def reconcile(
             "False",
             reason,
             message,
-            _now(),
+            utc_now(),
             generation,
         )
         patch.status.update(

@@ -32,14 +32,16 @@ from sectune_operator.builders.finetunejob import (
     child_name,
 )
 from sectune_operator.settings import Settings
-from sectune_operator.status import TERMINAL, derive_status, progress_from_metrics, set_condition
+from sectune_operator.status import (
+    TERMINAL,
+    derive_status,
+    progress_from_metrics,
+    set_condition,
+    utc_now,
+)
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
 CLEANUP_TRIES = 6
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fail(
@@ -51,9 +53,9 @@ def _fail(
     message: str,
 ) -> None:
     conditions = set_condition(
-        status.get("conditions") or [], "Ready", "False", reason, message, _now(), generation
+        status.get("conditions") or [], "Ready", "False", reason, message, utc_now(), generation
     )
-    conditions = set_condition(conditions, "Failed", "True", reason, message, _now(), generation)
+    conditions = set_condition(conditions, "Failed", "True", reason, message, utc_now(), generation)
     patch.status.update(
         {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
     )
@@ -184,7 +186,7 @@ def reconcile(
             "False",
             "SecretNotFound",
             message,
-            _now(),
+            utc_now(),
             generation,
         )
         patch.status.update(
@@ -202,7 +204,13 @@ def reconcile(
     ):
         message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
         conditions = set_condition(
-            status.get("conditions") or [], "Ready", "False", "Queued", message, _now(), generation
+            status.get("conditions") or [],
+            "Ready",
+            "False",
+            "Queued",
+            message,
+            utc_now(),
+            generation,
         )
         patch.status.update({"phase": "Pending", "conditions": conditions})
         raise kopf.TemporaryError(message, delay=10)
@@ -227,14 +235,14 @@ def reconcile(
         "True",
         "JobCreated",
         f"Job {child_name(name)} created",
-        _now(),
+        utc_now(),
         generation,
     )
     update: dict[str, Any] = {"conditions": conditions, "observedGeneration": generation}
     if not status.get("phase"):
         update["phase"] = "Pending"
     if not status.get("startTime"):
-        update["startTime"] = _now()
+        update["startTime"] = utc_now()
     patch.status.update(update)
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
 
@@ -356,7 +364,7 @@ def refresh_status(
         if progress:
             current["progress"] = progress
     attempts = _count_attempts(key, status, memo)
-    new = derive_status(job, pods, current, int(meta.get("generation") or 0), _now(), attempts)
+    new = derive_status(job, pods, current, int(meta.get("generation") or 0), utc_now(), attempts)
     if new != dict(status):
         patch.status.update(new)
     if new.get("phase") != status.get("phase"):
