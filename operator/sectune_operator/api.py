@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -427,6 +429,108 @@ class AdapterDeploymentStatus(Spec):
     """In-cluster URL of the OpenAI-compatible API."""
 
 
+# --------------------------------------------------------------------------- FineTuneSchedule
+
+
+class DriftTrigger(Spec):
+    """Start a run when a served version's drift stays above a threshold."""
+
+    adapter_deployment: str = Field(max_length=57, pattern=DNS_LABEL_PATTERN)
+    """The AdapterDeployment (in this namespace) serving the adapter."""
+    adapter: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """The adapter whose drift is watched."""
+    score: Literal["labels", "inputs", "any"] = "any"
+    """labels: predicted-label drift (classification); inputs: prompt-length drift; any: either."""
+    threshold: float = Field(0.3, ge=0.0, le=1.0)
+    """Drift score above which a run starts."""
+    for_minutes: int = Field(60, ge=1, le=10080)
+    """How long the score must stay above the threshold; also the quiet time after a trigger."""
+
+
+class SchedulePromotion(Spec):
+    """Add a run whose gates passed to an AdapterDeployment as a canary (without GitOps)."""
+
+    adapter_deployment: str = Field(max_length=57, pattern=DNS_LABEL_PATTERN)
+    """The AdapterDeployment (in this namespace) to add the version to."""
+    adapter: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """The adapter the version is added to."""
+    canary_percent: int = Field(10, ge=1, le=99)
+    """Traffic the new version starts with; canary analysis then decides."""
+
+
+class FineTuneScheduleSpec(Spec):
+    """Retraining on a cadence or on drift: what CronJob is to Job, for FineTuneJobs."""
+
+    schedule: str | None = Field(None, max_length=128)
+    """Cron expression (5 fields), e.g. "0 3 1 * *" (monthly). Optional with a drift trigger."""
+    time_zone: str = Field("UTC", max_length=64)
+    """IANA time zone the schedule is read in."""
+    job_template: FineTuneJobSpec
+    """The FineTuneJob spec of every run."""
+    concurrency_policy: Literal["Forbid", "Replace"] = "Forbid"
+    """Forbid: skip a run while the previous one is unfinished; Replace: delete it first."""
+    successful_jobs_history_limit: int = Field(3, ge=0, le=100)
+    """Succeeded runs kept (their adapters stay in storage either way)."""
+    failed_jobs_history_limit: int = Field(1, ge=0, le=100)
+    """Failed runs kept for inspection."""
+    suspend: bool = False
+    """No run starts while true."""
+    drift_trigger: DriftTrigger | None = None
+    """Start a run when the served version drifts (needs the operator's Prometheus URL)."""
+    promote: SchedulePromotion | None = None
+    """Add each run whose gates passed to an AdapterDeployment as a canary. Off by default:
+    GitOps users run `sectune promote` instead."""
+
+    @model_validator(mode="after")
+    def _when(self) -> FineTuneScheduleSpec:
+        if self.schedule is None and self.drift_trigger is None:
+            raise ValueError("set schedule, driftTrigger, or both")
+        if self.schedule is not None:
+            from cronsim import CronSim, CronSimError
+
+            try:
+                CronSim(self.schedule, dt.datetime.now())
+            except CronSimError as exc:
+                raise ValueError(f"schedule {self.schedule!r}: {exc}") from None
+        try:
+            ZoneInfo(self.time_zone)
+        except (ValueError, KeyError, ZoneInfoNotFoundError):
+            raise ValueError(f"timeZone {self.time_zone!r}: not an IANA time zone") from None
+        return self
+
+
+class LastRun(Spec):
+    """The latest run that succeeded."""
+
+    name: str
+    """FineTuneJob name."""
+    adapter: AdapterStatus | None = None
+    """Its stored adapter (uri, sha256)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Its headline evaluation figures."""
+
+
+class FineTuneScheduleStatus(Spec):
+    """Observed state of a FineTuneSchedule."""
+
+    observed_generation: int | None = None
+    """The spec generation this status describes."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Ready (False while suspended or invalid)."""
+    active: list[str] = Field(default_factory=list)
+    """Runs not finished yet."""
+    last_schedule_time: str | None = None
+    """The scheduled time of the latest cron run (RFC 3339)."""
+    next_schedule_time: str | None = None
+    """When the next cron run is due."""
+    last_trigger_time: str | None = None
+    """When drift last started a run."""
+    last_successful_job: LastRun | None = None
+    """The latest run that succeeded, with its adapter and metrics."""
+    last_promoted_job: str | None = None
+    """The latest run added to an AdapterDeployment by `promote`."""
+
+
 CEL_RULES.update(
     {
         AdapterSource: [
@@ -459,4 +563,6 @@ def spec_models() -> dict[str, type[BaseModel]]:
         "FineTuneJob.status": FineTuneJobStatus,
         "AdapterDeployment.spec": AdapterDeploymentSpec,
         "AdapterDeployment.status": AdapterDeploymentStatus,
+        "FineTuneSchedule.spec": FineTuneScheduleSpec,
+        "FineTuneSchedule.status": FineTuneScheduleStatus,
     }

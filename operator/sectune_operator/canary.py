@@ -64,7 +64,7 @@ def queries(selector: str, adapter: str, version: str, window_minutes: int) -> d
     }
 
 
-def _scalar(prometheus_url: str, promql: str) -> float | None:
+def scalar(prometheus_url: str, promql: str) -> float | None:
     url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -85,7 +85,7 @@ def measure(
 ) -> Figures:
     """A version's figures from Prometheus' HTTP API."""
     asked = queries(selector, adapter, version, window_minutes)
-    values = {name: _scalar(prometheus_url, promql) for name, promql in asked.items()}
+    values = {name: scalar(prometheus_url, promql) for name, promql in asked.items()}
     requests = values["requests"] or 0.0
     errors = values["errors"] or 0.0
     p95 = values["latency_p95"]

@@ -5,7 +5,6 @@ garbage collection."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from sectune.serving.config import ServingConfig
 from sectune.yamlio import load_yaml
+from support.kube import finish_job as _finish_job
 from support.processes import wait_until
 from support.replicas import ReplicaNetwork
 
@@ -58,46 +58,6 @@ def _finished_job(
     )
     if sha256:
         _finish_job(api_client, namespace, name, sha256, gates_passed)
-
-
-def _finish_job(
-    api_client: Any, namespace: str, name: str, sha256: str, gates_passed: bool = True
-) -> None:
-    gate = {"name": "recall[malicious]>=0.95", "passed": gates_passed, "value": 0.97}
-    if not gates_passed:
-        gate["value"] = 0.81
-    result = {
-        "phase": "Succeeded" if gates_passed else "Failed",
-        "reason": "GatesPassed" if gates_passed else "GatesFailed",
-        "message": "gates",
-        "adapter": {"uri": f"s3://adapters/soc/{name}/versions/run-9", "sha256": sha256},
-        "gates": [gate],
-    }
-    core = client.CoreV1Api(api_client)
-
-    def running_pod() -> Any:
-        pods = core.list_namespaced_pod(
-            namespace, label_selector=f"sectune.io/finetunejob={name}"
-        ).items
-        return next((p for p in pods if p.status.phase == "Running"), None)
-
-    wait_until(lambda: running_pod() is not None, 60, f"{name} training pod running")
-    annotations = {
-        "sectune.dev/test-exit-code": "0" if gates_passed else "3",
-        "sectune.dev/test-termination-message": json.dumps(result),
-    }
-    core.patch_namespaced_pod(
-        running_pod().metadata.name, namespace, {"metadata": {"annotations": annotations}}
-    )
-    phase = "Succeeded" if gates_passed else "Failed"
-    wait_until(
-        lambda: (
-            (_get(api_client, namespace, name, "finetunejobs").get("status") or {}).get("phase")
-            == phase
-        ),
-        60,
-        f"{name} {phase}",
-    )
 
 
 def _adep(name: str = "soc", replicas: int = 2, **spec: Any) -> dict[str, Any]:

@@ -301,6 +301,33 @@ def artifacts_cap_mb() -> int:
     return MAX_ARTIFACT_BYTES >> 20
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Edit an AdapterDeployment YAML in a Git working tree: promote, canary, finalize, roll back."""
+    from sectune.promote import PromoteError, from_job, promote, verify
+
+    try:
+        candidate = None
+        if args.job:
+            candidate = from_job(args.job)
+        elif args.version:
+            candidate = verify(args.version, args.sha256)
+        done, diff = promote(
+            Path(args.to),
+            args.adapter,
+            candidate,
+            name=args.name,
+            canary=args.canary,
+            finalize=args.finalize,
+            rollback=args.rollback,
+        )
+    except PromoteError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    print(diff, end="")
+    console.print(f"{args.to}: {done}. Review the diff, commit and open a pull request.")
+    return 0
+
+
 def cmd_fetch_adapters(args: argparse.Namespace) -> int:
     """Verify every version of a ServingConfig onto disk (vLLM's init container)."""
     from sectune import artifacts, storage
@@ -485,6 +512,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not write the JSON access log (one line per /v1/ request on stdout)",
     )
     serve_cmd.set_defaults(func=cmd_serve)
+
+    promote_cmd = sub.add_parser(
+        "promote",
+        help="put a trained version into an AdapterDeployment YAML (GitOps): promote, canary, "
+        "finalize or roll back; prints the diff",
+    )
+    source = promote_cmd.add_mutually_exclusive_group()
+    source.add_argument("--job", help="NAMESPACE/NAME of a Succeeded FineTuneJob (kubeconfig)")
+    source.add_argument("--version", help="a stored version URI, or a job prefix (current.json)")
+    promote_cmd.add_argument("--sha256", help="with --version: the manifest digest to expect")
+    promote_cmd.add_argument("--to", required=True, help="the AdapterDeployment YAML file to edit")
+    promote_cmd.add_argument("--adapter", required=True, help="adapter name in that file")
+    promote_cmd.add_argument("--name", help="version name (default: the next vN)")
+    promote_cmd.add_argument("--canary", type=int, metavar="PERCENT", help="start as a canary")
+    promote_cmd.add_argument(
+        "--finalize", action="store_true", help="move all traffic to the canary"
+    )
+    promote_cmd.add_argument(
+        "--rollback", action="store_true", help="back to the previous stable version"
+    )
+    promote_cmd.set_defaults(func=cmd_promote)
 
     fetch = sub.add_parser(
         "fetch-adapters",

@@ -42,11 +42,15 @@ mode, a Role's in each watched namespace otherwise). */}}
 {{- define "sectune.namespacedRules" -}}
 # The custom resources and their status.
 - apiGroups: ["sectune.io"]
-  resources: ["finetunejobs", "adapterdeployments"]
+  resources: ["finetunejobs", "adapterdeployments", "finetuneschedules"]
   verbs: ["get", "list", "watch", "patch", "update"]
 - apiGroups: ["sectune.io"]
-  resources: ["finetunejobs/status", "adapterdeployments/status"]
+  resources: ["finetunejobs/status", "adapterdeployments/status", "finetuneschedules/status"]
   verbs: ["get", "patch", "update"]
+# FineTuneSchedule runs: created from the template, deleted past the history limits.
+- apiGroups: ["sectune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["create", "delete"]
 # Children of a FineTuneJob: the training Job, its ConfigMap and (multi-node) rendezvous
 # Service. Children of an AdapterDeployment: the server Deployment (replaced when its rendering
 # changes), the ServingConfig ConfigMap, the Service and a PodDisruptionBudget (deleted when

@@ -1,0 +1,297 @@
+# mypy: disable-error-code="arg-type"
+# (kopf types its callbacks as protocols listing every keyword it passes; handlers here name
+# only the keywords they use, which is how kopf documents them.)
+"""kopf handlers for FineTuneSchedule: what CronJob is to Job, for FineTuneJobs.
+
+A timer decides, from the schedule's status and the runs it owns (an index of FineTuneJobs
+labelled with the schedule), whether a run is due (cron, or drift that stayed above the
+threshold), applies the concurrency policy, drops finished runs beyond the history limits, and
+(opted in) adds a run whose gates passed to an AdapterDeployment as a canary. Runs are named
+from their scheduled minute, so a restarted operator never starts one twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from sectune.config import format_validation_error
+from sectune_operator import canary, schedule
+from sectune_operator.api import FineTuneScheduleSpec
+from sectune_operator.builders.adapterdeployment import child_name as serving_name
+from sectune_operator.settings import Settings
+from sectune_operator.status import TERMINAL, set_condition, utc_now
+
+GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetuneschedules"
+
+
+@kopf.index(GROUP, VERSION, "finetunejobs", labels={schedule.SCHEDULE_LABEL: kopf.PRESENT})
+def runs_by_schedule(
+    namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
+) -> dict[Any, Any]:
+    return {
+        (namespace, labels[schedule.SCHEDULE_LABEL]): {
+            "name": name,
+            "phase": status.get("phase"),
+            "created": meta.get("creationTimestamp") or "",
+            "adapter": dict(status.get("adapter") or {}),
+            "metrics": dict(status.get("metrics") or {}),
+            "gatesSummary": status.get("gatesSummary"),
+        }
+    }
+
+
+def _custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi()
+
+
+def _create_run(
+    body: kopf.Body, namespace: str, owner: str, run: str, spec: FineTuneScheduleSpec, why: str
+) -> bool:
+    """Create the run; False when it already exists (a restart, or a retry)."""
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": run,
+            "labels": {schedule.SCHEDULE_LABEL: owner},
+            "annotations": {"sectune.io/triggered-by": why[:1000]},
+        },
+        "spec": spec.job_template.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    kopf.adopt(job, owner=body)
+    try:
+        _custom().create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", job)
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise kopf.TemporaryError(
+            f"creating FineTuneJob {run} failed ({exc.status})", delay=5
+        ) from None
+    kopf.info(body, reason="RunCreated", message=f"Created FineTuneJob {run}: {why}"[:1000])
+    return True
+
+
+def _delete_run(namespace: str, run: str) -> None:
+    try:
+        _custom().delete_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", run)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def _drifting(spec: FineTuneScheduleSpec, namespace: str, settings: Settings) -> str | None:
+    """Why the served version drifted (for the run's annotation), or None."""
+    trigger = spec.drift_trigger
+    if trigger is None or not settings.prometheus_url:
+        return None
+    selector = settings.prometheus_selector.format(
+        namespace=namespace, deployment=serving_name(trigger.adapter_deployment)
+    )
+    promql = schedule.drift_query(selector, trigger.adapter, trigger.score, trigger.for_minutes)
+    try:
+        value = canary.scalar(settings.prometheus_url, promql)
+    except canary.PrometheusError:
+        return None
+    if value is None or value <= trigger.threshold:
+        return None
+    return (
+        f"drift of {trigger.adapter_deployment}/{trigger.adapter} stayed above "
+        f"{trigger.threshold:g} for {trigger.for_minutes}m (lowest {value:.3g})"
+    )
+
+
+def _promote(
+    spec: FineTuneScheduleSpec, namespace: str, run: dict[str, Any], body: kopf.Body
+) -> bool:
+    """Add a run whose gates passed to the AdapterDeployment as a canary; False if it cannot
+    be now (a canary is in traffic, the adapter is unknown)."""
+    target = spec.promote
+    assert target is not None
+    try:
+        deployment = _custom().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "adapterdeployments", target.adapter_deployment
+        )
+    except ApiException as exc:
+        kopf.warn(
+            body, reason="PromotionSkipped", message=f"{target.adapter_deployment}: {exc.reason}"
+        )
+        return False
+    adapters = deployment["spec"]["adapters"]
+    entry = next((a for a in adapters if a["name"] == target.adapter), None)
+    if entry is None:
+        kopf.warn(
+            body,
+            reason="PromotionSkipped",
+            message=f"no adapter {target.adapter!r} in {target.adapter_deployment}",
+        )
+        return False
+    versions = entry["versions"]
+    live = [v for v in versions if v.get("traffic", 100) > 0]
+    if len(live) != 1:
+        kopf.warn(
+            body,
+            reason="PromotionSkipped",
+            message=f"{target.adapter_deployment}/{target.adapter} already has a canary in traffic; "
+            f"{run['name']} waits",
+        )
+        return False
+    live[0]["traffic"] = 100 - target.canary_percent
+    versions = [v for v in versions if v.get("traffic", 100) > 0]  # older standbys go
+    versions.append(
+        {
+            "version": run["name"],
+            "source": {"fineTuneJob": run["name"]},
+            "traffic": target.canary_percent,
+        }
+    )
+    entry["versions"] = versions
+    _custom().patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", target.adapter_deployment,
+        {"spec": {"adapters": adapters}},
+    )  # fmt: skip
+    kopf.info(
+        body,
+        reason="Promoted",
+        message=f"{run['name']} added to {target.adapter_deployment}/{target.adapter} at "
+        f"{target.canary_percent} % (canary analysis decides)",
+    )
+    return True
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=Settings().status_interval)
+def tick(
+    name: str,
+    namespace: str,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    runs_by_schedule: kopf.Index,
+    **_: Any,
+) -> None:
+    """Start due runs, apply the concurrency policy and history limits, promote, write status."""
+    settings: Settings = memo.settings
+    generation = int(meta.get("generation") or 0)
+    try:
+        parsed = FineTuneScheduleSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        message = format_validation_error(exc, f"FineTuneSchedule {namespace}/{name}")
+        conditions = set_condition(
+            status.get("conditions") or [],
+            "Ready",
+            "False",
+            "InvalidSpec",
+            message,
+            utc_now(),
+            generation,
+        )
+        if conditions != status.get("conditions"):
+            patch.status.update({"conditions": conditions})
+            kopf.warn(body, reason="InvalidSpec", message=message[:1000])
+        return
+    now = dt.datetime.now(dt.UTC)
+    runs = list(runs_by_schedule.get((namespace, name), []))
+    active = [r for r in runs if r["phase"] not in TERMINAL]
+    update: dict[str, Any] = {}
+
+    # What is due: the cron's latest time since the last run, or drift that stayed high.
+    reason, when, trigger = None, None, "cron"
+    if parsed.schedule and not parsed.suspend:
+        last = schedule.parse_time(status.get("lastScheduleTime")) or schedule.parse_time(
+            meta.get("creationTimestamp")
+        )
+        assert last is not None
+        when = schedule.due(parsed.schedule, parsed.time_zone, last, now)
+        if when is not None:
+            reason = (
+                f"scheduled for {schedule.format_time(when)} ({parsed.schedule} {parsed.time_zone})"
+            )
+    trigger_due = parsed.drift_trigger is not None and not parsed.suspend and not active
+    quiet_until = schedule.parse_time(status.get("lastTriggerTime"))
+    if trigger_due and quiet_until is not None:
+        assert parsed.drift_trigger is not None
+        trigger_due = now >= quiet_until + dt.timedelta(minutes=parsed.drift_trigger.for_minutes)
+    if reason is None and trigger_due:
+        drifted = _drifting(parsed, namespace, settings)
+        if drifted:
+            reason, when, trigger = drifted, now, "drift"
+            update["lastTriggerTime"] = schedule.format_time(now)
+            kopf.info(body, reason="DriftTriggered", message=drifted[:1000])
+
+    if reason is not None and when is not None:
+        run = schedule.run_name(name, when, trigger)
+        if active and parsed.concurrency_policy == "Forbid":
+            if trigger == "cron":
+                kopf.info(
+                    body,
+                    reason="RunSkipped",
+                    message=f"{run} skipped: {', '.join(r['name'] for r in active)} still running (Forbid)",
+                )
+        else:
+            if active and parsed.concurrency_policy == "Replace":
+                for old in active:
+                    _delete_run(namespace, old["name"])
+                    kopf.info(
+                        body,
+                        reason="RunReplaced",
+                        message=f"Deleted FineTuneJob {old['name']} (Replace)",
+                    )
+                active = []
+            if _create_run(body, namespace, name, run, parsed, reason):
+                active = [{"name": run}]
+        if trigger == "cron":
+            update["lastScheduleTime"] = schedule.format_time(when)
+
+    # History limits, then the last successful run (and its optional promotion).
+    finished = [schedule.Run(r["name"], r["phase"], r["created"]) for r in runs]
+    for old in schedule.over_history(
+        finished, parsed.successful_jobs_history_limit, parsed.failed_jobs_history_limit
+    ):
+        _delete_run(namespace, old)
+    succeeded = sorted((r for r in runs if r["phase"] == "Succeeded"), key=lambda r: r["created"])
+    if succeeded:
+        latest = succeeded[-1]
+        update["lastSuccessfulJob"] = {
+            "name": latest["name"],
+            "adapter": latest["adapter"],
+            "metrics": latest["metrics"],
+        }
+        if (
+            parsed.promote is not None
+            and status.get("lastPromotedJob") != latest["name"]
+            and _promote(parsed, namespace, latest, body)
+        ):
+            update["lastPromotedJob"] = latest["name"]
+
+    update["active"] = sorted(r["name"] for r in active)
+    if parsed.schedule and not parsed.suspend:
+        last = (
+            schedule.parse_time(update.get("lastScheduleTime") or status.get("lastScheduleTime"))
+            or now
+        )
+        update["nextScheduleTime"] = schedule.format_time(
+            schedule.next_time(parsed.schedule, parsed.time_zone, max(last, now))
+        )
+    else:
+        update["nextScheduleTime"] = None
+    ready = set_condition(
+        status.get("conditions") or [],
+        "Ready",
+        "False" if parsed.suspend else "True",
+        "Suspended" if parsed.suspend else "Scheduling",
+        "suspended: no run starts" if parsed.suspend else "runs start when due",
+        utc_now(),
+        generation,
+    )
+    update["conditions"] = ready
+    update["observedGeneration"] = generation
+    if any(status.get(k) != v for k, v in update.items()):
+        patch.status.update(update)

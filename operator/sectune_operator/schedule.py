@@ -1,0 +1,79 @@
+"""FineTuneSchedule decisions, as CronJob's controller makes them: when a run is due, what a run
+is named, which finished runs the history limits drop, and the drift query. Pure functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from cronsim import CronSim
+
+SCHEDULE_LABEL = "sectune.io/finetuneschedule"
+MAX_SCHEDULE_NAME = 42
+"""A run is `<schedule>-<minutes since the epoch>` (at most 9 digits) within a FineTuneJob's
+52 characters."""
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def next_time(cron: str, time_zone: str, after: dt.datetime) -> dt.datetime:
+    """The first scheduled time strictly after `after`."""
+    local = after.astimezone(ZoneInfo(time_zone))
+    return next(CronSim(cron, local)).astimezone(dt.UTC)
+
+
+def due(cron: str, time_zone: str, last: dt.datetime, now: dt.datetime) -> dt.datetime | None:
+    """The latest scheduled time in (last, now], or None. Missed earlier times are not run
+    (no backfill: one run for the most recent)."""
+    found = None
+    moment = next_time(cron, time_zone, last)
+    while moment <= now:
+        found = moment
+        moment = next_time(cron, time_zone, moment)
+    return found
+
+
+def run_name(schedule: str, when: dt.datetime, trigger: str = "cron") -> str:
+    """Deterministic, so a restarted operator creates the same run, not a second one."""
+    minutes = int(when.timestamp()) // 60
+    return f"{schedule}-{'d' if trigger == 'drift' else ''}{minutes}"
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    phase: str | None
+    created: str
+
+
+def over_history(runs: list[Run], successful_limit: int, failed_limit: int) -> list[str]:
+    """Finished runs beyond the history limits, oldest first."""
+    drop: list[str] = []
+    for phases, limit in (
+        (("Succeeded",), successful_limit),
+        (("Failed", "Cancelled"), failed_limit),
+    ):
+        finished = sorted((r for r in runs if r.phase in phases), key=lambda r: r.created)
+        drop += [r.name for r in finished[: max(0, len(finished) - limit)]]
+    return drop
+
+
+def drift_query(selector: str, adapter: str, score: str, minutes: int) -> str:
+    """PromQL: the lowest, over the last `minutes`, of the served version's highest drift
+    score; above the threshold means it stayed above all that time."""
+    metrics = {
+        "labels": ["sectune_serve_drift_score"],
+        "inputs": ["sectune_serve_input_drift_score"],
+        "any": ["sectune_serve_drift_score", "sectune_serve_input_drift_score"],
+    }[score]
+    series = " or ".join(f'{m}{{{selector},adapter="{adapter}"}}' for m in metrics)
+    return f"min_over_time((max({series}))[{minutes}m:15s])"

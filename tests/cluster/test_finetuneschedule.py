@@ -1,0 +1,206 @@
+"""FineTuneSchedule on the real control plane, run by the operator as the chart's ServiceAccount:
+cron runs on time under Forbid and Replace, suspend, history limits, no duplicate after a restart,
+a drift trigger fed by the real Prometheus, and the optional promotion of a run whose gates
+passed. Every schedule runs every minute, side by side, so the whole story takes two minutes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from support.kube import finish_job
+from support.processes import free_port, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+GROUP, VERSION = "sectune.io", "v1alpha1"
+TEMPLATE = {
+    "baseModel": {"uri": "s3://models/smollm2"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "task": {"labels": ["benign", "malicious"]},
+    "resources": {"memory": "1Gi"},
+    "output": {"uri": "s3://adapters/soc", "credentials": {"name": "storage"}},
+}
+
+
+def _schedule(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneSchedule",
+        "metadata": {"name": name},
+        "spec": {"jobTemplate": TEMPLATE, **spec},
+    }
+
+
+def _runs(api_client: Any, namespace: str, schedule: str) -> list[str]:
+    jobs = client.CustomObjectsApi(api_client).list_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "finetunejobs",
+        label_selector=f"sectune.io/finetuneschedule={schedule}",
+    )["items"]
+    return sorted(j["metadata"]["name"] for j in jobs if not j["metadata"].get("deletionTimestamp"))
+
+
+def _events(api_client: Any, namespace: str, name: str) -> list[tuple[str, str]]:
+    events = client.CoreV1Api(api_client).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return [(e.reason, e.message) for e in events.items]
+
+
+def _status(
+    api_client: Any, namespace: str, name: str, plural: str = "finetuneschedules"
+) -> dict[str, Any]:
+    body = client.CustomObjectsApi(api_client).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, name
+    )
+    return body.get("status") or {}
+
+
+def test_schedules_run_on_time_and_drift_starts_a_run(
+    api_client, namespace, start_operator, prometheus
+):
+    custom = client.CustomObjectsApi(api_client)
+    client.CoreV1Api(api_client).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "storage"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+        },
+    )
+    # A served adapter whose prompt-length drift is high, as a server would export it.
+    registry = CollectorRegistry()
+    drift = Gauge(
+        "sectune_serve_input_drift_score", "drift", ["adapter", "version"], registry=registry
+    )
+    drift.labels("triage", "v1").set(0.9)
+    port = free_port()
+    start_http_server(port, addr="127.0.0.1", registry=registry)
+    prometheus.start(
+        [
+            {
+                "job_name": "server",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{port}"],
+                        "labels": {"namespace": namespace, "pod": "soc-serve-abc"},
+                    }
+                ],
+            }
+        ]
+    )
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "AdapterDeployment",
+            "metadata": {"name": "soc"},
+            "spec": {
+                "baseModel": {"uri": "s3://models/smollm2"},
+                "adapters": [{"name": "triage", "versions": [{"version": "v1", "source": {"uri": "s3://adapters/soc/t/versions/r1", "sha256": "ab" * 32}}]}],
+            },
+        },
+    )  # fmt: skip
+    every_minute = {"schedule": "* * * * *"}
+    for body in (
+        _schedule("forbid", **every_minute),
+        _schedule("replace", **every_minute, concurrencyPolicy="Replace"),
+        _schedule("paused", **every_minute, suspend=True),
+        _schedule(
+            "history",
+            **every_minute,
+            successfulJobsHistoryLimit=1,
+            promote={"adapterDeployment": "soc", "adapter": "triage", "canaryPercent": 10},
+        ),
+        _schedule(
+            "drifty",
+            driftTrigger={
+                "adapterDeployment": "soc",
+                "adapter": "triage",
+                "score": "inputs",
+                "threshold": 0.3,
+                "forMinutes": 1,
+            },
+        ),
+    ):
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "finetuneschedules", body)
+    env = {"SECTUNE_PROMETHEUS_URL": prometheus.url}
+    operator = start_operator(env=env)
+
+    # First minute: one run each (the suspended schedule none).
+    wait_until(
+        lambda: all(_runs(api_client, namespace, s) for s in ("forbid", "replace", "history")),
+        75,
+        "first runs",
+    )
+    first = {s: _runs(api_client, namespace, s) for s in ("forbid", "replace", "history")}
+    assert all(len(runs) == 1 for runs in first.values()), first
+    # A restart in the same minute creates no second run (names come from the scheduled minute).
+    operator.stop()
+    operator = start_operator(name="operator-restarted", env=env)
+    time.sleep(5)
+    assert {s: _runs(api_client, namespace, s) for s in first} == first
+    status = _status(api_client, namespace, "forbid")
+    assert (
+        status["active"] == first["forbid"]
+        and status["lastScheduleTime"]
+        and status["nextScheduleTime"]
+    )
+
+    # The history schedule's run passes its gates: it becomes a 10 % canary of soc/triage.
+    [history_first] = first["history"]
+    finish_job(api_client, namespace, history_first, "cd" * 32)
+
+    def promoted() -> dict[str, int]:
+        spec = custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "adapterdeployments", "soc"
+        )["spec"]
+        return {v["version"]: v.get("traffic", 100) for v in spec["adapters"][0]["versions"]}
+
+    wait_until(lambda: promoted() == {"v1": 90, history_first: 10}, 30, "promoted as a canary")
+    assert (
+        _status(api_client, namespace, "history")["lastSuccessfulJob"]["adapter"]["sha256"]
+        == "cd" * 32
+    )
+
+    # Second minute: Forbid skips (the first run still trains), Replace replaces, history runs again.
+    wait_until(lambda: len(_runs(api_client, namespace, "history")) == 2, 75, "second history run")
+    wait_until(
+        lambda: _runs(api_client, namespace, "replace") != first["replace"], 30, "replaced run"
+    )
+    assert len(_runs(api_client, namespace, "replace")) == 1
+    wait_until(
+        lambda: any(r == "RunSkipped" for r, _ in _events(api_client, namespace, "forbid")),
+        30,
+        "Forbid skip",
+    )
+    assert _runs(api_client, namespace, "forbid") == first["forbid"]
+    assert _runs(api_client, namespace, "paused") == []
+    assert any(r == "RunReplaced" for r, _ in _events(api_client, namespace, "replace"))
+
+    # The second history run succeeds: the limit of 1 drops the first; promotion waits while a
+    # canary is in traffic.
+    [history_second] = [r for r in _runs(api_client, namespace, "history") if r != history_first]
+    finish_job(api_client, namespace, history_second, "ef" * 32)
+    wait_until(
+        lambda: _runs(api_client, namespace, "history") == [history_second], 30, "history limit"
+    )
+    wait_until(
+        lambda: any(r == "PromotionSkipped" for r, _ in _events(api_client, namespace, "history")),
+        30,
+        "promotion waits",
+    )
+    assert promoted() == {"v1": 90, history_first: 10}
+
+    # Drift stayed above 0.3 for a minute in the real Prometheus: a run starts.
+    wait_until(lambda: _runs(api_client, namespace, "drifty"), 120, "drift-triggered run")
+    [run] = _runs(api_client, namespace, "drifty")
+    assert run.startswith("drifty-d")
+    [message] = [m for r, m in _events(api_client, namespace, "drifty") if r == "DriftTriggered"]
+    assert "drift of soc/triage stayed above 0.3 for 1m" in message

@@ -1,0 +1,260 @@
+"""`sectune promote`: put a trained version into an AdapterDeployment YAML in a Git working tree.
+
+The edit is made in place with ruamel.yaml's round trip, so comments, key order, anchors and the
+other documents of the file survive and the diff is the change itself. What it does to one
+adapter's `versions`:
+
+- promote (no flag): the new version takes 100 % traffic; the version it replaces stays listed
+  at traffic 0 (loaded, pinnable, and what `--rollback` returns to); older standbys are dropped.
+- `--canary P`: the new version gets P %, the stable version the rest; refused while another
+  canary is in traffic.
+- `--finalize`: the canary takes 100 % and the old stable version is dropped.
+- `--rollback`: a canary in traffic is dropped and the stable version gets 100 %; otherwise the
+  standby (traffic 0) gets 100 % and the version that replaced it is dropped.
+
+A version comes from a FineTuneJob (its status, read from the cluster) or from storage; either
+way its manifest.json is read from storage, hashed, and must match the digest the job reported,
+and its gates must have passed. Anything refused leaves the file byte-identical.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from sectune import artifacts, storage
+from sectune.config import DNS_LABEL_PATTERN
+
+
+class PromoteError(Exception):
+    """The promotion cannot be made; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A stored version that passed its gates, verified against storage."""
+
+    uri: str
+    sha256: str
+    job: str
+    run: str
+
+
+def verify(uri: str, sha256: str | None) -> Candidate:
+    """The version at `uri` (a version, or a job prefix's current one), its manifest's digest
+    checked against `sha256` when given, refused unless its gates passed."""
+    try:
+        version_uri, recorded = artifacts.locate_version(uri)
+        expected = sha256 or recorded
+        body, manifest = artifacts.read_manifest(version_uri, expected)
+    except (artifacts.IntegrityError, storage.StorageError) as exc:
+        raise PromoteError(str(exc)) from None
+    digest = hashlib.sha256(body).hexdigest()
+    if manifest.get("gatesPassed") is not True:
+        failing = [g.get("name", "?") for g in manifest.get("gates") or [] if not g.get("passed")]
+        raise PromoteError(
+            f"{version_uri} did not pass its gates ({', '.join(failing) or 'no verdict'}); "
+            "it cannot be promoted"
+        )
+    return Candidate(
+        version_uri, digest, str(manifest.get("job", "")), str(manifest.get("run", ""))
+    )
+
+
+def from_job(reference: str) -> Candidate:
+    """The adapter a FineTuneJob (`namespace/name`) reports, verified against storage."""
+    namespace, _, name = reference.partition("/")
+    if not namespace or not name:
+        raise PromoteError(f"--job {reference!r}: expected NAMESPACE/NAME")
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    try:
+        config.load_kube_config()
+    except config.ConfigException:
+        config.load_incluster_config()
+    try:
+        job = client.CustomObjectsApi().get_namespaced_custom_object(
+            "sectune.io", "v1alpha1", namespace, "finetunejobs", name
+        )
+    except ApiException as exc:
+        raise PromoteError(f"FineTuneJob {reference}: {exc.status} {exc.reason}") from None
+    status = job.get("status") or {}
+    adapter = status.get("adapter") or {}
+    if status.get("phase") != "Succeeded" or not adapter.get("uri") or not adapter.get("sha256"):
+        raise PromoteError(
+            f"FineTuneJob {reference} is {status.get('phase') or 'Pending'} "
+            f"({status.get('gatesSummary') or 'no gates verdict'}); only a Succeeded job whose "
+            "gates passed can be promoted"
+        )
+    return verify(adapter["uri"], adapter["sha256"])
+
+
+# --------------------------------------------------------------------------- the YAML edit
+
+
+def _yaml() -> YAML:
+    yaml = YAML()  # round trip: comments, order, anchors, quotes kept
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    return yaml
+
+
+def _find(documents: list[Any], adapter: str, path: Path) -> Any:
+    deployments = [
+        d for d in documents if isinstance(d, dict) and d.get("kind") == "AdapterDeployment"
+    ]
+    if not deployments:
+        raise PromoteError(f"{path}: no AdapterDeployment in the file")
+    for deployment in deployments:
+        for entry in (deployment.get("spec") or {}).get("adapters") or []:
+            if entry.get("name") == adapter:
+                return entry
+    names = [
+        e.get("name") for d in deployments for e in (d.get("spec") or {}).get("adapters") or []
+    ]
+    raise PromoteError(f"{path}: no adapter {adapter!r}; the file has {', '.join(map(str, names))}")
+
+
+def _stable(versions: list[Any]) -> Any:
+    return max(versions, key=lambda v: int(v.get("traffic", 100)))
+
+
+def _next_name(versions: list[Any]) -> str:
+    numbers = [
+        int(m.group(1)) for v in versions if (m := re.fullmatch(r"v(\d+)", str(v.get("version"))))
+    ]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def _entry(name: str, candidate: Candidate, traffic: int) -> CommentedMap:
+    source = CommentedMap([("uri", candidate.uri), ("sha256", candidate.sha256)])
+    return CommentedMap([("version", name), ("source", source), ("traffic", traffic)])
+
+
+def edit(
+    versions: list[Any],
+    candidate: Candidate | None,
+    name: str | None,
+    canary: int | None,
+    finalize: bool,
+    rollback: bool,
+) -> str:
+    """Change an adapter's `versions` list in place; returns what was done, in words."""
+    # A version without `traffic` has 100 (the API's default).
+    traffic = {str(v["version"]): int(v.get("traffic", 100)) for v in versions}
+    live = [v for v in versions if int(v.get("traffic", 100)) > 0]
+    stable = _stable(versions)
+    canaries = [v for v in live if v is not stable]
+    if rollback:
+        if canaries:
+            for v in canaries:
+                versions.remove(v)
+            stable["traffic"] = 100
+            dropped = ", ".join(str(v["version"]) for v in canaries)
+            return f"rolled back: dropped canary {dropped}; {stable['version']} at 100 %"
+        standby = [v for v in versions if int(v.get("traffic", 100)) == 0]
+        if not standby:
+            raise PromoteError(
+                "nothing to roll back to: no canary in traffic and no standby version"
+            )
+        versions.remove(stable)
+        standby[-1]["traffic"] = 100
+        return f"rolled back: {standby[-1]['version']} at 100 %, dropped {stable['version']}"
+    if finalize:
+        if not canaries:
+            raise PromoteError("nothing to finalize: no canary in traffic")
+        if len(canaries) > 1:
+            raise PromoteError("several canaries in traffic; finalize by hand")
+        winner = canaries[0]
+        for v in list(versions):
+            if v is not winner:
+                versions.remove(v)
+        winner["traffic"] = 100
+        return f"finalized: {winner['version']} at 100 %, dropped {stable['version']}"
+    assert candidate is not None
+    if any(
+        (v.get("source") or {}).get("sha256") == candidate.sha256 and int(v.get("traffic", 100)) > 0
+        for v in versions
+    ):
+        raise PromoteError(f"{candidate.uri} is already in traffic")
+    name = name or _next_name(versions)
+    if not re.fullmatch(DNS_LABEL_PATTERN, name) or name in traffic:
+        raise PromoteError(f"--name {name!r}: a new DNS-label version name is needed")
+    if canary is not None:
+        if canaries:
+            running = ", ".join(f"{v['version']} {v.get('traffic')} %" for v in canaries)
+            raise PromoteError(
+                f"a canary is already in traffic ({running}); --finalize or --rollback it first"
+            )
+        if not 0 < canary < 100:
+            raise PromoteError(f"--canary {canary}: give a percentage between 1 and 99")
+        stable["traffic"] = 100 - canary
+        versions.append(_entry(name, candidate, canary))
+        return f"canary: {name} at {canary} %, {stable['version']} at {100 - canary} %"
+    for v in [v for v in versions if v is not stable]:
+        versions.remove(v)  # older standbys go; the replaced version becomes the standby
+    stable["traffic"] = 0
+    versions.append(_entry(name, candidate, 100))
+    return f"promoted: {name} at 100 %, {stable['version']} kept at 0 % for --rollback"
+
+
+def promote(
+    path: Path,
+    adapter: str,
+    candidate: Candidate | None,
+    name: str | None = None,
+    canary: int | None = None,
+    finalize: bool = False,
+    rollback: bool = False,
+) -> tuple[str, str]:
+    """Edit the file; returns (what was done, unified diff). The file changes only on success."""
+    if sum((candidate is not None, finalize, rollback)) != 1:
+        raise PromoteError(
+            "give a version to promote (--job or --version), or --finalize, or --rollback"
+        )
+    try:
+        before = path.read_text()
+    except OSError as exc:
+        raise PromoteError(f"{path}: {exc.strerror}") from None
+    yaml = _yaml()
+    try:
+        documents = list(yaml.load_all(before))
+    except Exception as exc:  # ruamel raises several parser errors
+        raise PromoteError(f"{path}: not valid YAML: {exc}") from None
+    entry = _find(documents, adapter, path)
+    versions = entry.get("versions")
+    if not versions:
+        raise PromoteError(f"{path}: adapter {adapter!r} has no versions")
+    done = edit(versions, candidate, name, canary, finalize, rollback)
+    from sectune.serving.config import check_versions
+
+    try:
+        check_versions(adapter, [(str(v["version"]), int(v.get("traffic", 100))) for v in versions])
+    except ValueError as exc:
+        raise PromoteError(f"{path}: {exc}") from None
+    buffer = io.StringIO()
+    yaml.dump_all(documents, buffer)
+    after = buffer.getvalue()
+    diff = "".join(
+        difflib.unified_diff(
+            before.splitlines(keepends=True),
+            after.splitlines(keepends=True),
+            fromfile=f"a/{path}",
+            tofile=f"b/{path}",
+        )
+    )
+    tmp = path.with_name(f".{path.name}.promote")
+    tmp.write_text(after)
+    os.replace(tmp, path)
+    return done, diff
