@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from sectune.config import ManifestError, parse_manifest
 from sectune.yamlio import load_yaml_all
-from sectune_operator.api import AdapterDeploymentSpec, FineTuneJobSpec
+from sectune_operator.api import AdapterDeploymentSpec, FineTuneJobSpec, FineTuneScheduleSpec
 
 pytestmark = pytest.mark.cluster
 
@@ -214,7 +214,11 @@ def _patch_job(api_client: Any, namespace: str, body: dict[str, Any], status: bo
 
 
 def _pydantic_accepts(doc: dict[str, Any]) -> bool:
-    model = FineTuneJobSpec if doc["kind"] == "FineTuneJob" else AdapterDeploymentSpec
+    model = {
+        "FineTuneJob": FineTuneJobSpec,
+        "AdapterDeployment": AdapterDeploymentSpec,
+        "FineTuneSchedule": FineTuneScheduleSpec,
+    }[doc["kind"]]
     try:
         model.model_validate(doc["spec"])
         if doc["kind"] == "FineTuneJob":
@@ -248,9 +252,9 @@ def test_crds_explain_their_fields(crds):
 
 def _example_documents() -> list[tuple[str, dict[str, Any]]]:
     documents = []
-    for path in sorted((ROOT / "examples").glob("*/*.yaml")):
+    for path in sorted((ROOT / "examples").glob("**/*.yaml")):
         for doc in load_yaml_all(path.read_text()):
-            if doc.get("kind") in ("FineTuneJob", "AdapterDeployment"):
+            if doc.get("kind") in ("FineTuneJob", "AdapterDeployment", "FineTuneSchedule"):
                 documents.append((str(path.relative_to(ROOT)), doc))
     return documents
 
@@ -267,7 +271,7 @@ def test_every_example_applies(crds, namespace, path, doc):
 
 def test_examples_cover_every_kind():
     kinds = {doc["kind"] for _, doc in EXAMPLES}
-    assert kinds == {"FineTuneJob", "AdapterDeployment"}
+    assert kinds == {"FineTuneJob", "AdapterDeployment", "FineTuneSchedule"}
     assert len(EXAMPLES) >= 4
 
 

@@ -319,3 +319,57 @@ def test_memorization_probe_measures_planted_canaries(job_manifest, s3_env, s3_b
     assert memorization["regurgitation"]["prompts"] == 2
     assert report["data"]["canaries"] == {"count": 2, "repeats": 8}
     assert report["gates"][0]["name"] == "canaryExposure<=100" and report["gates"][0]["passed"]
+
+
+def test_a_run_is_compared_with_the_previous_version_it_would_replace(
+    trained, tiny_model_dir, tmp_path
+):
+    """evaluation.previousVersion: the stored version (verified, same base) is scored on the
+    same held-out data; the report puts it next to the tuned model and a gate can demand "no
+    worse than what is served". A digest that does not match is refused as bad input."""
+    from sectune.yamlio import dump_yaml
+    from support.jobs import tiny_job, write_dataset
+
+    train = write_dataset(tmp_path / "train.jsonl", 48, seed=5)
+    previous = {"uri": trained.triage_v1.uri, "sha256": trained.triage_v1.sha256}
+    evaluation = {
+        "probeExamples": 4,
+        "previousVersion": previous,
+        "gates": [{"metric": "accuracy", "overBaseline": "previous", "min": -1.0}],
+    }
+    output = {"uri": f"s3://{trained.bucket}/compared"}
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        dump_yaml(tiny_job("triage", tiny_model_dir, train, evaluation=evaluation, output=output))
+    )
+    result = sectune("run", str(manifest), env=trained.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    env_before = {k: os.environ.get(k) for k in trained.env}
+    os.environ.update(trained.env)
+    try:
+        pointer = artifacts.current(f"s3://{trained.bucket}/compared/triage")
+        assert pointer is not None
+        version = f"s3://{trained.bucket}/compared/triage/versions/{pointer['version']}"
+        report = json.loads(storage.read_bytes(f"{version}/report.json"))
+    finally:
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert report["previousVersion"]["uri"] == trained.triage_v1.uri
+    assert report["previousVersion"]["sha256"] == trained.triage_v1.sha256
+    assert 0.0 <= report["models"]["previous"]["accuracy"] <= 1.0
+    [gate] = report["gates"]
+    assert gate["name"].startswith("accuracy") and gate["passed"]
+    expected = report["models"]["tuned"]["accuracy"] - report["models"]["previous"]["accuracy"]
+    assert gate["value"] == pytest.approx(expected)
+    assert "accuracy" in report["deltas"]["previous"]
+
+    evaluation["previousVersion"] = {"uri": trained.triage_v1.uri, "sha256": "0" * 64}
+    manifest.write_text(
+        dump_yaml(tiny_job("triage", tiny_model_dir, train, evaluation=evaluation, output=output))
+    )
+    refused = sectune("run", str(manifest), env=trained.env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "manifest.json" in refused.stderr and "0" * 16 in refused.stderr

@@ -50,7 +50,7 @@ NEWER = Candidate(
 
 
 def _versions(path: Path, adapter: str = "alert-triage") -> dict[str, int]:
-    [_, deployment] = list(load_yaml_all(path.read_text()))
+    [deployment] = [d for d in load_yaml_all(path.read_text()) if d["kind"] == "AdapterDeployment"]
     [entry] = [a for a in deployment["spec"]["adapters"] if a["name"] == adapter]
     return {v["version"]: v.get("traffic", 100) for v in entry["versions"]}
 
@@ -163,3 +163,44 @@ def test_verify_checks_the_stored_digest_and_the_gates(tmp_path: Path):
     failed = _publish(tmp_path, False)
     with pytest.raises(PromoteError, match=r"did not pass its gates \(macroF1>=0.8\)"):
         verify(failed.uri, failed.manifest_sha256)
+
+
+def test_the_cli_promotes_a_stored_version_into_the_gitops_example(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    example = (
+        Path(__file__).resolve().parents[2]
+        / "examples"
+        / "gitops"
+        / "deployments"
+        / "soc-models.yaml"
+    )
+    target = tmp_path / "soc-models.yaml"
+    shutil.copy(example, target)
+    published = _publish(tmp_path, True)
+    prefix = f"file://{tmp_path}/store/triage"
+    command = [
+        sys.executable,
+        "-m",
+        "sectune.cli",
+        "promote",
+        "--version",
+        prefix,
+        "--to",
+        str(target),
+    ]
+    result = subprocess.run(
+        [*command, "--adapter", "alert-triage", "--canary", "10"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"+            sha256: {published.manifest_sha256}" in result.stdout
+    assert "canary: v2 at 10 %, v1 at 90 %" in result.stdout + result.stderr
+    assert _versions(target) == {"v1": 90, "v2": 10}
+    refused = subprocess.run(
+        [*command, "--adapter", "attack-tactics"], capture_output=True, text=True
+    )
+    assert (
+        refused.returncode == 2 and "no adapter 'attack-tactics'" in refused.stdout + refused.stderr
+    )

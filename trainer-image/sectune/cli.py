@@ -56,6 +56,7 @@ def _write_result(path: Path, message: str) -> None:
 
 def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
     from sectune import runner
+    from sectune.artifacts import IntegrityError
     from sectune.data.load import DataError
     from sectune.storage import StorageError
     from sectune.training.base_model import ModelError
@@ -115,7 +116,14 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
 
     try:
         outcome = runner.run_job(name, spec, on_event)
-    except (ManifestError, DataError, runner.ResourceError, ModelError, ValueError) as exc:
+    except (
+        ManifestError,
+        DataError,
+        runner.ResourceError,
+        ModelError,
+        ValueError,
+        IntegrityError,  # evaluation.previousVersion does not verify
+    ) as exc:
         progress.stop()
         console.print(f"[red]error:[/] {exc}")
         return finish(

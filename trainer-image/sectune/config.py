@@ -359,8 +359,9 @@ class Gate(Spec):
     """The metric, as named in the report."""
     class_name: str | None = Field(None, alias="class", max_length=128)
     """For precision, recall and f1: the label the gate applies to."""
-    over_baseline: Literal["base", "fewShot", "tfidf"] | None = None
-    """Compare the margin over this baseline instead of the raw value."""
+    over_baseline: Literal["base", "fewShot", "tfidf", "previous"] | None = None
+    """Compare the margin over this baseline instead of the raw value (previous: the stored
+    version named by evaluation.previousVersion, e.g. "no worse than what is served")."""
     min: float | None = None
     """Lowest acceptable value."""
     max: float | None = None
@@ -393,6 +394,15 @@ class Gate(Spec):
         return key + ",".join(bounds)
 
 
+class PreviousVersion(Spec):
+    """A stored version of this adapter to compare with: usually the one being served."""
+
+    uri: Uri
+    """A published version (…/versions/<run>, with sha256) or a job prefix (its current.json)."""
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    """sha256 of the version's manifest.json (required for a version URI)."""
+
+
 class EvaluationSpec(Spec):
     """How the adapter is judged before anyone may promote it."""
 
@@ -406,6 +416,19 @@ class EvaluationSpec(Spec):
     """Held-out examples the injection suite is planted into (each gets every attack)."""
     gates: list[Gate] = Field(default_factory=list, max_length=64)
     """Thresholds the job must meet to succeed."""
+    previous_version: PreviousVersion | None = None
+    """Score this stored version (verified, same base model) on the same held-out data: its
+    metrics sit next to the tuned model's in the report as `previous`, and gates with
+    `overBaseline: previous` compare with it. FineTuneSchedule runs get their schedule's last
+    successful run here unless the template names one."""
+
+    @model_validator(mode="after")
+    def _previous_gates(self) -> EvaluationSpec:
+        if self.previous_version is None and any(g.over_baseline == "previous" for g in self.gates):
+            raise ValueError(
+                "evaluation.gates: overBaseline: previous needs evaluation.previousVersion"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- output
@@ -458,6 +481,11 @@ class JobSpec(Spec):
             raise ValueError(
                 "dataset.format: classification tasks read classification (text, label) or "
                 "instruction rows"
+            )
+        if self.evaluation.previous_version and self.method.type not in ("lora", "qlora"):
+            raise ValueError(
+                "evaluation.previousVersion: only adapters (method lora or qlora) are compared "
+                "with a previous version"
             )
         return self
 
@@ -536,6 +564,19 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "dataset.format: classification tasks read classification (text, "
             "label) or instruction rows",
             "fieldPath": ".dataset.format",
+        },
+        {
+            "rule": "!has(self.evaluation) || !has(self.evaluation.previousVersion) || "
+            "self.method.type in ['lora', 'qlora']",
+            "message": "evaluation.previousVersion: only adapters (method lora or qlora) are "
+            "compared with a previous version",
+        },
+    ],
+    EvaluationSpec: [
+        {
+            "rule": "!has(self.gates) || has(self.previousVersion) || "
+            "!self.gates.exists(g, has(g.overBaseline) && g.overBaseline == 'previous')",
+            "message": "evaluation.gates: overBaseline: previous needs evaluation.previousVersion",
         },
     ],
 }

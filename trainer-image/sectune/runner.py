@@ -139,7 +139,7 @@ def run_job(
     from sectune.evaluation.baselines import tfidf_baseline
     from sectune.evaluation.gates import evaluate_gates, gate_verdict
     from sectune.evaluation.report import render_html
-    from sectune.evaluation.suite import baselines, evaluate_tuned
+    from sectune.evaluation.suite import baselines, evaluate_tuned, score_previous
     from sectune.training import base_model
     from sectune.training.train import Checkpoints, pick_precision, train, wrap_with_lora
 
@@ -186,6 +186,12 @@ def run_job(
 
     on_event("stage", {"name": "Evaluating"})
     models["tuned"], probes = evaluate_tuned(model, tokenizer, data, spec, use_amp)
+    previous_version = None
+    if spec.evaluation.previous_version is not None:
+        on_event("stage", {"name": "Scoring the previous version"})
+        models["previous"], previous_version = score_previous(
+            model, tokenizer, data, spec, use_amp, resolved.digest, workdir
+        )
     if classification:
         models["tfidf"] = tfidf_baseline(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed
@@ -210,6 +216,7 @@ def run_job(
             for base in compared
         },
         "probes": probes,
+        "previousVersion": previous_version,
         "gates": gate_outcomes,
         "gatesPassed": gates_passed,
         "verdict": verdict,

@@ -51,9 +51,30 @@ def _custom() -> client.CustomObjectsApi:
 
 
 def _create_run(
-    body: kopf.Body, namespace: str, owner: str, run: str, spec: FineTuneScheduleSpec, why: str
+    body: kopf.Body,
+    namespace: str,
+    owner: str,
+    run: str,
+    spec: FineTuneScheduleSpec,
+    why: str,
+    previous: dict[str, Any] | None,
 ) -> bool:
-    """Create the run; False when it already exists (a restart, or a retry)."""
+    """Create the run; False when it already exists (a restart, or a retry). The schedule's
+    last successful run is its `evaluation.previousVersion` unless the template names one, so
+    each run is compared with what came before it."""
+    job_spec = spec.job_template.model_dump(mode="json", by_alias=True, exclude_none=True)
+    template = spec.job_template
+    if (
+        template.evaluation.previous_version is None
+        and template.method.type in ("lora", "qlora")
+        and previous
+        and previous.get("uri")
+        and previous.get("sha256")
+    ):
+        job_spec["evaluation"]["previousVersion"] = {
+            "uri": previous["uri"],
+            "sha256": previous["sha256"],
+        }
     job = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
@@ -62,7 +83,7 @@ def _create_run(
             "labels": {schedule.SCHEDULE_LABEL: owner},
             "annotations": {"sectune.io/triggered-by": why[:1000]},
         },
-        "spec": spec.job_template.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "spec": job_spec,
     }
     kopf.adopt(job, owner=body)
     try:
@@ -245,7 +266,8 @@ def tick(
                         message=f"Deleted FineTuneJob {old['name']} (Replace)",
                     )
                 active = []
-            if _create_run(body, namespace, name, run, parsed, reason):
+            last_ok = (status.get("lastSuccessfulJob") or {}).get("adapter")
+            if _create_run(body, namespace, name, run, parsed, reason, last_ok):
                 active = [{"name": run}]
         if trigger == "cron":
             update["lastScheduleTime"] = schedule.format_time(when)

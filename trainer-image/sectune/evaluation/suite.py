@@ -3,6 +3,7 @@ the baselines and the tuned model, so the report compares like with like."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sectune.config import JobSpec
@@ -66,6 +67,45 @@ def baselines(
             model, tokenizer, with_demonstrations(data.test, data.train), spec, autocast
         ),
     }
+
+
+def score_previous(
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    spec: JobSpec,
+    autocast: bool,
+    base_digest: str,
+    workdir: Path,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The metrics of `evaluation.previousVersion` on the same held-out data, and where it came
+    from. It is fetched with every digest verified, safetensors only, and must have been
+    trained on this base model; it is loaded next to the tuned adapter and removed after."""
+    from sectune import artifacts
+
+    previous = spec.evaluation.previous_version
+    assert previous is not None
+    version_uri, sha256 = artifacts.resolve_version(previous.uri, previous.sha256)
+    directory = workdir / "previous-version"
+    manifest = artifacts.fetch_verified(version_uri, sha256, directory, include=("adapter/",))
+    artifacts.require_safetensors(directory / "adapter", version_uri)
+    trained_on = (manifest.get("baseModel") or {}).get("sha256")
+    if trained_on != base_digest:
+        raise artifacts.IntegrityError(
+            f"evaluation.previousVersion {version_uri} was trained on base model sha256 "
+            f"{trained_on}, not this job's {base_digest}; compare versions of one base model"
+        )
+    model.load_adapter(str(directory / "adapter"), adapter_name="previous")
+    model.set_adapter("previous")
+    try:
+        if spec.task.type == "classification":
+            metrics = classify(model, tokenizer, data.test, spec, autocast)
+        else:
+            metrics = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("previous")
+    return metrics, {"uri": version_uri, "sha256": sha256, "run": str(manifest.get("run", ""))}
 
 
 def _generation_metrics(

@@ -1,0 +1,73 @@
+"""FineTuneSchedule decisions: due times, run names, history limits, the drift query, and the
+spec's refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from pydantic import ValidationError
+
+from sectune_operator import schedule
+from sectune_operator.api import FineTuneScheduleSpec
+
+UTC = dt.UTC
+TEMPLATE = {
+    "baseModel": {"uri": "s3://m/b"},
+    "dataset": {"train": "s3://d/t.jsonl"},
+    "task": {"labels": ["a", "b"]},
+    "output": {"uri": "s3://o"},
+}
+
+
+def test_only_the_latest_missed_time_runs_and_time_zones_count():
+    last = dt.datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
+    now = dt.datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
+    # Daily at 03:00 Berlin (02:00 UTC in winter): many missed, one run for the latest.
+    assert schedule.due("0 3 * * *", "Europe/Berlin", last, now) == dt.datetime(
+        2026, 11, 25, 2, 0, tzinfo=UTC
+    )
+    assert schedule.due("0 3 1 12 *", "UTC", last, now) is None
+    assert schedule.next_time("0 3 1 * *", "UTC", now) == dt.datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+
+
+def test_run_names_are_deterministic_and_fit_a_job_name():
+    when = dt.datetime(2026, 11, 25, 10, 31, 59, tzinfo=UTC)
+    name = schedule.run_name("x" * schedule.MAX_SCHEDULE_NAME, when)
+    assert name == schedule.run_name("x" * schedule.MAX_SCHEDULE_NAME, when.replace(second=0))
+    assert len(name) <= 52
+    assert schedule.run_name("s", when, "drift").startswith("s-d")
+
+
+def test_history_limits_drop_the_oldest_finished_runs():
+    runs = [
+        schedule.Run("a", "Succeeded", "2026-11-01T00:00:00Z"),
+        schedule.Run("b", "Succeeded", "2026-11-02T00:00:00Z"),
+        schedule.Run("c", "Failed", "2026-11-03T00:00:00Z"),
+        schedule.Run("d", "Failed", "2026-11-04T00:00:00Z"),
+        schedule.Run("e", "Training", "2026-11-05T00:00:00Z"),
+    ]
+    assert schedule.over_history(runs, successful_limit=1, failed_limit=1) == ["a", "c"]
+    assert schedule.over_history(runs, successful_limit=3, failed_limit=0) == ["c", "d"]
+
+
+def test_drift_query_asks_whether_the_score_stayed_above():
+    promql = schedule.drift_query('namespace="soc",pod=~"soc-serve-.+"', "triage", "inputs", 30)
+    assert promql == (
+        'min_over_time((max(sectune_serve_input_drift_score{namespace="soc",'
+        'pod=~"soc-serve-.+",adapter="triage"}))[30m:15s])'
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({}, "set schedule, driftTrigger, or both"),
+        ({"schedule": "every day"}, "schedule 'every day'"),
+        ({"schedule": "0 3 * * *", "timeZone": "Mars/Olympus"}, "not an IANA time zone"),
+        ({"schedule": "0 3 * * *", "concurrencyPolicy": "Allow"}, "concurrencyPolicy"),
+    ],
+)
+def test_bad_schedules_are_refused(spec, message):
+    with pytest.raises(ValidationError, match=message):
+        FineTuneScheduleSpec.model_validate({"jobTemplate": TEMPLATE, **spec})
