@@ -204,3 +204,97 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
     assert run.startswith("drifty-d")
     [message] = [m for r, m in _events(api_client, namespace, "drifty") if r == "DriftTriggered"]
     assert "drift of soc/triage stayed above 0.3 for 1m" in message
+
+
+def test_promote_takes_a_succeeded_job_from_the_cluster_and_checks_storage(
+    api_client, namespace, start_operator, control_plane, tmp_path
+):
+    """`sectune promote --job NS/NAME` reads the job's status with the user's kubeconfig, checks
+    the stored manifest against the digest the job reported, and edits the file."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sectune import artifacts, storage
+
+    stage = tmp_path / "stage"
+    (stage / "adapter").mkdir(parents=True)
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    prefix = storage.parse_uri(f"file://{tmp_path}/store/triage-v2")
+    published = artifacts.publish(
+        stage, prefix, "r2", {"job": "triage-v2", "run": "r2", "gatesPassed": True, "gates": []}
+    )
+    client.CoreV1Api(api_client).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "storage"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"},
+        },
+    )
+    start_operator()
+    job = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "triage-v2"},
+        "spec": TEMPLATE,
+    }
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", job
+    )
+    # The trainer's result names the stored version (file:// here, as `sectune run` writes it).
+    core = client.CoreV1Api(api_client)
+    wait_until(
+        lambda: [
+            p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"
+        ],
+        60,
+        "pod",
+    )
+    [pod] = [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"]
+    result = {
+        "phase": "Succeeded",
+        "reason": "GatesPassed",
+        "adapter": {"uri": published.uri, "sha256": published.manifest_sha256},
+        "gates": [],
+    }
+    core.patch_namespaced_pod(
+        pod.metadata.name, namespace,
+        {"metadata": {"annotations": {"sectune.dev/test-exit-code": "0", "sectune.dev/test-termination-message": json.dumps(result)}}},
+    )  # fmt: skip
+    wait_until(
+        lambda: (
+            _status(api_client, namespace, "triage-v2", "finetunejobs").get("phase") == "Succeeded"
+        ),
+        60,
+        "Succeeded",
+    )
+
+    example = (
+        Path(__file__).resolve().parents[2]
+        / "examples"
+        / "gitops"
+        / "deployments"
+        / "soc-models.yaml"
+    )
+    target = tmp_path / "soc-models.yaml"
+    shutil.copy(example, target)
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
+    command = [sys.executable, "-m", "sectune.cli", "promote", "--job", f"{namespace}/triage-v2"]
+    command += ["--to", str(target), "--adapter", "alert-triage", "--canary", "20"]
+    promoted = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert f"sha256: {published.manifest_sha256}" in target.read_text()
+    assert "canary: v2 at 20 %, v1 at 80 %" in promoted.stdout + promoted.stderr
+
+    # The stored manifest changes after the job reported it: refused, file untouched.
+    manifest = Path(f"{tmp_path}/store/triage-v2/versions/r2/manifest.json")
+    manifest.write_text(manifest.read_text().replace('"r2"', '"r3"'))
+    shutil.copy(example, target)
+    before = target.read_bytes()
+    refused = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert refused.returncode == 2
+    assert "sha256" in refused.stdout + refused.stderr
+    assert target.read_bytes() == before
