@@ -3,9 +3,9 @@ termination message. Pure functions, unit-tested without a cluster."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from sectune.contract import TrainerResult
 from sectune_operator.builders.finetunejob import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
@@ -56,8 +56,8 @@ def set_condition(
     return sorted(out, key=lambda c: order.get(c["type"], len(order)))
 
 
-def termination_message(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The trainer's JSON result from a finished pod, if it wrote one."""
+def termination_message(pod: dict[str, Any]) -> TrainerResult | None:
+    """The trainer's result from a finished pod, if it wrote one (sectune.contract)."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") != CONTAINER:
             continue
@@ -65,18 +65,14 @@ def termination_message(pod: dict[str, Any]) -> dict[str, Any] | None:
         message = terminated.get("message")
         if not message:
             return None
-        try:
-            parsed = json.loads(message)
-        except json.JSONDecodeError:
-            # FallbackToLogsOnError: the log tail, not JSON. Keep it as the message.
-            return {
-                "reason": "TrainerError",
-                "message": message[-1000:],
-                "exitCode": terminated.get("exitCode"),
-            }
-        if isinstance(parsed, dict):
-            parsed.setdefault("exitCode", terminated.get("exitCode"))
+        exit_code = terminated.get("exitCode")
+        parsed = TrainerResult.parse(message, exit_code)
+        if parsed is not None:
             return parsed
+        # FallbackToLogsOnError: the log tail, not a result. Keep it as the message.
+        return TrainerResult(
+            phase="Failed", reason="TrainerError", message=message[-1000:], exit_code=exit_code
+        )
     return None
 
 
@@ -92,29 +88,27 @@ def _finished_pods(pods: list[dict[str, Any]], phase: str) -> list[dict[str, Any
     return sorted(done, key=lambda p: p["metadata"].get("creationTimestamp", ""))
 
 
-def _result_fields(result: dict[str, Any]) -> dict[str, Any]:
+def _result_fields(result: TrainerResult | None) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    adapter = result.get("adapter") or {}
-    if adapter.get("uri"):
-        fields["adapter"] = {"uri": adapter["uri"], "sha256": adapter.get("sha256")}
-    if result.get("metrics"):
-        fields["metrics"] = {k: float(v) for k, v in result["metrics"].items()}
-    gates = result.get("gates") or []
-    if gates:
-        fields["gates"] = [
-            {"name": g["name"], "value": g.get("value"), "passed": bool(g["passed"])} for g in gates
-        ]
-        fields["gatesSummary"] = f"{sum(g['passed'] for g in gates)}/{len(gates)} passed"
-    dataset = result.get("dataset") or {}
-    if dataset:
-        counts = dataset.get("counts") or {}
+    if result is None:
+        return fields
+    if result.adapter and result.adapter.uri:
+        fields["adapter"] = {"uri": result.adapter.uri, "sha256": result.adapter.sha256}
+    if result.metrics:
+        fields["metrics"] = dict(result.metrics)
+    if result.gates:
+        fields["gates"] = [g.model_dump(exclude_none=False) for g in result.gates]
+        passed = sum(g.passed for g in result.gates)
+        fields["gatesSummary"] = f"{passed}/{len(result.gates)} passed"
+    dataset = result.dataset
+    if dataset is not None:
         fields["dataset"] = {
             k: v
             for k, v in {
-                "digest": dataset.get("digest"),
-                "trainExamples": counts.get("train"),
-                "validationExamples": counts.get("validation"),
-                "redactions": dataset.get("redactions") or {},
+                "digest": dataset.digest,
+                "trainExamples": dataset.counts.get("train"),
+                "validationExamples": dataset.counts.get("validation"),
+                "redactions": dataset.redactions,
             }.items()
             if v is not None
         }
@@ -150,12 +144,12 @@ def derive_status(
     if complete:
         succeeded = _finished_pods(pods, "Succeeded")
         result = termination_message(succeeded[-1]) if succeeded else None
-        status |= _result_fields(result or {})
+        status |= _result_fields(result)
         status["phase"] = "Succeeded"
         status["completionTime"] = (
             job_status.get("completionTime") or complete.get("lastTransitionTime") or now
         )
-        message = (result or {}).get("message") or "training, evaluation and gates finished"
+        message = (result.message if result else "") or "training, evaluation and gates finished"
         for type_, value, reason in (
             ("Training", "False", "Completed"),
             ("Evaluated", "True", "Evaluated"),
@@ -167,10 +161,10 @@ def derive_status(
     elif failed:
         failed_pods = _finished_pods(pods, "Failed")
         result = termination_message(failed_pods[-1]) if failed_pods else None
-        status |= _result_fields(result or {})
-        reason = (result or {}).get("reason") or failed.get("reason") or "Failed"
+        status |= _result_fields(result)
+        reason = (result.reason if result else "") or failed.get("reason") or "Failed"
         message = (
-            (result or {}).get("message") or failed.get("message") or "the training Job failed"
+            (result.message if result else "") or failed.get("message") or "the training Job failed"
         )
         if reason == "GatesFailed":
             failing = [g["name"] for g in status.get("gates", []) if not g["passed"]]

@@ -171,3 +171,36 @@ def test_progress_from_trainer_metrics():
 @pytest.mark.parametrize("message", [None, ""])
 def test_no_termination_message(message):
     assert termination_message(_pod("p", "Succeeded", 0, message)) is None
+
+
+def test_trainer_results_cross_the_boundary_old_new_and_oversized():
+    from sectune.contract import ExitCode, ResultGate, TrainerResult
+
+    # What a trainer before the versioned contract wrote still parses (as version 1).
+    old = '{"phase":"Succeeded","reason":"GatesPassed","message":"ok","adapter":{"uri":"s3://a/v","sha256":"ab"},"gates":[{"name":"f1","passed":true,"value":0.9}]}'
+    parsed = TrainerResult.parse(old, exit_code=0)
+    assert parsed is not None and parsed.version == 1 and parsed.exit_code == 0
+    assert (
+        parsed.gates[0].passed and parsed.adapter is not None and parsed.adapter.uri == "s3://a/v"
+    )
+    # A newer trainer's unknown fields are ignored, never fatal.
+    newer = '{"version":7,"phase":"Failed","reason":"GatesFailed","novelty":{"x":1},"gates":[]}'
+    assert TrainerResult.parse(newer) == TrainerResult(
+        version=7, phase="Failed", reason="GatesFailed"
+    )
+    assert TrainerResult.parse("Traceback (most recent call last): ...") is None
+    # The message always fits the 4 KiB Kubernetes keeps: gates go first, then the message.
+    big = TrainerResult(
+        phase="Failed",
+        reason="GatesFailed",
+        message="m" * 3000,
+        gates=[ResultGate(name=f"gate-{i}" * 10, passed=False, value=0.1) for i in range(100)],
+    )
+    text = big.to_message()
+    assert len(text.encode()) <= 4096
+    assert TrainerResult.parse(text) is not None
+    assert [ExitCode.BAD_INPUT, ExitCode.GATES_FAILED] == [2, 3]
+    # The Pod failure policy fails fast on exactly those.
+    job = build_job("j", _spec(), Settings())
+    [rule, _] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["onExitCodes"]["values"] == [2, 3]

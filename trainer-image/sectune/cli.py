@@ -18,6 +18,7 @@ from rich.table import Table
 
 from sectune import __version__
 from sectune.config import JobSpec, ManifestError, load_manifest
+from sectune.contract import ExitCode, TrainerResult
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and CI: room for the summary table's columns
@@ -128,21 +129,21 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         console.print(f"[red]error:[/] {exc}")
         return finish(
             runner.EXIT_BAD_INPUT,
-            json.dumps({"phase": "Failed", "reason": "InvalidInput", "message": str(exc)[:3000]}),
+            TrainerResult.failure("InvalidInput", str(exc)).to_message(),
         )
     except Preempted as exc:
         progress.stop()
         console.print(f"[yellow]{exc}[/]")
         return finish(
             runner.EXIT_PREEMPTED,
-            json.dumps({"phase": "Training", "reason": "Preempted", "message": str(exc)}),
+            TrainerResult.failure("Preempted", str(exc), phase="Training").to_message(),
         )
     except StorageError as exc:
         progress.stop()
         console.print(f"[red]storage error:[/] {exc}")
         return finish(
             runner.EXIT_INFRASTRUCTURE,
-            json.dumps({"phase": "Failed", "reason": "StorageError", "message": str(exc)[:3000]}),
+            TrainerResult.failure("StorageError", str(exc)).to_message(),
         )
     finally:
         if metrics:
@@ -157,7 +158,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         job_prefix = outcome.adapter_uri.rsplit("/versions/", 1)[0]
         console.print(f"Serve:   sectune serve --adapter {name}={job_prefix}", soft_wrap=True)
     code = runner.EXIT_OK if outcome.phase == "Succeeded" else runner.EXIT_GATES_FAILED
-    return finish(code, outcome.termination_message())
+    return finish(code, outcome.result().to_message())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -193,9 +194,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {args.config}: {exc}")
         _write_result(
             termination,
-            json.dumps({"phase": "Failed", "reason": "InvalidConfig", "message": str(exc)[:3000]}),
+            TrainerResult.failure("InvalidConfig", str(exc)).to_message(),
         )
-        return 2
+        return ExitCode.BAD_INPUT
     return _run(name, spec, args.metrics_port, termination)
 
 

@@ -17,17 +17,14 @@ from typing import Any
 
 from sectune import __version__, storage
 from sectune.config import JobSpec
+from sectune.contract import ExitCode, ResultAdapter, ResultDataset, ResultGate, TrainerResult
 
-# Exit codes the operator's Pod failure policy reads.
-EXIT_OK = 0
-EXIT_INFRASTRUCTURE = 1
-"""Anything unexpected (storage down, node lost): retried, resuming from the checkpoint."""
-EXIT_BAD_INPUT = 2
-"""Bad config or data: retrying cannot help; fail fast with the message."""
-EXIT_GATES_FAILED = 3
-"""The adapter was trained and stored but did not meet its gates."""
-EXIT_PREEMPTED = 143
-"""Stopped by SIGTERM after writing a checkpoint: retried."""
+# Exit codes the operator's Pod failure policy reads (sectune.contract.ExitCode).
+EXIT_OK = ExitCode.OK
+EXIT_INFRASTRUCTURE = ExitCode.INFRASTRUCTURE
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
+EXIT_GATES_FAILED = ExitCode.GATES_FAILED
+EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 
 class ResourceError(ValueError):
@@ -44,33 +41,30 @@ class Outcome:
     adapter_sha256: str | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
-    def termination_message(self, limit: int = 4096) -> str:
-        """Short JSON for the pod's termination message (Kubernetes keeps 4 KiB)."""
+    def result(self) -> TrainerResult:
+        """What the operator reads (sectune.contract), from the run's report."""
         tuned = self.report.get("models", {}).get("tuned", {})
-        body: dict[str, Any] = {
-            "phase": self.phase,
-            "reason": self.reason,
-            "message": self.message[:600],
-            "adapter": {"uri": self.adapter_uri, "sha256": self.adapter_sha256},
-            "metrics": {
+        data = self.report.get("data", {})
+        return TrainerResult(
+            phase=self.phase,
+            reason=self.reason,
+            message=self.message[:600],
+            adapter=ResultAdapter(uri=self.adapter_uri, sha256=self.adapter_sha256),
+            metrics={
                 k: round(tuned[k], 4)
                 for k in ("accuracy", "macroF1", "validationLoss")
                 if k in tuned
             },
-            "gates": [
-                {"name": g["name"], "passed": g["passed"], "value": g["value"]}
+            gates=[
+                ResultGate(name=g["name"], passed=g["passed"], value=g["value"])
                 for g in self.report.get("gates", [])
             ],
-            "dataset": {
-                k: v for k, v in self.report.get("data", {}).items() if k in ("digest", "counts")
-            }
-            | {"redactions": self.report.get("data", {}).get("sanitize", {}).get("redactions", {})},
-        }
-        text = json.dumps(body, separators=(",", ":"))
-        while len(text.encode()) > limit and body["gates"]:
-            body["gates"].pop()
-            text = json.dumps(body, separators=(",", ":"))
-        return text[:limit]
+            dataset=ResultDataset(
+                digest=data.get("digest"),
+                counts=data.get("counts") or {},
+                redactions=data.get("sanitize", {}).get("redactions", {}),
+            ),
+        )
 
 
 def hardware() -> str:

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from sectune.config import CLUSTER_ONLY_FIELDS, JobSpec
+from sectune.contract import ExitCode
 from sectune_operator.api import FineTuneJobSpec
 from sectune_operator.settings import Settings
 
@@ -34,9 +35,6 @@ EXCEPTIONS = {
 UID = 10001
 """User and group of every pod the operator creates (the images' own user): non-root, and above
 the range host accounts use."""
-# Exit codes of `sectune train` (sectune.runner): retrying cannot fix these.
-EXIT_BAD_INPUT = 2
-EXIT_GATES_FAILED = 3
 STORAGE_ENV = {
     "AWS_ACCESS_KEY_ID": ("AWS_ACCESS_KEY_ID", False),
     "AWS_SECRET_ACCESS_KEY": ("AWS_SECRET_ACCESS_KEY", False),
@@ -228,7 +226,8 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": [EXIT_BAD_INPUT, EXIT_GATES_FAILED],
+                        # `sectune train` exits: retrying cannot fix these.
+                        "values": [int(ExitCode.BAD_INPUT), int(ExitCode.GATES_FAILED)],
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
