@@ -21,8 +21,8 @@ class Settings:
     metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "8081")))
     """Port of the operator's own /metrics."""
     status_interval: float = field(default_factory=lambda: float(_env("STATUS_INTERVAL", "5")))
-    """Seconds between status refreshes of an unfinished FineTuneJob. Each refresh is a timer
-    run per job: at 1,000 jobs, 2 s kept a 2-core operator busy (see BENCHMARKS.md)."""
+    """Seconds between progress reads of a training FineTuneJob (its status otherwise follows
+    Job and Pod events) and between AdapterDeployment and FineTuneSchedule refreshes."""
     max_concurrent_jobs: int = field(default_factory=lambda: int(_env("MAX_CONCURRENT_JOBS", "0")))
     """Training Jobs running at once per namespace when Kueue is not used; 0: no limit."""
     allow_file_uris: bool = field(

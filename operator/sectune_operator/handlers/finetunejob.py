@@ -308,16 +308,11 @@ def pods_by_owner(
     return {(namespace, labels[JOB_LABEL]): _pod_summary(body)}
 
 
-def _count_attempts(key: tuple[str, str], status: kopf.Status, memo: kopf.Memo) -> int:
-    """Pods started for a job: the count in status plus pods this process has seen since.
-    After a restart, pods already present were counted by the previous process."""
-    seen = memo.pods_seen.get(key, set())
-    counted = memo.pods_counted.get(key)
-    if counted is None:
-        counted = memo.pods_counted[key] = set(seen) if status.get("attempts") else set()
-    new = seen - counted
-    counted |= new
-    return int(status.get("attempts") or 0) + len(new)
+def _count_attempts(key: tuple[str, str], status: dict[str, Any], memo: kopf.Memo) -> int:
+    """Training pods started for a job: every pod this process has seen for it (preempted ones
+    included), or what status already counted (pods deleted before a restart), whichever is
+    more."""
+    return max(int(status.get("attempts") or 0), len(memo.pods_seen.get(key, set())))
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -334,59 +329,149 @@ def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str
     return progress_from_metrics(text) if text is not None else None
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def finetunejob_states(
+    namespace: str, name: str, status: kopf.Status, meta: kopf.Meta, uid: str, **_: Any
+) -> dict[Any, Any]:
+    """What a status refresh needs of each FineTuneJob, so Job and Pod events can refresh it."""
+    return {
+        (namespace, name): {
+            "status": dict(status),
+            "generation": int(meta.get("generation") or 0),
+            "uid": uid,
+            "resourceVersion": int(meta.get("resourceVersion") or 0),
+        }
+    }
+
+
+def _announce(
+    body: dict[str, Any], namespace: str, old: dict[str, Any], new: dict[str, Any]
+) -> None:
+    """Events and metrics for a phase transition."""
+    phase = new.get("phase")
+    failed = next(
+        (c for c in new.get("conditions", []) if c["type"] == "Failed" and c["status"] == "True"),
+        None,
+    )
+    if failed:
+        kopf.warn(body, reason=failed["reason"], message=failed["message"][:1000])
+        metrics.FINETUNEJOB_FAILURES.labels(namespace, failed["reason"]).inc()
+        if failed["reason"] == "GatesFailed":
+            metrics.GATE_FAILURES.labels(namespace).inc()
+    else:
+        kopf.info(body, reason=str(phase), message=f"FineTuneJob is {phase}")
+    if phase in TERMINAL and new.get("startTime"):
+        began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
+        metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
+
+
+def _refresh(
+    key: tuple[str, str],
+    states: kopf.Index,
+    jobs: kopf.Index,
+    pods_index: kopf.Index,
+    memo: kopf.Memo,
+    progress: dict[str, Any] | None = None,
+) -> None:
+    """Derive a FineTuneJob's status from its Job and Pods and patch it when it changed.
+    Called on every event of its Job or Pods, and by the progress timer while it trains."""
+    state = next(iter(states.get(key, [])), None)
+    if state is None:
+        return
+    namespace, name = key
+    with memo.status_lock:
+        # Our last patch may not have come back through the watch yet: build on it while the
+        # index still shows what it was based on; anything newer in the index wins.
+        status = state["status"]
+        version, patched = memo.last_status.get(key, (0, None))
+        if patched is not None and state["resourceVersion"] < version:
+            status = patched
+        else:
+            memo.last_status.pop(key, None)
+        if status.get("phase") in TERMINAL:
+            return
+        current = dict(status)
+        if progress:
+            current["progress"] = progress
+        job = next(iter(jobs.get(key, [])), None)
+        pods = list(pods_index.get(key, []))
+        attempts = _count_attempts(key, status, memo)
+        new = derive_status(job, pods, current, state["generation"], utc_now(), attempts)
+        if new == status:
+            return
+        try:
+            written = client.CustomObjectsApi().patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": new}
+            )
+        except ApiException as exc:
+            memo.last_status.pop(key, None)
+            if exc.status == 404:
+                return  # deleted meanwhile
+            metrics.API_RETRIES.labels("patch-status").inc()
+            raise
+        # Until the watch brings this version back, later refreshes build on what was written.
+        memo.last_status[key] = (int(written["metadata"]["resourceVersion"]), new)
+    if new.get("phase") != status.get("phase"):
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace, "uid": state["uid"]},
+        }
+        _announce(body, namespace, status, new)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+def job_changed(
+    namespace: str,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    finetunejob_states: kopf.Index,
+    jobs_by_owner: kopf.Index,
+    pods_by_owner: kopf.Index,
+    **_: Any,
+) -> None:
+    """A training Job changed (created, suspended, complete, failed): refresh its owner."""
+    key = (namespace, labels[JOB_LABEL])
+    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo)
+
+
+@kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
+def pod_changed(
+    namespace: str,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    finetunejob_states: kopf.Index,
+    jobs_by_owner: kopf.Index,
+    pods_by_owner: kopf.Index,
+    **_: Any,
+) -> None:
+    """A training pod changed (scheduled, running, finished, preempted): refresh its owner."""
+    key = (namespace, labels[JOB_LABEL])
+    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo)
+
+
 @kopf.timer(
     GROUP,
     VERSION,
     PLURAL,
     interval=Settings().status_interval,
-    when=lambda status, **_: status.get("phase") not in TERMINAL,
+    when=lambda status, **_: status.get("phase") in ("Preparing", "Training"),
 )
-def refresh_status(
+def refresh_progress(
     name: str,
     namespace: str,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    body: kopf.Body,
-    patch: kopf.Patch,
     memo: kopf.Memo,
+    finetunejob_states: kopf.Index,
     jobs_by_owner: kopf.Index,
     pods_by_owner: kopf.Index,
     **_: Any,
 ) -> None:
-    """Mirror the training Job, its Pods and the trainer's progress into status."""
+    """While a job trains, read the trainer's progress (step, loss, tokens/s, ETA). Everything
+    else in status follows Job and Pod events; jobs that wait or finished have no timer."""
     settings: Settings = memo.settings
     key = (namespace, name)
-    job = next(iter(jobs_by_owner.get(key, [])), None)
-    pods = list(pods_by_owner.get(key, []))
-    current = dict(status)
-    if job is not None and current.get("phase") in ("Preparing", "Training"):
-        progress = _scrape_progress(pods, settings)
-        if progress:
-            current["progress"] = progress
-    attempts = _count_attempts(key, status, memo)
-    new = derive_status(job, pods, current, int(meta.get("generation") or 0), utc_now(), attempts)
-    if new != dict(status):
-        patch.status.update(new)
-    if new.get("phase") != status.get("phase"):
-        phase = new.get("phase")
-        failed = next(
-            (
-                c
-                for c in new.get("conditions", [])
-                if c["type"] == "Failed" and c["status"] == "True"
-            ),
-            None,
-        )
-        if failed:
-            kopf.warn(body, reason=failed["reason"], message=failed["message"][:1000])
-            metrics.FINETUNEJOB_FAILURES.labels(namespace, failed["reason"]).inc()
-            if failed["reason"] == "GatesFailed":
-                metrics.GATE_FAILURES.labels(namespace).inc()
-        else:
-            kopf.info(body, reason=str(phase), message=f"FineTuneJob is {phase}")
-        if phase in TERMINAL and new.get("startTime"):
-            began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
-            metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
+    progress = _scrape_progress(list(pods_by_owner.get(key, [])), settings)
+    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo, progress)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

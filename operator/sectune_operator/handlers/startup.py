@@ -17,9 +17,11 @@ from sectune_operator.settings import Settings
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     ours = Settings()
     memo.settings = ours
-    # Shared by reference with every handler's memo: pod UIDs seen / counted per FineTuneJob.
+    # Shared by reference with every handler's memo: pod UIDs seen per FineTuneJob.
     memo.pods_seen = {}
-    memo.pods_counted = {}
+    # The status each FineTuneJob was last patched to, ahead of the watch (handlers/finetunejob.py).
+    memo.last_status = {}
+    memo.status_lock = threading.Lock()
     # What was rendered last per AdapterDeployment (handlers/adapterdeployment.py).
     memo.serving = {}
     memo.serving_lock = threading.Lock()
