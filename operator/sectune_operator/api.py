@@ -171,12 +171,10 @@ class FineTuneJobStatus(Spec):
     """Observed state of a FineTuneJob."""
 
     phase: (
-        Literal[
-            "Pending", "Preparing", "Training", "Evaluating", "Succeeded", "Failed", "Cancelled"
-        ]
-        | None
+        Literal["Pending", "Preparing", "Training", "Evaluating", "Succeeded", "Failed"] | None
     ) = None
-    """Pending, Preparing, Training, Evaluating, Succeeded, Failed or Cancelled."""
+    """Pending, Preparing (data, model), Training (steps reported), Evaluating (every step
+    done, evaluation and publishing running), Succeeded or Failed."""
     observed_generation: int | None = None
     """The spec generation this status describes."""
     conditions: list[Condition] = Field(default_factory=list)

@@ -60,7 +60,7 @@ def over_history(runs: list[Run], successful_limit: int, failed_limit: int) -> l
     drop: list[str] = []
     for phases, limit in (
         (("Succeeded",), successful_limit),
-        (("Failed", "Cancelled"), failed_limit),
+        (("Failed",), failed_limit),
     ):
         finished = sorted((r for r in runs if r.phase in phases), key=lambda r: r.created)
         drop += [r.name for r in finished[: max(0, len(finished) - limit)]]

@@ -8,7 +8,7 @@ from typing import Any
 from sectune.contract import TrainerResult
 from sectune_operator.builders.finetunejob import CONTAINER
 
-TERMINAL = ("Succeeded", "Failed", "Cancelled")
+TERMINAL = ("Succeeded", "Failed")
 
 
 def utc_now() -> str:
@@ -202,10 +202,14 @@ def derive_status(
                 conditions, "Suspended", "False", "Resumed", "", now, generation
             )
         if running:
-            # Preparing (data, model) until the trainer reports its first step.
-            status["phase"] = (
-                "Training" if (status.get("progress") or {}).get("step") else "Preparing"
-            )
+            # Preparing (data, model) until the trainer reports its first step; Evaluating once
+            # it reported its last (evaluation, probes and publishing follow).
+            progress = status.get("progress") or {}
+            step, total = progress.get("step"), progress.get("totalSteps")
+            if step and total and step >= total:
+                status["phase"] = "Evaluating"
+            else:
+                status["phase"] = "Training" if step else "Preparing"
             pod = running[-1]["metadata"]["name"]
             conditions = set_condition(
                 conditions,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 from kubernetes import client
@@ -44,23 +44,39 @@ GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
 CLEANUP_TRIES = 6
 
 
-def _fail(
+def _block(
     patch: kopf.Patch,
+    body: kopf.Body,
     status: dict[str, Any],
     namespace: str,
     generation: int,
     reason: str,
     message: str,
-) -> None:
+    *,
+    permanent: bool,
+    delay: float = 15,
+) -> NoReturn:
+    """Stop reconciling with the reason in status: Failed for good (a bad spec), or Pending
+    until the cause goes away (retried after `delay`)."""
     conditions = set_condition(
         status.get("conditions") or [], "Ready", "False", reason, message, utc_now(), generation
     )
-    conditions = set_condition(conditions, "Failed", "True", reason, message, utc_now(), generation)
+    if permanent:
+        conditions = set_condition(
+            conditions, "Failed", "True", reason, message, utc_now(), generation
+        )
+        if status.get("phase") != "Failed":
+            metrics.FINETUNEJOB_FAILURES.labels(namespace, reason).inc()
+    phase = "Failed" if permanent else "Pending"
     patch.status.update(
-        {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
+        {"phase": phase, "conditions": conditions, "observedGeneration": generation}
     )
-    if status.get("phase") != "Failed":
-        metrics.FINETUNEJOB_FAILURES.labels(namespace, reason).inc()
+    if reason != "Queued":  # queueing is expected: neither an error nor a warning
+        metrics.RECONCILE_ERRORS.labels(reason).inc()
+        kopf.warn(body, reason="InvalidSpec" if permanent else reason, message=message)
+    if permanent:
+        raise kopf.PermanentError(message)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 def _local_uris(spec: FineTuneJobSpec) -> list[str]:
@@ -132,9 +148,13 @@ def _active_jobs(jobs_index: kopf.Index, namespace: str) -> int:
     return count
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL, retries=10, backoff=5)
-@kopf.on.resume(GROUP, VERSION, PLURAL, retries=10, backoff=5)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=10, backoff=5)
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, retries=10, backoff=5, when=_unfinished)
+@kopf.on.resume(GROUP, VERSION, PLURAL, retries=10, backoff=5, when=_unfinished)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", retries=10, backoff=5, when=_unfinished)
 def reconcile(
     name: str,
     namespace: str,
@@ -151,50 +171,42 @@ def reconcile(
     """Validate the spec, create ConfigMap + Job (+ Service), keep Job.suspend in step."""
     settings: Settings = memo.settings
     generation = int(meta.get("generation") or 0)
-    if status.get("phase") in TERMINAL:
-        return
     started = time.monotonic()
+    current = dict(status)
     try:
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
         message = format_validation_error(exc, f"FineTuneJob {namespace}/{name}")
-        _fail(patch, dict(status), namespace, generation, "InvalidSpec", message)
-        metrics.RECONCILE_ERRORS.labels("InvalidSpec").inc()
-        kopf.warn(body, reason="InvalidSpec", message=message)
-        raise kopf.PermanentError(message) from None
+        _block(patch, body, current, namespace, generation, "InvalidSpec", message, permanent=True)
 
     local = _local_uris(parsed) if not settings.allow_file_uris else []
-    if local or not parsed.output.uri:
+    if local:
         message = (
             f"{', '.join(local)}: file:// URIs point into the training pod's own filesystem; "
             "use s3:// or hf:// in a cluster"
-            if local
-            else "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
         )
-        reason = "LocalURINotAllowed" if local else "OutputRequired"
-        _fail(patch, dict(status), namespace, generation, reason, message)
-        metrics.RECONCILE_ERRORS.labels(reason).inc()
-        kopf.warn(body, reason="InvalidSpec", message=message)
-        raise kopf.PermanentError(message)
+        _block(
+            patch,
+            body,
+            current,
+            namespace,
+            generation,
+            "LocalURINotAllowed",
+            message,
+            permanent=True,
+        )
+    if not parsed.output.uri:
+        message = "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
+        _block(
+            patch, body, current, namespace, generation, "OutputRequired", message, permanent=True
+        )
 
     missing = _missing_secrets(parsed, namespace)
     if missing:
         message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
-        conditions = set_condition(
-            status.get("conditions") or [],
-            "Ready",
-            "False",
-            "SecretNotFound",
-            message,
-            utc_now(),
-            generation,
+        _block(
+            patch, body, current, namespace, generation, "SecretNotFound", message, permanent=False
         )
-        patch.status.update(
-            {"phase": "Pending", "conditions": conditions, "observedGeneration": generation}
-        )
-        metrics.RECONCILE_ERRORS.labels("SecretNotFound").inc()
-        kopf.warn(body, reason="SecretNotFound", message=message)
-        raise kopf.TemporaryError(message, delay=15)
 
     job_exists = (namespace, name) in jobs_by_owner
     if (
@@ -203,17 +215,17 @@ def reconcile(
         and _active_jobs(jobs_by_owner, namespace) >= settings.max_concurrent_jobs
     ):
         message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
-        conditions = set_condition(
-            status.get("conditions") or [],
-            "Ready",
-            "False",
+        _block(
+            patch,
+            body,
+            current,
+            namespace,
+            generation,
             "Queued",
             message,
-            utc_now(),
-            generation,
+            permanent=False,
+            delay=10,
         )
-        patch.status.update({"phase": "Pending", "conditions": conditions})
-        raise kopf.TemporaryError(message, delay=10)
 
     children = [("ConfigMap", build_configmap(name, parsed))]
     if settings.network_policies:
@@ -455,7 +467,7 @@ def pod_changed(
     VERSION,
     PLURAL,
     interval=Settings().status_interval,
-    when=lambda status, **_: status.get("phase") in ("Preparing", "Training"),
+    when=lambda status, **_: status.get("phase") in ("Preparing", "Training", "Evaluating"),
 )
 def refresh_progress(
     name: str,
