@@ -107,7 +107,14 @@ def main() -> None:
         operator = OperatorProcess(
             kubeconfig,
             workdir,
-            env={"SECTUNE_WATCH": NAMESPACE, "SECTUNE_STATUS_INTERVAL": str(args.status_interval)},
+            env={
+                "SECTUNE_WATCH": NAMESPACE,
+                "SECTUNE_STATUS_INTERVAL": str(args.status_interval),
+                # kwok's pod IPs answer nothing, so every progress read would wait out its 1 s
+                # timeout; a real pod that is still loading refuses at once. A closed local
+                # port behaves like that pod.
+                "SECTUNE_PROGRESS_URL": "http://127.0.0.1:9/metrics",
+            },
         ).start()
 
         created: dict[str, float] = {}

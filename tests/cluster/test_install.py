@@ -219,7 +219,8 @@ def test_rbac_is_exactly_enough_in_cluster_wide_and_namespaced_mode(
         ("delete", "deployments.apps", namespace),
         ("delete", "jobs.batch", namespace),
         ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
-        ("create", "finetunejobs.sectune.io", namespace),
+        ("create", "adapterdeployments.sectune.io", namespace),
+        ("delete", "adapterdeployments.sectune.io", namespace),
     ]
     for verb, resource, ns in allowed:
         assert _can(control_plane, sa, verb, resource, ns), (
