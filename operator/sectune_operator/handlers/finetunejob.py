@@ -10,6 +10,7 @@ labelled (sectune_operator.status), never from handler return values.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -42,6 +43,8 @@ from sectune_operator.status import (
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
 CLEANUP_TRIES = 6
+PROGRESS_BACKOFF = 15.0
+"""Seconds before a trainer that did not answer its metrics port is asked again."""
 
 
 def _block(
@@ -391,7 +394,9 @@ def _refresh(
     if state is None:
         return
     namespace, name = key
-    with memo.status_lock:
+    with memo.status_lock:  # one lock per job: refreshes of different jobs run in parallel
+        lock = memo.status_locks.setdefault(key, threading.Lock())
+    with lock:
         # Our last patch may not have come back through the watch yet: build on it while the
         # index still shows what it was based on; anything newer in the index wins.
         status = state["status"]
@@ -482,7 +487,14 @@ def refresh_progress(
     else in status follows Job and Pod events; jobs that wait or finished have no timer."""
     settings: Settings = memo.settings
     key = (namespace, name)
+    now = time.monotonic()
+    if memo.progress_quiet.get(key, 0.0) > now:
+        return  # the trainer did not answer recently (still loading): ask again later
     progress = _scrape_progress(list(pods_by_owner.get(key, [])), settings)
+    if progress is None:
+        memo.progress_quiet[key] = now + PROGRESS_BACKOFF
+        return
+    memo.progress_quiet.pop(key, None)
     _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo, progress)
 
 

@@ -21,6 +21,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     memo.pods_seen = {}
     # The status each FineTuneJob was last patched to, ahead of the watch (handlers/finetunejob.py).
     memo.last_status = {}
+    memo.status_locks = {}
+    memo.progress_quiet = {}
     memo.status_lock = threading.Lock()
     # What was rendered last per AdapterDeployment (handlers/adapterdeployment.py).
     memo.serving = {}
