@@ -19,7 +19,7 @@ from kubernetes import client
 
 from sectune.yamlio import load_yaml_all
 from support.operator import CHART, OPERATOR_NAMESPACE
-from support.processes import Server, free_port, tool, wait_until
+from support.processes import ProcessExited, Server, free_port, tool, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -38,21 +38,33 @@ def _deployment(documents: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _replica(deployment: dict[str, Any], name: str, kubeconfig: Path, workdir: Path) -> Server:
-    """One pod of the rendered Deployment as a process: its args and env, its own ports."""
+    """One pod of the rendered Deployment as a process: its args and env, its own ports (picked
+    again if another process took one between picking and binding)."""
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
-    health = free_port()
-    env |= {
-        "KUBECONFIG": str(kubeconfig),  # in a pod: the ServiceAccount's token
-        "SECTUNE_METRICS_PORT": str(free_port()),
-        "PYTHONUNBUFFERED": "1",
-    }
-    args = [*(container.get("args") or []), "--liveness", f"http://127.0.0.1:{health}/healthz"]
-    server = Server(
-        name, [sys.executable, "-m", "sectune_operator", *args], workdir / f"{name}.log", env=env
-    ).start()
-    server.wait_http(f"http://127.0.0.1:{health}/healthz")
-    return server
+    for attempt in range(3):
+        health = free_port()
+        ports = {
+            "KUBECONFIG": str(kubeconfig),  # in a pod: the ServiceAccount's token
+            "SECTUNE_METRICS_PORT": str(free_port()),
+            "PYTHONUNBUFFERED": "1",
+        }
+        args = [*(container.get("args") or []), "--liveness", f"http://127.0.0.1:{health}/healthz"]
+        server = Server(
+            name,
+            [sys.executable, "-m", "sectune_operator", *args],
+            workdir / f"{name}-{attempt}.log",
+            env=env | ports,
+        ).start()
+        try:
+            server.wait_http(f"http://127.0.0.1:{health}/healthz")
+            time.sleep(1)  # another process may have answered on that port: is ours alive?
+            server.ensure_alive()
+            return server
+        except ProcessExited:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _ftj(api_client: Any, namespace: str, name: str) -> None:

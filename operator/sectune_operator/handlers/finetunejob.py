@@ -438,22 +438,8 @@ def _refresh(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
-def job_changed(
-    namespace: str,
-    labels: kopf.Labels,
-    memo: kopf.Memo,
-    finetunejob_states: kopf.Index,
-    jobs_by_owner: kopf.Index,
-    pods_by_owner: kopf.Index,
-    **_: Any,
-) -> None:
-    """A training Job changed (created, suspended, complete, failed): refresh its owner."""
-    key = (namespace, labels[JOB_LABEL])
-    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo)
-
-
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def pod_changed(
+def child_changed(
     namespace: str,
     labels: kopf.Labels,
     memo: kopf.Memo,
@@ -462,7 +448,8 @@ def pod_changed(
     pods_by_owner: kopf.Index,
     **_: Any,
 ) -> None:
-    """A training pod changed (scheduled, running, finished, preempted): refresh its owner."""
+    """A training Job or pod changed (created, scheduled, running, suspended, finished,
+    preempted): refresh the FineTuneJob that owns it."""
     key = (namespace, labels[JOB_LABEL])
     _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo)
 
