@@ -156,9 +156,31 @@ def main() -> None:
         latencies = [job_seen[n] - created[n] for n in created]
         peak_rss = rss_mib(operator.server.process.pid)  # type: ignore[union-attr]
 
-        # Finish a sample of pods; time until their FineTuneJobs are Succeeded.
+        # Finish a sample of pods; time until their FineTuneJobs are Succeeded. A poller runs
+        # from the start, so a job that succeeds while later pods are still being annotated is
+        # timed when it succeeded, not when the annotating ended.
         finish_names = sorted(created)[: args.finish]
         finished_at: dict[str, float] = {}
+        succeeded: dict[str, float] = {}
+        polling = threading.Event()
+
+        def poll_succeeded() -> None:
+            while not polling.is_set():
+                items = objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)[
+                    "items"
+                ]
+                now = time.monotonic()
+                for item in items:
+                    name = item["metadata"]["name"]
+                    if (
+                        name in finished_at
+                        and (item.get("status") or {}).get("phase") == "Succeeded"
+                    ):
+                        succeeded.setdefault(name, now)
+                time.sleep(0.25)
+
+        poller = threading.Thread(target=poll_succeeded, daemon=True)
+        poller.start()
         for name in finish_names:
             selector = f"sectune.io/finetunejob={name}"
             wait_until(
@@ -177,20 +199,8 @@ def main() -> None:
                 pod.metadata.name, NAMESPACE, {"metadata": {"annotations": annotations}}
             )
             finished_at[name] = time.monotonic()
-        succeeded: dict[str, float] = {}
-
-        def all_succeeded() -> bool:
-            items = objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)[
-                "items"
-            ]
-            now = time.monotonic()
-            for item in items:
-                name = item["metadata"]["name"]
-                if name in finished_at and (item.get("status") or {}).get("phase") == "Succeeded":
-                    succeeded.setdefault(name, now)
-            return len(succeeded) == len(finished_at)
-
-        wait_until(all_succeeded, 1800, "Succeeded", interval=0.5)
+        wait_until(lambda: len(succeeded) == len(finished_at), 1800, "Succeeded", interval=0.5)
+        polling.set()
         to_succeeded = [succeeded[n] - finished_at[n] for n in finished_at]
         requests = apiserver_requests(plane) - requests_before
         # Ours: N creates, the sample's pod lists + patches, the status polls, the metric reads.
