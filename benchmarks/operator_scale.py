@@ -162,7 +162,22 @@ def main() -> None:
         finish_names = sorted(created)[: args.finish]
         finished_at: dict[str, float] = {}
         succeeded: dict[str, float] = {}
+        completed: dict[str, float] = {}
         polling = threading.Event()
+
+        def poll_jobs_complete() -> None:
+            """When the Job controller marks each sampled Job Complete (upstream of the
+            operator), to split "pod done -> Succeeded" into its two parts."""
+            while not polling.is_set():
+                now = time.monotonic()
+                for job in batch.list_namespaced_job(NAMESPACE).items:
+                    name = job.metadata.name.removesuffix("-train")
+                    conditions = job.status.conditions or []
+                    if name in finished_at and any(
+                        c.type == "Complete" and c.status == "True" for c in conditions
+                    ):
+                        completed.setdefault(name, now)
+                time.sleep(0.25)
 
         def poll_succeeded() -> None:
             while not polling.is_set():
@@ -181,6 +196,7 @@ def main() -> None:
 
         poller = threading.Thread(target=poll_succeeded, daemon=True)
         poller.start()
+        threading.Thread(target=poll_jobs_complete, daemon=True).start()
         for name in finish_names:
             selector = f"sectune.io/finetunejob={name}"
             wait_until(
@@ -202,6 +218,7 @@ def main() -> None:
         wait_until(lambda: len(succeeded) == len(finished_at), 1800, "Succeeded", interval=0.5)
         polling.set()
         to_succeeded = [succeeded[n] - finished_at[n] for n in finished_at]
+        to_complete = [completed[n] - finished_at[n] for n in finished_at if n in completed]
         requests = apiserver_requests(plane) - requests_before
         # Ours: N creates, the sample's pod lists + patches, the status polls, the metric reads.
         ours = args.jobs + 2 * len(finish_names) + 2
@@ -214,6 +231,9 @@ def main() -> None:
             "createToJobP99Seconds": round(percentile(latencies, 0.99), 2),
             "podDoneToSucceededP50Seconds": round(statistics.median(to_succeeded), 2),
             "podDoneToSucceededP99Seconds": round(percentile(to_succeeded, 0.99), 2),
+            "podDoneToJobCompleteP50Seconds": round(statistics.median(to_complete), 2)
+            if to_complete
+            else None,
             "apiRequestsPerJobApprox": round((requests - ours) / args.jobs, 1),
             "operatorRssMiB": round(max(peak_rss, rss_mib(operator.server.process.pid)), 1),  # type: ignore[union-attr]
             "statusIntervalSeconds": args.status_interval,
