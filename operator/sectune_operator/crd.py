@@ -26,6 +26,7 @@ from sectune_operator.api import (
     FineTuneScheduleStatus,
 )
 from sectune_operator.generated import write_or_check
+from sectune_operator.schedule import MAX_SCHEDULE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
@@ -188,13 +189,19 @@ def _column(name: str, path: str, type_: str = "string", priority: int = 0) -> d
 AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
 
-JOB_NAME_RULE = {
-    "rule": f"size(self.metadata.name) <= {MAX_JOB_NAME} && "
-    f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
-    "message": f"metadata.name: at most {MAX_JOB_NAME} characters, lowercase letters, digits "
-    "and '-', starting with a letter (the training Job, its Service and pod hostnames are "
-    "named after it)",
-}
+def _name_rule(limit: int, why: str) -> dict[str, str]:
+    """A kind's name rule: a DNS-1035 label short enough for the children named after it."""
+    return {
+        "rule": f"size(self.metadata.name) <= {limit} && "
+        f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
+        "message": f"metadata.name: at most {limit} characters, lowercase letters, digits and "
+        f"'-', starting with a letter ({why})",
+    }
+
+
+JOB_NAME_RULE = _name_rule(
+    MAX_JOB_NAME, "the training Job, its Service and pod hostnames are named after it"
+)
 
 
 def finetunejob_crd() -> dict[str, Any]:
@@ -225,12 +232,7 @@ MAX_SERVING_NAME = 57
 """An AdapterDeployment's Service is <name>-serve, a DNS label of at most 63 characters."""
 
 
-SERVING_NAME_RULE = {
-    "rule": f"size(self.metadata.name) <= {MAX_SERVING_NAME} && "
-    f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
-    "message": f"metadata.name: at most {MAX_SERVING_NAME} characters, lowercase letters, "
-    "digits and '-', starting with a letter (its Service is named <name>-serve)",
-}
+SERVING_NAME_RULE = _name_rule(MAX_SERVING_NAME, "its Service is named <name>-serve")
 
 
 def adapterdeployment_crd() -> dict[str, Any]:
@@ -254,11 +256,7 @@ def adapterdeployment_crd() -> dict[str, Any]:
     )
 
 
-SCHEDULE_NAME_RULE = {
-    "rule": f"size(self.metadata.name) <= 42 && self.metadata.name.matches('{JOB_NAME_PATTERN}')",
-    "message": "metadata.name: at most 42 characters, lowercase letters, digits and '-', "
-    "starting with a letter (runs are named <name>-<minute>)",
-}
+SCHEDULE_NAME_RULE = _name_rule(MAX_SCHEDULE_NAME, "runs are named <name>-<minute>")
 
 
 def finetuneschedule_crd() -> dict[str, Any]:

@@ -86,10 +86,8 @@ def stable_version(adapter: AdapterSpec) -> str:
 
 
 def _shares(weights: dict[str, int]) -> dict[str, int]:
-    """Weights scaled to add up to 100 (the remainder goes to the largest)."""
+    """Weights (some positive) scaled to add up to 100 (the remainder goes to the largest)."""
     total = sum(weights.values())
-    if not total:
-        weights, total = dict.fromkeys(weights, 1), len(weights)
     shares = {name: weight * 100 // total for name, weight in weights.items()}
     largest = max(weights, key=lambda name: weights[name])
     shares[largest] += 100 - sum(shares.values())

@@ -330,11 +330,6 @@ def _count_attempts(key: tuple[str, str], status: dict[str, Any], memo: kopf.Mem
     return max(int(status.get("attempts") or 0), len(memo.pods_seen.get(key, set())))
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-def phases(namespace: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
-    return {namespace: status.get("phase") or "Pending"}
-
-
 def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     ip = scrape.pod_ip(running[-1]) if running else None
@@ -486,12 +481,13 @@ def refresh_progress(
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def count_phases(phases: kopf.Index, **_: Any) -> None:
+def count_phases(finetunejob_states: kopf.Index, **_: Any) -> None:
     """Keep the FineTuneJobs-by-phase gauge equal to what the index holds."""
     counts: dict[tuple[str, str], int] = {}
-    for namespace, store in phases.items():
-        for phase in store:
-            counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+    for (namespace, _name), store in finetunejob_states.items():
+        for state in store:
+            key = (namespace, state["status"].get("phase") or "Pending")
+            counts[key] = counts.get(key, 0) + 1
     metrics.set_phase_counts(counts)
 
 
