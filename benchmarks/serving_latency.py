@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--chat", help="name=URI of an extraction/generation adapter")
     parser.add_argument("--chat-data", type=Path)
     parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "autocast", "fp32"])
     args = parser.parse_args()
 
     import tempfile

@@ -46,7 +46,13 @@ def test_multi_node_deepspeed_job_is_indexed_with_rendezvous():
     assert pod["subdomain"] == "big-train"
     command = pod["containers"][0]["command"]
     assert command[:3] == ["accelerate", "launch", "--use_deepspeed"]
-    assert "/opt/sectune/launch/deepspeed-zero3.json" in command
+    # torch's elastic agent on every node: accelerate's default multi-node launcher is pdsh/ssh.
+    assert command[command.index("--deepspeed_multinode_launcher") + 1] == "standard"
+    assert command[command.index("--num_machines") + 1] == "2"
+    assert command[command.index("--main_process_port") + 1] == "29500"
+    assert command[-5:] == ["-m", "sectune.cli", "train", "--config", "/etc/sectune/job.json"]
+    # No launch file: the trainer builds the DeepSpeed configuration from the job.
+    assert "--deepspeed_config_file" not in command and "--config_file" not in command
     assert command[command.index("--num_processes") + 1] == "16"
     assert command[command.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
     assert command[command.index("--main_process_ip") + 1] == "big-train-0.big-train"

@@ -19,6 +19,7 @@ from rich.table import Table
 from sectune import __version__
 from sectune.config import JobSpec, ManifestError, load_manifest
 from sectune.contract import ExitCode, TrainerResult
+from sectune.placement import INFERENCE_PRECISIONS
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and CI: room for the summary table's columns
@@ -61,6 +62,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     from sectune.data.load import DataError
     from sectune.storage import StorageError
     from sectune.training.base_model import ModelError
+    from sectune.training.distributed import RendezvousError
     from sectune.training.metrics import TrainingMetrics
     from sectune.training.train import Preempted
 
@@ -145,6 +147,13 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
             runner.EXIT_INFRASTRUCTURE,
             TrainerResult.failure("StorageError", str(exc)).to_message(),
         )
+    except RendezvousError as exc:
+        progress.stop()
+        console.print(f"[red]error:[/] {exc}")
+        return finish(
+            runner.EXIT_INFRASTRUCTURE,
+            TrainerResult.failure("RendezvousTimeout", str(exc)).to_message(),
+        )
     finally:
         if metrics:
             metrics.stop()
@@ -221,9 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
             report = evaluate_endpoint(args.endpoint, args.model, args.data, args.gates, api_key)
         else:
-            report = evaluate_stored(
-                args.adapter, args.data, args.gates, autocast=args.precision == "bf16"
-            )
+            report = evaluate_stored(args.adapter, args.data, args.gates, args.precision)
     except (
         DataError,
         StorageError,
@@ -435,9 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--precision",
-        choices=["bf16", "fp32"],
-        default="bf16",
-        help="with --adapter: bf16 autocast (as training evaluates) or fp32",
+        choices=list(INFERENCE_PRECISIONS),
+        default="auto",
+        help="with --adapter: auto (the numerics training evaluated with on this hardware: "
+        "float32 on CPUs without native bf16), bf16 weights, autocast (float32 weights, bf16 "
+        "autocast) or fp32",
     )
     evaluate.add_argument(
         "--data", required=True, help="labelled data URI (same format as training)"
@@ -499,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--precision",
-        choices=["bf16", "autocast", "fp32"],
-        default="bf16",
-        help="bf16: bfloat16 weights (fastest); autocast: float32 weights with bfloat16 "
-        "autocast, as training-time evaluation computes; fp32: float32 throughout",
+        choices=list(INFERENCE_PRECISIONS),
+        default="auto",
+        help="auto: 16-bit weights on GPUs and on CPUs with native bf16, float32 elsewhere; "
+        "bf16: bfloat16 weights; autocast: float32 weights with bfloat16 autocast, as "
+        "training-time evaluation computes; fp32: float32 throughout",
     )
     serve_cmd.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
     serve_cmd.add_argument(

@@ -221,6 +221,8 @@ class TaskSpec(Spec):
             raise ValueError(TEMPLATE_MESSAGE)
         if self.head == "classifier" and self.type != "classification":
             raise ValueError("task.head: classifier is only for type classification; use lm")
+        if self.head == "classifier":
+            raise ValueError(HEAD_MESSAGE)
         return self
 
 
@@ -487,13 +489,51 @@ class JobSpec(Spec):
                 "evaluation.previousVersion: only adapters (method lora or qlora) are compared "
                 "with a previous version"
             )
+        distributed = self.resources.distributed
+        if distributed and distributed.strategy == "deepspeed":
+            if self.base_model.quantization != "none":
+                raise ValueError(DEEPSPEED_QUANTIZED_MESSAGE)
+            if distributed.zero_stage == 3 and self.evaluation.previous_version:
+                raise ValueError(ZERO3_PREVIOUS_MESSAGE)
+            if (
+                distributed.zero_stage == 3
+                and self.evaluation.baseline
+                and self.method.type not in ("lora", "qlora")
+            ):
+                raise ValueError(ZERO3_BASELINE_MESSAGE)
         return self
 
 
 #: CEL rules the CRD carries, keyed by the model they sit on; each mirrors a validator above.
+HEAD_MESSAGE = (
+    "task.head: classifier is not implemented yet; use lm (the label is generated and scored "
+    "over the label set)"
+)
+DEEPSPEED_QUANTIZED_MESSAGE = (
+    "resources.distributed.strategy: deepspeed with a quantized base (baseModel.quantization) "
+    "is not implemented yet; use strategy: ddp for QLoRA on several GPUs"
+)
+ZERO3_PREVIOUS_MESSAGE = (
+    "evaluation.previousVersion: comparing with a previous version at DeepSpeed zeroStage 3 is "
+    "not implemented yet; use zeroStage 2"
+)
+ZERO3_BASELINE_MESSAGE = (
+    "evaluation.baseline: the base-model baseline of full fine-tuning at DeepSpeed zeroStage 3 "
+    "is not implemented yet; set baseline: false or use zeroStage 2"
+)
 TEMPLATE_MESSAGE = (
     "task.template: names no field of the row ({text}, or {instruction} / {input}), so every "
     "example would get the same prompt; add {text} where the input goes"
+)
+
+_DEEPSPEED = (
+    "(has(self.resources) && has(self.resources.distributed) && "
+    "has(self.resources.distributed.strategy) && "
+    "self.resources.distributed.strategy == 'deepspeed')"
+)
+_ZERO3 = (
+    f"({_DEEPSPEED} && has(self.resources.distributed.zeroStage) && "
+    "self.resources.distributed.zeroStage == 3)"
 )
 
 CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
@@ -520,6 +560,7 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "task.head: classifier is only for type classification; use lm",
             "fieldPath": ".head",
         },
+        {"rule": "self.head != 'classifier'", "message": HEAD_MESSAGE, "fieldPath": ".head"},
     ],
     ResourcesSpec: [
         {
@@ -570,6 +611,21 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "self.method.type in ['lora', 'qlora']",
             "message": "evaluation.previousVersion: only adapters (method lora or qlora) are "
             "compared with a previous version",
+        },
+        {
+            "rule": f"!{_DEEPSPEED} || !has(self.baseModel.quantization) || "
+            "self.baseModel.quantization == 'none'",
+            "message": DEEPSPEED_QUANTIZED_MESSAGE,
+        },
+        {
+            "rule": f"!{_ZERO3} || !has(self.evaluation) || !has(self.evaluation.previousVersion)",
+            "message": ZERO3_PREVIOUS_MESSAGE,
+        },
+        {
+            "rule": f"!{_ZERO3} || self.method.type in ['lora', 'qlora'] || "
+            "(has(self.evaluation) && has(self.evaluation.baseline) && "
+            "!self.evaluation.baseline)",
+            "message": ZERO3_BASELINE_MESSAGE,
         },
     ],
     EvaluationSpec: [

@@ -126,16 +126,16 @@ def run_job(
     `on_event` hears progress: ("stage", {name}), ("step", StepReport fields), ("data", report).
     """
     import torch
-    from accelerate import Accelerator
 
-    from sectune import artifacts
+    from sectune import artifacts, placement
     from sectune.data.prepare import prepare_data
     from sectune.evaluation.baselines import tfidf_baseline
     from sectune.evaluation.gates import evaluate_gates, gate_verdict
     from sectune.evaluation.report import render_html
     from sectune.evaluation.suite import baselines, evaluate_tuned, score_previous
     from sectune.training import base_model
-    from sectune.training.train import Checkpoints, pick_precision, train, wrap_with_lora
+    from sectune.training.distributed import describe, make_accelerator, zero3
+    from sectune.training.train import Checkpoints, train, wrap_with_lora
 
     started = dt.datetime.now(dt.UTC)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -148,17 +148,21 @@ def run_job(
     on_event("data", data.report)
 
     on_event("stage", {"name": "Loading base model"})
+    numerics = placement.for_training(spec.hyperparameters.precision, spec.method.type)
+    # Before the model: at ZeRO-3 it is then built already sharded across the ranks.
+    accelerator = make_accelerator(spec, numerics)
     resolved = base_model.resolve(spec.base_model)
-    model, tokenizer = base_model.load(resolved, spec.base_model, torch.float32)
-    accelerator = Accelerator(
-        mixed_precision=pick_precision(spec),
-        cpu=not torch.cuda.is_available(),
+    model, tokenizer = base_model.load(
+        resolved, spec.base_model, numerics.weights_dtype, str(accelerator.device)
     )
     classification = spec.task.type == "classification"
-    use_amp = accelerator.mixed_precision == "bf16"
+    use_amp = numerics.autocast is not None
+    # At ZeRO-3 a forward pass gathers weights from every rank: all ranks evaluate together.
+    collective = zero3(accelerator)
+    evaluates = accelerator.is_main_process or collective
     models: dict[str, dict[str, Any]] = {}
 
-    if spec.evaluation.baseline and accelerator.is_main_process:
+    if spec.evaluation.baseline and accelerator.is_main_process and not collective:
         on_event("stage", {"name": "Scoring the base model"})
         models |= baselines(model, tokenizer, data, spec, use_amp)
 
@@ -171,11 +175,17 @@ def run_job(
         data.train,
         spec,
         accelerator,
-        Checkpoints(prefix, workdir, training_fingerprint(spec, data.report.get("digest"))),
+        Checkpoints(
+            prefix, workdir, training_fingerprint(spec, data.report.get("digest")), accelerator
+        ),
         on_step=lambda report: on_event("step", report.__dict__),
     )
     model = result.model
-    if not accelerator.is_main_process:
+    if spec.evaluation.baseline and collective:
+        on_event("stage", {"name": "Scoring the base model"})
+        with model.disable_adapter():  # the base, from the same shards (admission: adapters)
+            models |= baselines(model, tokenizer, data, spec, use_amp)
+    if not evaluates:
         return Outcome(name, "Succeeded", "WorkerDone")
 
     on_event("stage", {"name": "Evaluating"})
@@ -186,6 +196,10 @@ def run_job(
         models["previous"], previous_version = score_previous(
             model, tokenizer, data, spec, use_amp, resolved.digest, workdir
         )
+    # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
+    weights = accelerator.get_state_dict(result.prepared) if collective else None
+    if not accelerator.is_main_process:
+        return Outcome(name, "Succeeded", "WorkerDone")
     if classification:
         models["tfidf"] = tfidf_baseline(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed
@@ -218,6 +232,8 @@ def run_job(
         "training": {
             "steps": result.steps,
             "worldSize": accelerator.num_processes,
+            "distributed": describe(accelerator),
+            "numerics": numerics.describe(),
             "resumedFrom": result.resumed_from,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 1),
@@ -232,7 +248,7 @@ def run_job(
     on_event("stage", {"name": "Publishing artifacts"})
     stage = workdir / "stage"
     (stage / "adapter").mkdir(parents=True)
-    model.save_pretrained(stage / "adapter", safe_serialization=True)
+    model.save_pretrained(stage / "adapter", safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(stage / "adapter")
     (stage / "report.json").write_text(json.dumps(report, indent=2))
     (stage / "report.html").write_text(render_html(report))

@@ -102,11 +102,12 @@ def _command(name: str, spec: FineTuneJobSpec) -> list[str]:
         return ["sectune", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
     master = f"{child_name(name)}-0.{child_name(name)}"
     if resources.distributed and resources.distributed.strategy == "deepspeed":
-        stage = resources.distributed.zero_stage
+        # The trainer builds the DeepSpeed configuration from the job (training/distributed.py).
+        # The standard launcher is torch's elastic agent on every node: no pdsh or ssh in a pod.
         return [
             "accelerate", "launch",
             "--use_deepspeed",
-            "--deepspeed_config_file", f"/opt/sectune/launch/deepspeed-zero{stage}.json",
+            "--deepspeed_multinode_launcher", "standard",
             "--num_machines", str(resources.nodes),
             "--num_processes", str(processes * resources.nodes),
             "--machine_rank", "$(JOB_COMPLETION_INDEX)",

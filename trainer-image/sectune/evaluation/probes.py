@@ -136,7 +136,7 @@ def exposure(
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
 def sequence_log_likelihood(
     model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32
 ) -> list[float]:
@@ -185,7 +185,7 @@ def memorization_probe(
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
 def regurgitation_probe(
     model: Any, tokenizer: Any, prompts: list[str], canaries: list[str], max_new_tokens: int = 16
 ) -> dict[str, Any]:

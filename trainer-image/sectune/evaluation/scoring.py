@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sectune import placement
 from sectune.config import JobSpec
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.data.prepare import Example
@@ -81,7 +82,7 @@ def sequence_logprobs(
     return torch.stack(columns, dim=1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
 def score_labels(
     model: Any,
     tokenizer: Any,
@@ -102,7 +103,7 @@ def score_labels(
     max_len = spec.hyperparameters.max_seq_length
     prompts = [p[-max_len:] for p in prompts]
     device_type = next(model.parameters()).device.type
-    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast)
+    amp = placement.autocast(device_type, autocast)
 
     def score(batch_prompts: list[list[int]]) -> list[list[float]]:
         with amp:
@@ -128,7 +129,7 @@ def score_labels(
     return LabelScores(probabilities, latencies, throughput)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
 def validation_loss(
     model: Any, tokenizer: Any, examples: list[Example], spec: JobSpec, batch_size: int = 8
 ) -> float:
@@ -195,7 +196,7 @@ def consistency(
     return agree / max(len(examples), 1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
 def generate(
     model: Any,
     tokenizer: Any,

@@ -181,18 +181,18 @@ def load_labelled(data_uri: str, spec: JobSpec) -> tuple[list[Example], dict[str
 
 
 def evaluate_stored(
-    adapter_uri: str, data_uri: str, gates_path: str | None, autocast: bool = True
+    adapter_uri: str, data_uri: str, gates_path: str | None, precision: str = "auto"
 ) -> dict[str, Any]:
     """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
-    its own gates or those in `gates_path` (a YAML list). Returns the report."""
+    its own gates or those in `gates_path` (a YAML list), on this process's device with the
+    numerics sectune.placement picks for `precision`. Returns the report."""
     import json
     import tempfile
     from pathlib import Path
 
-    import torch
     from pydantic import TypeAdapter
 
-    from sectune import artifacts
+    from sectune import artifacts, placement
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
     from sectune.evaluation.gates import (
@@ -201,6 +201,7 @@ def evaluate_stored(
         evaluate_gates,
         gate_verdict,
     )
+    from sectune.runner import hardware
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
 
@@ -215,21 +216,27 @@ def evaluate_stored(
 
     resolved = base_model.resolve(spec.base_model)
     artifacts.require_safetensors(adapter_dir, version)  # adapter or whole model alike
+    numerics = placement.for_evaluation(precision, spec.method.type)
     if (adapter_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        model, tokenizer = base_model.load(resolved, spec.base_model, torch.float32)
+        model, tokenizer = base_model.load(
+            resolved, spec.base_model, numerics.weights_dtype, numerics.device
+        )
         model = PeftModel.from_pretrained(model, adapter_dir)
     else:  # full fine-tuning stored the whole model
         model, tokenizer = base_model.load(
-            base_model.ResolvedModel(adapter_dir, version, ""), spec.base_model, torch.float32
+            base_model.ResolvedModel(adapter_dir, version, ""),
+            spec.base_model,
+            numerics.weights_dtype,
+            numerics.device,
         )
     model.eval()
     data = PreparedData(train=[], validation=examples, test=examples)
     spec = spec.model_copy(
         update={"evaluation": spec.evaluation.model_copy(update={"memorization_probes": False})}
     )
-    metrics, probes = evaluate_tuned(model, tokenizer, data, spec, autocast)
+    metrics, probes = evaluate_tuned(model, tokenizer, data, spec, numerics.autocast is not None)
     gates = spec.evaluation.gates
     if gates_path:
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
@@ -252,4 +259,6 @@ def evaluate_stored(
         "gates": outcomes,
         "gatesPassed": passed,
         "verdict": verdict,
+        "hardware": hardware(),
+        "numerics": numerics.describe(),
     }

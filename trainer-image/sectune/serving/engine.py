@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from sectune import placement
 from sectune.evaluation.scoring import forward_logprobs, left_pad, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
 
@@ -264,8 +265,7 @@ class Engine:
                 works[0].future.set_exception(exc)
 
     def _amp(self) -> Any:
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast)
+        return placement.autocast(next(self.model.parameters()).device.type, self.autocast)
 
     def _names(self, works: list[ClassifyWork] | list[GenerateWork]) -> list[str] | None:
         """Per-row adapter names for a mixed batch. A batch for one adapter instead makes it

@@ -26,9 +26,10 @@ class ServerOptions:
     config_path: Path | None
     config: ServingConfig
     api_keys_file: Path | None = None
-    precision: str = "bf16"
-    """bf16: weights in bfloat16 (fastest); autocast: float32 weights with bfloat16 autocast
-    (the numerics of training-time evaluation); fp32: float32 throughout."""
+    precision: str = "auto"
+    """auto: 16-bit weights on GPUs and CPUs with native bf16, float32 elsewhere
+    (sectune.placement); bf16: bfloat16 weights; autocast: float32 weights with bfloat16
+    autocast (the numerics of training-time evaluation); fp32: float32 throughout."""
     max_batch: int = 16
     max_wait_ms: float = 5.0
     reload_interval: float = 1.0
@@ -69,8 +70,7 @@ class ServerState:
 
     def load(self) -> None:
         """Resolve the base model, load it, start the worker, apply the config."""
-        import torch
-
+        from sectune import placement
         from sectune.training import base_model
 
         config = self.options.config
@@ -81,14 +81,14 @@ class ServerState:
         self.base_uri = spec.uri
         self.loading = f"loading base model {spec.uri}"
         resolved = base_model.resolve(spec)
-        precision = self.options.precision
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model, tokenizer = base_model.load(resolved, spec, dtype)
+        numerics = placement.for_serving(self.options.precision)
+        log.info("computing on %s", numerics.describe())
+        model, tokenizer = base_model.load(resolved, spec, numerics.weights_dtype, numerics.device)
         self.engine = Engine(
             model,
             tokenizer,
             self.metrics,
-            autocast=precision == "autocast",
+            autocast=numerics.autocast is not None,
             max_batch=self.options.max_batch,
             max_wait_ms=self.options.max_wait_ms,
             max_batch_tokens=self.options.max_batch_tokens,

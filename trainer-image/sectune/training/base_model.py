@@ -137,8 +137,12 @@ def resolve(spec: BaseModelSpec) -> ResolvedModel:
     return ResolvedModel(path, spec.uri, weights_digest(path))
 
 
-def load(resolved: ResolvedModel, spec: BaseModelSpec, dtype: Any) -> tuple[Any, Any]:
-    """The causal LM and its tokenizer (4-bit NF4 or 8-bit when the spec asks)."""
+def load(
+    resolved: ResolvedModel, spec: BaseModelSpec, dtype: Any, device: str = "cpu"
+) -> tuple[Any, Any]:
+    """The causal LM and its tokenizer (4-bit NF4 or 8-bit when the spec asks), with weights
+    of type `dtype` on `device` (sectune.placement decides both). A quantized model is built on
+    its device directly, as bitsandbytes requires: each rank on its own GPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
@@ -154,8 +158,18 @@ def load(resolved: ResolvedModel, spec: BaseModelSpec, dtype: Any) -> tuple[Any,
         )
     elif spec.quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    if spec.quantization != "none":
+        kwargs["device_map"] = {"": device}
+    model: Any = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    if spec.quantization == "none" and device != "cpu" and not _partitioned(model):
+        model.to(device)
     return model, tokenizer
+
+
+def _partitioned(model: Any) -> bool:
+    """Built under DeepSpeed ZeRO-3 (deepspeed.zero.Init): its shards stay where DeepSpeed put
+    them."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def fetch_demo_model() -> Path:

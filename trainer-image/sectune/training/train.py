@@ -5,8 +5,8 @@
     -> checkpoints (every N steps and on SIGTERM) -> trained model
 
 accelerate runs the same code single-process, as multi-process DDP (gloo on CPU, NCCL on GPUs)
-or under DeepSpeed, from the launch configs in training/launch/. Only the main process logs,
-checkpoints and uploads.
+or under DeepSpeed ZeRO (training/distributed.py builds its configuration from the job). Only the
+main process logs and uploads; at ZeRO-3 every rank takes part in gathering what it saves.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class StepReport:
 @dataclass
 class TrainResult:
     model: Any
+    prepared: Any
+    """The model as accelerate prepared it (a DeepSpeed engine under DeepSpeed)."""
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
@@ -68,27 +70,6 @@ class TrainResult:
     seconds: float = 0.0
     truncated: int = 0
     dropped: int = 0
-
-
-def pick_precision(spec: JobSpec) -> str:
-    """accelerate's mixed_precision value: bf16 where the hardware has it, unless told."""
-    wanted = spec.hyperparameters.precision
-    if wanted == "fp32":
-        return "no"
-    if wanted in ("bf16", "fp16"):
-        return wanted
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if _cpu_has_bf16() else "no"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
@@ -178,13 +159,33 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 class Checkpoints:
     """Resumable state under <job prefix>/checkpoints/: step-N/ plus latest.json (written last,
     so a half-written checkpoint is never picked up). Adapter weights are safetensors; optimizer
-    state is loaded with torch.load(weights_only=True)."""
+    state is loaded with torch.load(weights_only=True).
 
-    def __init__(self, prefix: storage.Location, workdir: Any, fingerprint: str = "") -> None:
+    Every process calls save() and load() (at ZeRO-3 the trainable weights are gathered from
+    all ranks); only the main process writes. Under DeepSpeed the optimizer's state is sharded
+    across ranks and is not kept: a resumed run continues from the saved weights, step and
+    schedule with fresh AdamW moments."""
+
+    def __init__(
+        self,
+        prefix: storage.Location,
+        workdir: Any,
+        fingerprint: str = "",
+        accelerator: Any = None,
+    ) -> None:
         self.prefix = prefix.join("checkpoints")
         self.workdir = workdir
         self.fingerprint = fingerprint
         """Digest of the job config and data: a checkpoint of other training is never resumed."""
+        self.accelerator = accelerator
+
+    @property
+    def _main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def _keeps_optimizer(self) -> bool:
+        return self.accelerator is None or self.accelerator.state.deepspeed_plugin is None
 
     def latest(self) -> dict[str, Any] | None:
         pointer = self.prefix.join("latest.json")
@@ -209,16 +210,22 @@ class Checkpoints:
     ) -> None:
         from safetensors.torch import save_file
 
+        from sectune.training.distributed import gathered
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with (
+            gathered(self.accelerator, [p for _, p in named]) if self.accelerator else nullcontext()
+        ):
+            trainable = {n: p.detach().cpu().clone().contiguous() for n, p in named}
+        if not self._main:
+            return
         local = self.workdir / f"checkpoint-{step}"
         local.mkdir(parents=True, exist_ok=True)
-        trainable = {
-            n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-        }
         save_file(trainable, str(local / "trainable.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-            local / "optimizer.pt",
-        )
+        state = {"scheduler": scheduler.state_dict()}
+        if self._keeps_optimizer:
+            state["optimizer"] = optimizer.state_dict()
+        torch.save(state, local / "optimizer.pt")
         (local / "state.json").write_text(json.dumps({"step": step, **extra}))
         target = self.prefix.join(f"step-{step}")
         storage.upload_dir(local, target)
@@ -234,26 +241,39 @@ class Checkpoints:
     ) -> dict[str, Any]:
         from safetensors.torch import load_file
 
+        from sectune.training.distributed import gathered
+
         local = storage.download_dir(
             self.prefix.join(latest["path"]), self.workdir / f"resume-{latest['step']}"
         )
         weights = load_file(str(local / "trainable.safetensors"))
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in weights]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        missing = [n for n, _ in named if n not in weights]
         if missing:
             raise RuntimeError(
                 f"checkpoint {latest['path']} does not match the model ({missing[0]} missing)"
             )
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in weights:
-                    param.copy_(weights[name])
+        modify = gathered(self.accelerator, [p for _, p in named], 0) if self.accelerator else None
+        with torch.no_grad(), modify or nullcontext():
+            for name, param in named:
+                param.copy_(weights[name])
         state = torch.load(local / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state and self._keeps_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return dict(json.loads((local / "state.json").read_text()))
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def _anyone(accelerator: Any, flag: bool) -> bool:
+    """True on every process when any process has `flag` set (a SIGTERM seen by one rank stops
+    them all at the same step, so a checkpoint is saved collectively)."""
+    if accelerator.num_processes == 1:
+        return flag
+    seen = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(seen, reduction="sum").item() > 0)
 
 
 def train(
@@ -301,18 +321,17 @@ def train(
         num_warmup_steps=int(total_steps * hp.warmup_ratio),
         num_training_steps=total_steps,
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-
     step, resumed_from = 0, None
     latest = checkpoints.latest()
     if latest is not None:
-        state = checkpoints.load(accelerator.unwrap_model(model), optimizer, scheduler, latest)
+        # Before prepare: DeepSpeed takes its float32 master weights from the module as it is.
+        state = checkpoints.load(model, optimizer, scheduler, latest)
         step = resumed_from = int(state["step"])
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     stop = {"requested": False}
     previous = signal.getsignal(signal.SIGTERM)
-    if accelerator.is_main_process or world == 1:
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
 
     history: list[dict[str, float]] = []
     started, tokens_seen = time.monotonic(), 0
@@ -324,24 +343,24 @@ def train(
             order = list(range(len(encoded)))
             random.Random(hp.seed + epoch).shuffle(order)
             # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
-            # process gets the same number of micro-batches and DDP's all-reduces line up.
+            # process gets the same number of micro-batches and the all-reduces line up; the
+            # last micro-batch of a step is where accelerate (or DeepSpeed) syncs and steps.
             start = offset * per_step
             chunk = [order[(start + j) % len(order)] for j in range(per_step)]
             mine = chunk[accelerator.process_index :: world]
             micro = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
             loss_sum, step_tokens = 0.0, 0
-            for index, ids in enumerate(micro):
+            for ids in micro:
                 batch = {
                     k: v.to(accelerator.device)
                     for k, v in collate([encoded[i] for i in ids], pad_id).items()
                 }
-                sync = index == len(micro) - 1
-                context = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
-                with context, accelerator.autocast():
+                with accelerator.accumulate(model), accelerator.autocast():
                     loss, _n_tokens = causal_lm_loss(model, batch)
-                    accelerator.backward(loss / len(micro))
+                    accelerator.backward(loss)  # divided by the accumulation steps there
                 loss_sum += float(loss.detach()) / len(micro)
                 step_tokens += int(batch["attention_mask"].sum())
+            # DeepSpeed clips, steps and zeroes inside backward(); these are no-ops there.
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             scheduler.step()
@@ -370,21 +389,19 @@ def train(
             if accelerator.is_main_process:
                 on_step(report)
             last = step == total_steps
-            if (
-                accelerator.is_main_process
-                and not last
-                and (step % hp.checkpoint_every_steps == 0 or stop["requested"])
-            ):
+            stopping = _anyone(accelerator, stop["requested"])
+            if not last and (step % hp.checkpoint_every_steps == 0 or stopping):
                 checkpoints.save(
                     accelerator.unwrap_model(model), optimizer, scheduler, step, {"epoch": epoch}
                 )
-            if stop["requested"] and not last:
+            if stopping and not last:
                 raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint saved")
     finally:
         signal.signal(signal.SIGTERM, previous)
     model.eval()
     return TrainResult(
         model=accelerator.unwrap_model(model),
+        prepared=model,
         steps=total_steps,
         history=history,
         resumed_from=resumed_from,
