@@ -150,6 +150,39 @@ BAD_JOBS = [
         "task.head",
     ),
     ("chat-rows-for-classification", _with(VALID_JOB, "dataset.format", "chat"), "dataset.format"),
+    # Not implemented yet, and said so:
+    ("classifier-head", _with(VALID_JOB, "task.head", "classifier"), "not implemented yet"),
+    (
+        "deepspeed-with-4-bit-base",
+        _with(
+            _with(
+                _with(VALID_JOB, "baseModel.quantization", "nf4"),
+                "method",
+                {"type": "qlora"},
+            ),
+            "resources",
+            {"gpus": 4, "distributed": {"strategy": "deepspeed"}},
+        ),
+        "use strategy: ddp for QLoRA",
+    ),
+    (
+        "zero3-full-with-baseline",
+        _with(
+            _with(VALID_JOB, "method", {"type": "full"}),
+            "resources",
+            {"gpus": 4, "distributed": {"strategy": "deepspeed", "zeroStage": 3}},
+        ),
+        "evaluation.baseline",
+    ),
+    (
+        "zero3-previous-version",
+        _with(
+            _with(VALID_JOB, "evaluation", {"previousVersion": {"uri": "s3://a/triage"}}),
+            "resources",
+            {"gpus": 4, "distributed": {"strategy": "deepspeed", "zeroStage": 3}},
+        ),
+        "evaluation.previousVersion",
+    ),
     ("deadline-too-short", _with(VALID_JOB, "activeDeadlineSeconds", 10), "activeDeadlineSeconds"),
     # Accepted before, and failed (or misled) only after hours of work:
     (
@@ -275,6 +308,17 @@ def test_examples_cover_every_kind():
     assert len(EXAMPLES) >= 4
 
 
+def _distributed(rng: random.Random, method: str, base: dict[str, Any]) -> dict[str, Any]:
+    """A valid distributed setting (with a quantized base the strategy is ddp; ZeRO-3 only for
+    adapters, since the default base-model baseline of full fine-tuning is not there yet)."""
+    options: list[dict[str, Any]] = [{"strategy": "ddp"}]
+    if base["quantization"] == "none":
+        options.append({"strategy": "deepspeed", "zeroStage": 2, "offload": "cpu"})
+        if method == "lora":
+            options.append({"strategy": "deepspeed", "zeroStage": 3})
+    return rng.choice(options)
+
+
 def _random_valid_job(rng: random.Random, index: int) -> dict[str, Any]:
     method = rng.choice(["lora", "qlora", "full", "continued-pretraining"])
     gpus, nodes = rng.choice([(0, 1), (1, 1), (4, 1), (8, 2)])
@@ -317,13 +361,14 @@ def _random_valid_job(rng: random.Random, index: int) -> dict[str, Any]:
             "epochs": rng.randint(1, 10),
             "maxSeqLength": rng.choice([16, 512, 131072]),
         },
-        "resources": {"gpus": gpus, "nodes": nodes}
-        | ({"distributed": {"strategy": "deepspeed", "zeroStage": 3}} if gpus * nodes > 1 else {}),
+        "resources": {"gpus": gpus, "nodes": nodes},
         "evaluation": {
             "gates": [{"metric": "macroF1", "min": 0.5}, {"metric": "latencyP95Ms", "max": 500}]
         },
         "suspend": rng.random() < 0.3,
     }
+    if gpus * nodes > 1:
+        spec["resources"]["distributed"] = _distributed(rng, method, spec["baseModel"])
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
