@@ -93,7 +93,7 @@ def _result_fields(result: TrainerResult | None) -> dict[str, Any]:
     if result is None:
         return fields
     if result.adapter and result.adapter.uri:
-        fields["adapter"] = {"uri": result.adapter.uri, "sha256": result.adapter.sha256}
+        fields["adapter"] = result.adapter.model_dump(by_alias=True, exclude_none=True)
     if result.metrics:
         fields["metrics"] = dict(result.metrics)
     if result.gates:

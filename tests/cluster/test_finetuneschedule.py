@@ -13,6 +13,7 @@ from kubernetes import client
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from support.kube import finish_job
+from support.manifests import adapter_manifest
 from support.processes import free_port, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -225,7 +226,7 @@ def test_promote_takes_a_succeeded_job_from_the_cluster_and_checks_storage(
     (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     prefix = storage.parse_uri(f"file://{tmp_path}/store/triage-v2")
     published = artifacts.publish(
-        stage, prefix, "r2", {"job": "triage-v2", "run": "r2", "gatesPassed": True, "gates": []}
+        stage, prefix, "r2", adapter_manifest("triage-v2", "r2", gates_passed=True)
     )
     client.CoreV1Api(api_client).create_namespaced_secret(
         namespace,

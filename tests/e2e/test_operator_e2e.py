@@ -162,7 +162,7 @@ def test_operator_rendered_job_trains_for_real(
     assert (
         status["adapter"]["uri"] == f"s3://{s3_bucket}/adapters/tiny/versions/{pointer['version']}"
     )
-    manifest = artifacts.verify(status["adapter"]["uri"], status["adapter"]["sha256"])
+    manifest = artifacts.verify(status["adapter"]["uri"], status["adapter"]["sha256"]).as_dict()
     assert manifest["files"]["adapter/adapter_model.safetensors"]["size"] > 0
     assert status["dataset"]["redactions"]["USERNAME"] > 0
     assert 0 <= status["metrics"]["accuracy"] <= 1

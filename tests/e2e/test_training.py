@@ -35,7 +35,7 @@ def _published(bucket: str, job: str) -> tuple[dict, dict]:
     pointer = artifacts.current(f"s3://{bucket}/adapters/{job}")
     assert pointer is not None, "nothing was published"
     version = f"s3://{bucket}/adapters/{job}/versions/{pointer['version']}"
-    return pointer, artifacts.verify(version, pointer["sha256"])
+    return pointer, artifacts.verify(version, pointer["sha256"]).as_dict()
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -312,7 +312,7 @@ def test_failed_gates_fail_the_run_naming_the_gate(job_manifest, s3_env, s3_buck
     assert "gates failed: latencyP95Ms<=0.001" in result.stderr
     assert artifacts.current(f"{prefix}/gated") is None  # not promotable: current.json never moved
     [version] = {n.split("/")[0] for n in storage.list_files(f"{prefix}/gated/versions")}
-    manifest_doc = artifacts.verify(f"{prefix}/gated/versions/{version}")
+    manifest_doc = artifacts.verify(f"{prefix}/gated/versions/{version}").as_dict()
     assert manifest_doc["gatesPassed"] is False
     assert [g["passed"] for g in manifest_doc["gates"]] == [True, False]
 

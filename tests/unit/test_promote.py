@@ -10,6 +10,7 @@ import pytest
 from sectune import artifacts, storage
 from sectune.promote import Candidate, PromoteError, promote, verify
 from sectune.yamlio import load_yaml_all
+from support.manifests import adapter_manifest
 
 FILE = """\
 # SOC models, promoted through pull requests.
@@ -138,12 +139,12 @@ def _publish(tmp_path: Path, gates_passed: bool) -> artifacts.Published:
     (stage / "adapter").mkdir(parents=True)
     (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     prefix = storage.parse_uri(f"file://{tmp_path}/store/triage")
-    manifest = {
-        "job": "triage",
-        "run": f"r-{gates_passed}",
-        "gatesPassed": gates_passed,
-        "gates": [{"name": "macroF1>=0.8", "passed": gates_passed}],
-    }
+    manifest = adapter_manifest(
+        "triage",
+        f"r-{gates_passed}",
+        gates_passed=gates_passed,
+        gates=[{"name": "macroF1>=0.8", "passed": gates_passed}],
+    )
     return artifacts.publish(
         stage, prefix, f"r-{gates_passed}".lower(), manifest, make_current=gates_passed
     )

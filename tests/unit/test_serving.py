@@ -13,6 +13,7 @@ from sectune import artifacts
 from sectune.config import ManifestError
 from sectune.serving.config import config_from_flags, load_serving_config, parse_serving_config
 from sectune.serving.drift import DriftMonitor, js_divergence, reference_distribution
+from support.manifests import adapter_manifest
 
 
 def _version(uri: str = "s3://b/jobs/triage/versions/r1", **extra: object) -> dict[str, object]:
@@ -139,7 +140,7 @@ def _publish(tmp_path: Path) -> tuple[str, artifacts.Published]:
     (stage / "report.json").write_text("{}")
     (stage / "report.html").write_text("<html></html>")
     prefix = storage.parse_uri(f"file://{tmp_path}/store/triage")
-    return prefix.uri, artifacts.publish(stage, prefix, "r1", {"job": "triage"})
+    return prefix.uri, artifacts.publish(stage, prefix, "r1", adapter_manifest("triage"))
 
 
 def test_resolve_version_follows_current_json_and_demands_a_digest_for_a_version(
@@ -162,7 +163,7 @@ def test_fetch_verified_takes_only_what_it_verified(tmp_path: Path) -> None:
     manifest = artifacts.fetch_verified(
         published.uri, published.manifest_sha256, dest, include=("adapter/", "report.json")
     )
-    assert manifest["job"] == "triage"
+    assert manifest.job == "triage"
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
         "adapter/adapter_model.safetensors",
         "manifest.json",
@@ -339,9 +340,10 @@ def test_prompt_length_reference_and_input_drift() -> None:
     ]
     reference = length_distribution([20, 20, 40, 100])
     assert reference == {"<128": 0.25, "<32": 0.5, "<64": 0.25}
-    assert input_reference({"reference": {"promptTokens": reference}}) == reference
-    assert input_reference({}) is None  # versions trained before the reference existed
-    assert input_reference({"reference": {"promptTokens": {"<16": "x"}}}) is None
+    with_reference = adapter_manifest(reference={"promptTokens": reference})
+    assert input_reference(with_reference) == reference
+    assert input_reference(adapter_manifest()) is None  # trained before the reference existed
+    assert input_reference(adapter_manifest(reference={"promptTokens": {"<16": "x"}})) is None
     monitor = DriftMonitor(reference, window_seconds=60, min_requests=4)
     for _ in range(4):
         monitor.record(length_bucket(3000), now=1.0)  # pasted documents instead of alerts
@@ -351,14 +353,64 @@ def test_prompt_length_reference_and_input_drift() -> None:
 def test_a_version_whose_gates_failed_is_refused_naming_the_gate() -> None:
     from sectune.serving.registry import LoadError, require_passed_gates
 
-    require_passed_gates({"gatesPassed": True}, "s3://b/v")
-    require_passed_gates({}, "s3://b/v")  # no gates recorded: nothing to refuse on
-    manifest = {
-        "gatesPassed": False,
-        "gates": [{"name": "macroF1>=0.9", "passed": False}, {"name": "x", "passed": True}],
-    }
+    require_passed_gates(adapter_manifest(gates_passed=True), "s3://b/v")
+    require_passed_gates(adapter_manifest(), "s3://b/v")  # no verdict recorded: nothing to refuse
+    manifest = adapter_manifest(
+        gates_passed=False,
+        gates=[{"name": "macroF1>=0.9", "passed": False}, {"name": "x", "passed": True}],
+    )
     with pytest.raises(LoadError, match=r"failed its evaluation gates \(macroF1>=0.9\)") as error:
         require_passed_gates(manifest, "s3://b/v")
     assert error.value.reason == "gates-failed"
     config = parse_serving_config({"adapters": [{"name": "a", "versions": [_version()]}]}, "x")
     assert config.require_passed_gates is True
+
+
+def test_lineage_manifests_cross_the_boundary_old_new_and_malformed(tmp_path: Path) -> None:
+    """manifest.json is typed (sectune.contract.AdapterManifest): what an older trainer wrote
+    still reads, a newer writer's unknown fields are ignored, and a manifest missing what every
+    reader needs is refused by name before anything is downloaded."""
+    import hashlib
+    import json
+
+    from sectune.contract import AdapterManifest
+
+    weights = b"weights"
+    files = {"adapter/a.safetensors": {"sha256": hashlib.sha256(weights).hexdigest(), "size": 7}}
+    older = {  # as written before the typed contract: same keys, no defaults filled in
+        "apiVersion": "sectune.io/v1alpha1",
+        "kind": "AdapterManifest",
+        "job": "triage",
+        "run": "r0",
+        "baseModel": {"uri": "s3://m/base", "sha256": "a" * 64, "quantization": "none"},
+        "method": "lora",
+        "config": {"task": {"type": "classification"}},
+        "metrics": {"accuracy": 0.9, "perClass": {"x": 1}, "passed": True},
+        "gatesPassed": True,
+        "files": files,
+    }
+    newer = {**older, "signature": {"keyId": "k1"}, "apiVersion": "sectune.io/v1beta1"}
+    for name, document in (("older", older), ("newer", newer)):
+        version = tmp_path / name
+        (version / "adapter").mkdir(parents=True)
+        (version / "adapter" / "a.safetensors").write_bytes(weights)
+        (version / "manifest.json").write_text(json.dumps(document))
+        manifest = artifacts.verify(f"file://{version}")
+        assert isinstance(manifest, AdapterManifest)
+        assert (manifest.job, manifest.base_model.sha256, manifest.gates_passed) == (
+            "triage",
+            "a" * 64,
+            True,
+        )
+        assert manifest.metrics == {"accuracy": 0.9}  # numbers only, as the writer meant
+        assert manifest.stored_bytes() == 7
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(
+        json.dumps({k: v for k, v in older.items() if k != "baseModel"})
+    )
+    with pytest.raises(
+        artifacts.IntegrityError, match=r"manifest\.json: baseModel: Field required"
+    ):
+        artifacts.verify(f"file://{broken}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sectune import artifacts, storage
+from support.manifests import manifest_json
 
 
 def _publish(tmp_path: Path, files: dict[str, bytes], entries: dict | None = None) -> str:
@@ -27,7 +28,7 @@ def _publish(tmp_path: Path, files: dict[str, bytes], entries: dict | None = Non
             n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()
         }
     )
-    (version / "manifest.json").write_text(json.dumps({"files": listed}))
+    (version / "manifest.json").write_text(json.dumps(manifest_json(listed)))
     return f"file://{version}"
 
 

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from sectune import storage
+from sectune.contract import AdapterManifest, ManifestFile
 
 MAX_ARTIFACT_BYTES = int(os.environ.get("SECTUNE_MAX_ARTIFACT_BYTES", str(8 << 30)))
 """Default cap on the files one version may make a reader download (all of them together).
@@ -48,14 +51,15 @@ class Published:
     uri: str
     """The version prefix (versions/<run id>)."""
     manifest_sha256: str
+    adapter_bytes: int = 0
+    """Bytes stored under adapter/ (weights and tokenizer)."""
 
 
-def file_digests(stage: Path) -> dict[str, dict[str, Any]]:
+def file_digests(stage: Path) -> dict[str, ManifestFile]:
     return {
-        path.relative_to(stage).as_posix(): {
-            "sha256": storage.sha256_file(path),
-            "size": path.stat().st_size,
-        }
+        path.relative_to(stage).as_posix(): ManifestFile(
+            sha256=storage.sha256_file(path), size=path.stat().st_size
+        )
         for path in sorted(stage.rglob("*"))
         if path.is_file() and path.name != "manifest.json"
     }
@@ -65,17 +69,17 @@ def publish(
     stage: Path,
     job_prefix: storage.Location,
     run_id: str,
-    manifest: dict[str, Any],
+    manifest: AdapterManifest,
     make_current: bool = True,
 ) -> Published:
     """Upload a staged run: every file, then manifest.json (with their digests), then, if
     `make_current` (gates passed), the current.json pointer. Raises StorageError before the
     pointer moves if anything fails."""
-    manifest = {**manifest, "files": file_digests(stage)}
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    manifest = manifest.model_copy(update={"files": file_digests(stage)})
+    body = manifest.to_json()
     (stage / "manifest.json").write_bytes(body)
     version = job_prefix.join("versions", run_id)
-    for name in manifest["files"]:
+    for name in manifest.files:
         storage.write_bytes(version.join(name), (stage / name).read_bytes())
     storage.write_bytes(version.join("manifest.json"), body)
     digest = storage.sha256_file(stage / "manifest.json")
@@ -86,7 +90,7 @@ def publish(
             "sha256": digest,
         }
         storage.write_bytes(job_prefix.join("current.json"), json.dumps(pointer, indent=2).encode())
-    return Published(version.uri, digest)
+    return Published(version.uri, digest, manifest.stored_bytes())
 
 
 def current(job_prefix: str | storage.Location) -> dict[str, Any] | None:
@@ -108,9 +112,9 @@ def current(job_prefix: str | storage.Location) -> dict[str, Any] | None:
     return dict(parsed)
 
 
-def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes, dict[str, Any]]:
+def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes, AdapterManifest]:
     """A version's manifest.json (raw and parsed), checked against `expected_sha256` if given,
-    with every file entry's name and recorded size checked (see `_checked_files`)."""
+    with every file entry's name, digest and recorded size checked."""
     body = storage.read_bytes(storage.parse_uri(version_uri).join("manifest.json"))
     actual = hashlib.sha256(body).hexdigest()
     if expected_sha256 and actual != expected_sha256:
@@ -118,48 +122,36 @@ def read_manifest(version_uri: str, expected_sha256: str | None) -> tuple[bytes,
             f"{version_uri}/manifest.json: sha256 {actual} != expected {expected_sha256}"
         )
     try:
-        manifest = dict(json.loads(body))
-    except (ValueError, TypeError):
-        raise IntegrityError(f"{version_uri}/manifest.json: not a JSON object") from None
-    _checked_files(version_uri, manifest)
-    return body, manifest
-
-
-def _checked_files(version_uri: str, manifest: dict[str, Any]) -> None:
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise IntegrityError(f"{version_uri}/manifest.json: no files table")
-    for name, info in files.items():
+        manifest = AdapterManifest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(document)"
+        raise IntegrityError(
+            f"{version_uri}/manifest.json: {where}: {first['msg']}; not a manifest sectune wrote"
+        ) from None
+    for name in manifest.files:
         try:
             storage.safe_relative_name(name, f"{version_uri}/manifest.json")
         except storage.StorageError as exc:
             raise IntegrityError(str(exc)) from None
-        if (
-            not isinstance(info, dict)
-            or not SHA256.fullmatch(str(info.get("sha256", "")))
-            or not isinstance(info.get("size"), int)
-            or info["size"] < 0
-        ):
-            raise IntegrityError(
-                f"{version_uri}/manifest.json: entry {name!r} needs a sha256 and a size"
-            )
+    return body, manifest
 
 
-def _download_checked(version_uri: str, name: str, info: dict[str, Any], target: Path) -> None:
+def _download_checked(version_uri: str, name: str, info: ManifestFile, target: Path) -> None:
     """Stream one file to `target`, never reading past its recorded size; digest checked."""
     source = storage.parse_uri(version_uri).join(name)
     try:
-        sha256, size = storage.download_file(source, target, info["size"])
+        sha256, size = storage.download_file(source, target, info.size)
     except storage.TooLarge:
         raise IntegrityError(
-            f"{version_uri}/{name}: larger than the {info['size']:,} bytes its manifest records"
+            f"{version_uri}/{name}: larger than the {info.size:,} bytes its manifest records"
         ) from None
-    if sha256 != info["sha256"] or size != info["size"]:
+    if sha256 != info.sha256 or size != info.size:
         target.unlink(missing_ok=True)
         raise IntegrityError(f"{version_uri}/{name}: content does not match its recorded sha256")
 
 
-def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> dict[str, Any]:
+def verify(version_uri: str, expected_manifest_sha256: str | None = None) -> AdapterManifest:
     """Read a version's manifest and check every file's digest (and the manifest's own).
     Returns the manifest; raises IntegrityError naming the first mismatch."""
     import tempfile
@@ -212,7 +204,7 @@ def fetch_verified(
     dest: Path,
     include: tuple[str, ...],
     max_bytes: int = MAX_ARTIFACT_BYTES,
-) -> dict[str, Any]:
+) -> AdapterManifest:
     """Download the manifest and the files under `include` (prefixes such as "adapter/"; ""
     for all) into `dest`, checking each against its recorded digest and size (and the manifest
     against `expected_manifest_sha256` if given). Every name must stay inside `dest`, and the
@@ -221,8 +213,8 @@ def fetch_verified(
     leaving nothing in `dest` it could be mistaken for.
     """
     body, manifest = read_manifest(version_uri, expected_manifest_sha256)
-    wanted = {n: i for n, i in manifest["files"].items() if n.startswith(include)}
-    total = sum(info["size"] for info in wanted.values())
+    wanted = {n: i for n, i in manifest.files.items() if n.startswith(include)}
+    total = sum(info.size for info in wanted.values())
     if total > max_bytes:
         raise IntegrityError(
             f"{version_uri}: its files add up to {total:,} bytes, over the {max_bytes:,}-byte "

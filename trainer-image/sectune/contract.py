@@ -1,18 +1,23 @@
-"""What crosses the boundary between the trainer and the operator: the exit codes its Pod failure
-policy reads and the result the trainer writes as its termination message.
+"""What crosses the boundaries of the data plane: the exit codes the training Job's Pod failure
+policy reads, the result the trainer writes as its termination message, and the lineage
+manifest stored with every version.
 
-Typed and versioned (`version`), written by the trainer (`TrainerResult.to_message`) and parsed by
-the operator (`TrainerResult.parse`). Readers are tolerant: an unknown field is ignored, so a
-newer trainer never breaks an older operator; a result from a trainer before the version field
-parses as version 1.
+Typed and versioned. `TrainerResult` (its `version`) is written by the trainer
+(`TrainerResult.to_message`) and parsed by the operator (`TrainerResult.parse`); a result from a
+trainer before the version field parses as version 1. `AdapterManifest` (its `apiVersion`) is
+written by the trainer (`runner`, through `artifacts.publish`) and parsed, from the stored bytes
+whose digest was checked, by everything that reads a version: the server, `sectune evaluate`,
+`sectune fetch-adapters`, `sectune promote`. Readers are tolerant: an unknown field is ignored,
+so a newer writer never breaks an older reader.
 """
 
 from __future__ import annotations
 
+import json
 from enum import IntEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 SCHEMA = 1
@@ -42,6 +47,8 @@ class _Tolerant(BaseModel):
 class ResultAdapter(_Tolerant):
     uri: str | None = None
     sha256: str | None = None
+    size_bytes: int | None = None
+    """The adapter's stored weights and tokenizer files, in bytes."""
 
 
 class ResultGate(_Tolerant):
@@ -107,3 +114,79 @@ class TrainerResult(_Tolerant):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------- lineage manifest
+
+MANIFEST_API_VERSION = "sectune.io/v1alpha1"
+"""The AdapterManifest schema this code writes."""
+
+
+class ManifestFile(_Tolerant):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ManifestBaseModel(_Tolerant):
+    uri: str
+    sha256: str
+    """sha256 over the base model's weight files: a version is served only on this base."""
+    quantization: str = "none"
+
+
+class ManifestDataset(_Tolerant):
+    digest: str | None = None
+    counts: dict[str, int] | None = None
+    sources: Any = None
+
+
+class AdapterManifest(_Tolerant):
+    """manifest.json of one stored version: what was trained, from what, how it scored, and the
+    digest and size of every file stored with it (written last, so its presence means the
+    version is complete)."""
+
+    api_version: str = MANIFEST_API_VERSION
+    kind: str = "AdapterManifest"
+    job: str
+    run: str
+    sectune_version: str = ""
+    start_time: str = ""
+    end_time: str = ""
+    base_model: ManifestBaseModel
+    method: str
+    """lora, qlora (an adapter) or full, continued-pretraining (a whole model)."""
+    config: dict[str, Any]
+    """The job spec it was trained with (sectune.config.JobSpec, camelCase)."""
+    dataset: ManifestDataset = Field(default_factory=ManifestDataset)
+    redactions: dict[str, int] = Field(default_factory=dict)
+    canaries: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gates: list[dict[str, Any]] = Field(default_factory=list)
+    gates_passed: bool | None = None
+    """None for a version whose writer recorded no verdict."""
+    reference: dict[str, Any] = Field(default_factory=dict)
+    """What serving compares its inputs with (promptTokens: prompt-length shares)."""
+    files: dict[str, ManifestFile] = Field(default_factory=dict)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if isinstance(v, int | float) and v is not True}
+        return value
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    def failing_gates(self) -> list[str]:
+        return [str(g.get("name", "?")) for g in self.gates if not g.get("passed")]
+
+    def stored_bytes(self, prefix: str = "adapter/") -> int:
+        return sum(f.size for name, f in self.files.items() if name.startswith(prefix))
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=True).encode()
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)

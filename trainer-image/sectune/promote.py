@@ -59,15 +59,13 @@ def verify(uri: str, sha256: str | None) -> Candidate:
     except (artifacts.IntegrityError, storage.StorageError) as exc:
         raise PromoteError(str(exc)) from None
     digest = hashlib.sha256(body).hexdigest()
-    if manifest.get("gatesPassed") is not True:
-        failing = [g.get("name", "?") for g in manifest.get("gates") or [] if not g.get("passed")]
+    if manifest.gates_passed is not True:
+        failing = manifest.failing_gates()
         raise PromoteError(
             f"{version_uri} did not pass its gates ({', '.join(failing) or 'no verdict'}); "
             "it cannot be promoted"
         )
-    return Candidate(
-        version_uri, digest, str(manifest.get("job", "")), str(manifest.get("run", ""))
-    )
+    return Candidate(version_uri, digest, manifest.job, manifest.run)
 
 
 def from_job(reference: str) -> Candidate:

@@ -17,7 +17,16 @@ from typing import Any
 
 from sectune import __version__, storage
 from sectune.config import JobSpec
-from sectune.contract import ExitCode, ResultAdapter, ResultDataset, ResultGate, TrainerResult
+from sectune.contract import (
+    AdapterManifest,
+    ExitCode,
+    ManifestBaseModel,
+    ManifestDataset,
+    ResultAdapter,
+    ResultDataset,
+    ResultGate,
+    TrainerResult,
+)
 
 # Exit codes the operator's Pod failure policy reads (sectune.contract.ExitCode).
 EXIT_OK = ExitCode.OK
@@ -39,6 +48,7 @@ class Outcome:
     message: str = ""
     adapter_uri: str | None = None
     adapter_sha256: str | None = None
+    adapter_bytes: int | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
     def result(self) -> TrainerResult:
@@ -49,7 +59,9 @@ class Outcome:
             phase=self.phase,
             reason=self.reason,
             message=self.message[:600],
-            adapter=ResultAdapter(uri=self.adapter_uri, sha256=self.adapter_sha256),
+            adapter=ResultAdapter(
+                uri=self.adapter_uri, sha256=self.adapter_sha256, size_bytes=self.adapter_bytes
+            ),
             metrics={
                 k: round(tuned[k], 4)
                 for k in ("accuracy", "macroF1", "validationLoss")
@@ -254,34 +266,32 @@ def run_job(
     (stage / "report.html").write_text(render_html(report))
     (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
     (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
-    manifest = {
-        "apiVersion": "sectune.io/v1alpha1",
-        "kind": "AdapterManifest",
-        "job": name,
-        "run": run_id,
-        "sectuneVersion": __version__,
-        "startTime": started.isoformat(),
-        "endTime": dt.datetime.now(dt.UTC).isoformat(),
-        "baseModel": {
-            "uri": spec.base_model.uri,
-            "sha256": resolved.digest,
-            "quantization": spec.base_model.quantization,
-        },
-        "method": spec.method.type,
-        "config": spec.model_dump(mode="json", by_alias=True),
-        "dataset": {
-            "digest": data.report.get("digest"),
-            "counts": data.report.get("counts"),
-            "sources": data.report.get("sources"),
-        },
-        "redactions": data.report.get("sanitize", {}).get("redactions", {}),
-        "canaries": {"count": len(data.canaries)},
-        "metrics": {k: v for k, v in models["tuned"].items() if isinstance(v, int | float)},
-        "gates": gate_outcomes,
-        "gatesPassed": gates_passed,
+    manifest = AdapterManifest(
+        job=name,
+        run=run_id,
+        sectune_version=__version__,
+        start_time=started.isoformat(),
+        end_time=dt.datetime.now(dt.UTC).isoformat(),
+        base_model=ManifestBaseModel(
+            uri=spec.base_model.uri,
+            sha256=resolved.digest,
+            quantization=spec.base_model.quantization,
+        ),
+        method=spec.method.type,
+        config=spec.model_dump(mode="json", by_alias=True),
+        dataset=ManifestDataset(
+            digest=data.report.get("digest"),
+            counts=data.report.get("counts"),
+            sources=data.report.get("sources"),
+        ),
+        redactions=data.report.get("sanitize", {}).get("redactions", {}),
+        canaries={"count": len(data.canaries)},
+        metrics=models["tuned"],
+        gates=gate_outcomes,
+        gates_passed=gates_passed,
         # What serving compares its inputs with (sectune.serving.drift).
-        "reference": {"promptTokens": prompt_length_reference(tokenizer, spec, data)},
-    }
+        reference={"promptTokens": prompt_length_reference(tokenizer, spec, data)},
+    )
     published = artifacts.publish(stage, prefix, run_id, manifest, make_current=gates_passed)
     phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
     return Outcome(
@@ -291,5 +301,6 @@ def run_job(
         verdict,
         adapter_uri=published.uri,
         adapter_sha256=published.manifest_sha256,
+        adapter_bytes=published.adapter_bytes,
         report=report,
     )

@@ -89,7 +89,7 @@ def score_previous(
     directory = workdir / "previous-version"
     manifest = artifacts.fetch_verified(version_uri, sha256, directory, include=("adapter/",))
     artifacts.require_safetensors(directory / "adapter", version_uri)
-    trained_on = (manifest.get("baseModel") or {}).get("sha256")
+    trained_on = manifest.base_model.sha256
     if trained_on != base_digest:
         raise artifacts.IntegrityError(
             f"evaluation.previousVersion {version_uri} was trained on base model sha256 "
@@ -105,7 +105,7 @@ def score_previous(
     finally:
         model.set_adapter("default")
         model.delete_adapter("previous")
-    return metrics, {"uri": version_uri, "sha256": sha256, "run": str(manifest.get("run", ""))}
+    return metrics, {"uri": version_uri, "sha256": sha256, "run": manifest.run}
 
 
 def _generation_metrics(
@@ -209,7 +209,7 @@ def evaluate_stored(
     workdir = Path(tempfile.mkdtemp(prefix="sectune-evaluate-"))
     # Every file checked against the manifest, each read once.
     manifest = artifacts.fetch_verified(version, sha256, workdir, include=("",))
-    spec = JobSpec.model_validate(manifest["config"])
+    spec = JobSpec.model_validate(manifest.config)
     adapter_dir = workdir / "adapter"
 
     examples, sanitized = load_labelled(data_uri, spec)
@@ -246,14 +246,14 @@ def evaluate_stored(
     outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
     passed, verdict = gate_verdict(outcomes)
     return {
-        "job": manifest["job"],
+        "job": manifest.job,
         "adapter": {"uri": version, "sha256": sha256},
         "data": {
             "uri": data_uri,
             "examples": len(examples),
             "sanitize": sanitized,
         },
-        "models": {"tuned": metrics, "training": manifest.get("metrics", {})},
+        "models": {"tuned": metrics, "training": manifest.metrics},
         "baselinesFrom": BASELINES_FROM if baselines else None,
         "probes": probes,
         "gates": outcomes,

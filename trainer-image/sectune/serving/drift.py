@@ -19,6 +19,8 @@ import time
 from collections import Counter, deque
 from typing import Any
 
+from sectune.contract import AdapterManifest
+
 
 def reference_distribution(report: dict[str, Any]) -> dict[str, float] | None:
     """Predicted-label shares of the tuned model in a report, or None (not classification)."""
@@ -53,9 +55,9 @@ def length_distribution(lengths: list[int]) -> dict[str, float] | None:
     return {bucket: count / len(lengths) for bucket, count in sorted(counts.items())}
 
 
-def input_reference(manifest: dict[str, Any]) -> dict[str, float] | None:
+def input_reference(manifest: AdapterManifest) -> dict[str, float] | None:
     """The prompt-length reference a manifest recorded (None for versions trained before it)."""
-    reference = (manifest.get("reference") or {}).get("promptTokens")
+    reference = manifest.reference.get("promptTokens")
     if not isinstance(reference, dict) or not reference:
         return None
     try:

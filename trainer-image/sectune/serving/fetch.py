@@ -46,7 +46,7 @@ def fetch_adapters(
             artifacts.require_safetensors(directory / "adapter", version_uri)
             if config.require_passed_gates:
                 require_passed_gates(manifest, version_uri)
-            trained_on = (manifest.get("baseModel") or {}).get("sha256")
+            trained_on = manifest.base_model.sha256
             if trained_on != resolved.digest:
                 raise LoadError(
                     "base-model",

@@ -23,6 +23,7 @@ from typing import Any
 
 from sectune import artifacts, storage
 from sectune.config import JobSpec
+from sectune.contract import AdapterManifest
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.data.prepare import Example
 from sectune.evaluation.gates import baselines_from_report
@@ -57,7 +58,7 @@ class LoadedVersion:
     traffic: int
     spec: JobSpec
     formatter: PromptFormatter
-    manifest: dict[str, Any]
+    manifest: AdapterManifest
     report: dict[str, Any]
     drift: DriftMonitor | None = None
     """Predicted labels against the evaluation-time mix (classification)."""
@@ -77,17 +78,17 @@ class LoadedVersion:
             "sha256": self.sha256,
             "uri": self.uri,
             "traffic": self.traffic,
-            "job": self.manifest.get("job"),
-            "run": self.manifest.get("run"),
+            "job": self.manifest.job,
+            "run": self.manifest.run,
             "task": self.spec.task.type,
             "labels": self.spec.task.labels,
-            "gatesPassed": self.manifest.get("gatesPassed"),
+            "gatesPassed": self.manifest.gates_passed,
             "loadedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }
         if full:
-            info["config"] = self.manifest.get("config")
+            info["config"] = self.manifest.config
             info["training"] = {
-                "metrics": self.manifest.get("metrics", {}),
+                "metrics": self.manifest.metrics,
                 "baselines": baselines_from_report(self.report),
             }
         return info
@@ -100,11 +101,11 @@ class ApplyResult:
     removed: list[str]
 
 
-def require_passed_gates(manifest: dict[str, Any], version_uri: str) -> None:
+def require_passed_gates(manifest: AdapterManifest, version_uri: str) -> None:
     """A version whose evaluation failed its gates is not served (promotion.requirePassedGates)."""
-    if manifest.get("gatesPassed") is not False:
+    if manifest.gates_passed is not False:
         return
-    failing = [g.get("name", "?") for g in manifest.get("gates") or [] if not g.get("passed")]
+    failing = manifest.failing_gates()
     raise LoadError(
         "gates-failed",
         f"{version_uri} failed its evaluation gates ({', '.join(failing) or 'see report.json'}); "
@@ -295,7 +296,7 @@ class Registry:
         key: str,
         version_uri: str,
         sha256: str,
-        manifest: dict[str, Any],
+        manifest: AdapterManifest,
         directory: Path,
         config: ServingConfig,
     ) -> LoadedVersion:
@@ -303,7 +304,7 @@ class Registry:
 
         if config.require_passed_gates:
             require_passed_gates(manifest, version_uri)
-        trained_on = manifest.get("baseModel", {}).get("sha256")
+        trained_on = manifest.base_model.sha256
         if trained_on != self.base_digest:
             raise LoadError(
                 "base-model",
@@ -314,14 +315,14 @@ class Registry:
         if not (adapter_dir / "adapter_config.json").exists():
             raise LoadError(
                 "invalid",
-                f"{version_uri} holds a whole model (method {manifest.get('method')}), not an "
+                f"{version_uri} holds a whole model (method {manifest.method}), not an "
                 "adapter; serve it as a base model of its own",
             )
         try:
             artifacts.require_safetensors(adapter_dir, version_uri)
         except artifacts.IntegrityError as exc:
             raise LoadError("unsafe-format", str(exc)) from None
-        spec = JobSpec.model_validate(manifest["config"])
+        spec = JobSpec.model_validate(manifest.config)
         report_path = directory / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         formatter = PromptFormatter(self.engine.tokenizer, spec)

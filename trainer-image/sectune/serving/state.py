@@ -118,9 +118,9 @@ class ServerState:
                 except (artifacts.IntegrityError, storage.StorageError) as exc:
                     log.error("%s@%s: %s", adapter.name, entry.version, exc)
                     continue
-                base = manifest["baseModel"]
-                seen[base["sha256"]] = BaseModelSpec(
-                    uri=base["uri"], quantization=base.get("quantization", "none")
+                base = manifest.base_model
+                seen[base.sha256] = BaseModelSpec.model_validate(
+                    {"uri": base.uri, "quantization": base.quantization}
                 )
         if not seen:
             raise ManifestError(
