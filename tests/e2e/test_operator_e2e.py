@@ -164,6 +164,8 @@ def test_operator_rendered_job_trains_for_real(
     )
     manifest = artifacts.verify(status["adapter"]["uri"], status["adapter"]["sha256"]).as_dict()
     assert manifest["files"]["adapter/adapter_model.safetensors"]["size"] > 0
+    stored_bytes = sum(f["size"] for n, f in manifest["files"].items() if n.startswith("adapter/"))
+    assert status["adapter"]["sizeBytes"] == stored_bytes
     assert status["dataset"]["redactions"]["USERNAME"] > 0
     assert 0 <= status["metrics"]["accuracy"] <= 1
     stored = json.loads(storage.read_bytes(f"{status['adapter']['uri']}/manifest.json"))
