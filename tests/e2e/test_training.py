@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -342,6 +343,36 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     assert report["models"]["tuned"]["macroF1"] == pytest.approx(
         training["models"]["tuned"]["macroF1"]
     )
+    # TF-IDF is re-fit on the job's training data and scored on the same rows: on the job's
+    # own held-out rows it gives the training-time number.
+    assert report["models"]["tfidf"]["macroF1"] == pytest.approx(
+        training["models"]["tfidf"]["macroF1"]
+    )
+    assert report["baselinesFrom"].startswith("these rows: tfidf (re-measured now)")
+    assert "on these rows: " in report["worthIt"] and "tfidf" in report["worthIt"]
+    assert "Verdict: macroF1" in result.stderr
+    assert report["hardware"] and report["numerics"].startswith("cpu, float32 weights")
+
+    # The base model too, when asked: same rows, adapter switched off.
+    both = sectune(*evaluate, "--baselines", "tfidf,base,fewShot", "--out", str(tmp_path / "b"))
+    assert both.returncode == 0, both.stderr[-3000:]
+    rebased = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert {"tfidf", "base", "fewShot"} <= set(rebased["models"])
+    assert rebased["models"]["base"]["accuracy"] == pytest.approx(
+        training["models"]["base"]["accuracy"]
+    )
+    assert "training time" not in rebased["baselinesFrom"]
+    refused = sectune(*evaluate, "--baselines", "tfidf,vibes", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--baselines vibes" in refused.stderr
+
+    # Training data changed since: TF-IDF is not re-fit on other data, and the report says so.
+    train = Path(load_manifest(manifest).spec.dataset.train.removeprefix("file://"))
+    write_dataset(train, 48, seed=9)
+    changed = sectune(*evaluate, "--out", str(tmp_path / "c"))
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    stale = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert "tfidf" not in stale["models"]
+    assert "changed since training" in stale["baselinesFrom"]
 
     gates = tmp_path / "gates.yaml"
     gates.write_text("- metric: accuracy\n  min: 0.0\n- metric: injectionFlipRate\n  max: -1\n")

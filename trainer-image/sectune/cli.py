@@ -230,7 +230,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
             report = evaluate_endpoint(args.endpoint, args.model, args.data, args.gates, api_key)
         else:
-            report = evaluate_stored(args.adapter, args.data, args.gates, args.precision)
+            report = evaluate_stored(
+                args.adapter, args.data, args.gates, args.precision, _baseline_names(args.baselines)
+            )
     except (
         DataError,
         StorageError,
@@ -248,9 +250,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     (out / "report.html").write_text(render_html(report))
     console.print(_summary_table(report))
     if report.get("baselinesFrom"):
-        console.print(f"Baselines for gates: {report['baselinesFrom']}", soft_wrap=True)
+        console.print(f"Baselines: {report['baselinesFrom']}", soft_wrap=True)
+    if report.get("worthIt"):
+        console.print(f"Verdict: {report['worthIt']}", soft_wrap=True)
     console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
     return 0 if report["gatesPassed"] else 3
+
+
+def _baseline_names(value: str) -> tuple[str, ...]:
+    from sectune.evaluation.suite import REMEASURABLE
+
+    names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in REMEASURABLE]
+    if unknown:
+        raise ValueError(
+            f"--baselines {', '.join(unknown)}: choose from {', '.join(REMEASURABLE)} or none"
+        )
+    return names
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -452,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="labelled data URI (same format as training)"
     )
     evaluate.add_argument("--gates", help="YAML list of gates (default: the job's own)")
+    evaluate.add_argument(
+        "--baselines",
+        default="tfidf",
+        help="with --adapter: baselines measured again on these rows, comma-separated from "
+        "tfidf (re-fit on the job's training data), base, fewShot (the base model), or none; "
+        "the others come from the training-time report (default: tfidf)",
+    )
     evaluate.add_argument(
         "--out", default="evaluation", help="directory for report.json and report.html"
     )

@@ -177,10 +177,11 @@ def render_html(report: dict[str, Any]) -> str:
                 f"<td class='{css}'>{'pass' if gate['passed'] else 'FAIL'} {html.escape(gate.get('reason', ''))}</td></tr>"
             )
         parts.append("</table>")
+    if report.get("worthIt"):
+        parts.append(f"<p><strong>{html.escape(report['worthIt'])}</strong></p>")
     if report.get("baselinesFrom"):
         parts.append(
-            f"<p><small>Gates over a baseline use the baseline measured at "
-            f"{html.escape(report['baselinesFrom'])}.</small></p>"
+            f"<p><small>Baselines: {html.escape(report['baselinesFrom'])}.</small></p>"
         )
     parts += _probes_html(report.get("probes", {}))
     if report.get("deltas"):

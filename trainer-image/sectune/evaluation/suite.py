@@ -180,12 +180,91 @@ def load_labelled(data_uri: str, spec: JobSpec) -> tuple[list[Example], dict[str
     return examples, sanitizer.report.as_dict()
 
 
+REMEASURABLE = ("tfidf", "base", "fewShot")
+"""Baselines `sectune evaluate --baselines` can measure again on the rows in hand."""
+
+
+def remeasure_baselines(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: JobSpec,
+    trained_on: str | None,
+    wanted: tuple[str, ...],
+    autocast: bool,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Baselines measured again on `examples`, and notes on what could not be: TF-IDF re-fit on
+    the job's own training data (found through its config, refused if its digest is no longer
+    `trained_on`), the base model zero-shot and few-shot (the adapter switched off)."""
+    from sectune.data.load import DataError
+    from sectune.data.prepare import PreparedData, prepare_data
+    from sectune.evaluation.baselines import tfidf_baseline
+    from sectune.storage import StorageError
+
+    measured: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    if spec.task.type != "classification":
+        wanted = tuple(w for w in wanted if w == "base")
+    train: list[Example] = []
+    if {"tfidf", "fewShot"} & set(wanted):
+        try:
+            prepared = prepare_data(spec)
+        except (DataError, StorageError, OSError) as exc:
+            notes.append(f"the job's training data could not be read ({exc})")
+        else:
+            if prepared.report.get("digest") != trained_on:
+                notes.append(
+                    f"the job's training data at {spec.dataset.train} changed since training"
+                )
+            else:
+                train = prepared.train
+    if "tfidf" in wanted and train:
+        measured["tfidf"] = tfidf_baseline(
+            train, examples, spec.task.labels, spec.hyperparameters.seed
+        )
+    if {"base", "fewShot"} & set(wanted) and hasattr(model, "disable_adapter"):
+        data = PreparedData(train=train, validation=examples, test=examples)
+        with model.disable_adapter():
+            base = baselines(model, tokenizer, data, spec, autocast)
+        measured |= {k: v for k, v in base.items() if k in wanted and (train or k != "fewShot")}
+    return measured, notes
+
+
+def worth_it(tuned: dict[str, Any], compared: dict[str, dict[str, Any]]) -> str:
+    """One line a security engineer can act on: does the adapter beat the baselines here?"""
+    metric = "macroF1" if "macroF1" in tuned else "validationLoss"
+    if metric not in tuned or not compared:
+        return ""
+    lower_is_better = metric == "validationLoss"
+    parts, beaten = [], []
+    for name, metrics in compared.items():
+        if metric not in metrics:
+            continue
+        wins = (
+            tuned[metric] < metrics[metric] if lower_is_better else tuned[metric] > metrics[metric]
+        )
+        parts.append(f"{name} {metrics[metric]:.3f}")
+        beaten.append(wins)
+    if not parts:
+        return ""
+    verdict = "worth it" if all(beaten) else "not worth it"
+    losers = [p for p, won in zip(parts, beaten, strict=True) if not won]
+    against = f" (does not beat {', '.join(losers)})" if losers else ""
+    return f"{metric} {tuned[metric]:.3f} vs {', '.join(parts)} on these rows: {verdict}{against}"
+
+
 def evaluate_stored(
-    adapter_uri: str, data_uri: str, gates_path: str | None, precision: str = "auto"
+    adapter_uri: str,
+    data_uri: str,
+    gates_path: str | None,
+    precision: str = "auto",
+    remeasure: tuple[str, ...] = ("tfidf",),
 ) -> dict[str, Any]:
     """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
     its own gates or those in `gates_path` (a YAML list), on this process's device with the
-    numerics sectune.placement picks for `precision`. Returns the report."""
+    numerics sectune.placement picks for `precision`. The baselines in `remeasure` are
+    measured again on the same rows (the rest come from the training-time report). Returns
+    the report."""
     import json
     import tempfile
     from pathlib import Path
@@ -195,12 +274,7 @@ def evaluate_stored(
     from sectune import artifacts, placement
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
-    from sectune.evaluation.gates import (
-        BASELINES_FROM,
-        baselines_from_report,
-        evaluate_gates,
-        gate_verdict,
-    )
+    from sectune.evaluation.gates import baselines_from_report, evaluate_gates, gate_verdict
     from sectune.runner import hardware
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
@@ -242,8 +316,18 @@ def evaluate_stored(
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
     report_path = workdir / "report.json"
     training_report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    baselines = baselines_from_report(training_report)
-    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
+    from_training = baselines_from_report(training_report)
+    measured, notes = remeasure_baselines(
+        model,
+        tokenizer,
+        examples,
+        spec,
+        manifest.dataset.digest,
+        remeasure,
+        numerics.autocast is not None,
+    )
+    compared = from_training | measured
+    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, compared)]
     passed, verdict = gate_verdict(outcomes)
     return {
         "job": manifest.job,
@@ -253,8 +337,9 @@ def evaluate_stored(
             "examples": len(examples),
             "sanitize": sanitized,
         },
-        "models": {"tuned": metrics, "training": manifest.metrics},
-        "baselinesFrom": BASELINES_FROM if baselines else None,
+        "models": {"tuned": metrics, **measured, "training": manifest.metrics},
+        "baselinesFrom": _baselines_from(measured, from_training, notes),
+        "worthIt": worth_it(metrics, measured),
         "probes": probes,
         "gates": outcomes,
         "gatesPassed": passed,
@@ -262,3 +347,20 @@ def evaluate_stored(
         "hardware": hardware(),
         "numerics": numerics.describe(),
     }
+
+
+def _baselines_from(
+    measured: dict[str, Any], from_training: dict[str, Any], notes: list[str]
+) -> str | None:
+    """Where the report's baselines come from, said plainly."""
+    from sectune.evaluation.gates import BASELINES_FROM
+
+    parts = []
+    if measured:
+        parts.append(f"these rows: {', '.join(measured)} (re-measured now)")
+    rest = [name for name in from_training if name not in measured]
+    if rest:
+        parts.append(f"{', '.join(rest)}: {BASELINES_FROM}")
+    if notes:
+        parts.append("not re-measured because " + "; ".join(notes))
+    return "; ".join(parts) or None
