@@ -232,3 +232,21 @@ def test_reference_overlap():
     assert overlap_f1("the actor used mimikatz", "the actor used mimikatz") == 1.0
     assert overlap_f1("nothing alike", "the actor used mimikatz") == 0.0
     assert generation_metrics(["", "x"], ["a", "x"])["formatCompliance"] == 0.5
+
+
+def test_long_stages_announce_their_progress():
+    """Scoring, generation and probes report (what, done, total) after each batch to whoever
+    listens (the CLI draws bars with counts and ETA); nobody listening costs nothing."""
+    from sectune import progress
+
+    heard: list[tuple[str, int, int]] = []
+    with progress.listening(lambda *event: heard.append(event)):
+        starts = list(progress.batches("scoring labels", 10, 4))
+    assert starts == [0, 4, 8]
+    assert heard == [
+        ("scoring labels", 4, 10),
+        ("scoring labels", 8, 10),
+        ("scoring labels", 10, 10),
+    ]
+    assert list(progress.batches("unheard", 3, 2)) == [0, 2]
+    assert len(heard) == 3

@@ -20,6 +20,7 @@ from sectune import __version__
 from sectune.config import JobSpec, ManifestError, load_manifest
 from sectune.contract import ExitCode, TrainerResult
 from sectune.placement import INFERENCE_PRECISIONS
+from sectune.progress import listening
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs and CI: room for the summary table's columns
@@ -54,6 +55,41 @@ def _write_result(path: Path, message: str) -> None:
         path.write_text(message[:4096])
     except OSError as exc:
         console.print(f"[yellow]warning:[/] could not write the result to {path}: {exc.strerror}")
+
+
+class _ProgressBars:
+    """Bars with counts and ETA for long evaluation stages (sectune.progress); a stage that took
+    more than a few seconds leaves one line in the log."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.tasks: dict[str, tuple[Any, float]] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        import time
+
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self.progress.start()
+        if what not in self.tasks:
+            self.tasks[what] = (self.progress.add_task(what, total=total), time.monotonic())
+        task, began = self.tasks[what]
+        self.progress.update(task, completed=done, total=total)
+        if done >= total:
+            self.progress.remove_task(task)
+            del self.tasks[what]
+            if time.monotonic() - began > 5:
+                console.log(f"{what}: {total} in {time.monotonic() - began:.0f} s")
+            if not self.tasks:
+                self.progress.stop()
+                self.progress = None
 
 
 def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
@@ -118,7 +154,8 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         return code
 
     try:
-        outcome = runner.run_job(name, spec, on_event)
+        with listening(_ProgressBars() if main_process else lambda *_: None):
+            outcome = runner.run_job(name, spec, on_event)
     except (
         ManifestError,
         DataError,
@@ -230,9 +267,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
             report = evaluate_endpoint(args.endpoint, args.model, args.data, args.gates, api_key)
         else:
-            report = evaluate_stored(
-                args.adapter, args.data, args.gates, args.precision, _baseline_names(args.baselines)
-            )
+            with listening(_ProgressBars()):
+                report = evaluate_stored(
+                    args.adapter,
+                    args.data,
+                    args.gates,
+                    args.precision,
+                    _baseline_names(args.baselines),
+                )
     except (
         DataError,
         StorageError,

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sectune import progress
 from sectune.config import JobSpec
 from sectune.data.prepare import CANARY_PREFIX, Example, canary_value
 
@@ -143,7 +144,7 @@ def sequence_log_likelihood(
     """Sum of token log-probabilities of each text (after its first token)."""
     device = next(model.parameters()).device
     out: list[float] = []
-    for start in range(0, len(texts), batch_size):
+    for start in progress.batches("probing", len(texts), batch_size):
         batch = [
             tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in texts[start : start + batch_size]

@@ -180,9 +180,7 @@ def render_html(report: dict[str, Any]) -> str:
     if report.get("worthIt"):
         parts.append(f"<p><strong>{html.escape(report['worthIt'])}</strong></p>")
     if report.get("baselinesFrom"):
-        parts.append(
-            f"<p><small>Baselines: {html.escape(report['baselinesFrom'])}.</small></p>"
-        )
+        parts.append(f"<p><small>Baselines: {html.escape(report['baselinesFrom'])}.</small></p>")
     parts += _probes_html(report.get("probes", {}))
     if report.get("deltas"):
         parts.append(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sectune import placement
+from sectune import placement, progress
 from sectune.config import JobSpec
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.data.prepare import Example
@@ -118,7 +118,7 @@ def score_labels(
 
     probabilities: list[list[float]] = []
     began = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
+    for start in progress.batches("scoring labels", len(prompts), batch_size):
         probabilities += score(prompts[start : start + batch_size])
     throughput = len(prompts) / max(time.perf_counter() - began, 1e-9)
     latencies = []
@@ -143,7 +143,7 @@ def validation_loss(
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
+    for start in progress.batches("validation loss", len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
         loss, tokens = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss) * tokens
@@ -209,7 +209,7 @@ def generate(
     formatter = PromptFormatter(tokenizer, spec)
     device = next(model.parameters()).device
     outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
+    for start in progress.batches("generating", len(examples), batch_size):
         prompts = [
             formatter.prompt_ids(e)[-spec.hyperparameters.max_seq_length :]
             for e in examples[start : start + batch_size]
