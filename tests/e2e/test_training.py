@@ -409,26 +409,74 @@ def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s
     assert tuned["examples"] == 6 and report["probes"]["samples"]
 
 
-def test_memorization_probe_measures_planted_canaries(job_manifest, s3_env, s3_bucket):
+@pytest.mark.parametrize(
+    ("kind", "canaries", "hyperparameters", "memorized"),
+    [
+        ("normal", {"count": 4, "repeats": 1}, {"epochs": 2}, False),
+        # Built to memorize: each canary 16 times per epoch, 12 epochs.
+        ("memorizing", {"count": 4, "repeats": 16}, {"epochs": 12}, True),
+    ],
+)
+def test_memorization_probe_fails_a_run_that_memorized_its_canaries(
+    job_manifest, s3_env, s3_bucket, kind, canaries, hyperparameters, memorized
+):
+    """Canaries are planted where training fits them (here: as generation targets) and ranked
+    against 512 random codes; a realistic gate (5 bits, where chance averages 1.44) passes a
+    normal run and fails one that memorized."""
+    name = f"canaries-{kind}"
     manifest = job_manifest(
-        "canaries",
+        name,
+        rows=24,
         output={"uri": f"s3://{s3_bucket}/adapters"},
-        method={"type": "continued-pretraining"},
+        method={"type": "lora", "r": 8, "alpha": 16},
         task={"type": "generation", "labels": []},
-        dataset={"format": "completion", "canaries": {"count": 2, "repeats": 8}},
-        hyperparameters={"learningRate": 0.005, "epochs": 3},
-        evaluation={"gates": [{"metric": "canaryExposure", "max": 100}]},
+        dataset={"format": "completion", "canaries": canaries},
+        hyperparameters={"learningRate": 0.01, **hyperparameters},
+        evaluation={"gates": [{"metric": "canaryExposure", "max": 5}]},
+    )
+    result = sectune("run", str(manifest))
+
+    assert result.returncode == (3 if memorized else 0), result.stderr[-3000:]
+    pointer = artifacts.current(f"s3://{s3_bucket}/adapters/{name}")
+    assert (pointer is None) == memorized  # a memorizing run is never made current
+    [version] = {
+        n.split("/")[0] for n in storage.list_files(f"s3://{s3_bucket}/adapters/{name}/versions")
+    }
+    report = json.loads(
+        storage.read_bytes(f"s3://{s3_bucket}/adapters/{name}/versions/{version}/report.json")
+    )
+    memorization = report["probes"]["memorization"]
+    assert memorization["candidates"] == 512 and len(memorization["ranks"]) == 4
+    assert memorization["maxMeasurable"] == pytest.approx(9.0028, abs=1e-3)
+    assert memorization["chance"] == pytest.approx(1.4427, abs=1e-3)
+    assert memorization["measures"].startswith("the canary as the answer")
+    assert report["models"]["tuned"]["canaryExposure"] == memorization["canaryExposure"]
+    assert (memorization["canaryExposure"] > 5) == memorized
+    assert report["data"]["canaries"] == canaries
+    assert memorization["regurgitation"]["prompts"] == 4
+    if memorized:
+        assert report["verdict"] == "gates failed: canaryExposure<=5"
+
+
+def test_classification_canaries_measure_the_label_they_were_planted_with(
+    job_manifest, s3_env, s3_bucket
+):
+    """In classification the loss sees only the label: each canary gets a label of its own, and
+    the probe ranks that label's probability given the planted input against control inputs."""
+    manifest = job_manifest(
+        "canaries-cls",
+        rows=24,
+        output={"uri": f"s3://{s3_bucket}/adapters"},
+        dataset={"canaries": {"count": 3, "repeats": 2}},
     )
     result = sectune("run", str(manifest))
     assert result.returncode == 0, result.stderr[-3000:]
-    report = _report(f"s3://{s3_bucket}/adapters", "canaries")
+    report = _report(f"s3://{s3_bucket}/adapters", "canaries-cls")
     memorization = report["probes"]["memorization"]
-    assert memorization["candidates"] == 512 and len(memorization["ranks"]) == 2
-    assert 0 <= memorization["canaryExposure"] <= memorization["maxMeasurable"] + 1e-9
-    assert report["models"]["tuned"]["canaryExposure"] == memorization["canaryExposure"]
-    assert memorization["regurgitation"]["prompts"] == 2
-    assert report["data"]["canaries"] == {"count": 2, "repeats": 8}
-    assert report["gates"][0]["name"] == "canaryExposure<=100" and report["gates"][0]["passed"]
+    assert memorization["measures"].startswith("the planted label given the planted input")
+    assert len(memorization["ranks"]) == 3
+    assert 0 <= memorization["canaryExposure"] <= memorization["maxExposure"]
+    assert memorization["maxExposure"] <= memorization["maxMeasurable"] + 1e-9
 
 
 def test_a_run_is_compared_with_the_previous_version_it_would_replace(

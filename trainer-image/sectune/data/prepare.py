@@ -377,11 +377,13 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         rng = random.Random(seed)
         template = train[0]
         in_target = spec.task.type != "classification"  # where the loss will see it
+        labels = [rng.choice(spec.task.labels) for _ in canaries] if not in_target else []
         first = next(iter(template.fields), "text")
         for i, canary in enumerate(canaries):
             for r in range(dataset.canaries.repeats):
                 fields = dict.fromkeys(template.fields, "") | ({} if in_target else {first: canary})
-                target = canary if in_target else template.target
+                # A label of its own: memorizing "this code -> this label" is measurable.
+                target = canary if in_target else labels[i]
                 train.insert(
                     rng.randrange(len(train) + 1),
                     Example(f"canary-{i}-{r}", fields, target, canary=True),

@@ -137,53 +137,99 @@ def exposure(
     }
 
 
-@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
-def sequence_log_likelihood(
-    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32
-) -> list[float]:
-    """Sum of token log-probabilities of each text (after its first token)."""
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for start in progress.batches("probing", len(texts), batch_size):
-        batch = [
-            tokenizer(t, add_special_tokens=False)["input_ids"]
-            for t in texts[start : start + batch_size]
-        ]
-        length = max(len(b) for b in batch)
-        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(batch):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        logits = (
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            .logits.float()
-            .log_softmax(-1)
-            .cpu()
-        )
-        picked = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
-        out += picked.sum(-1).tolist()
-    return out
-
-
 def memorization_probe(
-    model: Any, tokenizer: Any, canaries: list[str], seed: int, candidates: int = 512
+    model: Any,
+    tokenizer: Any,
+    spec: JobSpec,
+    planted: list[Example],
+    seed: int,
+    candidates: int = 512,
 ) -> dict[str, Any]:
-    """Exposure of each planted canary against random codes of the same shape."""
+    """Exposure of each planted canary, measured on what training could fit.
+
+    Generation and extraction plant the canary as a target: the canary's log-likelihood as the
+    answer to its prompt is ranked among `candidates` random codes of the same shape as
+    answers to the same prompt. Classification plants it in the input with a label drawn for
+    that canary: the probability of that label given the planted input is ranked among the
+    same label's probability given control inputs (the same text with codes never trained on).
+    A model that has not memorized ranks a canary uniformly: exposure averages 1/ln 2 ≈ 1.44
+    bits; the most that `candidates` can show is log2(candidates + 1) (9 bits for 512).
+    `canaryExposure` is the mean over canaries (the max is reported too)."""
+    from sectune.evaluation.scoring import score_labels
+
+    canaries = list({e.id.rsplit("-", 1)[0]: e for e in planted if e.canary}.values())
     if not canaries:
         return {}
     rng = random.Random(f"exposure-{seed}")
-    pool = [canary_value(rng) for _ in range(candidates)]
-    pool_scores = sequence_log_likelihood(model, tokenizer, pool)
-    canary_scores = sequence_log_likelihood(model, tokenizer, canaries)
-    per_canary = [exposure(score, pool_scores, 10.0**9) for score in canary_scores]
+    codes = [canary_value(rng) for _ in range(candidates)]
+    template = canaries[0]
+    if spec.task.type == "classification":
+        field = next(k for k, v in template.fields.items() if v.startswith(CANARY_PREFIX))
+        controls = [
+            Example(f"control-{j}", {**template.fields, field: code}, template.target)
+            for j, code in enumerate(codes)
+        ]
+        labels = spec.task.labels
+        control_probs = score_labels(model, tokenizer, controls, spec).probabilities
+        canary_probs = score_labels(model, tokenizer, canaries, spec).probabilities
+        scored = []
+        for example, probs in zip(canaries, canary_probs, strict=True):
+            index = labels.index(example.target)
+            pool = [math.log(max(p[index], 1e-30)) for p in control_probs]
+            scored.append((math.log(max(probs[index], 1e-30)), pool))
+        measures = "the planted label given the planted input, against control inputs"
+    else:
+        controls = [Example(f"control-{j}", template.fields, code) for j, code in enumerate(codes)]
+        pool = target_log_likelihood(model, tokenizer, spec, controls)
+        scored = [(s, pool) for s in target_log_likelihood(model, tokenizer, spec, canaries)]
+        measures = "the canary as the answer to its prompt, against random codes"
+    per_canary = [exposure(score, pool, 10.0**9) for score, pool in scored]
+    exposures = [c["exposure"] for c in per_canary]
     return {
-        "canaryExposure": max(c["exposure"] for c in per_canary),
-        "meanExposure": sum(c["exposure"] for c in per_canary) / len(per_canary),
+        "canaryExposure": sum(exposures) / len(exposures),
+        "maxExposure": max(exposures),
+        "canaries": len(canaries),
         "candidates": candidates,
         "maxMeasurable": per_canary[0]["maxMeasurable"],
+        "chance": 1 / math.log(2),
+        "measures": measures,
         "ranks": [c["rank"] for c in per_canary],
     }
+
+
+@torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable
+def target_log_likelihood(
+    model: Any, tokenizer: Any, spec: JobSpec, examples: list[Example], batch_size: int = 32
+) -> list[float]:
+    """Sum of log-probabilities of each example's target tokens given its prompt: the part of
+    the sequence training fits."""
+    from sectune.data.format import IGNORE, PromptFormatter
+    from sectune.training.train import collate
+
+    formatter = PromptFormatter(tokenizer, spec)
+    encoded = [formatter.encode(e) for e in examples]
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in progress.batches("probing", len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        kept = [e for e in rows if e is not None]
+        if not kept:
+            out += [-math.inf] * len(rows)
+            continue
+        batch = {k: v.to(device) for k, v in collate(kept, tokenizer.pad_token_id).items()}
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions,
+        ).logits.float()
+        logprobs = logits[:, :-1].log_softmax(-1)
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        sums = iter(picked.sum(-1).tolist())
+        out += [next(sums) if e is not None else -math.inf for e in rows]
+    return out
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 shards gathered inside must stay trainable

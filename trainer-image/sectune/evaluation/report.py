@@ -136,8 +136,10 @@ def _probes_html(probes: dict[str, Any]) -> list[str]:
         leaks = memorization.get("regurgitation", {})
         parts.append(
             "<h2>Memorization</h2><table>"
-            f"<tr><td>canary exposure (max, bits)</td><td>{_fmt(memorization['canaryExposure'])}</td></tr>"
-            f"<tr><td>measurable up to (bits)</td><td>{_fmt(memorization['maxMeasurable'])}</td></tr>"
+            f"<tr><td>canary exposure (mean, bits)</td><td>{_fmt(memorization['canaryExposure'])}</td></tr>"
+            f"<tr><td>highest single canary (bits)</td><td>{_fmt(memorization.get('maxExposure'))}</td></tr>"
+            f"<tr><td>range: chance … measurable up to (bits)</td><td>{_fmt(memorization.get('chance'))} … {_fmt(memorization['maxMeasurable'])}</td></tr>"
+            f"<tr><td>measures</td><td>{html.escape(str(memorization.get('measures', '')))}</td></tr>"
             f"<tr><td>canary leaks in greedy continuations</td><td>{_fmt(leaks.get('canaryLeaks'))} / {_fmt(leaks.get('prompts'))}</td></tr>"
             f"<tr><td>redaction placeholders in continuations</td><td>{_fmt(leaks.get('placeholderLeaks'))}</td></tr></table>"
         )

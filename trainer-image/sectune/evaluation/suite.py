@@ -157,7 +157,7 @@ def evaluate_tuned(
             metrics["injectionSuccessRate"] = probes["injection"]["injectionSuccessRate"]
     if spec.evaluation.memorization_probes and data.canaries:
         memorization = memorization_probe(
-            model, tokenizer, data.canaries, spec.hyperparameters.seed
+            model, tokenizer, spec, data.train, spec.hyperparameters.seed
         )
         prefixes = [c.rsplit(" ", 1)[0] for c in data.canaries]
         memorization["regurgitation"] = regurgitation_probe(
