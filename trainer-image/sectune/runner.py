@@ -128,6 +128,30 @@ def prompt_length_reference(tokenizer: Any, spec: JobSpec, data: Any) -> dict[st
     return length_distribution([n for n in (len(formatter.prompt_ids(e)) for e in examples) if n])
 
 
+@dataclass
+class _Loaded:
+    """The base model ready to train, and how this process computes."""
+
+    model: Any
+    tokenizer: Any
+    resolved: Any
+    """training.base_model.ResolvedModel: where the weights are and their digest."""
+    numerics: Any
+    """sectune.placement.Numerics"""
+    accelerator: Any
+
+    @property
+    def autocast(self) -> bool:
+        return self.numerics.autocast is not None
+
+    @property
+    def collective(self) -> bool:
+        """At ZeRO-3 a forward pass gathers weights from every rank: all ranks evaluate."""
+        from sectune.training.distributed import zero3
+
+        return bool(zero3(self.accelerator))
+
+
 def run_job(
     name: str,
     spec: JobSpec,
@@ -135,31 +159,79 @@ def run_job(
 ) -> Outcome:
     """Run the whole job; artifacts are published only if training and evaluation finished.
 
+        prepare data -> load base model -> baselines -> train -> evaluate -> gates -> publish
+
     `on_event` hears progress: ("stage", {name}), ("step", StepReport fields), ("data", report).
     """
     import torch
 
-    from sectune import artifacts, placement
     from sectune.data.prepare import prepare_data
-    from sectune.evaluation.baselines import tfidf_baseline
     from sectune.evaluation.gates import evaluate_gates, gate_verdict
-    from sectune.evaluation.report import render_html
-    from sectune.evaluation.suite import baselines, evaluate_tuned, score_previous
-    from sectune.training import base_model
-    from sectune.training.distributed import describe, make_accelerator, zero3
-    from sectune.training.train import Checkpoints, train, wrap_with_lora
 
     started = dt.datetime.now(dt.UTC)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    prefix = job_prefix(spec, name)
     check_resources(spec)
     torch.manual_seed(spec.hyperparameters.seed)
+    workdir = Path(tempfile.mkdtemp(prefix=f"sectune-{name}-"))
 
     on_event("stage", {"name": "Preparing data"})
     data = prepare_data(spec)
     on_event("data", data.report)
 
     on_event("stage", {"name": "Loading base model"})
+    loaded = _load_base_model(spec)
+    main = loaded.accelerator.is_main_process
+    models: dict[str, dict[str, Any]] = {}
+    if spec.evaluation.baseline and main and not loaded.collective:
+        on_event("stage", {"name": "Scoring the base model"})
+        models |= _score_base(loaded, data, spec)
+
+    on_event("stage", {"name": "Training"})
+    result = _train(name, spec, loaded, data, workdir, on_event)
+    if spec.evaluation.baseline and loaded.collective:
+        on_event("stage", {"name": "Scoring the base model"})
+        with loaded.model.disable_adapter():  # the base, from the same shards (adapters only)
+            models |= _score_base(loaded, data, spec)
+    if not (main or loaded.collective):
+        return Outcome(name, "Succeeded", "WorkerDone")
+
+    on_event("stage", {"name": "Evaluating"})
+    probes, previous_version = _evaluate(spec, loaded, data, workdir, models, on_event)
+    # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
+    weights = loaded.accelerator.get_state_dict(result.prepared) if loaded.collective else None
+    if not main:
+        return Outcome(name, "Succeeded", "WorkerDone")
+
+    compared = {k: v for k, v in models.items() if k != "tuned"}
+    gates = [g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)]
+    gates_passed, verdict = gate_verdict(gates)
+    report = build_report(
+        name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
+    )
+
+    on_event("stage", {"name": "Publishing artifacts"})
+    manifest = build_manifest(name, run_id, started, spec, data, loaded, models["tuned"], gates)
+    published = _publish(
+        spec, name, run_id, workdir, loaded, weights, report, data, result, manifest
+    )
+    phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
+    return Outcome(
+        name,
+        phase,
+        reason,
+        verdict,
+        adapter_uri=published.uri,
+        adapter_sha256=published.manifest_sha256,
+        adapter_bytes=published.adapter_bytes,
+        report=report,
+    )
+
+
+def _load_base_model(spec: JobSpec) -> _Loaded:
+    from sectune import placement
+    from sectune.training import base_model
+    from sectune.training.distributed import make_accelerator
+
     numerics = placement.for_training(spec.hyperparameters.precision, spec.method.type)
     # Before the model: at ZeRO-3 it is then built already sharded across the ranks.
     accelerator = make_accelerator(spec, numerics)
@@ -167,85 +239,118 @@ def run_job(
     model, tokenizer = base_model.load(
         resolved, spec.base_model, numerics.weights_dtype, str(accelerator.device)
     )
-    classification = spec.task.type == "classification"
-    use_amp = numerics.autocast is not None
-    # At ZeRO-3 a forward pass gathers weights from every rank: all ranks evaluate together.
-    collective = zero3(accelerator)
-    evaluates = accelerator.is_main_process or collective
-    models: dict[str, dict[str, Any]] = {}
+    return _Loaded(model, tokenizer, resolved, numerics, accelerator)
 
-    if spec.evaluation.baseline and accelerator.is_main_process and not collective:
-        on_event("stage", {"name": "Scoring the base model"})
-        models |= baselines(model, tokenizer, data, spec, use_amp)
 
-    on_event("stage", {"name": "Training"})
-    workdir = Path(tempfile.mkdtemp(prefix=f"sectune-{name}-"))
-    model = wrap_with_lora(model, spec)
+def _score_base(loaded: _Loaded, data: Any, spec: JobSpec) -> dict[str, dict[str, Any]]:
+    from sectune.evaluation.suite import baselines
+
+    return baselines(loaded.model, loaded.tokenizer, data, spec, loaded.autocast)
+
+
+def _train(
+    name: str,
+    spec: JobSpec,
+    loaded: _Loaded,
+    data: Any,
+    workdir: Path,
+    on_event: Callable[[str, dict[str, Any]], None],
+) -> Any:
+    """LoRA (or the whole model) trained on the prepared examples; `loaded.model` becomes the
+    trained model."""
+    from sectune.training.train import Checkpoints, train, wrap_with_lora
+
+    checkpoints = Checkpoints(
+        job_prefix(spec, name),
+        workdir,
+        training_fingerprint(spec, data.report.get("digest")),
+        loaded.accelerator,
+    )
     result = train(
-        model,
-        tokenizer,
+        wrap_with_lora(loaded.model, spec),
+        loaded.tokenizer,
         data.train,
         spec,
-        accelerator,
-        Checkpoints(
-            prefix, workdir, training_fingerprint(spec, data.report.get("digest")), accelerator
-        ),
+        loaded.accelerator,
+        checkpoints,
         on_step=lambda report: on_event("step", report.__dict__),
     )
-    model = result.model
-    if spec.evaluation.baseline and collective:
-        on_event("stage", {"name": "Scoring the base model"})
-        with model.disable_adapter():  # the base, from the same shards (admission: adapters)
-            models |= baselines(model, tokenizer, data, spec, use_amp)
-    if not evaluates:
-        return Outcome(name, "Succeeded", "WorkerDone")
+    loaded.model = result.model
+    return result
 
-    on_event("stage", {"name": "Evaluating"})
-    models["tuned"], probes = evaluate_tuned(model, tokenizer, data, spec, use_amp)
+
+def _evaluate(
+    spec: JobSpec,
+    loaded: _Loaded,
+    data: Any,
+    workdir: Path,
+    models: dict[str, dict[str, Any]],
+    on_event: Callable[[str, dict[str, Any]], None],
+) -> tuple[dict[str, Any], dict[str, str] | None]:
+    """The tuned model's metrics and probes, the previous version's and TF-IDF's on the same
+    held-out rows (into `models`); returns the probes and where the previous version was."""
+    from sectune.evaluation.baselines import tfidf_baseline
+    from sectune.evaluation.suite import evaluate_tuned, score_previous
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    models["tuned"], probes = evaluate_tuned(model, tokenizer, data, spec, loaded.autocast)
     previous_version = None
     if spec.evaluation.previous_version is not None:
         on_event("stage", {"name": "Scoring the previous version"})
         models["previous"], previous_version = score_previous(
-            model, tokenizer, data, spec, use_amp, resolved.digest, workdir
+            model, tokenizer, data, spec, loaded.autocast, loaded.resolved.digest, workdir
         )
-    # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
-    weights = accelerator.get_state_dict(result.prepared) if collective else None
-    if not accelerator.is_main_process:
-        return Outcome(name, "Succeeded", "WorkerDone")
-    if classification:
+    if spec.task.type == "classification" and loaded.accelerator.is_main_process:
         models["tfidf"] = tfidf_baseline(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed
         )
-    compared = {k: v for k, v in models.items() if k != "tuned"}
-    gate_outcomes = [
-        g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
-    ]
-    gates_passed, verdict = gate_verdict(gate_outcomes)
+    return probes, previous_version
 
-    report = {
+
+def build_report(
+    name: str,
+    run_id: str,
+    spec: JobSpec,
+    data: Any,
+    loaded: _Loaded,
+    result: Any,
+    models: dict[str, dict[str, Any]],
+    probes: dict[str, Any],
+    previous_version: dict[str, str] | None,
+    gates: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """report.json: every model's metrics, the tuned model's margins over each baseline, the
+    probes, the gates and their verdict, the data and the training run."""
+    from sectune.evaluation.gates import gate_verdict
+    from sectune.training.distributed import describe
+
+    gates_passed, verdict = gate_verdict(gates)
+    tuned = models["tuned"]
+    return {
         "job": name,
         "run": run_id,
         "task": spec.task.type,
         "models": models,
         "deltas": {
             base: {
-                m: models["tuned"][m] - models[base][m]
+                m: tuned[m] - metrics[m]
                 for m in ("accuracy", "macroF1", "validationLoss")
-                if m in models[base] and m in models["tuned"]
+                if m in metrics and m in tuned
             }
-            for base in compared
+            for base, metrics in models.items()
+            if base != "tuned"
         },
         "probes": probes,
         "previousVersion": previous_version,
-        "gates": gate_outcomes,
+        "gates": gates,
         "gatesPassed": gates_passed,
         "verdict": verdict,
         "data": data.report,
         "training": {
             "steps": result.steps,
-            "worldSize": accelerator.num_processes,
-            "distributed": describe(accelerator),
-            "numerics": numerics.describe(),
+            "worldSize": loaded.accelerator.num_processes,
+            "distributed": describe(loaded.accelerator),
+            "numerics": loaded.numerics.describe(),
             "resumedFrom": result.resumed_from,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 1),
@@ -257,16 +362,22 @@ def run_job(
         "hardware": hardware(),
     }
 
-    on_event("stage", {"name": "Publishing artifacts"})
-    stage = workdir / "stage"
-    (stage / "adapter").mkdir(parents=True)
-    model.save_pretrained(stage / "adapter", safe_serialization=True, state_dict=weights)
-    tokenizer.save_pretrained(stage / "adapter")
-    (stage / "report.json").write_text(json.dumps(report, indent=2))
-    (stage / "report.html").write_text(render_html(report))
-    (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
-    (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
-    manifest = AdapterManifest(
+
+def build_manifest(
+    name: str,
+    run_id: str,
+    started: dt.datetime,
+    spec: JobSpec,
+    data: Any,
+    loaded: _Loaded,
+    tuned: dict[str, Any],
+    gates: list[dict[str, Any]],
+) -> AdapterManifest:
+    """The lineage manifest (sectune.contract.AdapterManifest); artifacts.publish adds the
+    files' digests and writes it last."""
+    from sectune.evaluation.gates import gate_verdict
+
+    return AdapterManifest(
         job=name,
         run=run_id,
         sectune_version=__version__,
@@ -274,7 +385,7 @@ def run_job(
         end_time=dt.datetime.now(dt.UTC).isoformat(),
         base_model=ManifestBaseModel(
             uri=spec.base_model.uri,
-            sha256=resolved.digest,
+            sha256=loaded.resolved.digest,
             quantization=spec.base_model.quantization,
         ),
         method=spec.method.type,
@@ -286,21 +397,39 @@ def run_job(
         ),
         redactions=data.report.get("sanitize", {}).get("redactions", {}),
         canaries={"count": len(data.canaries)},
-        metrics=models["tuned"],
-        gates=gate_outcomes,
-        gates_passed=gates_passed,
+        metrics=tuned,
+        gates=gates,
+        gates_passed=gate_verdict(gates)[0],
         # What serving compares its inputs with (sectune.serving.drift).
-        reference={"promptTokens": prompt_length_reference(tokenizer, spec, data)},
+        reference={"promptTokens": prompt_length_reference(loaded.tokenizer, spec, data)},
     )
-    published = artifacts.publish(stage, prefix, run_id, manifest, make_current=gates_passed)
-    phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
-    return Outcome(
-        name,
-        phase,
-        reason,
-        verdict,
-        adapter_uri=published.uri,
-        adapter_sha256=published.manifest_sha256,
-        adapter_bytes=published.adapter_bytes,
-        report=report,
+
+
+def _publish(
+    spec: JobSpec,
+    name: str,
+    run_id: str,
+    workdir: Path,
+    loaded: _Loaded,
+    weights: dict[str, Any] | None,
+    report: dict[str, Any],
+    data: Any,
+    result: Any,
+    manifest: AdapterManifest,
+) -> Any:
+    """Stage the adapter, reports and training log, then publish them (manifest last; the
+    current pointer moves only if the gates passed)."""
+    from sectune import artifacts
+    from sectune.evaluation.report import render_html
+
+    stage = workdir / "stage"
+    (stage / "adapter").mkdir(parents=True)
+    loaded.model.save_pretrained(stage / "adapter", safe_serialization=True, state_dict=weights)
+    loaded.tokenizer.save_pretrained(stage / "adapter")
+    (stage / "report.json").write_text(json.dumps(report, indent=2))
+    (stage / "report.html").write_text(render_html(report))
+    (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
+    (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
+    return artifacts.publish(
+        stage, job_prefix(spec, name), run_id, manifest, make_current=bool(manifest.gates_passed)
     )
