@@ -5,7 +5,10 @@
 - API requests the operator made per job (kube-apiserver's request counter, minus ours),
 - the operator's resident memory.
 
-    python benchmarks/operator_scale.py --jobs 1000 --finish 100
+    python benchmarks/operator_scale.py --jobs 1000 --finish 100 [--profile DIR]
+
+--profile samples the operator with py-spy from the first create until every Job exists and
+writes DIR/operator.txt: the functions where its time went (own and cumulative samples).
 
 Results go in BENCHMARKS.md. Not a test: numbers depend on the machine.
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +71,37 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--rate", "50", "--format", "raw",
+         "--output", str(out / "operator.folded"), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _summarise_profile(profiler: subprocess.Popen[bytes], out: Path, top: int = 40) -> None:
+    """Folded stacks -> the functions with the most own and cumulative samples."""
+    profiler.send_signal(signal.SIGINT)
+    profiler.wait(timeout=60)
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    total = 0
+    for line in (out / "operator.folded").read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1] for f in stack.split(";")]
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            cumulative[frame] += n
+    lines = [f"{total} samples at 50 Hz while the Jobs were being created", "", "own:"]
+    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
+    lines += ["", "cumulative:"]
+    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in cumulative.most_common(top)]
+    (out / "operator.txt").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--status-interval", type=float, default=5.0, help="the operator's SECTUNE_STATUS_INTERVAL"
     )
+    parser.add_argument("--profile", type=Path, help="directory for a py-spy profile")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sectune-scale-"))
@@ -147,12 +185,16 @@ def main() -> None:
             created[name] = time.monotonic()
             objects.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, body)
 
+        pid = operator.server.process.pid  # type: ignore[union-attr]
+        profiler = _start_profiler(pid, args.profile) if args.profile else None
         start = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(create, range(args.jobs)))
         create_seconds = time.monotonic() - start
         wait_until(lambda: len(job_seen) >= args.jobs, 3600, "all Jobs", interval=1)
         all_jobs_seconds = time.monotonic() - start
+        if profiler is not None:
+            _summarise_profile(profiler, args.profile)
         latencies = [job_seen[n] - created[n] for n in created]
         peak_rss = rss_mib(operator.server.process.pid)  # type: ignore[union-attr]
 

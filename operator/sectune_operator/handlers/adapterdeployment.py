@@ -17,14 +17,13 @@ import time
 from typing import Any
 
 import kopf
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune.config import format_validation_error
 from sectune.serving.config import ServingConfig
 from sectune.yamlio import load_yaml
-from sectune_operator import canary, metrics, scrape, serving_status
+from sectune_operator import canary, kube, metrics, scrape, serving_status
 from sectune_operator.api import AdapterDeploymentSpec, AdapterSource
 from sectune_operator.builders.adapterdeployment import (
     API_PORT,
@@ -174,7 +173,7 @@ def _apply_children(
 ) -> None:
     """Create or update the ConfigMap, Deployment, Service and PodDisruptionBudget; write
     nothing when what exists is already what would be rendered."""
-    core, apps, policy = client.CoreV1Api(), client.AppsV1Api(), client.PolicyV1Api()
+    core, apps, policy = kube.core(), kube.apps(), kube.policy()
     configmap = build_configmap(name, config)
     deployment = build_deployment(name, spec, config, settings)
     existing_config = next(iter(configs.get((namespace, name), [])), None)
@@ -222,7 +221,7 @@ def _apply_children(
                 create = {
                     "Service": core.create_namespaced_service,
                     "PodDisruptionBudget": policy.create_namespaced_pod_disruption_budget,
-                    "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
+                    "NetworkPolicy": kube.networking().create_namespaced_network_policy,
                 }[child["kind"]]
                 try:
                     create(namespace, child)

@@ -15,13 +15,12 @@ import time
 from typing import Any, NoReturn
 
 import kopf
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune import storage
 from sectune.config import format_validation_error
-from sectune_operator import metrics, scrape
+from sectune_operator import kube, metrics, scrape
 from sectune_operator.api import FineTuneJobSpec
 from sectune_operator.builders.finetunejob import (
     JOB_LABEL,
@@ -95,7 +94,7 @@ def _local_uris(spec: FineTuneJobSpec) -> list[str]:
 
 
 def _missing_secrets(spec: FineTuneJobSpec, namespace: str) -> list[str]:
-    core = client.CoreV1Api()
+    core = kube.core()
     wanted = {
         "spec.output.credentials": spec.output.credentials,
         "spec.hfTokenSecret": spec.hf_token_secret,
@@ -117,10 +116,10 @@ def _missing_secrets(spec: FineTuneJobSpec, namespace: str) -> list[str]:
 def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> bool:
     """Create a child; already-exists is success. Returns True if it was created now."""
     create = {
-        "ConfigMap": client.CoreV1Api().create_namespaced_config_map,
-        "Service": client.CoreV1Api().create_namespaced_service,
-        "Job": client.BatchV1Api().create_namespaced_job,
-        "NetworkPolicy": client.NetworkingV1Api().create_namespaced_network_policy,
+        "ConfigMap": kube.core().create_namespaced_config_map,
+        "Service": kube.core().create_namespaced_service,
+        "Job": kube.batch().create_namespaced_job,
+        "NetworkPolicy": kube.networking().create_namespaced_network_policy,
     }[kind]
     try:
         create(namespace, body)
@@ -265,7 +264,7 @@ def reconcile(
 def _sync_suspend(
     name: str, namespace: str, spec: FineTuneJobSpec, body: kopf.Body, logger: Any
 ) -> None:
-    batch = client.BatchV1Api()
+    batch = kube.batch()
     job = batch.read_namespaced_job(child_name(name), namespace)
     if spec.queue_name or bool(job.spec.suspend) == spec.suspend:
         return
@@ -412,7 +411,7 @@ def _refresh(
         if new == status:
             return
         try:
-            written = client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            written = kube.custom_objects().patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": new}
             )
         except ApiException as exc:
@@ -520,7 +519,7 @@ def _cleanup_client(
             "spec.output.credentials is not set: the operator deletes only with the job's own "
             "storage credentials, never its own; artifacts kept"
         )
-    secret = client.CoreV1Api().read_namespaced_secret(spec.output.credentials.name, namespace)
+    secret = kube.core().read_namespaced_secret(spec.output.credentials.name, namespace)
     credentials = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
     endpoint = credentials.get("AWS_ENDPOINT_URL", "").strip().rstrip("/")
     if endpoint and endpoint not in settings.storage_endpoints:

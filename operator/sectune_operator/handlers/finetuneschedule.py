@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune.config import format_validation_error
-from sectune_operator import canary, schedule
+from sectune_operator import canary, kube, schedule
 from sectune_operator.api import FineTuneScheduleSpec
 from sectune_operator.builders.adapterdeployment import child_name as serving_name
 from sectune_operator.settings import Settings
@@ -47,7 +47,7 @@ def runs_by_schedule(
 
 
 def _custom() -> client.CustomObjectsApi:
-    return client.CustomObjectsApi()
+    return kube.custom_objects()
 
 
 def _create_run(

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 from kubernetes import config as kube_config
 
-from sectune_operator import metrics
+from sectune_operator import kube, metrics
 from sectune_operator.settings import Settings
 
 
@@ -44,6 +44,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
         kube_config.load_incluster_config()
     except kube_config.ConfigException:
         kube_config.load_kube_config()
+    kube.reset()  # handlers share one client built from this configuration
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
     logger.info(
