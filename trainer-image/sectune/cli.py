@@ -177,19 +177,13 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
             runner.EXIT_PREEMPTED,
             TrainerResult.failure("Preempted", str(exc), phase="Training").to_message(),
         )
-    except StorageError as exc:
+    except (StorageError, RendezvousError) as exc:  # infrastructure: the Job retries
         progress.stop()
-        console.print(f"[red]storage error:[/] {exc}")
+        storage_failed = isinstance(exc, StorageError)
+        console.print(f"[red]{'storage error' if storage_failed else 'error'}:[/] {exc}")
+        reason = "StorageError" if storage_failed else "RendezvousTimeout"
         return finish(
-            runner.EXIT_INFRASTRUCTURE,
-            TrainerResult.failure("StorageError", str(exc)).to_message(),
-        )
-    except RendezvousError as exc:
-        progress.stop()
-        console.print(f"[red]error:[/] {exc}")
-        return finish(
-            runner.EXIT_INFRASTRUCTURE,
-            TrainerResult.failure("RendezvousTimeout", str(exc)).to_message(),
+            runner.EXIT_INFRASTRUCTURE, TrainerResult.failure(reason, str(exc)).to_message()
         )
     finally:
         if metrics:

@@ -175,10 +175,6 @@ class AdapterManifest(_Tolerant):
             return {k: v for k, v in value.items() if isinstance(v, int | float) and v is not True}
         return value
 
-    @property
-    def is_adapter(self) -> bool:
-        return self.method in ("lora", "qlora")
-
     def failing_gates(self) -> list[str]:
         return [str(g.get("name", "?")) for g in self.gates if not g.get("passed")]
 

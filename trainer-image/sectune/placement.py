@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
-InferencePrecision = Literal["auto", "bf16", "autocast", "fp32"]
 INFERENCE_PRECISIONS: tuple[str, ...] = ("auto", "bf16", "autocast", "fp32")
 
 
@@ -43,14 +42,6 @@ class Numerics:
     def mixed_precision(self) -> str:
         """accelerate's `mixed_precision` value for this policy."""
         return {"bfloat16": "bf16", "float16": "fp16"}.get(self.autocast or "", "no")
-
-    def autocast_context(self, device_type: str | None = None) -> Any:
-        """torch.autocast for forward passes (disabled when the policy has none)."""
-        import torch
-
-        dtype = getattr(torch, self.autocast or "bfloat16")
-        kind = device_type or self.device.split(":")[0]
-        return torch.autocast(kind, dtype=dtype, enabled=self.autocast is not None)
 
     def describe(self) -> str:
         """For logs and reports: "cuda:0, bfloat16 weights" or "cpu, float32 weights, bfloat16

@@ -166,7 +166,7 @@ def run_job(
     import torch
 
     from sectune.data.prepare import prepare_data
-    from sectune.evaluation.gates import evaluate_gates, gate_verdict
+    from sectune.evaluation.gates import evaluate_gates
 
     started = dt.datetime.now(dt.UTC)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -204,13 +204,15 @@ def run_job(
 
     compared = {k: v for k, v in models.items() if k != "tuned"}
     gates = [g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)]
-    gates_passed, verdict = gate_verdict(gates)
     report = build_report(
         name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
     )
 
     on_event("stage", {"name": "Publishing artifacts"})
-    manifest = build_manifest(name, run_id, started, spec, data, loaded, models["tuned"], gates)
+    gates_passed, verdict = report["gatesPassed"], report["verdict"]
+    manifest = build_manifest(
+        name, run_id, started, spec, data, loaded, models["tuned"], gates, gates_passed
+    )
     published = _publish(
         spec, name, run_id, workdir, loaded, weights, report, data, result, manifest
     )
@@ -372,11 +374,10 @@ def build_manifest(
     loaded: _Loaded,
     tuned: dict[str, Any],
     gates: list[dict[str, Any]],
+    gates_passed: bool,
 ) -> AdapterManifest:
     """The lineage manifest (sectune.contract.AdapterManifest); artifacts.publish adds the
     files' digests and writes it last."""
-    from sectune.evaluation.gates import gate_verdict
-
     return AdapterManifest(
         job=name,
         run=run_id,
@@ -399,7 +400,7 @@ def build_manifest(
         canaries={"count": len(data.canaries)},
         metrics=tuned,
         gates=gates,
-        gates_passed=gate_verdict(gates)[0],
+        gates_passed=gates_passed,
         # What serving compares its inputs with (sectune.serving.drift).
         reference={"promptTokens": prompt_length_reference(loaded.tokenizer, spec, data)},
     )

@@ -55,18 +55,27 @@ def classify(
 
 
 def baselines(
-    model: Any, tokenizer: Any, data: PreparedData, spec: JobSpec, autocast: bool
+    model: Any,
+    tokenizer: Any,
+    data: PreparedData,
+    spec: JobSpec,
+    autocast: bool,
+    which: tuple[str, ...] = ("base", "fewShot"),
 ) -> dict[str, dict[str, Any]]:
     """The base model before training: zero-shot with the job's prompt, and (classification)
-    with k retrieved training examples in the prompt."""
+    with k retrieved training examples in the prompt; only those named in `which`."""
     if spec.task.type != "classification":
+        if "base" not in which:
+            return {}
         return {"base": {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}}
-    return {
-        "base": classify(model, tokenizer, data.test, spec, autocast),
-        "fewShot": classify(
+    measured = {}
+    if "base" in which:
+        measured["base"] = classify(model, tokenizer, data.test, spec, autocast)
+    if "fewShot" in which:
+        measured["fewShot"] = classify(
             model, tokenizer, with_demonstrations(data.test, data.train), spec, autocast
-        ),
-    }
+        )
+    return measured
 
 
 def score_previous(
@@ -222,11 +231,12 @@ def remeasure_baselines(
         measured["tfidf"] = tfidf_baseline(
             train, examples, spec.task.labels, spec.hyperparameters.seed
         )
-    if {"base", "fewShot"} & set(wanted) and hasattr(model, "disable_adapter"):
+    # Few-shot needs the training examples as demonstrations.
+    scored = tuple(w for w in ("base", "fewShot") if w in wanted and (train or w != "fewShot"))
+    if scored and hasattr(model, "disable_adapter"):
         data = PreparedData(train=train, validation=examples, test=examples)
         with model.disable_adapter():
-            base = baselines(model, tokenizer, data, spec, autocast)
-        measured |= {k: v for k, v in base.items() if k in wanted and (train or k != "fewShot")}
+            measured |= baselines(model, tokenizer, data, spec, autocast, which=scored)
     return measured, notes
 
 

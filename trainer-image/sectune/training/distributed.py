@@ -138,11 +138,12 @@ def zero3(accelerator: Any) -> bool:
 
 
 def gathered(
-    accelerator: Any, params: list[Any], modifier_rank: int | None = None
+    accelerator: Any | None, params: list[Any], modifier_rank: int | None = None
 ) -> AbstractContextManager[Any]:
     """Whole values of `params` inside the block (collective at ZeRO-3: every rank enters it);
-    with `modifier_rank`, what that rank writes is scattered back to the shards on exit."""
-    if not zero3(accelerator):
+    with `modifier_rank`, what that rank writes is scattered back to the shards on exit.
+    Without an accelerator, or below ZeRO-3, the parameters are whole already."""
+    if accelerator is None or not zero3(accelerator):
         return nullcontext()
     import deepspeed
 

@@ -18,7 +18,6 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,9 +212,7 @@ class Checkpoints:
         from sectune.training.distributed import gathered
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        with (
-            gathered(self.accelerator, [p for _, p in named]) if self.accelerator else nullcontext()
-        ):
+        with gathered(self.accelerator, [p for _, p in named]):
             trainable = {n: p.detach().cpu().clone().contiguous() for n, p in named}
         if not self._main:
             return
@@ -253,8 +250,7 @@ class Checkpoints:
             raise RuntimeError(
                 f"checkpoint {latest['path']} does not match the model ({missing[0]} missing)"
             )
-        modify = gathered(self.accelerator, [p for _, p in named], 0) if self.accelerator else None
-        with torch.no_grad(), modify or nullcontext():
+        with torch.no_grad(), gathered(self.accelerator, [p for _, p in named], modifier_rank=0):
             for name, param in named:
                 param.copy_(weights[name])
         state = torch.load(local / "optimizer.pt", weights_only=True)
