@@ -2,7 +2,8 @@
 
 - time from create to training Job created (p50, p99) and until all N have Jobs,
 - time from the pod finishing to FineTuneJob Succeeded (p50, p99) for a sample,
-- API requests the operator made per job (kube-apiserver's request counter, minus ours),
+- API requests the operator made per job, by verb and resource (kube-apiserver's audit log
+  of the operator's identity; watches and the peering keep-alive included),
 - the operator's resident memory.
 
     python benchmarks/operator_scale.py --jobs 1000 --finish 100 [--profile DIR]
@@ -35,7 +36,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kubernetes import client, config, watch  # noqa: E402
 
 from support.controlplane import ControlPlane, add_gpu_nodes  # noqa: E402
-from support.operator import OperatorProcess, install_chart_rbac  # noqa: E402
+from support.operator import (  # noqa: E402
+    OPERATOR_ACCOUNT,
+    OPERATOR_NAMESPACE,
+    OperatorProcess,
+    install_chart_rbac,
+)
 from support.processes import wait_until  # noqa: E402
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
@@ -54,14 +60,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def apiserver_requests(plane: ControlPlane) -> float:
-    """Sum of kube-apiserver's apiserver_request_total counters."""
-    text = plane.kubectl("get", "--raw", "/metrics").stdout
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("apiserver_request_total{")
-    )
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+
+
+def operator_requests(plane: ControlPlane, skip: int) -> Counter[str]:
+    """The operator's requests after the first `skip` audit entries, as "verb resource"
+    (e.g. "patch finetunejobs/status", "create events")."""
+    counts: Counter[str] = Counter()
+    for entry in plane.audited_requests()[skip:]:
+        ref = entry.get("objectRef") or {}
+        resource = ref.get("resource", entry.get("requestURI", "?"))
+        if ref.get("subresource"):
+            resource += "/" + ref["subresource"]
+        counts[f"{entry['verb']} {resource}"] += 1
+    return counts
 
 
 def rss_mib(pid: int) -> float:
@@ -117,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sectune-scale-"))
-    plane = ControlPlane(workdir).start()
+    plane = ControlPlane(workdir, audit_users=(OPERATOR_USER,)).start()
     try:
         api = config.new_client_from_config(str(plane.kubeconfig))
         core, batch, objects = (
@@ -170,7 +182,7 @@ def main() -> None:
 
         watcher = threading.Thread(target=watch_jobs, daemon=True)
         watcher.start()
-        requests_before = apiserver_requests(plane)
+        audit_before = len(plane.audited_requests())
 
         def create(i: int) -> None:
             name = f"job-{i:04d}"
@@ -261,9 +273,12 @@ def main() -> None:
         polling.set()
         to_succeeded = [succeeded[n] - finished_at[n] for n in finished_at]
         to_complete = [completed[n] - finished_at[n] for n in finished_at if n in completed]
-        requests = apiserver_requests(plane) - requests_before
-        # Ours: N creates, the sample's pod lists + patches, the status polls, the metric reads.
-        ours = args.jobs + 2 * len(finish_names) + 2
+        requests = operator_requests(plane, audit_before)
+        events = Counter(
+            f"{e.reason} ({e.involved_object.kind})"
+            for e in core.list_namespaced_event(NAMESPACE).items
+            if e.involved_object.kind == "FineTuneJob"
+        )
         done.set()
         result = {
             "jobs": args.jobs,
@@ -276,7 +291,13 @@ def main() -> None:
             "podDoneToJobCompleteP50Seconds": round(statistics.median(to_complete), 2)
             if to_complete
             else None,
-            "apiRequestsPerJobApprox": round((requests - ours) / args.jobs, 1),
+            "apiRequestsPerJob": round(sum(requests.values()) / args.jobs, 1),
+            "apiRequestsPerJobByKind": {
+                kind: round(n / args.jobs, 2) for kind, n in requests.most_common()
+            },
+            "fineTuneJobEventsPerJob": {
+                reason: round(n / args.jobs, 2) for reason, n in events.most_common()
+            },
             "operatorRssMiB": round(max(peak_rss, rss_mib(operator.server.process.pid)), 1),  # type: ignore[union-attr]
             "statusIntervalSeconds": args.status_interval,
             "cpus": os.cpu_count(),

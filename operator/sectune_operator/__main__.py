@@ -1,4 +1,5 @@
-"""`python -m sectune_operator`: run the operator (same as `kopf run -m sectune_operator.handlers`)."""
+"""`python -m sectune_operator`: run the operator. Its settings (SECTUNE_* environment
+variables, sectune_operator.settings) are read once, here."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.priority is None:
         args.priority = 1 + secrets.randbelow(2**31 - 2)
 
-    import sectune_operator.handlers  # noqa: F401  (registers the handlers)
+    from sectune_operator import handlers
+    from sectune_operator.settings import Settings
+
+    settings = Settings()
+    handlers.register(settings)
 
     kopf.configure(
         verbose=os.environ.get("SECTUNE_LOG_LEVEL", "").upper() == "DEBUG",
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         standalone=not args.peering,
         peering_name=args.peering or None,
         priority=args.priority,
+        memo=kopf.Memo(settings=settings),
     )
 
 

@@ -9,6 +9,8 @@ from sectune.contract import TrainerResult
 from sectune_operator.builders.finetunejob import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
+ACTIVE = ("Preparing", "Training", "Evaluating")
+"""Phases in which a trainer runs."""
 
 
 def utc_now() -> str:
@@ -220,6 +222,8 @@ def derive_status(
                 now,
                 generation,
             )
+        elif current.get("phase") in ACTIVE and _finished_pods(pods, "Succeeded"):
+            pass  # the trainer finished; the Job controller has not marked the Job Complete yet
         else:
             status["phase"] = "Pending"
     status["conditions"] = conditions

@@ -6,6 +6,7 @@ One per pytest session; see tests/conftest.py for the fixtures built on it.
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 import urllib.request
@@ -64,10 +65,14 @@ class ControlPlane:
     workdir: Path
     servers: list[Server] = field(default_factory=list)
     server_url: str = ""
+    audit_users: tuple[str, ...] = ()
+    """Users whose requests kube-apiserver writes to `audit_log` (one JSON line per request);
+    empty: no audit log. Benchmarks count the operator's own requests this way."""
 
     def __post_init__(self) -> None:
         self.pki = TestPKI(self.workdir / "pki")
         self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self.audit_log = self.workdir / "logs" / "audit.jsonl"
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -127,6 +132,26 @@ class ControlPlane:
 
         wait_until(healthy, 60, "etcd")
 
+    def _audit_flags(self) -> list[str]:
+        if not self.audit_users:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        rules = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [{"level": "Metadata", "users": list(self.audit_users)}, {"level": "None"}],
+        }
+        policy.write_text(json.dumps(rules))
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}"]
+
+    def audited_requests(self) -> list[dict[str, Any]]:
+        """The audit log's entries so far (requests of `audit_users`)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+
     def _start_apiserver(self) -> None:
         pki = self.pki
         port = free_port()
@@ -167,6 +192,7 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",
+                *self._audit_flags(),
             ],
         )
         context = ssl.create_default_context(cafile=str(pki.ca_cert))

@@ -124,6 +124,17 @@ def test_running_pod_means_preparing_until_the_first_step():
     assert status["phase"] == "Training"
 
 
+def test_a_finished_trainer_does_not_send_the_job_back_to_pending():
+    """Between the pod finishing and the Job controller marking the Job Complete, the phase
+    stays where it was (it used to drop to Pending for that moment)."""
+    done = _pod("p1", "Succeeded", 0, "{}")
+    status = derive_status(_job(), [done], {"phase": "Evaluating"}, 1, NOW, attempts=1)
+    assert status["phase"] == "Evaluating"
+    # A failed pod the Job controller will replace is waiting again: Pending.
+    failed = _pod("p1", "Failed", 1, "boom")
+    assert derive_status(_job(), [failed], {"phase": "Training"}, 1, NOW)["phase"] == "Pending"
+
+
 def test_failed_job_takes_reason_and_message_from_the_trainer():
     message = json.dumps(
         {"reason": "InvalidInput", "message": "train.jsonl:3: field 'label' is missing"}

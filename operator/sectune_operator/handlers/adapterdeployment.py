@@ -651,13 +651,6 @@ def reconcile(
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=Settings().status_interval,
-    when=lambda status, **_: status.get("phase") != "Failed",
-)
 def refresh(
     name: str,
     namespace: str,
@@ -679,6 +672,17 @@ def refresh(
     except ValidationError:
         return  # reconcile reported it
     _write_status(patch, body, status, new)
+
+
+def register_timers(interval: float) -> None:
+    """The refresh timer (its interval is an operator setting, known only at startup)."""
+    kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=interval,
+        when=lambda status, **_: status.get("phase") != "Failed",
+    )(refresh)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

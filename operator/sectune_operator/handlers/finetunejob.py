@@ -3,15 +3,20 @@
 # only the keywords they use, which is how kopf documents them.)
 """kopf handlers for FineTuneJob: thin. Parse, delegate to builders, apply, patch status.
 
-Status is observed state: a timer derives it from indexes of the Jobs and Pods the operator
-labelled (sectune_operator.status), never from handler return values.
+Status is observed state, derived (sectune_operator.status) from indexes of the Jobs and Pods
+the operator labelled whenever one of them changes, and written by one function
+(`_write_status`) for every caller; while a trainer runs, one poller reads its progress.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import kopf
@@ -39,18 +44,22 @@ from sectune_operator.status import (
     set_condition,
     utc_now,
 )
+from sectune_operator.tracking import Indexes, JobTracker, Key
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
 CLEANUP_TRIES = 6
 PROGRESS_BACKOFF = 15.0
 """Seconds before a trainer that did not answer its metrics port is asked again."""
+PROGRESS_READERS = 8
+"""Trainers asked for their progress at once (a read waits at most a second)."""
+LOGGER = logging.getLogger(__name__)
 
 
 def _block(
-    patch: kopf.Patch,
+    key: Key,
+    memo: kopf.Memo,
+    indexes: Indexes,
     body: kopf.Body,
-    status: dict[str, Any],
-    namespace: str,
     generation: int,
     reason: str,
     message: str,
@@ -60,19 +69,29 @@ def _block(
 ) -> NoReturn:
     """Stop reconciling with the reason in status: Failed for good (a bad spec), or Pending
     until the cause goes away (retried after `delay`)."""
-    conditions = set_condition(
-        status.get("conditions") or [], "Ready", "False", reason, message, utc_now(), generation
-    )
-    if permanent:
+
+    def blocked(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
-            conditions, "Failed", "True", reason, message, utc_now(), generation
-        )
-        if status.get("phase") != "Failed":
-            metrics.FINETUNEJOB_FAILURES.labels(namespace, reason).inc()
-    phase = "Failed" if permanent else "Pending"
-    patch.status.update(
-        {"phase": phase, "conditions": conditions, "observedGeneration": generation}
-    )
+            status.get("conditions") or [], "Ready", "False", reason, message, utc_now(),
+            generation,
+        )  # fmt: skip
+        if permanent:
+            conditions = set_condition(
+                conditions, "Failed", "True", reason, message, utc_now(), generation
+            )
+        phase = "Failed" if permanent else (status.get("phase") or "Pending")
+        return {
+            **status,
+            "phase": phase,
+            "conditions": conditions,
+            "observedGeneration": generation,
+        }
+
+    state = next(iter(indexes.states.get(key, [])), None)
+    previous = state["status"].get("phase") if state else None
+    _write_status(key, memo.tracker, indexes, blocked, announce=False)
+    if permanent and previous != "Failed":
+        metrics.FINETUNEJOB_FAILURES.labels(key[0], reason).inc()
     if reason != "Queued":  # queueing is expected: neither an error nor a warning
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         kopf.warn(body, reason="InvalidSpec" if permanent else reason, message=message)
@@ -164,22 +183,21 @@ def reconcile(
     status: kopf.Status,
     meta: kopf.Meta,
     body: kopf.Body,
-    patch: kopf.Patch,
     memo: kopf.Memo,
     logger: Any,
-    jobs_by_owner: kopf.Index,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     """Validate the spec, create ConfigMap + Job (+ Service), keep Job.suspend in step."""
     settings: Settings = memo.settings
     generation = int(meta.get("generation") or 0)
     started = time.monotonic()
-    current = dict(status)
+    key = (namespace, name)
+    indexes = _indexes(memo, **kwargs)
     try:
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
         message = format_validation_error(exc, f"FineTuneJob {namespace}/{name}")
-        _block(patch, body, current, namespace, generation, "InvalidSpec", message, permanent=True)
+        _block(key, memo, indexes, body, generation, "InvalidSpec", message, permanent=True)
 
     local = _local_uris(parsed) if not settings.allow_file_uris else []
     if local:
@@ -188,10 +206,10 @@ def reconcile(
             "use s3:// or hf:// in a cluster"
         )
         _block(
-            patch,
+            key,
+            memo,
+            indexes,
             body,
-            current,
-            namespace,
             generation,
             "LocalURINotAllowed",
             message,
@@ -199,29 +217,25 @@ def reconcile(
         )
     if not parsed.output.uri:
         message = "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
-        _block(
-            patch, body, current, namespace, generation, "OutputRequired", message, permanent=True
-        )
+        _block(key, memo, indexes, body, generation, "OutputRequired", message, permanent=True)
 
     missing = _missing_secrets(parsed, namespace)
     if missing:
         message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
-        _block(
-            patch, body, current, namespace, generation, "SecretNotFound", message, permanent=False
-        )
+        _block(key, memo, indexes, body, generation, "SecretNotFound", message, permanent=False)
 
-    job_exists = (namespace, name) in jobs_by_owner
+    job_exists = key in indexes.jobs
     if (
         not job_exists
         and settings.max_concurrent_jobs
-        and _active_jobs(jobs_by_owner, namespace) >= settings.max_concurrent_jobs
+        and _active_jobs(indexes.jobs, namespace) >= settings.max_concurrent_jobs
     ):
         message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
         _block(
-            patch,
+            key,
+            memo,
+            indexes,
             body,
-            current,
-            namespace,
             generation,
             "Queued",
             message,
@@ -236,28 +250,30 @@ def reconcile(
         children.append(("Service", build_service(name)))
     job = build_job(name, parsed, settings)
     children.append(("Job", job))
+    created = []
     for kind, child in children:
         kopf.adopt(child, owner=body)
         if _create(kind, child, namespace, logger):
-            kopf.info(body, reason="Created", message=f"Created {kind} {child['metadata']['name']}")
+            created.append(f"{kind} {child['metadata']['name']}")
+    if created:  # one Event for all of them: Events are API requests too
+        kopf.info(body, reason="Created", message="Created " + ", ".join(created))
     if job_exists:
         _sync_suspend(name, namespace, parsed, body, logger)
 
-    conditions = set_condition(
-        status.get("conditions") or [],
-        "Ready",
-        "True",
-        "JobCreated",
-        f"Job {child_name(name)} created",
-        utc_now(),
-        generation,
-    )
-    update: dict[str, Any] = {"conditions": conditions, "observedGeneration": generation}
-    if not status.get("phase"):
-        update["phase"] = "Pending"
-    if not status.get("startTime"):
-        update["startTime"] = utc_now()
-    patch.status.update(update)
+    def accepted(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
+        conditions = set_condition(
+            status.get("conditions") or [], "Ready", "True", "JobCreated",
+            f"Job {child_name(name)} created", utc_now(), generation,
+        )  # fmt: skip
+        return {
+            **status,
+            "conditions": conditions,
+            "observedGeneration": generation,
+            "phase": status.get("phase") or "Pending",
+            "startTime": status.get("startTime") or utc_now(),
+        }
+
+    _write_status(key, memo.tracker, indexes, accepted)
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
 
 
@@ -318,31 +334,15 @@ def pods_by_owner(
     namespace: str, labels: kopf.Labels, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any
 ) -> dict[Any, Any]:
     # Remember every pod seen, even one deleted before the next status refresh (preemption).
-    memo.pods_seen.setdefault((namespace, labels[JOB_LABEL]), set()).add(uid)
+    memo.tracker.saw_pod((namespace, labels[JOB_LABEL]), uid)
     return {(namespace, labels[JOB_LABEL]): _pod_summary(body)}
-
-
-def _count_attempts(key: tuple[str, str], status: dict[str, Any], memo: kopf.Memo) -> int:
-    """Training pods started for a job: every pod this process has seen for it (preempted ones
-    included), or what status already counted (pods deleted before a restart), whichever is
-    more."""
-    return max(int(status.get("attempts") or 0), len(memo.pods_seen.get(key, set())))
-
-
-def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-    ip = scrape.pod_ip(running[-1]) if running else None
-    if not ip:
-        return None
-    text = scrape.fetch_text(settings.progress_url_template.format(ip=ip, port=METRICS_PORT))
-    return progress_from_metrics(text) if text is not None else None
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def finetunejob_states(
     namespace: str, name: str, status: kopf.Status, meta: kopf.Meta, uid: str, **_: Any
 ) -> dict[Any, Any]:
-    """What a status refresh needs of each FineTuneJob, so Job and Pod events can refresh it."""
+    """What a status write needs of each FineTuneJob, so Job and Pod events can refresh it."""
     return {
         (namespace, name): {
             "status": dict(status),
@@ -353,11 +353,24 @@ def finetunejob_states(
     }
 
 
+def _indexes(
+    memo: kopf.Memo, finetunejob_states: kopf.Index, jobs_by_owner: kopf.Index,
+    pods_by_owner: kopf.Index, **_: Any,
+) -> Indexes:  # fmt: skip
+    """kopf's live indexes, remembered for the progress poller (which is not a handler)."""
+    tracker: JobTracker = memo.tracker
+    if tracker.indexes is None:
+        tracker.indexes = Indexes(finetunejob_states, jobs_by_owner, pods_by_owner)
+    return tracker.indexes
+
+
 def _announce(
     body: dict[str, Any], namespace: str, old: dict[str, Any], new: dict[str, Any]
 ) -> None:
-    """Events and metrics for a phase transition."""
+    """Events and metrics for a phase transition (not for the first phase: "Created" said it)."""
     phase = new.get("phase")
+    if not old.get("phase") and phase == "Pending":
+        return
     failed = next(
         (c for c in new.get("conditions", []) if c["type"] == "Failed" and c["status"] == "True"),
         None,
@@ -374,109 +387,142 @@ def _announce(
         metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
 
 
-def _refresh(
-    key: tuple[str, str],
-    states: kopf.Index,
-    jobs: kopf.Index,
-    pods_index: kopf.Index,
-    memo: kopf.Memo,
-    progress: dict[str, Any] | None = None,
-) -> None:
-    """Derive a FineTuneJob's status from its Job and Pods and patch it when it changed.
-    Called on every event of its Job or Pods, and by the progress timer while it trains."""
-    state = next(iter(states.get(key, [])), None)
+StatusChange = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+"""(status now, the job's index entry) -> the status it should have."""
+
+
+def _write_status(
+    key: Key, tracker: JobTracker, indexes: Indexes, change: StatusChange, *, announce: bool = True
+) -> dict[str, Any] | None:
+    """The one writer of FineTuneJob status (reconcile, Job and Pod events, the progress
+    poller): applies `change` to the newest status known, patches only when it differs, and
+    announces a phase transition. Returns the status written, None when nothing was."""
+    state = next(iter(indexes.states.get(key, [])), None)
     if state is None:
-        return
+        tracker.forget(key)  # deleted
+        return None
     namespace, name = key
-    with memo.status_lock:  # one lock per job: refreshes of different jobs run in parallel
-        lock = memo.status_locks.setdefault(key, threading.Lock())
-    with lock:
+    with tracker.lock(key):
         # Our last patch may not have come back through the watch yet: build on it while the
         # index still shows what it was based on; anything newer in the index wins.
         status = state["status"]
-        version, patched = memo.last_status.get(key, (0, None))
-        if patched is not None and state["resourceVersion"] < version:
-            status = patched
+        version, written = tracker.written.get(key, (0, None))
+        if written is not None and state["resourceVersion"] < version:
+            status = written
         else:
-            memo.last_status.pop(key, None)
-        if status.get("phase") in TERMINAL:
-            return
-        current = dict(status)
-        if progress:
-            current["progress"] = progress
-        job = next(iter(jobs.get(key, [])), None)
-        pods = list(pods_index.get(key, []))
-        attempts = _count_attempts(key, status, memo)
-        new = derive_status(job, pods, current, state["generation"], utc_now(), attempts)
+            tracker.written.pop(key, None)
+        new = change(status, state)
+        tracker.set_phase(key, new.get("phase"))
         if new == status:
-            return
+            return None
         try:
-            written = kube.custom_objects().patch_namespaced_custom_object_status(
+            result = kube.custom_objects().patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": new}
             )
         except ApiException as exc:
-            memo.last_status.pop(key, None)
+            tracker.written.pop(key, None)
             if exc.status == 404:
-                return  # deleted meanwhile
+                tracker.forget(key)
+                return None
             metrics.API_RETRIES.labels("patch-status").inc()
             raise
-        # Until the watch brings this version back, later refreshes build on what was written.
-        memo.last_status[key] = (int(written["metadata"]["resourceVersion"]), new)
-    if new.get("phase") != status.get("phase"):
+        tracker.written[key] = (int(result["metadata"]["resourceVersion"]), new)
+    if announce and new.get("phase") != status.get("phase"):
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "FineTuneJob",
             "metadata": {"name": name, "namespace": namespace, "uid": state["uid"]},
         }
         _announce(body, namespace, status, new)
+    return new
+
+
+def _refresh(
+    key: Key, tracker: JobTracker, indexes: Indexes, progress: dict[str, Any] | None = None
+) -> None:
+    """Derive a FineTuneJob's status from its Job and Pods (and the trainer's progress)."""
+
+    def observed(status: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        if status.get("phase") in TERMINAL:
+            return status
+        current = {**status, "progress": progress} if progress else dict(status)
+        job = next(iter(indexes.jobs.get(key, [])), None)
+        pods = list(indexes.pods.get(key, []))
+        # Every pod this process has seen (preempted ones included), or what status already
+        # counted (pods deleted before a restart), whichever is more.
+        attempts = max(int(status.get("attempts") or 0), tracker.pods_started(key))
+        return derive_status(job, pods, current, state["generation"], utc_now(), attempts)
+
+    _write_status(key, tracker, indexes, observed)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def child_changed(
-    namespace: str,
-    labels: kopf.Labels,
-    memo: kopf.Memo,
-    finetunejob_states: kopf.Index,
-    jobs_by_owner: kopf.Index,
-    pods_by_owner: kopf.Index,
-    **_: Any,
-) -> None:
+def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
     """A training Job or pod changed (created, scheduled, running, suspended, finished,
     preempted): refresh the FineTuneJob that owns it."""
-    key = (namespace, labels[JOB_LABEL])
-    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo)
+    _refresh((namespace, labels[JOB_LABEL]), memo.tracker, _indexes(memo, **kwargs))
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=Settings().status_interval,
-    when=lambda status, **_: status.get("phase") in ("Preparing", "Training", "Evaluating"),
-)
-def refresh_progress(
-    name: str,
-    namespace: str,
-    memo: kopf.Memo,
-    finetunejob_states: kopf.Index,
-    jobs_by_owner: kopf.Index,
-    pods_by_owner: kopf.Index,
-    **_: Any,
-) -> None:
-    """While a job trains, read the trainer's progress (step, loss, tokens/s, ETA). Everything
-    else in status follows Job and Pod events; jobs that wait or finished have no timer."""
-    settings: Settings = memo.settings
-    key = (namespace, name)
+# --------------------------------------------------------------------------- progress
+
+
+def _scrape_progress(pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    ip = scrape.pod_ip(running[-1]) if running else None
+    if not ip:
+        return None
+    text = scrape.fetch_text(settings.progress_url_template.format(ip=ip, port=METRICS_PORT))
+    return progress_from_metrics(text) if text is not None else None
+
+
+def _read_progress(key: Key, tracker: JobTracker, indexes: Indexes, settings: Settings) -> None:
     now = time.monotonic()
-    if memo.progress_quiet.get(key, 0.0) > now:
+    if tracker.quiet_until.get(key, 0.0) > now:
         return  # the trainer did not answer recently (still loading): ask again later
-    progress = _scrape_progress(list(pods_by_owner.get(key, [])), settings)
+    progress = _scrape_progress(list(indexes.pods.get(key, [])), settings)
     if progress is None:
-        memo.progress_quiet[key] = now + PROGRESS_BACKOFF
+        tracker.quiet_until[key] = now + PROGRESS_BACKOFF
         return
-    memo.progress_quiet.pop(key, None)
-    _refresh(key, finetunejob_states, jobs_by_owner, pods_by_owner, memo, progress)
+    tracker.quiet_until.pop(key, None)
+    _refresh(key, tracker, indexes, progress)
+
+
+def poll_progress(tracker: JobTracker, settings: Settings, stop: threading.Event) -> None:
+    """Every `status_interval` seconds, read the progress (step, loss, tokens/s, ETA) of the
+    jobs whose trainer runs. One loop for all of them instead of a kopf timer per object:
+    no per-object timer state, and no finalizer added and removed around each training run.
+    Everything else in status follows Job and Pod events."""
+    with ThreadPoolExecutor(PROGRESS_READERS, thread_name_prefix="progress") as pool:
+        while not stop.wait(settings.status_interval):
+            indexes = tracker.indexes
+            if indexes is None:
+                continue
+            # kopf posts Events from the context its handlers run in: each read gets a copy.
+            reads = {
+                key: pool.submit(
+                    contextvars.copy_context().run, _read_progress, key, tracker, indexes, settings
+                )
+                for key in tracker.active()
+            }
+            for key, read in reads.items():
+                try:
+                    read.result()
+                except Exception as exc:  # one job's failure never stops the others' progress
+                    LOGGER.warning(f"progress of FineTuneJob {key[0]}/{key[1]}: {exc}")
+
+
+def start_progress_poller(tracker: JobTracker, settings: Settings) -> threading.Event:
+    """Start `poll_progress` in the calling (kopf handler) context; set the event to stop it."""
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(poll_progress, tracker, settings, stop),
+        name="progress-poller",
+        daemon=True,
+    )
+    thread.start()
+    return stop
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

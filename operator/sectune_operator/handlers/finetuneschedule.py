@@ -185,7 +185,6 @@ def _promote(
     return True
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=Settings().status_interval)
 def tick(
     name: str,
     namespace: str,
@@ -317,3 +316,8 @@ def tick(
     update["observedGeneration"] = generation
     if any(status.get(k) != v for k, v in update.items()):
         patch.status.update(update)
+
+
+def register_timers(interval: float) -> None:
+    """The schedule's timer (its interval is an operator setting, known only at startup)."""
+    kopf.timer(GROUP, VERSION, PLURAL, interval=interval)(tick)

@@ -10,20 +10,16 @@ import kopf
 from kubernetes import config as kube_config
 
 from sectune_operator import kube, metrics
+from sectune_operator.handlers import finetunejob
 from sectune_operator.settings import Settings
+from sectune_operator.tracking import JobTracker
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    ours = Settings()
-    memo.settings = ours
-    # Shared by reference with every handler's memo: pod UIDs seen per FineTuneJob.
-    memo.pods_seen = {}
-    # The status each FineTuneJob was last patched to, ahead of the watch (handlers/finetunejob.py).
-    memo.last_status = {}
-    memo.status_locks = {}
-    memo.progress_quiet = {}
-    memo.status_lock = threading.Lock()
+    ours: Settings = memo.settings  # read once by __main__
+    # Shared by reference with every handler's memo (kopf copies the memo per object).
+    memo.tracker = JobTracker()
     # What was rendered last per AdapterDeployment (handlers/adapterdeployment.py).
     memo.serving = {}
     memo.serving_lock = threading.Lock()
@@ -47,8 +43,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     kube.reset()  # handlers share one client built from this configuration
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
+    memo.stop_progress = finetunejob.start_progress_poller(memo.tracker, ours)
     logger.info(
         f"Started sectune operator (trainer image {ours.trainer_image}, server image "
         f"{ours.server_image}, metrics :{ours.metrics_port}, canary analysis "
         f"{'on' if ours.prometheus_url else 'off'}, peering priority {settings.peering.priority})"
     )
+
+
+@kopf.on.cleanup()
+def stop(memo: kopf.Memo, **_: Any) -> None:
+    if "stop_progress" in memo:
+        memo.stop_progress.set()
