@@ -219,46 +219,14 @@ def reconcile(
         message = "spec.output.uri: set an s3:// prefix for the adapter; a pod's disk is gone when it ends"
         _block(key, memo, indexes, body, generation, "OutputRequired", message, permanent=True)
 
-    missing = _missing_secrets(parsed, namespace)
-    if missing:
-        message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
-        _block(key, memo, indexes, body, generation, "SecretNotFound", message, permanent=False)
-
-    job_exists = key in indexes.jobs
-    if (
-        not job_exists
-        and settings.max_concurrent_jobs
-        and _active_jobs(indexes.jobs, namespace) >= settings.max_concurrent_jobs
-    ):
-        message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
-        _block(
-            key,
-            memo,
-            indexes,
-            body,
-            generation,
-            "Queued",
-            message,
-            permanent=False,
-            delay=10,
-        )
-
-    children = [("ConfigMap", build_configmap(name, parsed))]
-    if settings.network_policies:
-        children.append(("NetworkPolicy", build_network_policy(name, settings)))
-    if parsed.resources.nodes > 1:
-        children.append(("Service", build_service(name)))
-    job = build_job(name, parsed, settings)
-    children.append(("Job", job))
-    created = []
-    for kind, child in children:
-        kopf.adopt(child, owner=body)
-        if _create(kind, child, namespace, logger):
-            created.append(f"{kind} {child['metadata']['name']}")
-    if created:  # one Event for all of them: Events are API requests too
-        kopf.info(body, reason="Created", message="Created " + ", ".join(created))
-    if job_exists:
-        _sync_suspend(name, namespace, parsed, body, logger)
+    indexed_job = next(iter(indexes.jobs.get(key, [])), None)
+    if indexed_job is not None:
+        # Children exist (the Job is created last): only keep Job.suspend in step. Costs no
+        # request when nothing changed, so a repeated reconcile (kopf after a restart, or a
+        # creation event seen again under load) is free.
+        _sync_suspend(name, namespace, parsed, indexed_job, body, logger)
+    else:
+        _create_children(key, memo, indexes, body, parsed, generation, logger)
 
     def accepted(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
@@ -277,14 +245,58 @@ def reconcile(
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
 
 
-def _sync_suspend(
-    name: str, namespace: str, spec: FineTuneJobSpec, body: kopf.Body, logger: Any
+def _create_children(
+    key: Key,
+    memo: kopf.Memo,
+    indexes: Indexes,
+    body: kopf.Body,
+    parsed: FineTuneJobSpec,
+    generation: int,
+    logger: Any,
 ) -> None:
-    batch = kube.batch()
-    job = batch.read_namespaced_job(child_name(name), namespace)
-    if spec.queue_name or bool(job.spec.suspend) == spec.suspend:
+    """ConfigMap (+ NetworkPolicy, + Service for several nodes), then the Job; blocked while
+    a Secret the job names is missing or the namespace's Job quota is used up."""
+    settings: Settings = memo.settings
+    namespace, name = key
+    missing = _missing_secrets(parsed, namespace)
+    if missing:
+        message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
+        _block(key, memo, indexes, body, generation, "SecretNotFound", message, permanent=False)
+    if (
+        settings.max_concurrent_jobs
+        and _active_jobs(indexes.jobs, namespace) >= settings.max_concurrent_jobs
+    ):
+        message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
+        _block(key, memo, indexes, body, generation, "Queued", message, permanent=False, delay=10)
+    children = [("ConfigMap", build_configmap(name, parsed))]
+    if settings.network_policies:
+        children.append(("NetworkPolicy", build_network_policy(name, settings)))
+    if parsed.resources.nodes > 1:
+        children.append(("Service", build_service(name)))
+    children.append(("Job", build_job(name, parsed, settings)))
+    created = []
+    for kind, child in children:
+        kopf.adopt(child, owner=body)
+        if _create(kind, child, namespace, logger):
+            created.append(f"{kind} {child['metadata']['name']}")
+    if created:  # one Event for all of them: Events are API requests too
+        kopf.info(body, reason="Created", message="Created " + ", ".join(created))
+
+
+def _sync_suspend(
+    name: str,
+    namespace: str,
+    spec: FineTuneJobSpec,
+    job: dict[str, Any],
+    body: kopf.Body,
+    logger: Any,
+) -> None:
+    """`spec.suspend` onto the Job (`job`: its index summary), unless Kueue owns suspension."""
+    if spec.queue_name or bool((job.get("spec") or {}).get("suspend")) == spec.suspend:
         return
-    batch.patch_namespaced_job(child_name(name), namespace, {"spec": {"suspend": spec.suspend}})
+    kube.batch().patch_namespaced_job(
+        child_name(name), namespace, {"spec": {"suspend": spec.suspend}}
+    )
     action = "Suspended" if spec.suspend else "Resumed"
     logger.info(f"{action} Job {child_name(name)}")
     kopf.info(body, reason=action, message=f"{action} Job {child_name(name)}")

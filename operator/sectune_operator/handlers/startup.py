@@ -34,6 +34,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     settings.peering.lifetime = ours.peering_lifetime
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    # After its own patch kopf waits this long for the patched version to come back through
+    # the watch before it acts on older events again. At 1,000 jobs created at once the watch
+    # lags more than kopf's 5 s, and every creation was handled twice.
+    settings.persistence.consistency_timeout = 30
     settings.networking.request_timeout = 30
     settings.execution.max_workers = 16
     try:
