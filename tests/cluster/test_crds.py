@@ -151,7 +151,6 @@ BAD_JOBS = [
     ),
     ("chat-rows-for-classification", _with(VALID_JOB, "dataset.format", "chat"), "dataset.format"),
     # Not implemented yet, and said so:
-    ("classifier-head", _with(VALID_JOB, "task.head", "classifier"), "not implemented yet"),
     (
         "deepspeed-with-4-bit-base",
         _with(

@@ -381,6 +381,38 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     assert "gates failed: injectionFlipRate<=-1" in result.stderr
 
 
+def test_classifier_head_trains_publishes_and_evaluates_like_the_lm_head(
+    job_manifest, s3_env, s3_bucket, tmp_path
+):
+    """task.head: classifier trains on the label set's cross-entropy; its adapter is a plain
+    LoRA adapter that `sectune evaluate` scores to the same numbers as training did."""
+    prefix = f"s3://{s3_bucket}/adapters"
+    manifest = job_manifest("head", output={"uri": prefix}, task={"head": "classifier"})
+    result = sectune("run", str(manifest))
+    assert result.returncode == 0, result.stderr[-3000:]
+    training = _report(prefix, "head")
+    assert training["training"]["objective"].startswith("label-set cross-entropy")
+    _, manifest_doc = _published(s3_bucket, "head")
+    assert manifest_doc["config"]["task"]["head"] == "classifier"
+
+    validation = tmp_path / "rows.jsonl"
+    validation.write_text(Path(tmp_path / "head-train.jsonl").read_text())
+    out = tmp_path / "evaluation"
+    evaluate = ["evaluate", "--adapter", f"{prefix}/head", "--data", f"file://{validation}"]
+    result = sectune(*evaluate, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["models"]["tuned"]["macroF1"] <= 1.0
+
+    # Labels that start with one token cannot share the head: refused before any training.
+    clash = job_manifest("clash", output={"uri": prefix},
+                         task={"head": "classifier", "labels": ["benign", "malicious", "benignant"]})  # fmt: skip
+    refused = sectune("run", str(clash))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "task.head: classifier: labels 'benign' and 'benignant'" in refused.stderr
+    assert "Training" not in refused.stderr
+
+
 def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s3_bucket, tmp_path):
     data = write_login_lines(tmp_path / "logs.jsonl", 24)
     schema = LOGIN_SCHEMA

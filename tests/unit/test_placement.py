@@ -135,7 +135,6 @@ def test_deepspeed_parser_refuses_a_typo():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"task": {"head": "classifier"}}, "task.head: classifier is not implemented yet"),
         (
             {
                 "baseModel": {"quantization": "nf4"},

@@ -167,6 +167,7 @@ def run_job(
 
     from sectune.data.prepare import prepare_data
     from sectune.evaluation.gates import evaluate_gates
+    from sectune.training.objectives import objective_for
 
     started = dt.datetime.now(dt.UTC)
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -180,6 +181,8 @@ def run_job(
 
     on_event("stage", {"name": "Loading base model"})
     loaded = _load_base_model(spec)
+    # A head the labels cannot use (two start with one token) fails now, not after baselines.
+    objective_for(loaded.tokenizer, spec, data.train)
     main = loaded.accelerator.is_main_process
     models: dict[str, dict[str, Any]] = {}
     if spec.evaluation.baseline and main and not loaded.collective:
@@ -349,6 +352,9 @@ def build_report(
         "verdict": verdict,
         "data": data.report,
         "training": {
+            "objective": "label-set cross-entropy (task.head: classifier)"
+            if spec.task.type == "classification" and spec.task.head == "classifier"
+            else "next-token cross-entropy on the target",
             "steps": result.steps,
             "worldSize": loaded.accelerator.num_processes,
             "distributed": describe(loaded.accelerator),

@@ -204,7 +204,7 @@ def target_log_likelihood(
     """Sum of log-probabilities of each example's target tokens given its prompt: the part of
     the sequence training fits."""
     from sectune.data.format import IGNORE, PromptFormatter
-    from sectune.training.train import collate
+    from sectune.training.objectives import collate
 
     formatter = PromptFormatter(tokenizer, spec)
     encoded = [formatter.encode(e) for e in examples]

@@ -133,19 +133,20 @@ def score_labels(
 def validation_loss(
     model: Any, tokenizer: Any, examples: list[Example], spec: JobSpec, batch_size: int = 8
 ) -> float:
-    """Mean cross-entropy on the targets of held-out examples (every task type)."""
-    from sectune.training.train import causal_lm_loss, collate
+    """Mean of the training objective on held-out examples (every task type): cross-entropy
+    on the target tokens, or over the label set for task.head: classifier."""
+    from sectune.training.objectives import objective_for
 
-    formatter = PromptFormatter(tokenizer, spec)
-    encoded = [e for e in (formatter.encode(x) for x in examples) if e is not None]
+    objective = objective_for(tokenizer, spec, examples)
+    encoded = [e for e in (objective.encode(x) for x in examples) if e is not None]
     if not encoded:
         return float("nan")
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in progress.batches("validation loss", len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
-        loss, tokens = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        batch = objective.collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        loss, tokens = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss) * tokens
         count += tokens
     return total / max(count, 1)

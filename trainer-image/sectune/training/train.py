@@ -1,7 +1,8 @@
 """The training loop: one readable path from prepared examples to a trained adapter.
 
     load base model (+4-bit) -> wrap with LoRA -> encode examples -> AdamW + schedule
-    -> steps (bf16 autocast, gradient accumulation, logits only where the loss needs them)
+    -> steps (bf16 autocast, gradient accumulation, logits only where the loss needs them;
+       the loss is task.head's objective, training/objectives.py)
     -> checkpoints (every N steps and on SIGTERM) -> trained model
 
 accelerate runs the same code single-process, as multi-process DDP (gloo on CPU, NCCL on GPUs)
@@ -25,8 +26,9 @@ import torch
 
 from sectune import storage
 from sectune.config import JobSpec
-from sectune.data.format import IGNORE, Encoded, PromptFormatter
+from sectune.data.format import Encoded
 from sectune.data.prepare import Example
+from sectune.training.objectives import objective_for
 
 log = logging.getLogger(__name__)
 
@@ -112,44 +114,6 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     if ids:
         packed.append(Encoded(ids, labels))
     return packed
-
-
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad so every target ends at the last position (logits are kept only there)."""
-    length = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, encoded in enumerate(batch):
-        n = len(encoded.input_ids)
-        ids[row, length - n :] = torch.tensor(encoded.input_ids)
-        labels[row, length - n :] = torch.tensor(encoded.labels)
-        mask[row, length - n :] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Cross-entropy on target tokens, computing logits only for the positions that predict
-    them (the LM head is a large share of a small model's FLOPs)."""
-    labels = batch["labels"]
-    target_span = int((labels != IGNORE).int().argmax(dim=1).min().item())
-    # Positions from one before the first target to the end; the very first token of a
-    # sequence is never a target (nothing predicts it).
-    keep = min(labels.shape[1] - target_span + 1, labels.shape[1])
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=positions,
-        logits_to_keep=keep,
-    )
-    logits = out.logits[:, :-1, :].float()
-    targets = labels[:, -(keep - 1) :]
-    tokens = int((targets != IGNORE).sum().item())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-    )
-    return loss, tokens
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -286,10 +250,10 @@ def train(
     from transformers import get_scheduler
 
     hp = spec.hyperparameters
-    formatter = PromptFormatter(tokenizer, spec)
+    objective = objective_for(tokenizer, spec, examples)
     encoded, truncated, dropped = [], 0, 0
     for example in examples:
-        item = formatter.encode(example)
+        item = objective.encode(example)
         if item is None:
             dropped += 1
             continue
@@ -349,10 +313,10 @@ def train(
             for ids in micro:
                 batch = {
                     k: v.to(accelerator.device)
-                    for k, v in collate([encoded[i] for i in ids], pad_id).items()
+                    for k, v in objective.collate([encoded[i] for i in ids], pad_id).items()
                 }
                 with accelerator.accumulate(model), accelerator.autocast():
-                    loss, _n_tokens = causal_lm_loss(model, batch)
+                    loss, _n_targets = objective.loss(model, batch)
                     accelerator.backward(loss)  # divided by the accumulation steps there
                 loss_sum += float(loss.detach()) / len(micro)
                 step_tokens += int(batch["attention_mask"].sum())

@@ -1,0 +1,97 @@
+"""Training objectives on a tiny random Llama: the classifier head's loss is cross-entropy over
+the label set of exactly the logits evaluation scores, labels that share a first token are
+refused by name, and a few steps of the classifier objective move the scored predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sectune.config import JobSpec
+from sectune.data.prepare import Example
+from sectune.evaluation.scoring import score_labels, validation_loss
+from sectune.training.objectives import LabelHead, LabelsShareFirstToken, NextToken, objective_for
+
+LABELS = ["low", "high"]
+
+
+def _spec(**task: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "file:///m"},
+            "dataset": {"train": "file:///t.jsonl"},
+            "task": {"labels": LABELS, "head": "classifier", **task},
+            "hyperparameters": {"maxSeqLength": 64},
+        }
+    )
+
+
+def _examples() -> list[Example]:
+    texts = [
+        ("Failed password for invalid user admin", "high"),
+        ("Accepted publickey for deploy", "low"),
+        ("Credential dumping with Mimikatz", "high"),
+        ("benign informational message", "low"),
+    ]
+    return [Example(f"e{i}", {"text": t}, label) for i, (t, label) in enumerate(texts)]
+
+
+@pytest.fixture
+def model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def test_the_classifier_loss_is_cross_entropy_over_the_scored_label_logits(model, tiny_tokenizer):
+    spec = _spec()
+    examples = _examples()
+    objective = objective_for(tiny_tokenizer, spec, examples)
+    assert isinstance(objective, LabelHead)
+    batch = objective.collate(
+        [e for e in map(objective.encode, examples) if e], tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        loss, count = objective.loss(model, batch)
+    scored = score_labels(model, tiny_tokenizer, examples, spec, autocast=False)
+    truth = torch.tensor([LABELS.index(e.target) for e in examples])
+    expected = torch.nn.functional.nll_loss(torch.tensor(scored.probabilities).log(), truth)
+    assert count == len(examples)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-4)
+    assert validation_loss(model, tiny_tokenizer, examples, spec) == pytest.approx(
+        float(expected), abs=1e-4
+    )
+
+
+def test_the_lm_head_keeps_next_token_loss(tiny_tokenizer):
+    assert isinstance(objective_for(tiny_tokenizer, _spec(head="lm"), _examples()), NextToken)
+
+
+def test_labels_sharing_a_first_token_are_refused_by_name(tiny_tokenizer):
+    labels = ["high", "higher"]
+    with pytest.raises(LabelsShareFirstToken, match=r"'high' and 'higher'.*head: lm"):
+        objective_for(tiny_tokenizer, _spec(labels=labels), _examples())
+
+
+def test_classifier_steps_move_predictions_towards_the_labels(model, tiny_tokenizer):
+    spec = _spec()
+    examples = _examples()
+    objective = objective_for(tiny_tokenizer, spec, examples)
+    batch = objective.collate([objective.encode(e) for e in examples], tiny_tokenizer.pad_token_id)  # type: ignore[misc]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = validation_loss(model, tiny_tokenizer, examples, spec)
+    model.train()
+    for _ in range(20):
+        loss, _count = objective.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = validation_loss(model, tiny_tokenizer, examples, spec)
+    predicted = score_labels(model, tiny_tokenizer, examples, spec, autocast=False).predictions(
+        LABELS
+    )
+    assert after < before / 4
+    assert predicted == [e.target for e in examples]
