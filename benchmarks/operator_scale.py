@@ -209,6 +209,13 @@ def main() -> None:
             _summarise_profile(profiler, args.profile)
         latencies = [job_seen[n] - created[n] for n in created]
         peak_rss = rss_mib(operator.server.process.pid)  # type: ignore[union-attr]
+        print(  # the creation half, in case the rest does not finish
+            f"all {args.jobs} Jobs in {all_jobs_seconds:.1f} s; create -> Job p50 "
+            f"{statistics.median(latencies):.2f} s, p99 {percentile(latencies, 0.99):.2f} s; "
+            f"operator RSS {peak_rss:.0f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
 
         # Finish a sample of pods; time until their FineTuneJobs are Succeeded. A poller runs
         # from the start, so a job that succeeds while later pods are still being annotated is
@@ -224,7 +231,12 @@ def main() -> None:
             operator), to split "pod done -> Succeeded" into its two parts."""
             while not polling.is_set():
                 now = time.monotonic()
-                for job in batch.list_namespaced_job(NAMESPACE).items:
+                try:
+                    jobs = batch.list_namespaced_job(NAMESPACE).items
+                except client.ApiException:
+                    time.sleep(1)
+                    continue
+                for job in jobs:
                     name = job.metadata.name.removesuffix("-train")
                     conditions = job.status.conditions or []
                     if name in finished_at and any(
@@ -235,9 +247,13 @@ def main() -> None:
 
         def poll_succeeded() -> None:
             while not polling.is_set():
-                items = objects.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)[
-                    "items"
-                ]
+                try:
+                    items = objects.list_namespaced_custom_object(
+                        GROUP, VERSION, NAMESPACE, PLURAL
+                    )["items"]
+                except client.ApiException:  # a busy apiserver times a big list out: again
+                    time.sleep(1)
+                    continue
                 now = time.monotonic()
                 for item in items:
                     name = item["metadata"]["name"]
