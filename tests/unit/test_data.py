@@ -355,3 +355,18 @@ def test_sanitizer_never_touches_the_network(monkeypatch):
         {"text": "mail ops@corp.example.com from https://build.corp.example.com/x and 10.0.0.9"}
     )
     assert "<EMAIL_1>" in out["text"] and "<IP_1>" in out["text"]
+
+
+def test_a_classification_label_is_never_redacted(tmp_path: Path):
+    """A label that also names a user in the input ("...files for user execution.") stays the
+    label; only the input is redacted (the label used to become '<USER_1>')."""
+    text = "Saint Bear used malicious websites to host links to malicious files for user execution."
+    rows = [json.dumps({"id": f"r{i}", "text": text, "label": "Execution"}) for i in range(4)]
+    rows += [
+        json.dumps({"id": f"b{i}", "text": f"benign {i}", "label": "Impact"}) for i in range(4)
+    ]
+    spec = _spec(_write(tmp_path, rows), task={"labels": ["Execution", "Impact"]})
+    data = prepare_data(spec)
+    examples = data.train + data.validation + data.test
+    assert {e.target for e in examples} <= {"Execution", "Impact"}
+    assert any("<USER_1>" in e.fields["text"] for e in examples)

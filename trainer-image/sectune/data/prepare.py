@@ -154,12 +154,17 @@ def sanitize_examples(examples: list[Example], spec: JobSpec) -> Sanitizer:
     """Redact examples in place (input fields and target share one placeholder numbering);
     returns the sanitizer, whose report counts what was redacted."""
     sanitizer = Sanitizer(spec.dataset.sanitize)
+    # A classification target is one of task.labels, checked already: never redacted (a label
+    # that also appears as, say, a user name in the input would become a placeholder).
+    closed_set = spec.task.type == "classification"
     for example in examples:
         # Fields, target and every chat message of one example share one numbering, so a
         # user named in the first message is redacted in the last one too.
         messages = {f"__message{i}": m["content"] for i, m in enumerate(example.messages or [])}
-        redacted = sanitizer.redact({**example.fields, "__target": example.target, **messages})
-        example.target = redacted.pop("__target")
+        target = {} if closed_set else {"__target": example.target}
+        redacted = sanitizer.redact({**example.fields, **target, **messages})
+        if not closed_set:
+            example.target = redacted.pop("__target")
         if example.messages:
             example.messages = [
                 {**m, "content": redacted.pop(f"__message{i}")}
