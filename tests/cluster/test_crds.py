@@ -149,6 +149,15 @@ BAD_JOBS = [
         ),
         "task.head",
     ),
+    (
+        "class-weights-for-extraction",
+        _with(
+            VALID_JOB,
+            "task",
+            {"type": "extraction", "outputSchema": {"type": "object"}, "classWeights": "balanced"},
+        ),
+        "task.classWeights",
+    ),
     ("chat-rows-for-classification", _with(VALID_JOB, "dataset.format", "chat"), "dataset.format"),
     # Not implemented yet, and said so:
     (

@@ -95,3 +95,49 @@ def test_classifier_steps_move_predictions_towards_the_labels(model, tiny_tokeni
     )
     assert after < before / 4
     assert predicted == [e.target for e in examples]
+
+
+def test_balanced_class_weights_count_rare_labels_as_much_as_common_ones(model, tiny_tokenizer):
+    examples = [*_examples(), Example("e9", {"text": "Mimikatz again"}, "high")]  # 3 high, 2 low
+    spec = _spec(classWeights="balanced")
+    weighted = objective_for(tiny_tokenizer, spec, examples, weighted=True)
+    encoded = [weighted.encode(e) for e in examples]
+    assert [e.weight for e in encoded if e] == pytest.approx([5 / 6, 5 / 4, 5 / 6, 5 / 4, 5 / 6])
+    batch = weighted.collate([e for e in encoded if e], tiny_tokenizer.pad_token_id)
+    assert isinstance(weighted, LabelHead)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        loss, _ = weighted.loss(model, batch)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=positions,
+        ).logits
+    per_example = torch.nn.functional.cross_entropy(
+        logits[:, -1, weighted.label_tokens], batch["classes"], reduction="none"
+    )
+    weights = batch["weights"]
+    assert float(loss) == pytest.approx(
+        float((per_example * weights).sum() / weights.sum()), abs=1e-4
+    )
+    assert float(loss) != pytest.approx(float(per_example.mean()), abs=1e-4)
+    # Unweighted (a held-out loss): every example counts once.
+    assert objective_for(tiny_tokenizer, spec, examples).encode(examples[0]).weight == 1.0  # type: ignore[union-attr]
+
+    lm = objective_for(
+        tiny_tokenizer, _spec(head="lm", classWeights="balanced"), examples, weighted=True
+    )
+    assert lm.encode(examples[1]).weight == pytest.approx(5 / 4)  # type: ignore[union-attr]
+
+
+def test_class_weights_are_refused_outside_classification():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"task.classWeights is only for type classification"):
+        JobSpec.model_validate(
+            {
+                "baseModel": {"uri": "file:///m"},
+                "dataset": {"train": "file:///t.jsonl", "format": "instruction"},
+                "task": {"type": "generation", "classWeights": "balanced"},
+            }
+        )

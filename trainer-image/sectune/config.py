@@ -209,6 +209,11 @@ class TaskSpec(Spec):
     label set at the end of the prompt, the LM head's rows of the labels' first tokens acting
     as the classification head (the labels must start with different tokens). Both give a
     LoRA adapter served and evaluated the same way."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """Classification only. balanced: each training example's loss is weighted by
+    n / (labels x examples of its label), so rare labels count as much as common ones (what
+    macro-F1 rewards; the TF-IDF baseline is fit the same way). none: every example counts
+    once (what accuracy rewards)."""
 
     @model_validator(mode="after")
     def _task_needs(self) -> TaskSpec:
@@ -224,6 +229,8 @@ class TaskSpec(Spec):
             raise ValueError(TEMPLATE_MESSAGE)
         if self.head == "classifier" and self.type != "classification":
             raise ValueError("task.head: classifier is only for type classification; use lm")
+        if self.class_weights != "none" and self.type != "classification":
+            raise ValueError(CLASS_WEIGHTS_MESSAGE)
         return self
 
 
@@ -506,6 +513,7 @@ class JobSpec(Spec):
 
 
 #: CEL rules the CRD carries, keyed by the model they sit on; each mirrors a validator above.
+CLASS_WEIGHTS_MESSAGE = "task.classWeights is only for type classification; remove it"
 DEEPSPEED_QUANTIZED_MESSAGE = (
     "resources.distributed.strategy: deepspeed with a quantized base (baseModel.quantization) "
     "is not implemented yet; use strategy: ddp for QLoRA on several GPUs"
@@ -556,6 +564,11 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "rule": "self.head != 'classifier' || self.type == 'classification'",
             "message": "task.head: classifier is only for type classification; use lm",
             "fieldPath": ".head",
+        },
+        {
+            "rule": "self.classWeights == 'none' || self.type == 'classification'",
+            "message": CLASS_WEIGHTS_MESSAGE,
+            "fieldPath": ".classWeights",
         },
     ],
     ResourcesSpec: [

@@ -46,6 +46,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    weight: float = 1.0
+    """How much this example's loss counts (task.classWeights)."""
 
 
 class PromptFormatter:

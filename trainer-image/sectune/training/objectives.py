@@ -14,7 +14,8 @@ runs on the prompt alone, with logits at one position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -54,7 +55,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, length - n :] = torch.tensor(encoded.input_ids)
         labels[row, length - n :] = torch.tensor(encoded.labels)
         mask[row, length - n :] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+
+
+def balanced_weights(examples: list[Example]) -> dict[str, float]:
+    """n / (labels x examples of the label): scikit-learn's class_weight="balanced"."""
+    counts = Counter(e.target for e in examples)
+    return {label: len(examples) / (len(counts) * n) for label, n in counts.items()}
 
 
 def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
@@ -79,11 +87,18 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     keep = min(labels.shape[1] - target_span + 1, labels.shape[1])
     logits = _forward(model, batch, keep)[:, :-1, :].float()
     targets = labels[:, -(keep - 1) :]
-    tokens = int((targets != IGNORE).sum().item())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-    )
-    return loss, tokens
+    counted = targets != IGNORE
+    tokens = int(counted.sum().item())
+    per_token = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).view(targets.shape)
+    # Each example's tokens count with its weight (all 1 unless task.classWeights).
+    weights = batch.get("weights", torch.ones(len(targets), device=targets.device))
+    row_weights = weights.to(per_token.device).unsqueeze(1) * counted
+    return (per_token * row_weights).sum() / row_weights.sum().clamp(min=1e-9), tokens
 
 
 @dataclass
@@ -91,9 +106,13 @@ class NextToken:
     """task.head: lm (and every generative task)."""
 
     formatter: PromptFormatter
+    weights: dict[str, float] = field(default_factory=dict)
 
     def encode(self, example: Example) -> Encoded | None:
-        return self.formatter.encode(example)
+        encoded = self.formatter.encode(example)
+        if encoded is not None:
+            encoded.weight = self.weights.get(example.target, 1.0)
+        return encoded
 
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(batch, pad_id)
@@ -113,9 +132,16 @@ class LabelHead:
     formatter: PromptFormatter
     labels: list[str]
     label_tokens: list[int]
+    weights: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, formatter: PromptFormatter, labels: list[str], example: Example) -> LabelHead:
+    def build(
+        cls,
+        formatter: PromptFormatter,
+        labels: list[str],
+        example: Example,
+        weights: dict[str, float],
+    ) -> LabelHead:
         ids = label_token_ids(formatter, example, labels)
         if not first_tokens_distinct(ids):
             first: dict[int, str] = {}
@@ -127,7 +153,7 @@ class LabelHead:
                         "this tokenizer; rename one of them or use head: lm"
                     )
                 first[tokens[0]] = label
-        return cls(formatter, labels, [tokens[0] for tokens in ids])
+        return cls(formatter, labels, [tokens[0] for tokens in ids], weights)
 
     def encode(self, example: Example) -> Encoded | None:
         prompt = self.formatter.prompt_ids(example)
@@ -136,7 +162,8 @@ class LabelHead:
             if self.formatter.spec.dataset.on_too_long == "drop":
                 return None
             prompt = fit_prompt(prompt, self.formatter.max_length)
-        return Encoded(prompt, [self.labels.index(example.target)], truncated)
+        weight = self.weights.get(example.target, 1.0)
+        return Encoded(prompt, [self.labels.index(example.target)], truncated, weight)
 
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         length = max(len(e.input_ids) for e in batch)
@@ -147,17 +174,30 @@ class LabelHead:
             ids[row, length - n :] = torch.tensor(encoded.input_ids)
             mask[row, length - n :] = 1
         classes = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "classes": classes}
+        weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+        return {"input_ids": ids, "attention_mask": mask, "classes": classes, "weights": weights}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = _forward(model, batch, 1)[:, -1, self.label_tokens].float()
         classes = batch["classes"]
-        return torch.nn.functional.cross_entropy(logits, classes), int(classes.numel())
+        per_example = torch.nn.functional.cross_entropy(logits, classes, reduction="none")
+        weights = batch["weights"].to(per_example.device)
+        return (per_example * weights).sum() / weights.sum(), int(classes.numel())
 
 
-def objective_for(tokenizer: Any, spec: JobSpec, examples: list[Example]) -> Objective:
-    """The objective `spec` asks for (`examples`: any of the job's, to render label tokens)."""
+def objective_for(
+    tokenizer: Any, spec: JobSpec, examples: list[Example], *, weighted: bool = False
+) -> Objective:
+    """The objective `spec` asks for. `examples`: the ones it will see (label tokens are
+    rendered from the first); `weighted`: weigh them as task.classWeights says (training; a
+    held-out loss counts every example once)."""
     formatter = PromptFormatter(tokenizer, spec)
-    if spec.task.head == "classifier" and examples:
-        return LabelHead.build(formatter, spec.task.labels, examples[0])
-    return NextToken(formatter)
+    task = spec.task
+    weights = (
+        balanced_weights([e for e in examples if not e.canary])
+        if weighted and task.type == "classification" and task.class_weights == "balanced"
+        else {}
+    )
+    if task.type == "classification" and task.head == "classifier" and examples:
+        return LabelHead.build(formatter, task.labels, examples[0], weights)
+    return NextToken(formatter, weights)

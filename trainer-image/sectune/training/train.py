@@ -250,7 +250,7 @@ def train(
     from transformers import get_scheduler
 
     hp = spec.hyperparameters
-    objective = objective_for(tokenizer, spec, examples)
+    objective = objective_for(tokenizer, spec, examples, weighted=True)
     encoded, truncated, dropped = [], 0, 0
     for example in examples:
         item = objective.encode(example)
