@@ -68,7 +68,7 @@ def examples_of(data: list[dict[str, str]]) -> list[Any]:
 def train_sectune(args: argparse.Namespace, train: list[Any], labels: list[str]) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sectune import placement
+    from sectune import placement, storage
     from sectune.training.distributed import make_accelerator
     from sectune.training.train import Checkpoints, wrap_with_lora
     from sectune.training.train import train as run_training
@@ -78,7 +78,7 @@ def train_sectune(args: argparse.Namespace, train: list[Any], labels: list[str])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
     accelerator = make_accelerator(spec, placement.for_training("fp32", "lora"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    checkpoints = Checkpoints(f"file://{work}/job", work, "bench", accelerator)
+    checkpoints = Checkpoints(storage.parse_uri(f"file://{work}/job"), work, "bench", accelerator)
     began = time.perf_counter()
     result = run_training(
         wrap_with_lora(model, spec), tokenizer, train, spec, accelerator, checkpoints
@@ -137,7 +137,7 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
         args=TrainingArguments(
             output_dir=tempfile.mkdtemp(prefix="bench-ref-"), per_device_train_batch_size=args.batch,
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
-            warmup_ratio=0.03, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            warmup_steps=int(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
             seed=42, dataloader_num_workers=0,
         ),
         train_dataset=[encode(r) for r in data],
