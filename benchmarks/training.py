@@ -235,6 +235,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--heads", default="lm,classifier", help="sectune heads to run")
+    parser.add_argument(
+        "--reference", action=argparse.BooleanOptionalAction, default=True,
+        help="run the Trainer + PEFT script too",
+    )  # fmt: skip
     parser.add_argument("--side", choices=["reference", "sectune"], help=argparse.SUPPRESS)
     parser.add_argument("--head", default="lm", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,9 +251,8 @@ def main() -> None:
               "--heldout", str(args.heldout), "--examples", str(args.examples),
               "--heldout-rows", str(args.heldout_rows), "--steps", str(args.steps),
               "--batch", str(args.batch), "--lr", str(args.lr)]  # fmt: skip
-    runs = [["--side", "reference"]] + [
-        ["--side", "sectune", "--head", h] for h in args.heads.split(",")
-    ]
+    runs = [["--side", "reference"]] if args.reference else []
+    runs += [["--side", "sectune", "--head", h] for h in args.heads.split(",")]
     for _ in range(args.rounds):
         for run in runs:
             out = subprocess.run([*common, *run], capture_output=True, text=True, check=False)

@@ -141,3 +141,25 @@ def test_class_weights_are_refused_outside_classification():
                 "task": {"type": "generation", "classWeights": "balanced"},
             }
         )
+
+
+def test_length_grouped_batches_keep_every_example_and_cut_padding():
+    import random
+
+    from sectune.training.train import length_grouped
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 200) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    grouped = length_grouped(order, lengths, per_step=8, seed=1)
+
+    def padding(sequence: list[int]) -> int:
+        steps = [sequence[i : i + 8] for i in range(0, len(sequence), 8)]
+        return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
+
+    assert sorted(grouped) == list(range(1000))
+    assert padding(grouped) < padding(order) / 5
+    # The steps of a window are shuffled, not served shortest first.
+    first_window = [max(lengths[i] for i in grouped[k : k + 8]) for k in range(0, 128, 8)]
+    assert first_window != sorted(first_window)

@@ -100,6 +100,27 @@ def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
     return get_peft_model(model, config)
 
 
+GROUP_STEPS = 16
+"""Steps whose examples are sorted by length together (see length_grouped)."""
+
+
+def length_grouped(order: list[int], lengths: list[int], per_step: int, seed: int) -> list[int]:
+    """`order` (an epoch's shuffled example indices) with every window of GROUP_STEPS steps
+    sorted by length and cut into steps, and the window's steps shuffled: each batch holds
+    examples of similar length, so little of it is padding, while the epoch stays shuffled at
+    the window's scale. A window's last, partial step stays last."""
+    rng = random.Random(seed)
+    window = per_step * GROUP_STEPS
+    grouped: list[int] = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lengths.__getitem__)
+        steps = [part[i : i + per_step] for i in range(0, len(part), per_step)]
+        full = [s for s in steps if len(s) == per_step]
+        rng.shuffle(full)
+        grouped += [i for step in full + [s for s in steps if len(s) < per_step] for i in step]
+    return grouped
+
+
 def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     """Concatenate short examples into sequences of up to `max_length` tokens (generation
     tasks). Labels stay masked per example; fewer, fuller sequences train faster."""
@@ -266,6 +287,7 @@ def train(
 
     world = accelerator.num_processes
     per_step = hp.batch_size * hp.gradient_accumulation * world
+    lengths = [len(e.input_ids) for e in encoded]
     steps_per_epoch = max(1, math.ceil(len(encoded) / per_step))
     total_steps = steps_per_epoch * hp.epochs
     if hp.max_steps:
@@ -302,6 +324,7 @@ def train(
             epoch, offset = divmod(step, steps_per_epoch)
             order = list(range(len(encoded)))
             random.Random(hp.seed + epoch).shuffle(order)
+            order = length_grouped(order, lengths, per_step, hp.seed + epoch)
             # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
             # process gets the same number of micro-batches and the all-reduces line up; the
             # last micro-batch of a step is where accelerate (or DeepSpeed) syncs and steps.
