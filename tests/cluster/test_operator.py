@@ -193,8 +193,12 @@ def test_creates_a_restricted_training_job_and_mirrors_success(
     assert _condition(status, "Succeeded")["status"] == "True"
     assert _condition(status, "GatesPassed")["status"] == "True"
     assert status["observedGeneration"] == 1
-    reasons = [r for r, _ in _events(api_client, namespace)]
-    assert "Created" in reasons and "Succeeded" in reasons
+    # Events are posted in the background, after the status they announce.
+    wait_until(
+        lambda: {"Created", "Succeeded"} <= {r for r, _ in _events(api_client, namespace)},
+        30,
+        "Created and Succeeded Events",
+    )
 
 
 def test_bad_input_exit_code_fails_fast_with_the_trainers_message(

@@ -117,8 +117,9 @@ def test_two_adapters_served_with_verified_digests_in_mixed_batches(trained, ser
     assert chat.status_code == 200
     body = chat.json()
     assert body["model"] == "triage@v1"
-    assert body["choices"][0]["finish_reason"] in ("stop", "length")
-    assert 0 < body["usage"]["completion_tokens"] <= 4
+    # A tiny random model may end its turn at once ("stop", 0 tokens); it never runs past 4.
+    finish, tokens = body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]
+    assert (finish, tokens <= 4) == ("stop", True) or (finish, tokens) == ("length", 4)
     assert chat.headers["x-sectune-adapter-sha256"] == trained.triage_v1.sha256
     base = server.post(
         "/v1/completions", {"model": "base", "prompt": "Failed password", "max_tokens": 3}
