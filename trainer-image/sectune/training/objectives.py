@@ -166,16 +166,12 @@ class LabelHead:
         return Encoded(prompt, [self.labels.index(example.target)], truncated, weight)
 
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        length = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, encoded in enumerate(batch):
-            n = len(encoded.input_ids)
-            ids[row, length - n :] = torch.tensor(encoded.input_ids)
-            mask[row, length - n :] = 1
+        from sectune.evaluation.scoring import left_pad
+
         classes = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)
         weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "classes": classes, "weights": weights}
+        padded = left_pad([e.input_ids for e in batch], pad_id)
+        return {**padded, "classes": classes, "weights": weights}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = _forward(model, batch, 1)[:, -1, self.label_tokens].float()
