@@ -83,6 +83,33 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds_by_process() -> Counter[str]:
+    """CPU seconds (user + system) so far of this benchmark's descendants, by command name:
+    which of the processes sharing the cores did the work."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    usage: dict[int, tuple[str, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        pid = int(text.split(" ", 1)[0])
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        parents[pid] = int(fields[1])
+        usage[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        mine |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+    totals: Counter[str] = Counter()
+    for pid in mine - {os.getpid()}:
+        name, seconds = usage[pid]
+        totals[name] += seconds
+    return totals
+
+
 def _start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
@@ -199,12 +226,15 @@ def main() -> None:
 
         pid = operator.server.process.pid  # type: ignore[union-attr]
         profiler = _start_profiler(pid, args.profile) if args.profile else None
+        cpu_before = cpu_seconds_by_process()
         start = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(create, range(args.jobs)))
         create_seconds = time.monotonic() - start
         wait_until(lambda: len(job_seen) >= args.jobs, 3600, "all Jobs", interval=1)
         all_jobs_seconds = time.monotonic() - start
+        cpu_creating = cpu_seconds_by_process()
+        cpu_creating.subtract(cpu_before)
         if profiler is not None:
             _summarise_profile(profiler, args.profile)
         latencies = [job_seen[n] - created[n] for n in created]
@@ -212,7 +242,10 @@ def main() -> None:
         print(  # the creation half, in case the rest does not finish
             f"all {args.jobs} Jobs in {all_jobs_seconds:.1f} s; create -> Job p50 "
             f"{statistics.median(latencies):.2f} s, p99 {percentile(latencies, 0.99):.2f} s; "
-            f"operator RSS {peak_rss:.0f} MiB",
+            f"operator RSS {peak_rss:.0f} MiB; CPU seconds meanwhile "
+            + ", ".join(
+                f"{name} {sec:.1f}" for name, sec in cpu_creating.most_common() if sec >= 0.5
+            ),
             file=sys.stderr,
             flush=True,
         )
@@ -302,6 +335,9 @@ def main() -> None:
             "allJobsCreatedSeconds": round(all_jobs_seconds, 1),
             "createToJobP50Seconds": round(statistics.median(latencies), 2),
             "createToJobP99Seconds": round(percentile(latencies, 0.99), 2),
+            "cpuSecondsWhileCreating": {
+                name: round(sec, 1) for name, sec in cpu_creating.most_common() if sec >= 0.5
+            },
             "podDoneToSucceededP50Seconds": round(statistics.median(to_succeeded), 2),
             "podDoneToSucceededP99Seconds": round(percentile(to_succeeded, 0.99), 2),
             "podDoneToJobCompleteP50Seconds": round(statistics.median(to_complete), 2)

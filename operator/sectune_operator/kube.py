@@ -8,12 +8,16 @@ holds a connection per handler thread and reuses it.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
+from typing import Any
 
 from kubernetes import client
 
 POOL_SIZE = 32
 """Connections kept open: kopf's handler threads (settings.execution.max_workers) and room."""
+
+REPORTING_COMPONENT = "sectune-operator"
 
 _lock = threading.Lock()
 _shared: client.ApiClient | None = None
@@ -60,3 +64,40 @@ def networking() -> client.NetworkingV1Api:
 
 def custom_objects() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api_client())
+
+
+def discard(response: Any) -> None:
+    """Read and drop a response made with `_preload_content=False`, and give its connection
+    back to the pool (a connection with unread data would be closed and a new TLS one opened)."""
+    response.drain_conn()
+    response.release_conn()
+
+
+def post_event(involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """An Event about `involved` ({apiVersion, kind, metadata: {name, namespace, uid}}), from
+    threads that are not kopf handlers (kopf.info needs a handler's context)."""
+    now = dt.datetime.now(dt.UTC).isoformat()
+    metadata = involved["metadata"]
+    core().create_namespaced_event(
+        metadata["namespace"],
+        {
+            "metadata": {"namespace": metadata["namespace"], "generateName": "sectune-event-"},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "action": reason,
+            "reportingComponent": REPORTING_COMPONENT,
+            "reportingInstance": REPORTING_COMPONENT,
+            "source": {"component": REPORTING_COMPONENT},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata.get("uid"),
+            },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": now,
+        },
+    )

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
 
-FINETUNEJOBS = Gauge(
-    "sectune_operator_finetunejobs",
-    "FineTuneJobs by phase",
-    ["namespace", "phase"],
-    registry=REGISTRY,
-)
+
+class PhaseCounts(Collector):
+    """sectune_operator_finetunejobs{namespace, phase}: counted at scrape time by `source`."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[tuple[str, str], int]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "sectune_operator_finetunejobs", "FineTuneJobs by phase", labels=["namespace", "phase"]
+        )
+        for (namespace, phase), count in sorted(self.source().items()):
+            family.add_metric([namespace, phase], count)
+        yield family
+
+
+FINETUNEJOBS = PhaseCounts()
+REGISTRY.register(FINETUNEJOBS)
 RECONCILE_DURATION = Histogram(
     "sectune_operator_reconcile_duration_seconds",
     "Time to reconcile a FineTuneJob or AdapterDeployment (create or update)",
@@ -60,17 +76,6 @@ CANARY_ROLLBACKS = Counter(
     ["namespace", "metric"],
     registry=REGISTRY,
 )
-
-_phase_labels: set[tuple[str, str]] = set()
-
-
-def set_phase_counts(counts: dict[tuple[str, str], int]) -> None:
-    """Set the by-phase gauge; label pairs that disappeared go to zero."""
-    for labels in _phase_labels - counts.keys():
-        FINETUNEJOBS.labels(*labels).set(0)
-    for labels, count in counts.items():
-        FINETUNEJOBS.labels(*labels).set(count)
-    _phase_labels.update(counts)
 
 
 def serve(port: int) -> None:

@@ -2,15 +2,17 @@
 and the progress poller (one instance, made at startup, kept in kopf's memo).
 
 kopf gives each handler the indexes of FineTuneJobs, Jobs and Pods; the tracker adds what the
-indexes cannot hold: the status last written (ahead of the watch), pods seen (a preempted pod
-is gone from the index but still counts as an attempt), one lock per job, and which jobs are
-training now (the only ones whose progress is read).
+indexes cannot hold: the status last written (ahead of the watch), the status changes waiting
+to be written, pods seen (a preempted pod is gone from the index but still counts as an
+attempt), one lock per job, and which jobs are training now (the only ones whose progress is
+read).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,71 @@ class Indexes:
     pods: Mapping[Key, Any]
 
 
+StatusChange = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+"""(status now, the job's index entry) -> the status it should have."""
+
+COALESCE_SECONDS = 1.0
+"""How long a job's first status change waits for others before all are written as one patch.
+A new job's Job, pod, scheduling and start arrive within a second or two: one patch instead of
+four, and "pod finished → Succeeded" stays about a second."""
+
+
+class StatusQueue:
+    """Status changes waiting to be written, per job. Changes to one job that arrive within
+    `delay` of its first are written together (applied in order, one patch); a job is handed
+    to one writer at a time, so its changes are never applied out of order."""
+
+    def __init__(self, delay: float = COALESCE_SECONDS) -> None:
+        self.delay = delay
+        self._pending: dict[Key, tuple[float, list[StatusChange]]] = {}
+        self._writing: set[Key] = set()
+        self._changed = threading.Condition()
+
+    def put(self, key: Key, change: StatusChange, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._changed:
+            due, changes = self._pending.get(key, (now + self.delay, []))
+            self._pending[key] = (due, [*changes, change])
+            self._changed.notify()
+
+    def retry(self, key: Key, changes: list[StatusChange], after: float) -> None:
+        """A write failed: its changes go before any that arrived since, `after` seconds on."""
+        with self._changed:
+            _, newer = self._pending.get(key, (0.0, []))
+            self._pending[key] = (time.monotonic() + after, [*changes, *newer])
+            self._changed.notify()
+
+    def due(self, now: float) -> list[tuple[Key, list[StatusChange]]]:
+        """Take the jobs whose changes are due and not being written; they are being written
+        until `done`."""
+        with self._changed:
+            ready = [
+                key
+                for key, (when, _) in self._pending.items()
+                if when <= now and key not in self._writing
+            ]
+            self._writing.update(ready)
+            return [(key, self._pending.pop(key)[1]) for key in ready]
+
+    def done(self, key: Key) -> None:
+        with self._changed:
+            self._writing.discard(key)
+            self._changed.notify()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until the next change is due, something new arrives, or `timeout`."""
+        with self._changed:
+            waiting = [when for key, (when, _) in self._pending.items() if key not in self._writing]
+            if waiting:
+                timeout = min(timeout, max(0.0, min(waiting) - time.monotonic()))
+            if timeout > 0:
+                self._changed.wait(timeout)
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._pending)
+
+
 @dataclass
 class JobTracker:
     pods_seen: dict[Key, set[str]] = field(default_factory=dict)
@@ -36,8 +103,11 @@ class JobTracker:
     """The status each job was last patched to, with the resourceVersion the patch returned."""
     quiet_until: dict[Key, float] = field(default_factory=dict)
     """Monotonic time before which a trainer that did not answer is not asked again."""
+    statuses: StatusQueue = field(default_factory=StatusQueue)
+    secrets_found: dict[tuple[str, str], float] = field(default_factory=dict)
+    """(namespace, Secret name) -> monotonic time it was last found to exist."""
     indexes: Indexes | None = None
-    """Set by the first handler that runs; the poller reads through it."""
+    """Set by the first handler that runs; the poller and the status writer read through it."""
     _locks: dict[Key, threading.Lock] = field(default_factory=dict)
     _active: set[Key] = field(default_factory=set)
     _guard: threading.Lock = field(default_factory=threading.Lock)
@@ -54,6 +124,14 @@ class JobTracker:
     def pods_started(self, key: Key) -> int:
         with self._guard:
             return len(self.pods_seen.get(key, ()))
+
+    def secret_found_recently(self, secret: tuple[str, str], ttl: float) -> bool:
+        with self._guard:
+            return time.monotonic() - self.secrets_found.get(secret, -ttl) < ttl
+
+    def found_secret(self, secret: tuple[str, str]) -> None:
+        with self._guard:
+            self.secrets_found[secret] = time.monotonic()
 
     def set_phase(self, key: Key, phase: str | None) -> None:
         with self._guard:

@@ -4,18 +4,17 @@
 """kopf handlers for FineTuneJob: thin. Parse, delegate to builders, apply, patch status.
 
 Status is observed state, derived (sectune_operator.status) from indexes of the Jobs and Pods
-the operator labelled whenever one of them changes, and written by one function
-(`_write_status`) for every caller; while a trainer runs, one poller reads its progress.
+the operator labelled whenever one of them changes. Every caller queues its change
+(`_queue_status`); one writer thread coalesces a job's changes of the last second into one
+patch (`_write_status`). While a trainer runs, one poller reads its progress.
 """
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -44,7 +43,7 @@ from sectune_operator.status import (
     set_condition,
     utc_now,
 )
-from sectune_operator.tracking import Indexes, JobTracker, Key
+from sectune_operator.tracking import Indexes, JobTracker, Key, StatusChange
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
 CLEANUP_TRIES = 6
@@ -52,6 +51,12 @@ PROGRESS_BACKOFF = 15.0
 """Seconds before a trainer that did not answer its metrics port is asked again."""
 PROGRESS_READERS = 8
 """Trainers asked for their progress at once (a read waits at most a second)."""
+SECRET_FOUND_TTL = 30.0
+"""Seconds a Secret found to exist is not read again."""
+STATUS_WRITERS = 8
+"""Status patches in flight at once."""
+STATUS_RETRY = 2.0
+"""Seconds before a status patch the API server refused (busy, unavailable) is tried again."""
 LOGGER = logging.getLogger(__name__)
 
 
@@ -68,7 +73,8 @@ def _block(
     delay: float = 15,
 ) -> NoReturn:
     """Stop reconciling with the reason in status: Failed for good (a bad spec), or Pending
-    until the cause goes away (retried after `delay`)."""
+    until the cause goes away (retried after `delay`). Written at once, not queued: the
+    reason is in status before kopf logs the error."""
 
     def blocked(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
@@ -112,7 +118,10 @@ def _local_uris(spec: FineTuneJobSpec) -> list[str]:
     return [field for field, uri in candidates.items() if uri and uri.startswith("file://")]
 
 
-def _missing_secrets(spec: FineTuneJobSpec, namespace: str) -> list[str]:
+def _missing_secrets(spec: FineTuneJobSpec, namespace: str, tracker: JobTracker) -> list[str]:
+    """Secrets the job names that do not exist. One found in the last SECRET_FOUND_TTL seconds
+    is not read again: a burst of jobs naming one storage Secret reads it once. A missing one
+    is always read again, so creating it unblocks the jobs at their next retry."""
     core = kube.core()
     wanted = {
         "spec.output.credentials": spec.output.credentials,
@@ -121,14 +130,17 @@ def _missing_secrets(spec: FineTuneJobSpec, namespace: str) -> list[str]:
     }
     missing = []
     for field, ref in wanted.items():
-        if ref is None:
+        if ref is None or tracker.secret_found_recently((namespace, ref.name), SECRET_FOUND_TTL):
             continue
         try:
-            core.read_namespaced_secret(ref.name, namespace)
+            # Only whether it exists: the body (the Secret's data) is never decoded.
+            kube.discard(core.read_namespaced_secret(ref.name, namespace, _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:
                 raise
             missing.append(f"{field} (Secret {ref.name!r})")
+        else:
+            tracker.found_secret((namespace, ref.name))
     return missing
 
 
@@ -141,7 +153,8 @@ def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> boo
         "NetworkPolicy": kube.networking().create_namespaced_network_policy,
     }[kind]
     try:
-        create(namespace, body)
+        # The created object is not read back: skip decoding it into client models.
+        kube.discard(create(namespace, body, _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
             return False
@@ -241,7 +254,7 @@ def reconcile(
             "startTime": status.get("startTime") or utc_now(),
         }
 
-    _write_status(key, memo.tracker, indexes, accepted)
+    _queue_status(key, memo.tracker, accepted)
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
 
 
@@ -258,7 +271,7 @@ def _create_children(
     a Secret the job names is missing or the namespace's Job quota is used up."""
     settings: Settings = memo.settings
     namespace, name = key
-    missing = _missing_secrets(parsed, namespace)
+    missing = _missing_secrets(parsed, namespace, memo.tracker)
     if missing:
         message = f"waiting for {', '.join(missing)}: create it in namespace {namespace}"
         _block(key, memo, indexes, body, generation, "SecretNotFound", message, permanent=False)
@@ -336,13 +349,19 @@ def _pod_summary(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+# Indexers and the child event handler are coroutines: they only compute or queue, and kopf
+# runs a plain function in a worker thread, a hop per event that costs more than the work.
+
+
 @kopf.index("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
-def jobs_by_owner(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def jobs_by_owner(
+    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
     return {(namespace, labels[JOB_LABEL]): _job_summary(body)}
 
 
 @kopf.index("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def pods_by_owner(
+async def pods_by_owner(
     namespace: str, labels: kopf.Labels, body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any
 ) -> dict[Any, Any]:
     # Remember every pod seen, even one deleted before the next status refresh (preemption).
@@ -351,7 +370,7 @@ def pods_by_owner(
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def finetunejob_states(
+async def finetunejob_states(
     namespace: str, name: str, status: kopf.Status, meta: kopf.Meta, uid: str, **_: Any
 ) -> dict[Any, Any]:
     """What a status write needs of each FineTuneJob, so Job and Pod events can refresh it."""
@@ -379,7 +398,8 @@ def _indexes(
 def _announce(
     body: dict[str, Any], namespace: str, old: dict[str, Any], new: dict[str, Any]
 ) -> None:
-    """Events and metrics for a phase transition (not for the first phase: "Created" said it)."""
+    """Events and metrics for a phase transition (not for the first phase: "Created" said it).
+    Posted here, not through kopf: the status writer is not a kopf handler."""
     phase = new.get("phase")
     if not old.get("phase") and phase == "Pending":
         return
@@ -388,26 +408,27 @@ def _announce(
         None,
     )
     if failed:
-        kopf.warn(body, reason=failed["reason"], message=failed["message"][:1000])
+        kube.post_event(body, "Warning", failed["reason"], failed["message"])
         metrics.FINETUNEJOB_FAILURES.labels(namespace, failed["reason"]).inc()
         if failed["reason"] == "GatesFailed":
             metrics.GATE_FAILURES.labels(namespace).inc()
     else:
-        kopf.info(body, reason=str(phase), message=f"FineTuneJob is {phase}")
+        kube.post_event(body, "Normal", str(phase), f"FineTuneJob is {phase}")
     if phase in TERMINAL and new.get("startTime"):
         began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
         metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
 
 
-StatusChange = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
-"""(status now, the job's index entry) -> the status it should have."""
+def _queue_status(key: Key, tracker: JobTracker, change: StatusChange) -> None:
+    """Write `change` within a second, in one patch with the job's other changes until then."""
+    tracker.statuses.put(key, change)
 
 
 def _write_status(
     key: Key, tracker: JobTracker, indexes: Indexes, change: StatusChange, *, announce: bool = True
 ) -> dict[str, Any] | None:
-    """The one writer of FineTuneJob status (reconcile, Job and Pod events, the progress
-    poller): applies `change` to the newest status known, patches only when it differs, and
+    """The one writer of FineTuneJob status (queued changes, and a blocked reconcile): applies
+    `change` to the newest status known, patches only when it differs, and
     announces a phase transition. Returns the status written, None when nothing was."""
     state = next(iter(indexes.states.get(key, [])), None)
     if state is None:
@@ -465,12 +486,49 @@ def _refresh(
         attempts = max(int(status.get("attempts") or 0), tracker.pods_started(key))
         return derive_status(job, pods, current, state["generation"], utc_now(), attempts)
 
-    _write_status(key, tracker, indexes, observed)
+    _queue_status(key, tracker, observed)
+
+
+def _write_queued(
+    key: Key, changes: list[StatusChange], tracker: JobTracker, indexes: Indexes
+) -> None:
+    def in_order(status: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        for change in changes:
+            status = change(status, state)
+        return status
+
+    try:
+        _write_status(key, tracker, indexes, in_order)
+    except ApiException as exc:
+        if 400 <= exc.status < 500 and exc.status != 429:
+            LOGGER.error(f"status of FineTuneJob {key[0]}/{key[1]} refused: {exc.reason}")
+        else:
+            LOGGER.warning(f"status of FineTuneJob {key[0]}/{key[1]}: {exc.reason}; retrying")
+            tracker.statuses.retry(key, changes, STATUS_RETRY)
+    except Exception as exc:  # one job's failure never stops the others' status
+        LOGGER.warning(f"status of FineTuneJob {key[0]}/{key[1]}: {exc}; retrying")
+        tracker.statuses.retry(key, changes, STATUS_RETRY)
+    finally:
+        tracker.statuses.done(key)
+
+
+def write_statuses(tracker: JobTracker, stop: threading.Event) -> None:
+    """The status writer: takes each job's queued changes when due and patches them as one."""
+    with ThreadPoolExecutor(STATUS_WRITERS, thread_name_prefix="status") as pool:
+        while not stop.is_set():
+            tracker.statuses.wait(0.5)
+            indexes = tracker.indexes
+            if indexes is None:
+                continue
+            for key, changes in tracker.statuses.due(time.monotonic()):
+                pool.submit(_write_queued, key, changes, tracker, indexes)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={JOB_LABEL: kopf.PRESENT})
-def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+async def child_changed(
+    namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any
+) -> None:
     """A training Job or pod changed (created, scheduled, running, suspended, finished,
     preempted): refresh the FineTuneJob that owns it."""
     _refresh((namespace, labels[JOB_LABEL]), memo.tracker, _indexes(memo, **kwargs))
@@ -510,11 +568,8 @@ def poll_progress(tracker: JobTracker, settings: Settings, stop: threading.Event
             indexes = tracker.indexes
             if indexes is None:
                 continue
-            # kopf posts Events from the context its handlers run in: each read gets a copy.
             reads = {
-                key: pool.submit(
-                    contextvars.copy_context().run, _read_progress, key, tracker, indexes, settings
-                )
+                key: pool.submit(_read_progress, key, tracker, indexes, settings)
                 for key in tracker.active()
             }
             for key, read in reads.items():
@@ -524,28 +579,38 @@ def poll_progress(tracker: JobTracker, settings: Settings, stop: threading.Event
                     LOGGER.warning(f"progress of FineTuneJob {key[0]}/{key[1]}: {exc}")
 
 
-def start_progress_poller(tracker: JobTracker, settings: Settings) -> threading.Event:
-    """Start `poll_progress` in the calling (kopf handler) context; set the event to stop it."""
+def start_background(tracker: JobTracker, settings: Settings) -> threading.Event:
+    """Start the status writer and the progress poller; set the event to stop both."""
     stop = threading.Event()
-    thread = threading.Thread(
-        target=contextvars.copy_context().run,
-        args=(poll_progress, tracker, settings, stop),
-        name="progress-poller",
-        daemon=True,
-    )
-    thread.start()
+    for name, target, args in (
+        ("status-writer", write_statuses, (tracker, stop)),
+        ("progress-poller", poll_progress, (tracker, settings, stop)),
+    ):
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
     return stop
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def count_phases(finetunejob_states: kopf.Index, **_: Any) -> None:
-    """Keep the FineTuneJobs-by-phase gauge equal to what the index holds."""
+def phase_counts(tracker: JobTracker) -> dict[tuple[str, str], int]:
+    """FineTuneJobs by (namespace, phase), as the index holds them: counted when Prometheus
+    asks, not on every FineTuneJob event."""
+    indexes = tracker.indexes
+    if indexes is None:
+        return {}
+    for _ in range(3):  # kopf may change the index while this thread reads it
+        try:
+            entries = [(key, list(store)) for key, store in list(indexes.states.items())]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return {}
     counts: dict[tuple[str, str], int] = {}
-    for (namespace, _name), store in finetunejob_states.items():
+    for (namespace, _name), store in entries:
         for state in store:
             key = (namespace, state["status"].get("phase") or "Pending")
             counts[key] = counts.get(key, 0) + 1
-    metrics.set_phase_counts(counts)
+    return counts
 
 
 # --------------------------------------------------------------------------- deletion
