@@ -461,10 +461,10 @@ def test_the_cluster_example_applies_as_is_after_the_upload(
         assert applied.returncode == 0, applied.stderr
     batch = client.BatchV1Api(api_client)
     wait_until(lambda: batch.list_namespaced_job(namespace).items, 60, "training Job")
-    configmap = client.CoreV1Api(api_client).read_namespaced_config_map(
-        "attack-tactics-train", namespace
-    )
-    job = json.loads(configmap.data["job.json"])["spec"]
+    [training] = batch.list_namespaced_job(namespace).items
+    from sectune_operator.builders.finetunejob import pod_trainer_config
+
+    job = pod_trainer_config(training.spec.template.metadata.annotations)["spec"]
     for uri in (job["baseModel"]["uri"], job["dataset"]["train"], job["dataset"]["validation"]):
         bucket, _, key = uri.removeprefix("s3://").partition("/")
         assert bucket == "sectune-example" and (key in keys or f"{key}/config.json" in keys), uri
@@ -519,7 +519,6 @@ def test_rendered_manifests_pass_checkov(tmp_path):
     config = adapterdeployment.render_serving_config(serving, resolved, set(), None).config
     assert config is not None
     children = [
-        finetunejob.build_configmap("j", job),
         finetunejob.build_job("j", job, settings),
         finetunejob.build_network_policy("j", settings),
         adapterdeployment.build_configmap("soc", config),

@@ -12,6 +12,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from sectune.config import JobSpec
+from sectune_operator.builders.finetunejob import pod_trainer_config
 from support.processes import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -149,7 +150,7 @@ def test_creates_a_restricted_training_job_and_mirrors_success(
     start_operator()
     _secret(api_client, namespace)
     _create(api_client, namespace, _ftj())
-    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    batch = client.BatchV1Api(api_client)
 
     wait_until(lambda: batch.list_namespaced_job(namespace).items, 30, "training Job")
     [job] = batch.list_namespaced_job(namespace).items
@@ -178,7 +179,7 @@ def test_creates_a_restricted_training_job_and_mirrors_success(
     )
     assert not [e for e in trainer.env if e.value and "secret" in e.value.lower()]
     assert {v.name for v in pod_spec.volumes} == {"config", "cache", "tmp", "shm"}
-    config = json.loads(core.read_namespaced_config_map("triage-train", namespace).data["job.json"])
+    config = pod_trainer_config(job.spec.template.metadata.annotations)
     assert config["name"] == "triage"
     assert JobSpec.model_validate(config["spec"]).resources.gpus == 1  # the trainer's contract
 

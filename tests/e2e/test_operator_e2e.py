@@ -37,11 +37,11 @@ def _run_pod_template_locally(
         local = workdir / mount.name
         local.mkdir(parents=True, exist_ok=True)
         volume = next(v for v in pod.volumes if v.name == mount.name)
-        if volume.config_map:  # what the kubelet projects from the ConfigMap
-            for key, value in core.read_namespaced_config_map(
-                volume.config_map.name, namespace
-            ).data.items():
-                (local / key).write_text(value)
+        if volume.downward_api:  # what the kubelet projects from the pod's annotations
+            annotations = job.spec.template.metadata.annotations or {}
+            for item in volume.downward_api.items:
+                key = item.field_ref.field_path.removeprefix("metadata.annotations['")[:-2]
+                (local / item.path).write_text(annotations[key])
         mounts[mount.mount_path] = local
 
     def local_path(value: str) -> str:

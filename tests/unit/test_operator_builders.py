@@ -9,7 +9,12 @@ import pytest
 
 from sectune.config import JobSpec
 from sectune_operator.api import FineTuneJobSpec
-from sectune_operator.builders.finetunejob import build_configmap, build_job, build_service
+from sectune_operator.builders.finetunejob import (
+    CONFIG_ANNOTATION,
+    build_job,
+    build_service,
+    pod_trainer_config,
+)
 from sectune_operator.settings import Settings
 from sectune_operator.status import derive_status, progress_from_metrics, termination_message
 
@@ -76,12 +81,22 @@ def test_kueue_queue_creates_the_job_suspended_and_labelled():
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team"
 
 
-def test_configmap_holds_only_the_trainers_contract():
-    config = json.loads(
-        build_configmap("j", _spec(queueName="q", resources={"gpus": 1, "memory": "8Gi"}))["data"][
-            "job.json"
-        ]
-    )
+def test_the_pod_reads_only_the_trainers_contract_from_its_annotation():
+    job = build_job("j", _spec(queueName="q", resources={"gpus": 1, "memory": "8Gi"}), Settings())
+    template = job["spec"]["template"]
+    config = pod_trainer_config(template["metadata"]["annotations"])
+    # The kubelet writes the annotation to the file the trainer's command names.
+    [volume] = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    [item] = volume["downwardAPI"]["items"]
+    assert item == {
+        "path": "job.json",
+        "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"},
+    }
+    [container] = template["spec"]["containers"]
+    assert "/etc/sectune/job.json" in container["command"]
+    assert {"name": "config", "mountPath": "/etc/sectune", "readOnly": True} in container[
+        "volumeMounts"
+    ]
     assert config["name"] == "j"
     assert "queueName" not in config["spec"] and "memory" not in config["spec"]["resources"]
     assert JobSpec.model_validate(config["spec"]).output.uri == "s3://out"

@@ -1,6 +1,9 @@
-"""FineTuneJob -> ConfigMap, batch/v1 Job and (multi-node) headless Service. Pure functions.
+"""FineTuneJob -> batch/v1 Job (+ NetworkPolicy, + multi-node headless Service). Pure functions.
 
-The Job runs `sectune train --config /etc/sectune/job.json` in a restricted pod; its Pod
+The Job runs `sectune train --config /etc/sectune/job.json` in a restricted pod; the file is
+the trainer's contract, carried in the pod template's annotation CONFIG_ANNOTATION and
+projected by the downward API (no ConfigMap: one object fewer to create, watch and
+garbage-collect per job, which at 1,000 jobs created at once was a quarter of the time). Its Pod
 failure policy fails fast on the trainer's "bad input" and "gates failed" exit codes, ignores
 disruptions (preemption, eviction, node loss: retried, resumed from the checkpoint) and counts
 anything else against backoffLimit.
@@ -18,6 +21,7 @@ from sectune_operator.settings import Settings
 
 JOB_LABEL = "sectune.io/finetunejob"
 CONFIG_KEY = "job.json"
+CONFIG_ANNOTATION = "sectune.io/trainer-config"
 CONFIG_DIR = "/etc/sectune"
 CONTAINER = "trainer"
 METRICS_PORT = 9400
@@ -26,7 +30,7 @@ EXCEPTIONS = {
     "checkov.io/skip1": "CKV_K8S_43=The image is the operator's setting or the spec's; pin it by "
     "digest there (image@sha256:...)",
     "checkov.io/skip2": "CKV_K8S_35=Storage keys reach boto3 as AWS_* variables by secretKeyRef; "
-    "they are never in the spec, the ConfigMap or a log",
+    "they are never in the spec, the pod's config or a log",
     "checkov.io/skip3": "CKV_K8S_15=IfNotPresent: GPU nodes must not pull multi-GB images on every "
     "start; pin by digest for immutability",
 }
@@ -70,13 +74,15 @@ def trainer_config(name: str, spec: FineTuneJobSpec) -> dict[str, Any]:
     }
 
 
-def build_configmap(name: str, spec: FineTuneJobSpec) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": child_name(name), "labels": labels(name)},
-        "data": {CONFIG_KEY: json.dumps(trainer_config(name, spec), indent=2, sort_keys=True)},
-    }
+def trainer_config_json(name: str, spec: FineTuneJobSpec) -> str:
+    """The file the trainer reads (/etc/sectune/job.json), as the pod annotation holds it."""
+    return json.dumps(trainer_config(name, spec), sort_keys=True, separators=(",", ":"))
+
+
+def pod_trainer_config(template_annotations: dict[str, str] | None) -> dict[str, Any]:
+    """The trainer's contract from a Job's pod template annotations (what the kubelet writes
+    to /etc/sectune/job.json)."""
+    return dict(json.loads((template_annotations or {})[CONFIG_ANNOTATION]))
 
 
 def build_service(name: str) -> dict[str, Any]:
@@ -199,7 +205,19 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
         },
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": child_name(name)}},
+            {
+                "name": "config",
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": CONFIG_KEY,
+                            "fieldRef": {
+                                "fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"
+                            },
+                        }
+                    ]
+                },
+            },
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shared_memory}},
@@ -234,7 +252,13 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {
+            "metadata": {
+                "labels": pod_labels,
+                "annotations": {CONFIG_ANNOTATION: trainer_config_json(name, spec)},
+            },
+            "spec": pod_spec,
+        },
     }
     if multi_node:
         job_spec |= {

@@ -29,7 +29,6 @@ from sectune_operator.api import FineTuneJobSpec
 from sectune_operator.builders.finetunejob import (
     JOB_LABEL,
     METRICS_PORT,
-    build_configmap,
     build_job,
     build_network_policy,
     build_service,
@@ -147,7 +146,6 @@ def _missing_secrets(spec: FineTuneJobSpec, namespace: str, tracker: JobTracker)
 def _create(kind: str, body: dict[str, Any], namespace: str, logger: Any) -> bool:
     """Create a child; already-exists is success. Returns True if it was created now."""
     create = {
-        "ConfigMap": kube.core().create_namespaced_config_map,
         "Service": kube.core().create_namespaced_service,
         "Job": kube.batch().create_namespaced_job,
         "NetworkPolicy": kube.networking().create_namespaced_network_policy,
@@ -200,7 +198,7 @@ def reconcile(
     logger: Any,
     **kwargs: Any,
 ) -> None:
-    """Validate the spec, create ConfigMap + Job (+ Service), keep Job.suspend in step."""
+    """Validate the spec, create the Job (+ NetworkPolicy, + Service), keep Job.suspend in step."""
     settings: Settings = memo.settings
     generation = int(meta.get("generation") or 0)
     started = time.monotonic()
@@ -267,7 +265,7 @@ def _create_children(
     generation: int,
     logger: Any,
 ) -> None:
-    """ConfigMap (+ NetworkPolicy, + Service for several nodes), then the Job; blocked while
+    """NetworkPolicy and Service (for several nodes) when wanted, then the Job; blocked while
     a Secret the job names is missing or the namespace's Job quota is used up."""
     settings: Settings = memo.settings
     namespace, name = key
@@ -281,7 +279,7 @@ def _create_children(
     ):
         message = f"{settings.max_concurrent_jobs} training Jobs already run in {namespace}; queued"
         _block(key, memo, indexes, body, generation, "Queued", message, permanent=False, delay=10)
-    children = [("ConfigMap", build_configmap(name, parsed))]
+    children: list[tuple[str, dict[str, Any]]] = []
     if settings.network_policies:
         children.append(("NetworkPolicy", build_network_policy(name, settings)))
     if parsed.resources.nodes > 1:
