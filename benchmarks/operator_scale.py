@@ -297,6 +297,21 @@ def main() -> None:
                         succeeded.setdefault(name, now)
                 time.sleep(0.25)
 
+        pod_succeeded: dict[str, float] = {}
+
+        def watch_pods_succeeded() -> None:
+            """When kwok marks each sampled pod Succeeded (what the operator waits for)."""
+            for event in watch.Watch().stream(
+                core.list_namespaced_pod, NAMESPACE, timeout_seconds=3600
+            ):
+                pod = event["object"]
+                name = (pod.metadata.labels or {}).get("sectune.io/finetunejob", "")
+                if name in finished_at and pod.status.phase == "Succeeded":
+                    pod_succeeded.setdefault(name, time.monotonic())
+                if polling.is_set():
+                    return
+
+        threading.Thread(target=watch_pods_succeeded, daemon=True).start()
         poller = threading.Thread(target=poll_succeeded, daemon=True)
         poller.start()
         threading.Thread(target=poll_jobs_complete, daemon=True).start()
@@ -322,6 +337,9 @@ def main() -> None:
         polling.set()
         to_succeeded = [succeeded[n] - finished_at[n] for n in finished_at]
         to_complete = [completed[n] - finished_at[n] for n in finished_at if n in completed]
+        to_pod_succeeded = [
+            pod_succeeded[n] - finished_at[n] for n in finished_at if n in pod_succeeded
+        ]
         requests = operator_requests(plane, audit_before)
         events = Counter(
             f"{e.reason} ({e.involved_object.kind})"
@@ -342,6 +360,14 @@ def main() -> None:
             "podDoneToSucceededP99Seconds": round(percentile(to_succeeded, 0.99), 2),
             "podDoneToJobCompleteP50Seconds": round(statistics.median(to_complete), 2)
             if to_complete
+            else None,
+            # From the annotation that ends the pod to kwok reporting the pod Succeeded: the
+            # part of "pod done -> Succeeded" before the operator can see anything.
+            "podAnnotatedToPodSucceededP50P99Seconds": [
+                round(statistics.median(to_pod_succeeded), 2),
+                round(percentile(to_pod_succeeded, 0.99), 2),
+            ]
+            if to_pod_succeeded
             else None,
             "apiRequestsPerJob": round(sum(requests.values()) / args.jobs, 1),
             "apiRequestsPerJobByKind": {

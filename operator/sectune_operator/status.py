@@ -142,6 +142,11 @@ def derive_status(
     if job_status.get("startTime") and not status.get("startTime"):
         status["startTime"] = job_status["startTime"]
     complete, failed = _job_condition(job, "Complete"), _job_condition(job, "Failed")
+    single_pod = ((job.get("spec") or {}).get("completions") or 1) == 1
+    if not complete and not failed and single_pod and _finished_pods(pods, "Succeeded"):
+        # One completion needed and the trainer's pod exited 0: the Job controller will mark
+        # the Job Complete, but when it is busy that takes a minute; the result is here now.
+        complete = {"lastTransitionTime": now}
 
     if complete:
         succeeded = _finished_pods(pods, "Succeeded")
@@ -223,7 +228,7 @@ def derive_status(
                 generation,
             )
         elif current.get("phase") in ACTIVE and _finished_pods(pods, "Succeeded"):
-            pass  # the trainer finished; the Job controller has not marked the Job Complete yet
+            pass  # one node's trainer finished; the others (an Indexed Job) have not yet
         else:
             status["phase"] = "Pending"
     status["conditions"] = conditions

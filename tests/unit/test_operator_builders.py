@@ -139,11 +139,18 @@ def test_running_pod_means_preparing_until_the_first_step():
     assert status["phase"] == "Training"
 
 
-def test_a_finished_trainer_does_not_send_the_job_back_to_pending():
-    """Between the pod finishing and the Job controller marking the Job Complete, the phase
-    stays where it was (it used to drop to Pending for that moment)."""
-    done = _pod("p1", "Succeeded", 0, "{}")
+def test_a_finished_trainer_is_succeeded_before_the_job_controller_says_so():
+    """A one-pod Job whose trainer exited 0 is Succeeded at once (the Job controller, busy,
+    may take a minute to mark it Complete); a multi-node Job waits for every node, and its
+    phase never drops back to Pending meanwhile."""
+    result = json.dumps({"phase": "Succeeded", "adapter": {"uri": "s3://a/b", "sha256": "0" * 64}})
+    done = _pod("p1", "Succeeded", 0, result)
     status = derive_status(_job(), [done], {"phase": "Evaluating"}, 1, NOW, attempts=1)
+    assert status["phase"] == "Succeeded"
+    assert status["adapter"]["uri"] == "s3://a/b"
+
+    multi_node = {**_job(), "spec": {"suspend": False, "completions": 2}}
+    status = derive_status(multi_node, [done], {"phase": "Evaluating"}, 1, NOW, attempts=1)
     assert status["phase"] == "Evaluating"
     # A failed pod the Job controller will replace is waiting again: Pending.
     failed = _pod("p1", "Failed", 1, "boom")

@@ -324,7 +324,7 @@ def _job_summary(body: kopf.Body) -> dict[str, Any]:
     status = body.get("status") or {}
     return {
         "metadata": {"name": body["metadata"]["name"]},
-        "spec": {"suspend": (body.get("spec") or {}).get("suspend")},
+        "spec": {k: (body.get("spec") or {}).get(k) for k in ("suspend", "completions")},
         "status": {
             k: status[k] for k in ("startTime", "completionTime", "conditions") if k in status
         },
