@@ -199,13 +199,20 @@ def main() -> None:
         done = threading.Event()
 
         def watch_jobs() -> None:
-            for event in watch.Watch().stream(
-                batch.list_namespaced_job, NAMESPACE, timeout_seconds=3600
-            ):
-                name = event["object"].metadata.name.removesuffix("-train")
-                job_seen.setdefault(name, time.monotonic())
-                if len(job_seen) >= args.jobs or done.is_set():
-                    return
+            # A busy apiserver may end a watch early: watch again (it starts with every Job
+            # that exists, so none is missed; one seen only then is timed late, not lost).
+            while len(job_seen) < args.jobs and not done.is_set():
+                try:
+                    for event in watch.Watch().stream(
+                        batch.list_namespaced_job, NAMESPACE, timeout_seconds=3600
+                    ):
+                        name = event["object"].metadata.name.removesuffix("-train")
+                        job_seen.setdefault(name, time.monotonic())
+                        if len(job_seen) >= args.jobs or done.is_set():
+                            return
+                except Exception as exc:  # reported, then watched again
+                    print(f"Job watch ended ({exc}); watching again", file=sys.stderr)
+                    time.sleep(0.5)
 
         watcher = threading.Thread(target=watch_jobs, daemon=True)
         watcher.start()
@@ -301,15 +308,19 @@ def main() -> None:
 
         def watch_pods_succeeded() -> None:
             """When kwok marks each sampled pod Succeeded (what the operator waits for)."""
-            for event in watch.Watch().stream(
-                core.list_namespaced_pod, NAMESPACE, timeout_seconds=3600
-            ):
-                pod = event["object"]
-                name = (pod.metadata.labels or {}).get("sectune.io/finetunejob", "")
-                if name in finished_at and pod.status.phase == "Succeeded":
-                    pod_succeeded.setdefault(name, time.monotonic())
-                if polling.is_set():
-                    return
+            while not polling.is_set():
+                try:
+                    for event in watch.Watch().stream(
+                        core.list_namespaced_pod, NAMESPACE, timeout_seconds=3600
+                    ):
+                        pod = event["object"]
+                        name = (pod.metadata.labels or {}).get("sectune.io/finetunejob", "")
+                        if pod.status.phase == "Succeeded":
+                            pod_succeeded.setdefault(name, time.monotonic())
+                        if polling.is_set():
+                            return
+                except Exception:  # a busy apiserver ended the watch: watch again
+                    time.sleep(0.5)
 
         threading.Thread(target=watch_pods_succeeded, daemon=True).start()
         poller = threading.Thread(target=poll_succeeded, daemon=True)
