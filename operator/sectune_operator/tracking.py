@@ -42,52 +42,66 @@ four, and "pod finished → Succeeded" stays about a second."""
 
 class StatusQueue:
     """Status changes waiting to be written, per job. Changes to one job that arrive within
-    `delay` of its first are written together (applied in order, one patch); a job is handed
-    to one writer at a time, so its changes are never applied out of order."""
+    `delay` of its first are written together (applied in order, one patch); an urgent change
+    (the trainer finished) is due at once and taken before the others. A job is handed to one
+    writer at a time, so its changes are never applied out of order."""
 
     def __init__(self, delay: float = COALESCE_SECONDS) -> None:
         self.delay = delay
-        self._pending: dict[Key, tuple[float, list[StatusChange]]] = {}
+        # key -> (due, urgent, changes)
+        self._pending: dict[Key, tuple[float, bool, list[StatusChange]]] = {}
         self._writing: set[Key] = set()
         self._changed = threading.Condition()
 
-    def put(self, key: Key, change: StatusChange, *, now: float | None = None) -> None:
+    def put(
+        self, key: Key, change: StatusChange, *, urgent: bool = False, now: float | None = None
+    ) -> None:
         now = time.monotonic() if now is None else now
         with self._changed:
-            due, changes = self._pending.get(key, (now + self.delay, []))
-            self._pending[key] = (due, [*changes, change])
+            due, was_urgent, changes = self._pending.get(key, (now + self.delay, False, []))
+            if urgent:
+                due = min(due, now)
+            self._pending[key] = (due, urgent or was_urgent, [*changes, change])
             self._changed.notify()
 
     def retry(self, key: Key, changes: list[StatusChange], after: float) -> None:
         """A write failed: its changes go before any that arrived since, `after` seconds on."""
         with self._changed:
-            _, newer = self._pending.get(key, (0.0, []))
-            self._pending[key] = (time.monotonic() + after, [*changes, *newer])
+            _, urgent, newer = self._pending.get(key, (0.0, False, []))
+            self._pending[key] = (time.monotonic() + after, urgent, [*changes, *newer])
             self._changed.notify()
 
-    def due(self, now: float) -> list[tuple[Key, list[StatusChange]]]:
-        """Take the jobs whose changes are due and not being written; they are being written
-        until `done`."""
+    def due(self, now: float, capacity: int | None = None) -> list[tuple[Key, list[StatusChange]]]:
+        """Take the jobs whose changes are due and not being written, urgent ones first, so
+        that at most `capacity` jobs are being written at once; they are being written until
+        `done`."""
         with self._changed:
-            ready = [
-                key
-                for key, (when, _) in self._pending.items()
+            ready = sorted(
+                (not urgent, when, key)
+                for key, (when, urgent, _) in self._pending.items()
                 if when <= now and key not in self._writing
-            ]
-            self._writing.update(ready)
-            return [(key, self._pending.pop(key)[1]) for key in ready]
+            )
+            if capacity is not None:
+                ready = ready[: max(0, capacity - len(self._writing))]
+            keys = [key for _, _, key in ready]
+            self._writing.update(keys)
+            return [(key, self._pending.pop(key)[2]) for key in keys]
 
     def done(self, key: Key) -> None:
         with self._changed:
             self._writing.discard(key)
             self._changed.notify()
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until the next change is due, something new arrives, or `timeout`."""
+    def wait(self, timeout: float, capacity: int | None = None) -> None:
+        """Sleep until the next change is due (while fewer than `capacity` jobs are being
+        written), something new arrives, a write finishes, or `timeout`."""
         with self._changed:
-            waiting = [when for key, (when, _) in self._pending.items() if key not in self._writing]
-            if waiting:
-                timeout = min(timeout, max(0.0, min(waiting) - time.monotonic()))
+            if capacity is None or len(self._writing) < capacity:
+                waiting = [
+                    w for key, (w, _, _) in self._pending.items() if key not in self._writing
+                ]
+                if waiting:
+                    timeout = min(timeout, max(0.0, min(waiting) - time.monotonic()))
             if timeout > 0:
                 self._changed.wait(timeout)
 

@@ -63,3 +63,18 @@ def test_a_failed_write_is_retried_before_changes_that_came_after_it():
     ((_, changes),) = queue.due(1e12)
     assert _apply(changes) == {"phase": "Training"}
     assert len(changes) == 2
+
+
+def test_a_finished_trainer_is_written_at_once_and_before_waiting_jobs():
+    queue = StatusQueue(delay=1.0)
+    queue.put(A, _set("phase", "Preparing"), now=0.0)
+    queue.put(B, _set("phase", "Preparing"), now=0.5)
+    queue.put(B, _set("phase", "Succeeded"), urgent=True, now=1.2)
+
+    # A has waited its second too, but B's trainer finished: B goes first.
+    taken = queue.due(1.2, capacity=1)
+    assert [key for key, _ in taken] == [B]
+    assert _apply(taken[0][1]) == {"phase": "Succeeded"}
+    assert queue.due(1.2, capacity=1) == []  # the one writer is busy with B
+    queue.done(B)
+    assert [key for key, _ in queue.due(1.2, capacity=1)] == [A]

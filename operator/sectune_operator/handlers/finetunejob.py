@@ -54,6 +54,9 @@ SECRET_FOUND_TTL = 30.0
 """Seconds a Secret found to exist is not read again."""
 STATUS_WRITERS = 8
 """Status patches in flight at once."""
+EVENT_POSTERS = 4
+"""Events posted at once, apart from the status writers."""
+_EVENT_POSTERS = ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
 STATUS_RETRY = 2.0
 """Seconds before a status patch the API server refused (busy, unavailable) is tried again."""
 LOGGER = logging.getLogger(__name__)
@@ -406,20 +409,35 @@ def _announce(
         None,
     )
     if failed:
-        kube.post_event(body, "Warning", failed["reason"], failed["message"])
+        _post_event(body, "Warning", failed["reason"], failed["message"])
         metrics.FINETUNEJOB_FAILURES.labels(namespace, failed["reason"]).inc()
         if failed["reason"] == "GatesFailed":
             metrics.GATE_FAILURES.labels(namespace).inc()
     else:
-        kube.post_event(body, "Normal", str(phase), f"FineTuneJob is {phase}")
+        _post_event(body, "Normal", str(phase), f"FineTuneJob is {phase}")
     if phase in TERMINAL and new.get("startTime"):
         began = dt.datetime.fromisoformat(new["startTime"].replace("Z", "+00:00"))
         metrics.TRAINING_DURATION.observe((dt.datetime.now(dt.UTC) - began).total_seconds())
 
 
-def _queue_status(key: Key, tracker: JobTracker, change: StatusChange) -> None:
-    """Write `change` within a second, in one patch with the job's other changes until then."""
-    tracker.statuses.put(key, change)
+def _queue_status(
+    key: Key, tracker: JobTracker, change: StatusChange, *, urgent: bool = False
+) -> None:
+    """Write `change` within a second, in one patch with the job's other changes until then;
+    `urgent` (the trainer finished): at once, ahead of other jobs' changes."""
+    tracker.statuses.put(key, change, urgent=urgent)
+
+
+def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post an Event without holding up the status writer that announces it."""
+
+    def post() -> None:
+        try:
+            kube.post_event(body, type_, reason, message)
+        except Exception as exc:  # an Event lost is logged; status is what counts
+            LOGGER.warning(f"Event {reason} for {body['metadata']['name']}: {exc}")
+
+    _EVENT_POSTERS.submit(post)
 
 
 def _write_status(
@@ -484,7 +502,9 @@ def _refresh(
         attempts = max(int(status.get("attempts") or 0), tracker.pods_started(key))
         return derive_status(job, pods, current, state["generation"], utc_now(), attempts)
 
-    _queue_status(key, tracker, observed)
+    pods = indexes.pods.get(key, [])
+    finished = any((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods)
+    _queue_status(key, tracker, observed, urgent=finished)
 
 
 def _write_queued(
@@ -514,11 +534,11 @@ def write_statuses(tracker: JobTracker, stop: threading.Event) -> None:
     """The status writer: takes each job's queued changes when due and patches them as one."""
     with ThreadPoolExecutor(STATUS_WRITERS, thread_name_prefix="status") as pool:
         while not stop.is_set():
-            tracker.statuses.wait(0.5)
+            tracker.statuses.wait(0.5, STATUS_WRITERS)
             indexes = tracker.indexes
             if indexes is None:
                 continue
-            for key, changes in tracker.statuses.due(time.monotonic()):
+            for key, changes in tracker.statuses.due(time.monotonic(), STATUS_WRITERS):
                 pool.submit(_write_queued, key, changes, tracker, indexes)
 
 
