@@ -517,15 +517,13 @@ def _write_queued(
 
     try:
         _write_status(key, tracker, indexes, in_order)
-    except ApiException as exc:
-        if 400 <= exc.status < 500 and exc.status != 429:
-            LOGGER.error(f"status of FineTuneJob {key[0]}/{key[1]} refused: {exc.reason}")
-        else:
-            LOGGER.warning(f"status of FineTuneJob {key[0]}/{key[1]}: {exc.reason}; retrying")
-            tracker.statuses.retry(key, changes, STATUS_RETRY)
     except Exception as exc:  # one job's failure never stops the others' status
-        LOGGER.warning(f"status of FineTuneJob {key[0]}/{key[1]}: {exc}; retrying")
-        tracker.statuses.retry(key, changes, STATUS_RETRY)
+        refused = isinstance(exc, ApiException) and 400 <= exc.status < 500 and exc.status != 429
+        if refused:  # retrying cannot change the API server's answer
+            LOGGER.error(f"status of FineTuneJob {key[0]}/{key[1]} refused: {exc}")
+        else:
+            LOGGER.warning(f"status of FineTuneJob {key[0]}/{key[1]}: {exc}; retrying")
+            tracker.statuses.retry(key, changes, STATUS_RETRY)
     finally:
         tracker.statuses.done(key)
 

@@ -30,6 +30,7 @@ from sectune.data.format import (
     label_token_ids,
 )
 from sectune.data.prepare import Example
+from sectune.evaluation.scoring import left_pad
 
 
 class Objective(Protocol):
@@ -166,8 +167,6 @@ class LabelHead:
         return Encoded(prompt, [self.labels.index(example.target)], truncated, weight)
 
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        from sectune.evaluation.scoring import left_pad
-
         classes = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)
         weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
         padded = left_pad([e.input_ids for e in batch], pad_id)

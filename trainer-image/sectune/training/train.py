@@ -319,12 +319,15 @@ def train(
     started, tokens_seen = time.monotonic(), 0
     pad_id = tokenizer.pad_token_id
     model.train()
+    order_epoch, order = -1, []
     try:
         while step < total_steps:
             epoch, offset = divmod(step, steps_per_epoch)
-            order = list(range(len(encoded)))
-            random.Random(hp.seed + epoch).shuffle(order)
-            order = length_grouped(order, lengths, per_step, hp.seed + epoch)
+            if epoch != order_epoch:  # one order per epoch, the same on every rank and resume
+                order = list(range(len(encoded)))
+                random.Random(hp.seed + epoch).shuffle(order)
+                order = length_grouped(order, lengths, per_step, hp.seed + epoch)
+                order_epoch = epoch
             # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
             # process gets the same number of micro-batches and the all-reduces line up; the
             # last micro-batch of a step is where accelerate (or DeepSpeed) syncs and steps.
