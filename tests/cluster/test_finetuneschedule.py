@@ -165,6 +165,12 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
         return {v["version"]: v.get("traffic", 100) for v in spec["adapters"][0]["versions"]}
 
     wait_until(lambda: promoted() == {"v1": 90, history_first: 10}, 30, "promoted as a canary")
+    # The schedule's status is written by its own timer, after the promotion it records.
+    wait_until(
+        lambda: "lastSuccessfulJob" in _status(api_client, namespace, "history"),
+        30,
+        "the schedule's lastSuccessfulJob",
+    )
     assert (
         _status(api_client, namespace, "history")["lastSuccessfulJob"]["adapter"]["sha256"]
         == "cd" * 32
