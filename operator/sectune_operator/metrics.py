@@ -58,6 +58,11 @@ GATE_FAILURES = Counter(
     ["namespace"],
     registry=REGISTRY,
 )
+EVENTS_DROPPED = Counter(
+    "sectune_operator_events_dropped_total",
+    "Kubernetes Events not posted because too many were waiting (status was still written)",
+    registry=REGISTRY,
+)
 API_RETRIES = Counter(
     "sectune_operator_api_retries_total",
     "Kubernetes API calls retried after a server error or throttling",

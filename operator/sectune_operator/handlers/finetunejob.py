@@ -34,6 +34,7 @@ from sectune_operator.builders.finetunejob import (
     build_service,
     child_name,
 )
+from sectune_operator.events import EventPoster
 from sectune_operator.settings import Settings
 from sectune_operator.status import (
     TERMINAL,
@@ -54,9 +55,7 @@ SECRET_FOUND_TTL = 30.0
 """Seconds a Secret found to exist is not read again."""
 STATUS_WRITERS = 8
 """Status patches in flight at once."""
-EVENT_POSTERS = 4
-"""Events posted at once, apart from the status writers."""
-_EVENT_POSTERS = ThreadPoolExecutor(EVENT_POSTERS, thread_name_prefix="events")
+_EVENTS = EventPoster(kube.post_event)
 STATUS_RETRY = 2.0
 """Seconds before a status patch the API server refused (busy, unavailable) is tried again."""
 LOGGER = logging.getLogger(__name__)
@@ -294,7 +293,7 @@ def _create_children(
         if _create(kind, child, namespace, logger):
             created.append(f"{kind} {child['metadata']['name']}")
     if created:  # one Event for all of them: Events are API requests too
-        kopf.info(body, reason="Created", message="Created " + ", ".join(created))
+        _post_event(body, "Normal", "Created", "Created " + ", ".join(created))
 
 
 def _sync_suspend(
@@ -429,15 +428,15 @@ def _queue_status(
 
 
 def _post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Post an Event without holding up the status writer that announces it."""
-
-    def post() -> None:
-        try:
-            kube.post_event(body, type_, reason, message)
-        except Exception as exc:  # an Event lost is logged; status is what counts
-            LOGGER.warning(f"Event {reason} for {body['metadata']['name']}: {exc}")
-
-    _EVENT_POSTERS.submit(post)
+    """Post an Event later, behind a rate limit (sectune_operator.events), without holding up
+    the handler or status writer that announces it. Only what the Event names is kept."""
+    meta = body["metadata"]
+    involved = {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid")},
+    }
+    _EVENTS.submit(involved, type_, reason, message)
 
 
 def _write_status(
