@@ -67,6 +67,20 @@ def test_multi_node_deepspeed_job_is_indexed_with_rendezvous():
     }
 
 
+def test_tolerations_reach_the_pod_as_kubernetes_spells_them():
+    tolerations = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300},
+    ]
+    job = build_job("j", _spec(resources={"tolerations": tolerations}), Settings())
+    pod = job["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute",
+         "tolerationSeconds": 300},
+    ]  # fmt: skip
+
+
 def test_ddp_on_several_gpus_uses_torchrun():
     spec = _spec(resources={"gpus": 4, "distributed": {"strategy": "ddp"}})
     command = build_job("j", spec, Settings())["spec"]["template"]["spec"]["containers"][0][
