@@ -1,11 +1,19 @@
 """Training speed side by side: sectune's training loop against the script a practitioner
 would write (transformers Trainer + PEFT LoRA + DataCollatorForSeq2Seq, loss on the answer
-only), on the same base model, examples, LoRA settings, batch, optimizer steps and numerics,
-run alternately, each in a process of its own.
+only), on the same base model, examples, LoRA settings, batch and optimizer steps, run
+alternately, each in a process of its own. sectune runs as a job without the precision field
+does (`auto`: bf16 autocast on a CPU with native bf16, float32 otherwise); the script runs
+with the Trainer's default (float32) and with `bf16=True`, so the table says how much of any
+difference is numerics.
 
     python benchmarks/training.py --model ~/.cache/sectune/models/SmolLM2-135M-Instruct \\
         --data examples/attack-tactics/data/train.jsonl \\
         --heldout examples/attack-tactics/data/validation.jsonl --rounds 2
+
+    # generation (every target token trained): log lines into JSON
+    python benchmarks/training.py --model ~/.cache/sectune/models/SmolLM2-135M-Instruct \\
+        --task generation --target-field fields --data examples/log-parsing/data/train.jsonl \\
+        --heldout examples/log-parsing/data/validation.jsonl --examples 320 --heldout-rows 100
 
 Per run: examples/s and target tokens/s (the label's tokens, counted the same way for every
 run), wall time of the training loop, peak RSS, the mean training loss of the last 5 steps,
@@ -30,29 +38,38 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEM = "Name the MITRE ATT&CK tactic."
+SYSTEMS = {
+    "classification": "Name the MITRE ATT&CK tactic.",
+    "generation": "Parse the log line into JSON.",
+}
 LORA = {"r": 16, "alpha": 32}
 
 
-def rows(path: Path, count: int, seed: int) -> list[dict[str, str]]:
+def rows(path: Path, count: int, seed: int, target: str = "label") -> list[dict[str, str]]:
+    """`count` rows of `path` as {text, label}, `label` read from the field `target`."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     random.Random(seed).shuffle(lines)
-    return [{"text": r["text"], "label": r["label"]} for r in lines[:count]]
+    return [{"text": r["text"], "label": r[target]} for r in lines[:count]]
 
 
 def spec_for(args: argparse.Namespace, labels: list[str], head: str) -> Any:
     from sectune.config import JobSpec
 
+    task = (
+        {"type": "generation", "systemPrompt": SYSTEMS["generation"]}
+        if args.task == "generation"
+        else {"labels": labels, "systemPrompt": SYSTEMS["classification"], "head": head}
+    )
     return JobSpec.model_validate(
         {
             "baseModel": {"uri": f"file://{args.model}"},
             "dataset": {"train": f"file://{args.data}"},
-            "task": {"labels": labels, "systemPrompt": SYSTEM, "head": head},
+            "task": task,
             "method": {"type": "lora", **LORA},
             "hyperparameters": {
                 "learningRate": args.lr, "epochs": 100, "maxSteps": args.steps,
                 "batchSize": args.batch, "gradientAccumulation": 1, "maxSeqLength": 256,
-                "precision": "fp32", "warmupRatio": 0.03,
+                "precision": args.precision, "warmupRatio": 0.03,
             },
             "resources": {"gpus": 0},
         }
@@ -76,7 +93,7 @@ def train_sectune(args: argparse.Namespace, train: list[Any], labels: list[str])
     spec = spec_for(args, labels, args.head)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32")
-    accelerator = make_accelerator(spec, placement.for_training("fp32", "lora"))
+    accelerator = make_accelerator(spec, placement.for_training(args.precision, "lora"))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     checkpoints = Checkpoints(storage.parse_uri(f"file://{work}/job"), work, "bench", accelerator)
     began = time.perf_counter()
@@ -110,7 +127,8 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
     )  # fmt: skip
 
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["text"]}]
+        system = SYSTEMS[args.task]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
             [*messages, {"role": "assistant", "content": row["label"]}], tokenize=False
@@ -138,7 +156,7 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
             output_dir=tempfile.mkdtemp(prefix="bench-ref-"), per_device_train_batch_size=args.batch,
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
             warmup_steps=int(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            seed=42, dataloader_num_workers=0,
+            seed=42, dataloader_num_workers=0, bf16=args.side == "reference-bf16",
         ),
         train_dataset=[encode(r) for r in data],
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -171,11 +189,12 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     from sectune.evaluation.scoring import score_labels, validation_loss
 
     torch.manual_seed(42)
-    data = rows(args.data, args.examples, seed=1)
-    held = rows(args.heldout, args.heldout_rows, seed=2)
-    labels = sorted({r["label"] for r in rows(args.data, 100_000, seed=1)})
+    data = rows(args.data, args.examples, seed=1, target=args.target_field)
+    held = rows(args.heldout, args.heldout_rows, seed=2, target=args.target_field)
+    every = rows(args.data, 100_000, seed=1, target=args.target_field)
+    labels = sorted({r["label"] for r in every}) if args.task == "classification" else []
     train, heldout = examples_of(data), examples_of(held)
-    if args.side == "reference":
+    if args.side.startswith("reference"):
         model, tokenizer, seconds, final_loss = train_reference(args, data)
     else:
         model, tokenizer, seconds, final_loss = train_sectune(args, train, labels)
@@ -186,24 +205,27 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     prompt_tokens = sum(len(formatter.prompt_ids(e)) for e in train)
     processed = args.steps * args.batch  # examples seen (wrapping over the list)
     scale = processed / len(train)
-    scores = score_labels(model, tokenizer, heldout, lm_spec, autocast=False)
-    metrics = classification_metrics(
-        [e.target for e in heldout], scores.predictions(labels), labels, scores.probabilities
-    )
+    metrics = {"accuracy": float("nan"), "macroF1": float("nan")}
+    if args.task == "classification":
+        scores = score_labels(model, tokenizer, heldout, lm_spec, autocast=False)
+        metrics = classification_metrics(
+            [e.target for e in heldout], scores.predictions(labels), labels, scores.probabilities
+        )
     config = model.config
     body = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) - (
         config.vocab_size * config.hidden_size  # embeddings (tied with the LM head here)
     )
     head = config.vocab_size * config.hidden_size
     tokens = (prompt_tokens + target_tokens) * scale
+    ours = args.side == "sectune"
     logit_positions = (
         processed
-        if args.side == "sectune" and args.head == "classifier"
-        else (target_tokens * scale if args.side == "sectune" else tokens)
+        if ours and args.head == "classifier" and args.task == "classification"
+        else (target_tokens * scale if ours else tokens)
     )
     flops = 4 * body * tokens + 4 * head * logit_positions
     return {
-        "side": args.side if args.side == "reference" else f"sectune ({args.head})",
+        "side": f"sectune ({args.head}, {args.precision})" if ours else args.side,
         "trainSeconds": round(seconds, 1),
         "examplesPerSecond": round(processed / seconds, 2),
         "targetTokensPerSecond": round(target_tokens * scale / seconds, 1),
@@ -234,12 +256,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--task", choices=["classification", "generation"], default="classification",
+        help="generation: every target token is trained and counted (e.g. log-parsing JSON)",
+    )  # fmt: skip
+    parser.add_argument("--target-field", default="label", help="the rows' target field")
     parser.add_argument("--heads", default="lm,classifier", help="sectune heads to run")
     parser.add_argument(
-        "--reference", action=argparse.BooleanOptionalAction, default=True,
-        help="run the Trainer + PEFT script too",
+        "--precision", default="auto",
+        help="sectune's hyperparameters.precision (auto: what a job gets without the field)",
     )  # fmt: skip
-    parser.add_argument("--side", choices=["reference", "sectune"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--references", default="fp32,bf16",
+        help="Trainer + PEFT runs: fp32 (its default) and/or bf16 (bf16=True); empty for none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--side", choices=["reference", "reference-bf16", "sectune"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--head", default="lm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -250,9 +283,12 @@ def main() -> None:
     common = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data),
               "--heldout", str(args.heldout), "--examples", str(args.examples),
               "--heldout-rows", str(args.heldout_rows), "--steps", str(args.steps),
-              "--batch", str(args.batch), "--lr", str(args.lr)]  # fmt: skip
-    runs = [["--side", "reference"]] if args.reference else []
-    runs += [["--side", "sectune", "--head", h] for h in args.heads.split(",")]
+              "--batch", str(args.batch), "--lr", str(args.lr), "--task", args.task,
+              "--target-field", args.target_field, "--precision", args.precision]  # fmt: skip
+    sides = {"fp32": "reference", "bf16": "reference-bf16"}
+    runs = [["--side", sides[r]] for r in args.references.split(",") if r]
+    heads = args.heads.split(",") if args.task == "classification" else ["lm"]
+    runs += [["--side", "sectune", "--head", h] for h in heads]
     for _ in range(args.rounds):
         for run in runs:
             out = subprocess.run([*common, *run], capture_output=True, text=True, check=False)
