@@ -126,8 +126,9 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
                    target_modules="all-linear", task_type="CAUSAL_LM"),
     )  # fmt: skip
 
+    system = SYSTEMS[args.task]
+
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
-        system = SYSTEMS[args.task]
         messages = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
@@ -181,6 +182,10 @@ def matmul_peak_gflops() -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - began) / 1e9
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -189,9 +194,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     from sectune.evaluation.scoring import score_labels, validation_loss
 
     torch.manual_seed(42)
-    data = rows(args.data, args.examples, seed=1, target=args.target_field)
-    held = rows(args.heldout, args.heldout_rows, seed=2, target=args.target_field)
     every = rows(args.data, 100_000, seed=1, target=args.target_field)
+    data = every[: args.examples]  # the same shuffle: the first rows of it
+    held = rows(args.heldout, args.heldout_rows, seed=2, target=args.target_field)
     labels = sorted({r["label"] for r in every}) if args.task == "classification" else []
     train, heldout = examples_of(data), examples_of(held)
     if args.side.startswith("reference"):
@@ -205,7 +210,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     prompt_tokens = sum(len(formatter.prompt_ids(e)) for e in train)
     processed = args.steps * args.batch  # examples seen (wrapping over the list)
     scale = processed / len(train)
-    metrics = {"accuracy": float("nan"), "macroF1": float("nan")}
+    metrics: dict[str, Any] = {"accuracy": None, "macroF1": None}  # none for generation
     if args.task == "classification":
         scores = score_labels(model, tokenizer, heldout, lm_spec, autocast=False)
         metrics = classification_metrics(
@@ -233,8 +238,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "peakRssMiB": round(rss),
         "finalTrainLoss": round(final_loss, 4),
         "heldoutAnswerLoss": round(validation_loss(model, tokenizer, heldout, lm_spec), 4),
-        "heldoutAccuracy": round(metrics["accuracy"], 3),
-        "heldoutMacroF1": round(metrics["macroF1"], 3),
+        "heldoutAccuracy": _rounded(metrics["accuracy"]),
+        "heldoutMacroF1": _rounded(metrics["macroF1"]),
         "achievedGflops": round(flops / seconds / 1e9, 2),
     }
 
