@@ -69,7 +69,7 @@ def spec_for(args: argparse.Namespace, labels: list[str], head: str) -> Any:
             "hyperparameters": {
                 "learningRate": args.lr, "epochs": 100, "maxSteps": args.steps,
                 "batchSize": args.batch, "gradientAccumulation": 1, "maxSeqLength": 256,
-                "precision": args.precision, "warmupRatio": 0.03,
+                "precision": args.precision, "warmupRatio": 0.03, "seed": args.seed,
             },
             "resources": {"gpus": 0},
         }
@@ -157,7 +157,7 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
             output_dir=tempfile.mkdtemp(prefix="bench-ref-"), per_device_train_batch_size=args.batch,
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
             warmup_steps=int(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            seed=42, dataloader_num_workers=0, bf16=args.side == "reference-bf16",
+            seed=args.seed, dataloader_num_workers=0, bf16=args.side == "reference-bf16",
         ),
         train_dataset=[encode(r) for r in data],
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -193,7 +193,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     from sectune.evaluation.metrics import classification_metrics
     from sectune.evaluation.scoring import score_labels, validation_loss
 
-    torch.manual_seed(42)
+    torch.manual_seed(args.seed)
     every = rows(args.data, 100_000, seed=1, target=args.target_field)
     data = every[: args.examples]  # the same shuffle: the first rows of it
     held = rows(args.heldout, args.heldout_rows, seed=2, target=args.target_field)
@@ -203,7 +203,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer, seconds, final_loss = train_reference(args, data)
     else:
         model, tokenizer, seconds, final_loss = train_sectune(args, train, labels)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_trained = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lm_spec = spec_for(args, labels, "lm")
     formatter = PromptFormatter(tokenizer, lm_spec)
     target_tokens = sum(len(formatter.target_ids(e)) for e in train)
@@ -235,7 +235,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "examplesPerSecond": round(processed / seconds, 2),
         "targetTokensPerSecond": round(target_tokens * scale / seconds, 1),
         "allTokensPerSecond": round(tokens / seconds, 1),
-        "peakRssMiB": round(rss),
+        "seed": args.seed,
+        "peakRssMiB": round(rss_trained),  # loading and training, before the held-out scoring
         "finalTrainLoss": round(final_loss, 4),
         "heldoutAnswerLoss": round(validation_loss(model, tokenizer, heldout, lm_spec), 4),
         "heldoutAccuracy": _rounded(metrics["accuracy"]),
@@ -261,6 +262,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--seed", type=int, default=42,
+        help="LoRA initialisation, dropout and batch order; round k runs with seed + k",
+    )  # fmt: skip
     parser.add_argument(
         "--task", choices=["classification", "generation"], default="classification",
         help="generation: every target token is trained and counted (e.g. log-parsing JSON)",
@@ -294,9 +299,12 @@ def main() -> None:
     runs = [["--side", sides[r]] for r in args.references.split(",") if r]
     heads = args.heads.split(",") if args.task == "classification" else ["lm"]
     runs += [["--side", "sectune", "--head", h] for h in heads]
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for run in runs:
-            out = subprocess.run([*common, *run], capture_output=True, text=True, check=False)
+            seed = ["--seed", str(args.seed + round_)]
+            out = subprocess.run(
+                [*common, *seed, *run], capture_output=True, text=True, check=False
+            )
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 continue

@@ -328,14 +328,19 @@ def test_evaluate_a_stored_adapter_matches_training_and_checks_gates(
     manifest = job_manifest(
         "evaluated", output={"uri": prefix}, dataset={"validation": f"file://{validation}"}
     )
-    assert sectune("run", str(manifest)).returncode == 0
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch)}
+    assert sectune("run", str(manifest), env=env).returncode == 0
     pointer = artifacts.current(f"{prefix}/evaluated")
     training = _report(prefix, "evaluated")
 
     out = tmp_path / "evaluation"
     evaluate = ["evaluate", "--adapter", f"{prefix}/evaluated", "--data", f"file://{validation}"]
-    result = sectune(*evaluate, "--out", str(out))
+    result = sectune(*evaluate, "--out", str(out), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Neither leaves its scratch (checkpoints, staged artifacts, the fetched adapter) behind.
+    assert not list(scratch.glob("sectune-*"))
     report = json.loads((out / "report.json").read_text())
     assert report["adapter"]["sha256"] == pointer["sha256"]
     # The same adapter on the same held-out rows gives the training-time numbers.

@@ -70,6 +70,25 @@ def test_the_lm_head_keeps_next_token_loss(tiny_tokenizer):
     assert isinstance(objective_for(tiny_tokenizer, _spec(head="lm"), _examples()), NextToken)
 
 
+def test_the_lm_loss_is_the_models_own_loss_on_the_answer_tokens(model, tiny_tokenizer):
+    """Left-padded, logits only from the first answer position on: the same number as the
+    model's loss on the unpadded rows with the prompts masked, averaged over answer tokens."""
+    spec = _spec(head="lm")
+    examples = _examples()
+    objective = objective_for(tiny_tokenizer, spec, examples)
+    encoded = [e for e in map(objective.encode, examples) if e]
+    with torch.no_grad():
+        loss, count = objective.loss(model, objective.collate(encoded, tiny_tokenizer.pad_token_id))
+        total, tokens = 0.0, 0
+        for item in encoded:
+            ids, labels = torch.tensor([item.input_ids]), torch.tensor([item.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    assert count == tokens
+    assert float(loss) == pytest.approx(total / tokens, abs=1e-4)
+
+
 def test_labels_sharing_a_first_token_are_refused_by_name(tiny_tokenizer):
     labels = ["high", "higher"]
     with pytest.raises(LabelsShareFirstToken, match=r"'high' and 'higher'.*head: lm"):

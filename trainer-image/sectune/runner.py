@@ -173,63 +173,70 @@ def run_job(
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     check_resources(spec)
     torch.manual_seed(spec.hyperparameters.seed)
-    workdir = Path(tempfile.mkdtemp(prefix=f"sectune-{name}-"))
+    # Scratch only (checkpoint staging, the artifacts before upload, the previous version):
+    # removed when the job ends, whatever the outcome.
+    with tempfile.TemporaryDirectory(
+        prefix=f"sectune-{name}-", ignore_cleanup_errors=True
+    ) as scratch:
+        workdir = Path(scratch)
 
-    on_event("stage", {"name": "Preparing data"})
-    data = prepare_data(spec)
-    on_event("data", data.report)
+        on_event("stage", {"name": "Preparing data"})
+        data = prepare_data(spec)
+        on_event("data", data.report)
 
-    on_event("stage", {"name": "Loading base model"})
-    loaded = _load_base_model(spec)
-    # A head the labels cannot use (two start with one token) fails now, not after baselines.
-    objective_for(loaded.tokenizer, spec, data.train)
-    main = loaded.accelerator.is_main_process
-    models: dict[str, dict[str, Any]] = {}
-    if spec.evaluation.baseline and main and not loaded.collective:
-        on_event("stage", {"name": "Scoring the base model"})
-        models |= _score_base(loaded, data, spec)
-
-    on_event("stage", {"name": "Training"})
-    result = _train(name, spec, loaded, data, workdir, on_event)
-    if spec.evaluation.baseline and loaded.collective:
-        on_event("stage", {"name": "Scoring the base model"})
-        with loaded.model.disable_adapter():  # the base, from the same shards (adapters only)
+        on_event("stage", {"name": "Loading base model"})
+        loaded = _load_base_model(spec)
+        # A head the labels cannot use (two start with one token) fails now, not after baselines.
+        objective_for(loaded.tokenizer, spec, data.train)
+        main = loaded.accelerator.is_main_process
+        models: dict[str, dict[str, Any]] = {}
+        if spec.evaluation.baseline and main and not loaded.collective:
+            on_event("stage", {"name": "Scoring the base model"})
             models |= _score_base(loaded, data, spec)
-    if not (main or loaded.collective):
-        return Outcome(name, "Succeeded", "WorkerDone")
 
-    on_event("stage", {"name": "Evaluating"})
-    probes, previous_version = _evaluate(spec, loaded, data, workdir, models, on_event)
-    # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
-    weights = loaded.accelerator.get_state_dict(result.prepared) if loaded.collective else None
-    if not main:
-        return Outcome(name, "Succeeded", "WorkerDone")
+        on_event("stage", {"name": "Training"})
+        result = _train(name, spec, loaded, data, workdir, on_event)
+        if spec.evaluation.baseline and loaded.collective:
+            on_event("stage", {"name": "Scoring the base model"})
+            with loaded.model.disable_adapter():  # the base, from the same shards (adapters only)
+                models |= _score_base(loaded, data, spec)
+        if not (main or loaded.collective):
+            return Outcome(name, "Succeeded", "WorkerDone")
 
-    compared = {k: v for k, v in models.items() if k != "tuned"}
-    gates = [g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)]
-    report = build_report(
-        name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
-    )
+        on_event("stage", {"name": "Evaluating"})
+        probes, previous_version = _evaluate(spec, loaded, data, workdir, models, on_event)
+        # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
+        weights = loaded.accelerator.get_state_dict(result.prepared) if loaded.collective else None
+        if not main:
+            return Outcome(name, "Succeeded", "WorkerDone")
 
-    on_event("stage", {"name": "Publishing artifacts"})
-    gates_passed, verdict = report["gatesPassed"], report["verdict"]
-    manifest = build_manifest(
-        name, run_id, started, spec, data, loaded, models["tuned"], gates, gates_passed
-    )
-    published = _publish(
-        spec, name, run_id, workdir, loaded, weights, report, data, result, manifest
-    )
-    phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
-    return Outcome(
-        name,
-        phase,
-        reason,
-        verdict,
-        adapter_uri=published.uri,
-        adapter_sha256=published.manifest_sha256,
-        adapter_bytes=published.adapter_bytes,
-        report=report,
-    )
+        compared = {k: v for k, v in models.items() if k != "tuned"}
+        gates = [
+            g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
+        ]
+        report = build_report(
+            name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
+        )
+
+        on_event("stage", {"name": "Publishing artifacts"})
+        gates_passed, verdict = report["gatesPassed"], report["verdict"]
+        manifest = build_manifest(
+            name, run_id, started, spec, data, loaded, models["tuned"], gates, gates_passed
+        )
+        published = _publish(
+            spec, name, run_id, workdir, loaded, weights, report, data, result, manifest
+        )
+        phase, reason = ("Succeeded", "GatesPassed") if gates_passed else ("Failed", "GatesFailed")
+        return Outcome(
+            name,
+            phase,
+            reason,
+            verdict,
+            adapter_uri=published.uri,
+            adapter_sha256=published.manifest_sha256,
+            adapter_bytes=published.adapter_bytes,
+            report=report,
+        )
 
 
 def _load_base_model(spec: JobSpec) -> _Loaded:

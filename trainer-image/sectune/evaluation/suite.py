@@ -290,73 +290,78 @@ def evaluate_stored(
     from sectune.yamlio import load_yaml
 
     version, sha256 = artifacts.locate_version(adapter_uri)
-    workdir = Path(tempfile.mkdtemp(prefix="sectune-evaluate-"))
-    # Every file checked against the manifest, each read once.
-    manifest = artifacts.fetch_verified(version, sha256, workdir, include=("",))
-    spec = JobSpec.model_validate(manifest.config)
-    adapter_dir = workdir / "adapter"
+    with tempfile.TemporaryDirectory(
+        prefix="sectune-evaluate-", ignore_cleanup_errors=True
+    ) as scratch:
+        workdir = Path(scratch)
+        # Every file checked against the manifest, each read once.
+        manifest = artifacts.fetch_verified(version, sha256, workdir, include=("",))
+        spec = JobSpec.model_validate(manifest.config)
+        adapter_dir = workdir / "adapter"
 
-    examples, sanitized = load_labelled(data_uri, spec)
+        examples, sanitized = load_labelled(data_uri, spec)
 
-    resolved = base_model.resolve(spec.base_model)
-    artifacts.require_safetensors(adapter_dir, version)  # adapter or whole model alike
-    numerics = placement.for_evaluation(precision, spec.method.type)
-    if (adapter_dir / "adapter_config.json").exists():
-        from peft import PeftModel
+        resolved = base_model.resolve(spec.base_model)
+        artifacts.require_safetensors(adapter_dir, version)  # adapter or whole model alike
+        numerics = placement.for_evaluation(precision, spec.method.type)
+        if (adapter_dir / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        model, tokenizer = base_model.load(
-            resolved, spec.base_model, numerics.weights_dtype, numerics.device
+            model, tokenizer = base_model.load(
+                resolved, spec.base_model, numerics.weights_dtype, numerics.device
+            )
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        else:  # full fine-tuning stored the whole model
+            model, tokenizer = base_model.load(
+                base_model.ResolvedModel(adapter_dir, version, ""),
+                spec.base_model,
+                numerics.weights_dtype,
+                numerics.device,
+            )
+        model.eval()
+        data = PreparedData(train=[], validation=examples, test=examples)
+        spec = spec.model_copy(
+            update={"evaluation": spec.evaluation.model_copy(update={"memorization_probes": False})}
         )
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    else:  # full fine-tuning stored the whole model
-        model, tokenizer = base_model.load(
-            base_model.ResolvedModel(adapter_dir, version, ""),
-            spec.base_model,
-            numerics.weights_dtype,
-            numerics.device,
+        metrics, probes = evaluate_tuned(
+            model, tokenizer, data, spec, numerics.autocast is not None
         )
-    model.eval()
-    data = PreparedData(train=[], validation=examples, test=examples)
-    spec = spec.model_copy(
-        update={"evaluation": spec.evaluation.model_copy(update={"memorization_probes": False})}
-    )
-    metrics, probes = evaluate_tuned(model, tokenizer, data, spec, numerics.autocast is not None)
-    gates = spec.evaluation.gates
-    if gates_path:
-        gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
-    report_path = workdir / "report.json"
-    training_report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    from_training = baselines_from_report(training_report)
-    measured, notes = remeasure_baselines(
-        model,
-        tokenizer,
-        examples,
-        spec,
-        manifest.dataset.digest,
-        remeasure,
-        numerics.autocast is not None,
-    )
-    compared = from_training | measured
-    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, compared)]
-    passed, verdict = gate_verdict(outcomes)
-    return {
-        "job": manifest.job,
-        "adapter": {"uri": version, "sha256": sha256},
-        "data": {
-            "uri": data_uri,
-            "examples": len(examples),
-            "sanitize": sanitized,
-        },
-        "models": {"tuned": metrics, **measured, "training": manifest.metrics},
-        "baselinesFrom": _baselines_from(measured, from_training, notes),
-        "worthIt": worth_it(metrics, measured),
-        "probes": probes,
-        "gates": outcomes,
-        "gatesPassed": passed,
-        "verdict": verdict,
-        "hardware": hardware(),
-        "numerics": numerics.describe(),
-    }
+        gates = spec.evaluation.gates
+        if gates_path:
+            gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
+        report_path = workdir / "report.json"
+        training_report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        from_training = baselines_from_report(training_report)
+        measured, notes = remeasure_baselines(
+            model,
+            tokenizer,
+            examples,
+            spec,
+            manifest.dataset.digest,
+            remeasure,
+            numerics.autocast is not None,
+        )
+        compared = from_training | measured
+        outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, compared)]
+        passed, verdict = gate_verdict(outcomes)
+        return {
+            "job": manifest.job,
+            "adapter": {"uri": version, "sha256": sha256},
+            "data": {
+                "uri": data_uri,
+                "examples": len(examples),
+                "sanitize": sanitized,
+            },
+            "models": {"tuned": metrics, **measured, "training": manifest.metrics},
+            "baselinesFrom": _baselines_from(measured, from_training, notes),
+            "worthIt": worth_it(metrics, measured),
+            "probes": probes,
+            "gates": outcomes,
+            "gatesPassed": passed,
+            "verdict": verdict,
+            "hardware": hardware(),
+            "numerics": numerics.describe(),
+        }
 
 
 def _baselines_from(

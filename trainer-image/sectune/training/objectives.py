@@ -86,8 +86,10 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     # Positions from one before the first target to the end; the very first token of a
     # sequence is never a target (nothing predicts it).
     keep = min(labels.shape[1] - target_span + 1, labels.shape[1])
-    logits = _forward(model, batch, keep)[:, :-1, :].float()
-    targets = labels[:, -(keep - 1) :]
+    logits = _forward(model, batch, keep).float()
+    # Position t predicts token t + 1: shift the labels, not the logits (a slice of the
+    # logits would be copied whole by the reshape below); the last position predicts nothing.
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)[:, -keep:]
     counted = targets != IGNORE
     tokens = int(counted.sum().item())
     per_token = torch.nn.functional.cross_entropy(
