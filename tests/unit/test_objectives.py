@@ -89,6 +89,24 @@ def test_the_lm_loss_is_the_models_own_loss_on_the_answer_tokens(model, tiny_tok
     assert float(loss) == pytest.approx(total / tokens, abs=1e-4)
 
 
+def test_packed_examples_train_as_if_each_were_alone(model, tiny_tokenizer):
+    """hyperparameters.packing: examples share a sequence but not their attention or
+    positions, so the packed batch's loss is the loss of the same examples one by one."""
+    from sectune.training.train import pack
+
+    spec = _spec(head="lm")
+    examples = _examples()
+    objective = objective_for(tiny_tokenizer, spec, examples)
+    encoded = [e for e in map(objective.encode, examples) if e]
+    packed = pack(encoded, sum(len(e.input_ids) for e in encoded))  # one sequence
+    assert len(packed) == 1
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        alone, _ = objective.loss(model, objective.collate(encoded, pad))
+        together, _ = objective.loss(model, objective.collate(packed, pad))
+    assert float(together) == pytest.approx(float(alone), abs=1e-4)
+
+
 def test_labels_sharing_a_first_token_are_refused_by_name(tiny_tokenizer):
     labels = ["high", "higher"]
     with pytest.raises(LabelsShareFirstToken, match=r"'high' and 'higher'.*head: lm"):

@@ -48,6 +48,9 @@ class Encoded:
     truncated: bool = False
     weight: float = 1.0
     """How much this example's loss counts (task.classWeights)."""
+    positions: list[int] | None = None
+    """Packed sequences only: position ids restarting at 0 for each example packed in, which
+    also keeps each example's attention within itself (see training.train.pack)."""
 
 
 class PromptFormatter:

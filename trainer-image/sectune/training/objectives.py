@@ -57,7 +57,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, length - n :] = torch.tensor(encoded.labels)
         mask[row, length - n :] = 1
     weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "weights": weights}
+    if any(e.positions is not None for e in batch):  # packed: each example from position 0
+        positions = torch.zeros((len(batch), length), dtype=torch.long)  # a pad is on its own
+        for row, encoded in enumerate(batch):
+            n = len(encoded.input_ids)
+            positions[row, length - n :] = torch.tensor(encoded.positions or range(n))
+        out["position_ids"] = positions
+    return out
 
 
 def balanced_weights(examples: list[Example]) -> dict[str, float]:
@@ -68,12 +75,22 @@ def balanced_weights(examples: list[Example]) -> dict[str, float]:
 
 def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits at the last `keep` positions of a left-padded batch."""
+    if "position_ids" in batch:
+        # Packed: no attention mask, so the model masks by the restarting position ids
+        # (block-diagonal causal attention: examples and pads each attend within themselves).
+        return model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=keep,
+            use_cache=False,  # with a cache, transformers would not look for packed sequences
+        ).logits
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=positions,
         logits_to_keep=keep,
+        use_cache=False,  # training: no key/value cache to build
     )
     return out.logits
 

@@ -123,17 +123,22 @@ def length_grouped(order: list[int], lengths: list[int], per_step: int, seed: in
 
 def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
     """Concatenate short examples into sequences of up to `max_length` tokens (generation
-    tasks). Labels stay masked per example; fewer, fuller sequences train faster."""
+    tasks): fewer, fuller sequences, no padding between examples. Each example keeps its own
+    positions (from 0) and labels, and attends only to itself: transformers builds a
+    block-diagonal causal mask from position ids that restart, so an example never sees the
+    one packed before it, as at evaluation."""
     packed: list[Encoded] = []
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     for item in encoded:
         if ids and len(ids) + len(item.input_ids) > max_length:
-            packed.append(Encoded(ids, labels))
-            ids, labels = [], []
+            packed.append(Encoded(ids, labels, positions=positions))
+            ids, labels, positions = [], [], []
         ids, labels = ids + item.input_ids, labels + item.labels
+        positions += range(len(item.input_ids))
     if ids:
-        packed.append(Encoded(ids, labels))
+        packed.append(Encoded(ids, labels, positions=positions))
     return packed
 
 
