@@ -200,3 +200,27 @@ def test_length_grouped_batches_keep_every_example_and_cut_padding():
     # The steps of a window are shuffled, not served shortest first.
     first_window = [max(lengths[i] for i in grouped[k : k + 8]) for k in range(0, 128, 8)]
     assert first_window != sorted(first_window)
+
+
+def test_only_classification_batches_are_grouped_by_length():
+    """Generation batches stay shuffled: grouping them by length put one log format in each
+    batch and tripled the held-out loss on log parsing (BENCHMARKS.md)."""
+    import random
+
+    from sectune.training.train import epoch_order, groups_by_length
+
+    generation = JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "file:///m"},
+            "dataset": {"train": "file:///t.jsonl", "format": "instruction"},
+            "task": {"type": "generation"},
+        }
+    )
+    assert groups_by_length(_spec()) and not groups_by_length(generation)
+    lengths = [random.Random(i).randint(20, 200) for i in range(256)]
+    shuffled = epoch_order(lengths, per_step=8, seed=3, grouped=False)
+    grouped = epoch_order(lengths, per_step=8, seed=3, grouped=True)
+    assert sorted(shuffled) == sorted(grouped) == list(range(256))
+    expected = list(range(256))
+    random.Random(3).shuffle(expected)
+    assert shuffled == expected and grouped != shuffled
