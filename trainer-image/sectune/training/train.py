@@ -125,7 +125,7 @@ def groups_by_length(spec: JobSpec) -> bool:
     """Length-grouped batches for classification only: there they cost nothing in held-out
     quality and save padding. A generation task's lengths follow its formats (one log source
     per length), so grouped batches each hold one format; on log parsing they ended with 2-3x
-    the held-out loss of shuffled batches, for 12 % less time (BENCHMARKS.md)."""
+    the held-out loss of shuffled batches, for 12-25 % less time (BENCHMARKS.md)."""
     return spec.task.type == "classification"
 
 
