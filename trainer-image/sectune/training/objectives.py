@@ -75,24 +75,20 @@ def balanced_weights(examples: list[Example]) -> dict[str, float]:
 
 def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits at the last `keep` positions of a left-padded batch."""
-    if "position_ids" in batch:
-        # Packed: no attention mask, so the model masks by the restarting position ids
-        # (block-diagonal causal attention: examples and pads each attend within themselves).
-        return model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            logits_to_keep=keep,
-            use_cache=False,  # with a cache, transformers would not look for packed sequences
-        ).logits
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    out = model(
+    packed = "position_ids" in batch
+    # Packed rows go without an attention mask: transformers then masks by the restarting
+    # position ids (block-diagonal causal attention; examples and pads each see only
+    # themselves), which it does only when no key/value cache is built either.
+    positions = (
+        batch["position_ids"] if packed else (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    )
+    return model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=None if packed else batch["attention_mask"],
         position_ids=positions,
         logits_to_keep=keep,
-        use_cache=False,  # training: no key/value cache to build
-    )
-    return out.logits
+        use_cache=False,
+    ).logits
 
 
 def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

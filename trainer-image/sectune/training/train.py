@@ -150,7 +150,8 @@ def pack(encoded: list[Encoded], max_length: int) -> list[Encoded]:
         if ids and len(ids) + len(item.input_ids) > max_length:
             packed.append(Encoded(ids, labels, positions=positions))
             ids, labels, positions = [], [], []
-        ids, labels = ids + item.input_ids, labels + item.labels
+        ids += item.input_ids
+        labels += item.labels
         positions += range(len(item.input_ids))
     if ids:
         packed.append(Encoded(ids, labels, positions=positions))
