@@ -28,6 +28,7 @@ from sectune import storage
 from sectune.config import JobSpec
 from sectune.data.format import Encoded
 from sectune.data.prepare import Example
+from sectune.training.dropout import use_seeded_dropout
 from sectune.training.objectives import objective_for
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class TrainResult:
 
 
 def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
-    """Freeze the base and add LoRA adapters (after k-bit preparation for QLoRA)."""
+    """Freeze the base and add LoRA adapters (after k-bit preparation for QLoRA), their
+    dropout drawn the cheap way (training/dropout.py)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     method = spec.method
@@ -97,7 +99,9 @@ def wrap_with_lora(model: Any, spec: JobSpec) -> Any:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_seeded_dropout(model)
+    return model
 
 
 GROUP_STEPS = 16
