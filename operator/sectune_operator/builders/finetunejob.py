@@ -16,7 +16,7 @@ from typing import Any
 
 from sectune.config import CLUSTER_ONLY_FIELDS, JobSpec
 from sectune.contract import ExitCode
-from sectune_operator.api import FineTuneJobSpec
+from sectune_operator.api import FineTuneJobSpec, Toleration
 from sectune_operator.settings import Settings
 
 JOB_LABEL = "sectune.io/finetunejob"
@@ -160,6 +160,18 @@ def _resources(spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
     return {"limits": limits, "requests": requests}
 
 
+def _toleration(toleration: Toleration) -> dict[str, Any]:
+    """A toleration as a pod spec spells it, unset fields left out."""
+    fields = {
+        "key": toleration.key,
+        "operator": toleration.operator,
+        "value": toleration.value,
+        "effect": toleration.effect,
+        "tolerationSeconds": toleration.toleration_seconds,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
     """The training Job (Indexed when nodes > 1)."""
     resources = spec.resources
@@ -223,9 +235,7 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shared_memory}},
         ],
         "nodeSelector": dict(resources.node_selector),
-        "tolerations": [
-            t.model_dump(by_alias=True, exclude_none=True) for t in resources.tolerations
-        ],
+        "tolerations": [_toleration(t) for t in resources.tolerations],
     }
     if resources.priority_class_name:
         pod_spec["priorityClassName"] = resources.priority_class_name

@@ -27,7 +27,7 @@ LEVELS = 1 << 16
 
 def keep_mask(seed: int, shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """0 where an element is dropped, 1 / (1 - p) where it is kept; the same for the same seed."""
-    count = int(np.prod(shape))
+    count = shape.numel()
     words = np.random.SFC64(seed).random_raw((count + 3) // 4)
     bits = torch.from_numpy(words.view(np.int16)[:count]).view(shape)  # uniform over int16
     dropped = round(p * LEVELS)  # the lowest `dropped` of the LEVELS values
@@ -68,16 +68,12 @@ class SeededDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_seeded_dropout(model: Any) -> int:
-    """Put a SeededDropout in place of each LoRA layer's torch dropout (same p); how many."""
+def use_seeded_dropout(model: Any) -> None:
+    """Put a SeededDropout in place of each LoRA layer's torch dropout (same p)."""
     from peft.tuners.lora import LoraLayer
 
-    replaced = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        for adapter, dropout in module.lora_dropout.items():
-            if isinstance(dropout, torch.nn.Dropout):
-                module.lora_dropout[adapter] = SeededDropout(dropout.p)
-                replaced += 1
-    return replaced
+        if isinstance(module, LoraLayer):
+            for adapter, dropout in module.lora_dropout.items():
+                if isinstance(dropout, torch.nn.Dropout):
+                    module.lora_dropout[adapter] = SeededDropout(dropout.p)
