@@ -3,7 +3,7 @@ row's text is preceded by the labels of its k nearest training rows (TF-IDF cosi
 row never retrieves itself), which hands the model what nearest-neighbour word statistics know.
 
 First the offline ceiling of that information on the held-out rows (no model involved): TF-IDF
-+ logistic regression as the report's baseline fits it, a k-nearest-neighbour vote, and the
++ class-balanced logistic regression (the report's baseline), a k-nearest-neighbour vote, and the
 same logistic regression given the neighbours' labels as extra features. Then, with --out, the
 augmented data and a copy of the example manifest to train on it:
 
@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sectune.evaluation.scoring import nearest
 from sectune.yamlio import dump_yaml, load_yaml
 
 
@@ -26,24 +27,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def neighbours(train: list[str], queries: list[str] | None, k: int) -> list[list[int]]:
-    """Indices of each query's k nearest training texts; with no queries, of each training
-    text's k nearest others (leave-one-out)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.neighbors import NearestNeighbors
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    matrix = vectorizer.fit_transform(train)
-    index = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(matrix)
-    if queries is None:
-        _, rows = index.kneighbors(matrix)
-        return [[j for j in row if j != i][:k] for i, row in enumerate(rows)]
-    _, rows = index.kneighbors(vectorizer.transform(queries), n_neighbors=k)
-    return [list(row) for row in rows]
-
-
 def offline_ceiling(
-    train: list[dict[str, Any]], held_out: list[dict[str, Any]], labels: list[str], k: int
+    train: list[dict[str, Any]],
+    held_out: list[dict[str, Any]],
+    labels: list[str],
+    near: dict[str, list[list[int]]],
 ) -> dict[str, float]:
     """Macro-F1 on the held-out rows of TF-IDF alone, the neighbours' vote alone, and TF-IDF
     with the neighbours' labels as features (what a retrieval prompt adds, at best linearly)."""
@@ -55,12 +43,13 @@ def offline_ceiling(
 
     texts, targets = [r["text"] for r in train], [r["label"] for r in train]
     truth = [r["label"] for r in held_out]
+    k = len(near["validation"][0])
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     words = vectorizer.fit_transform(texts)
     held_words = vectorizer.transform([r["text"] for r in held_out])
 
     def one_hot(rows: list[list[int]]) -> Any:
-        features = np.zeros((len(rows), len(labels) * k))
+        features = np.zeros((len(rows), len(labels) * k))  # one label slot per rank
         for i, row in enumerate(rows):
             for rank, j in enumerate(row):
                 features[i, rank * len(labels) + labels.index(targets[j])] = 1.0
@@ -71,15 +60,13 @@ def offline_ceiling(
         model.fit(train_matrix, targets)
         return float(f1_score(truth, model.predict(held_matrix), average="macro"))
 
-    train_near = neighbours(texts, None, k)
-    held_near = neighbours(texts, [r["text"] for r in held_out], k)
-    vote = [Counter(targets[j] for j in row).most_common(1)[0][0] for row in held_near]
+    vote = [Counter(targets[j] for j in row).most_common(1)[0][0] for row in near["validation"]]
     return {
         "tfidf": fit_score(words, held_words),
         f"vote of {k} nearest": float(f1_score(truth, vote, average="macro")),
         f"tfidf + labels of {k} nearest": fit_score(
-            sparse.hstack([words, one_hot(train_near)]).tocsr(),
-            sparse.hstack([held_words, one_hot(held_near)]).tocsr(),
+            sparse.hstack([words, one_hot(near["train"])]).tocsr(),
+            sparse.hstack([held_words, one_hot(near["validation"])]).tocsr(),
         ),
     }
 
@@ -103,18 +90,19 @@ def main() -> None:
     labels = list(manifest["spec"]["task"]["labels"])
     train = read_rows(args.example / "data" / "train.jsonl")
     held_out = read_rows(args.example / "data" / "validation.jsonl")
-    for name, score in offline_ceiling(train, held_out, labels, args.k).items():
+    texts, targets = [r["text"] for r in train], [r["label"] for r in train]
+    near = {
+        "train": nearest(texts, None, args.k),
+        "validation": nearest(texts, [r["text"] for r in held_out], args.k),
+    }
+    for name, score in offline_ceiling(train, held_out, labels, near).items():
         print(f"{name:32s} macro-F1 {score:.3f}")
     if args.out is None:
         return
 
-    texts, targets = [r["text"] for r in train], [r["label"] for r in train]
     (args.out / "data").mkdir(parents=True, exist_ok=True)
-    for name, rows, near in (
-        ("train", train, neighbours(texts, None, args.k)),
-        ("validation", held_out, neighbours(texts, [r["text"] for r in held_out], args.k)),
-    ):
-        lines = [json.dumps(row) for row in augmented(rows, near, targets)]
+    for name, rows in (("train", train), ("validation", held_out)):
+        lines = [json.dumps(row) for row in augmented(rows, near[name], targets)]
         (args.out / "data" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     manifest["metadata"]["name"] = f"{manifest['metadata']['name']}-retrieval"
     (args.out / args.manifest).write_text(dump_yaml(manifest))

@@ -152,17 +152,28 @@ def validation_loss(
     return total / max(count, 1)
 
 
-def with_demonstrations(examples: list[Example], train: list[Example], k: int = 3) -> list[Example]:
-    """Few-shot retrieval baseline: each example's input preceded by its k nearest training
-    examples (TF-IDF cosine) with their labels."""
+def nearest(pool: list[str], queries: list[str] | None, k: int) -> list[list[int]]:
+    """Indices into `pool` of each query's k nearest texts (TF-IDF word 1-2-grams, cosine);
+    with no queries, of each pool text's k nearest others (it never retrieves itself)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.neighbors import NearestNeighbors
 
-    pool = [e for e in train if not e.canary]
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    matrix = vectorizer.fit_transform([e.text for e in pool])
+    matrix = vectorizer.fit_transform(pool)
+    if queries is None:
+        index = NearestNeighbors(n_neighbors=min(k + 1, len(pool)), metric="cosine").fit(matrix)
+        _, rows = index.kneighbors(matrix)
+        return [[int(j) for j in row if j != i][:k] for i, row in enumerate(rows)]
     index = NearestNeighbors(n_neighbors=min(k, len(pool)), metric="cosine").fit(matrix)
-    _, neighbours = index.kneighbors(vectorizer.transform([e.text for e in examples]))
+    _, rows = index.kneighbors(vectorizer.transform(queries))
+    return [[int(j) for j in row] for row in rows]
+
+
+def with_demonstrations(examples: list[Example], train: list[Example], k: int = 3) -> list[Example]:
+    """Few-shot retrieval baseline: each example's input preceded by its k nearest training
+    examples (TF-IDF cosine) with their labels."""
+    pool = [e for e in train if not e.canary]
+    neighbours = nearest([e.text for e in pool], [e.text for e in examples], k)
     out = []
     for example, rows in zip(examples, neighbours, strict=True):
         shots = "\n\n".join(f"Example: {pool[i].text}\nAnswer: {pool[i].target}" for i in rows)
