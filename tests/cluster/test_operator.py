@@ -221,7 +221,12 @@ def test_bad_input_exit_code_fails_fast_with_the_trainers_message(
     assert failed["reason"] == "InvalidInput"
     assert "field 'label' is missing" in failed["message"]
     assert status["attempts"] == 1  # not retried
-    assert ("InvalidInput", failed["message"]) in _events(api_client, namespace)
+    # Events are posted in the background, after the status they announce.
+    wait_until(
+        lambda: ("InvalidInput", failed["message"]) in _events(api_client, namespace),
+        30,
+        "InvalidInput Event",
+    )
 
 
 def test_failed_gates_end_failed_naming_the_gate(api_client, namespace, start_operator):
@@ -300,8 +305,11 @@ def test_suspend_and_resume(api_client, namespace, start_operator):
     wait_until(lambda: _running_pod(api_client, namespace) is not None, 60, "pod running again")
     _finish(api_client, namespace, 0, json.dumps(RESULT))
     wait_until(lambda: _phase_is(api_client, namespace, "Succeeded"), 60, "Succeeded")
-    reasons = [r for r, _ in _events(api_client, namespace)]
-    assert "Suspended" in reasons and "Resumed" in reasons
+    wait_until(
+        lambda: {"Suspended", "Resumed"} <= {r for r, _ in _events(api_client, namespace)},
+        30,
+        "Suspended and Resumed Events",
+    )
 
 
 def test_file_uris_are_refused_in_cluster(api_client, namespace, start_operator):
@@ -458,6 +466,11 @@ def test_cleanup_never_acts_as_a_confused_deputy(
     )
 
     wait_until(lambda: _deleted(api_client, namespace), 60, "FineTuneJob released")
+    wait_until(
+        lambda: any(r == "CleanupRefused" for r, _ in _events(api_client, namespace)),
+        30,
+        "CleanupRefused Event",
+    )
     message = next(m for r, m in _events(api_client, namespace) if r == "CleanupRefused")
     assert refusal in message
     assert s3.list_objects_v2(Bucket=s3_bucket, Prefix="soc/triage/")["KeyCount"] == 1
