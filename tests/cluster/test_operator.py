@@ -428,29 +428,34 @@ def test_storage_error_on_cleanup_is_reported_and_can_be_skipped(
 
 
 @pytest.mark.parametrize(
-    ("output", "secret_endpoint", "refusal"),
+    ("output", "secret", "refusal"),
     [
         # no credentials: the operator would have deleted with its own identity
-        ({"uri": "s3://{bucket}/soc"}, None, "never its own"),
+        ({"uri": "s3://{bucket}/soc"}, {}, "never its own"),
         # a tenant's Secret pointing the operator at an endpoint it was not given
         (
             {"uri": "s3://{bucket}/soc", "credentials": {"name": "storage"}},
-            "http://169.254.169.254",
+            {"AWS_ENDPOINT_URL": "http://169.254.169.254"},
             "not allowed to call",
         ),
+        # a Secret with no keys at all, while the operator's own environment holds valid ones:
+        # boto3 would have fallen back on them and deleted another tenant's prefix
+        (
+            {"uri": "s3://{bucket}/soc", "credentials": {"name": "storage"}},
+            {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_REGION": "eu-west-1"},
+            "carries no AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY",
+        ),
     ],
-    ids=["no-credentials", "foreign-endpoint"],
+    ids=["no-credentials", "foreign-endpoint", "region-only-secret"],
 )
 def test_cleanup_never_acts_as_a_confused_deputy(
-    api_client, namespace, start_operator, s3_server, s3_bucket, output, secret_endpoint, refusal
+    api_client, namespace, start_operator, s3_server, s3_bucket, output, secret, refusal
 ):
-    start_operator(**_allowing(s3_server))
     env = s3_server.env()
-    _secret(
-        api_client,
-        namespace,
-        data={**env, "AWS_ENDPOINT_URL": secret_endpoint or env["AWS_ENDPOINT_URL"]},
-    )
+    # the operator's own identity could delete the prefix: it must never be used for it
+    start_operator(env={**_allowing(s3_server)["env"], **env})
+    data = {k: v for k, v in {**env, **secret}.items() if v is not None}
+    _secret(api_client, namespace, data=data)
     s3 = s3_server.client()
     s3.put_object(Bucket=s3_bucket, Key="soc/triage/current.json", Body=b"{}")
     output = {**output, "uri": output["uri"].format(bucket=s3_bucket)}

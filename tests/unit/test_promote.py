@@ -124,6 +124,33 @@ def test_refusals_leave_the_file_byte_identical(
     assert [p.name for p in tmp_path.iterdir()] == ["soc.yaml"]
 
 
+def test_a_planted_symlink_beside_the_file_is_never_written_through(tmp_path: Path):
+    """A repository that commits the old temporary name as a link to a shell rc file."""
+    rc = tmp_path / "bashrc"
+    rc.write_text("export PATH=/usr/bin\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    path = repo / "soc.yaml"
+    path.write_text(FILE)
+    (repo / ".soc.yaml.promote").symlink_to(rc)
+
+    promote(path, "alert-triage", NEW, canary=10)
+
+    assert rc.read_text() == "export PATH=/usr/bin\n"
+    assert _versions(path) == {"v1": 90, "v2": 10}
+    assert sorted(p.name for p in repo.iterdir()) == [".soc.yaml.promote", "soc.yaml"]
+
+
+def test_a_symlinked_target_is_refused_and_its_target_untouched(tmp_path: Path):
+    real = tmp_path / "elsewhere.yaml"
+    real.write_text(FILE)
+    link = tmp_path / "soc.yaml"
+    link.symlink_to(real)
+    with pytest.raises(PromoteError, match="is a symbolic link"):
+        promote(link, "alert-triage", NEW, canary=10)
+    assert real.read_text() == FILE and link.is_symlink()
+
+
 def test_a_second_canary_is_refused(tmp_path: Path):
     path = tmp_path / "soc.yaml"
     path.write_text(FILE)

@@ -107,3 +107,18 @@ def test_unsafe_relative_names(name):
 
 def test_safe_names_pass():
     assert storage.safe_relative_name("adapter/adapter_model.safetensors", "x")
+
+
+def test_a_tenant_client_never_signs_with_the_callers_identity(monkeypatch):
+    """A Secret without keys is refused even when this process's environment holds valid
+    ones; with keys, the client signs with them and nothing else."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "operator-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "operator-secret")
+    for secret in ({"AWS_REGION": "eu-west-1"}, {"AWS_ACCESS_KEY_ID": "tenant"}, {}):
+        with pytest.raises(storage.StorageError, match="never the caller's"):
+            storage.tenant_s3_client(secret)
+    client = storage.tenant_s3_client(
+        {"AWS_ACCESS_KEY_ID": "tenant-key", "AWS_SECRET_ACCESS_KEY": "tenant-secret"}
+    )
+    credentials = client._request_signer._credentials.get_frozen_credentials()
+    assert (credentials.access_key, credentials.secret_key) == ("tenant-key", "tenant-secret")

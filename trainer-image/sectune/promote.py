@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +220,10 @@ def promote(
         raise PromoteError(
             "give a version to promote (--job or --version), or --finalize, or --rollback"
         )
+    if path.is_symlink():
+        raise PromoteError(
+            f"{path}: is a symbolic link; promote edits only regular files in the working tree"
+        )
     try:
         before = path.read_text()
     except OSError as exc:
@@ -252,7 +255,10 @@ def promote(
             tofile=f"b/{path}",
         )
     )
-    tmp = path.with_name(f".{path.name}.promote")
-    tmp.write_text(after)
-    os.replace(tmp, path)
+    from sectune.storage import StorageError, replace_file
+
+    try:
+        replace_file(path, after.encode())
+    except (StorageError, OSError) as exc:
+        raise PromoteError(f"{path}: not written: {exc}") from None
     return done, diff

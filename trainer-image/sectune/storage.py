@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,22 +105,56 @@ def parse_uri(uri: str) -> Location:
     raise StorageError(f"{uri}: unsupported scheme {parsed.scheme!r}; use s3://, hf:// or file://")
 
 
-def s3_client(credentials: dict[str, str] | None = None) -> Any:
-    """An S3 client from the environment, or from `credentials` (the same variable names)."""
+def s3_client() -> Any:
+    """An S3 client from this process's environment and its default credential chain: for the
+    pod's own storage (the Secret a job or server mounts as env)."""
     import boto3
-    from botocore.config import Config
 
-    source = credentials if credentials is not None else os.environ
     return boto3.client(
         "s3",
-        endpoint_url=source.get("AWS_ENDPOINT_URL") or None,
-        region_name=source.get("AWS_REGION") or "us-east-1",
-        aws_access_key_id=source.get("AWS_ACCESS_KEY_ID") if credentials is not None else None,
-        aws_secret_access_key=source.get("AWS_SECRET_ACCESS_KEY")
-        if credentials is not None
-        else None,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        region_name=os.environ.get("AWS_REGION") or "us-east-1",
+        config=_client_config(),
     )
+
+
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def tenant_s3_client(credentials: dict[str, str]) -> Any:
+    """An S3 client that signs with `credentials` (a tenant Secret's values) and nothing else.
+
+    The client can never fall back on the calling process's identity: the access key pair is
+    required, and the session it comes from has no credential providers at all (no
+    environment, no shared files, no IRSA or Pod Identity, no instance metadata), so a Secret
+    that lacks keys is refused instead of silently signing as the operator."""
+    import boto3
+    import botocore.session
+
+    missing = [k for k in CREDENTIAL_KEYS if not (credentials.get(k) or "").strip()]
+    if missing:
+        raise StorageError(
+            f"the Secret carries no {' or '.join(missing)}; storage is only called with the "
+            "Secret's own credentials, never the caller's"
+        )
+    core = botocore.session.Session()
+    core.get_component("credential_provider").providers = []
+    session = boto3.session.Session(
+        aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"].strip(),
+        aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"].strip(),
+        aws_session_token=(credentials.get("AWS_SESSION_TOKEN") or "").strip() or None,
+        region_name=credentials.get("AWS_REGION") or "us-east-1",
+        botocore_session=core,
+    )
+    return session.client(
+        "s3", endpoint_url=credentials.get("AWS_ENDPOINT_URL") or None, config=_client_config()
+    )
+
+
+def _client_config() -> Any:
+    from botocore.config import Config
+
+    return Config(retries={"max_attempts": 5, "mode": "standard"})
 
 
 def _s3_error(action: str, loc: Location, exc: Exception) -> StorageError:
@@ -214,13 +249,32 @@ def _storage_location(uri: str | Location, action: str) -> Location:
     return loc
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Put `data` at `path` all at once: written to a fresh file of a random name in the same
+    folder (created exclusively, so a planted symlink there is never followed), flushed, then
+    renamed over `path`. A symlink at `path` itself is refused, not written through."""
+    if path.is_symlink():
+        raise StorageError(f"{path}: is a symbolic link; refusing to write through it")
+    mode = path.stat().st_mode & 0o777 if path.exists() else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(uri: str | Location, data: bytes) -> None:
     loc = _storage_location(uri, "write to")
     if loc.scheme == "file":
         loc.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = loc.path.with_name(f".{loc.path.name}.partial")
-        tmp.write_bytes(data)
-        tmp.replace(loc.path)
+        replace_file(loc.path, data)
         return
     if loc.scheme == "s3":
         try:

@@ -666,7 +666,12 @@ def _cleanup_client(
             "which the operator is not allowed to call (chart value storage.endpoints); "
             "artifacts kept"
         )
-    return storage.s3_client(credentials)
+    try:
+        return storage.tenant_s3_client(credentials)
+    except storage.StorageError as exc:
+        raise CleanupRefused(
+            f"the Secret {spec.output.credentials.name}: {exc}; artifacts kept"
+        ) from None
 
 
 @kopf.on.delete(

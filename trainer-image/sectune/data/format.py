@@ -8,6 +8,7 @@ tokens only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,51 @@ def user_message(example: Example, spec: JobSpec) -> str:
         instruction, given = example.fields.get("instruction", ""), example.fields.get("input", "")
         return f"{instruction}\n\n{given}".strip()
     return spec.task.template.format_map(_Fields(example.fields))
+
+
+WORD_JOINER = "\u2060"
+"""Invisible, and never part of a tokenizer's control-token strings."""
+
+
+def control_strings(tokenizer: Any) -> list[str]:
+    """Every string the tokenizer turns into one added token wherever it appears in text: its
+    special tokens and the other added tokens (chat markup such as `<|im_start|>`,
+    `<|start_header_id|>`, reserved tokens), longest first."""
+    found = {
+        str(token.content if hasattr(token, "content") else token)
+        for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+    }
+    found.update(getattr(tokenizer, "all_special_tokens", []))
+    return sorted((s for s in found if s), key=len, reverse=True)
+
+
+def plain_text(text: str, controls: list[str]) -> str:
+    """`text` with every control-token string broken by a word joiner after its first
+    character, so untrusted text (a log line, a rule, a training row, a request) is tokenized
+    as the characters it shows and can never open or close a turn. Nothing else changes."""
+    if not controls or not any(c in text for c in controls):
+        return text
+    pattern = "|".join(re.escape(c) for c in controls)
+    return re.sub(pattern, lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+
+def plain_messages(messages: list[dict[str, str]], controls: list[str]) -> list[dict[str, str]]:
+    """The conversation with every message's content made plain text (see plain_text)."""
+    return [{**m, "content": plain_text(m["content"], controls)} for m in messages]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation up to the assistant's answer, as a server renders a
+    request: the chat template's markup is real, the messages' text is plain."""
+    plain = plain_messages(messages, control_strings(tokenizer))
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of untrusted raw text (a completion prompt), kept plain."""
+    plain = plain_text(text, control_strings(tokenizer))
+    return list(tokenizer(plain, add_special_tokens=False)["input_ids"])
 
 
 def messages_for(example: Example, spec: JobSpec) -> list[dict[str, str]]:
@@ -63,24 +109,28 @@ class PromptFormatter:
         self.raw_text = (
             spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
         )
+        self.controls = control_strings(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _conversation(self, example: Example) -> list[dict[str, str]]:
+        return plain_messages(messages_for(example, self.spec), self.controls)
 
     def prompt_ids(self, example: Example) -> list[int]:
         if self.raw_text:
             return []
         text = self.tokenizer.apply_chat_template(
-            messages_for(example, self.spec), tokenize=False, add_generation_prompt=True
+            self._conversation(example), tokenize=False, add_generation_prompt=True
         )
         return self._ids(text)
 
     def target_ids(self, example: Example, target: str | None = None) -> list[int]:
         """Target tokens as they follow the prompt in the rendered conversation."""
-        target = example.target if target is None else target
+        target = plain_text(example.target if target is None else target, self.controls)
         if self.raw_text:
             return [*self._ids(target), self.tokenizer.eos_token_id]
-        messages = [*messages_for(example, self.spec), {"role": "assistant", "content": target}]
+        messages = [*self._conversation(example), {"role": "assistant", "content": target}]
         full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
         prompt = self.prompt_ids(example)
         if full[: len(prompt)] != prompt:  # a template that rewrites earlier turns

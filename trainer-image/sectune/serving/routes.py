@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from sectune.data.format import fit_prompt
+from sectune.data.format import chat_prompt_ids, fit_prompt, text_ids
 from sectune.data.prepare import Example
 from sectune.serving.auth import ApiKey
 from sectune.serving.config import BASE_MODEL_NAME
@@ -408,10 +408,7 @@ async def chat(state: State, request: Request, body: ChatRequest) -> Response:
         messages.insert(0, {"role": "system", "content": version.spec.task.system_prompt})
 
     def tokenize() -> list[int]:
-        text = engine.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(engine.tokenizer, messages)
 
     prompt = fit_to_context(
         engine, version, await run_in_threadpool(tokenize), body.max_tokens, "messages"
@@ -443,7 +440,7 @@ async def completions(state: State, request: Request, body: CompletionRequest) -
     version = pick(state, request, body.model, "completions")
 
     def tokenize() -> list[int]:
-        return list(engine.tokenizer(body.prompt, add_special_tokens=False)["input_ids"])
+        return text_ids(engine.tokenizer, body.prompt)
 
     prompt = fit_to_context(
         engine, version, await run_in_threadpool(tokenize), body.max_tokens, "prompt"
