@@ -1,10 +1,14 @@
 """Canary analysis, after Flagger: ask Prometheus how a canary version did over a window and
 judge it against `spec.promotion.rollback`.
 
-The figures come from the servers' own metrics (sectune.serving.metrics): error rate is the
-share of 5xx answers (4xx are the caller's doing, 499 a caller that left), p95 latency from the
-request-duration histogram, drift the highest of the label and prompt-length scores seen in the
-window. Too few requests in the window gives no verdict rather than a guess.
+The figures come from the servers' own metrics (sectune.serving.metrics), counting only what
+the version itself caused, so no caller can steer a verdict: only requests the weighted split
+sent it (`routing="traffic"`; a caller pinning `name@canary` is not counted); error rate is the
+share of 500s, the model failing on a request (4xx are the caller's doing, 499 a caller that
+left, 503/504 the server's load); p95 latency from `/v1/classify`, whose work per request is
+fixed (a generation's time follows the length the caller asked for, so it is not judged);
+drift the highest of the label and prompt-length scores seen in the window. Too few requests in
+the window gives no verdict rather than a guess.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from dataclasses import dataclass
 from sectune_operator.api import RollbackSpec
 
 RESPONSE_LIMIT = 4 << 20
+
+DRIFT_SCORES = {
+    "labels": '__name__="sectune_serve_drift_score"',
+    "inputs": '__name__="sectune_serve_input_drift_score"',
+    "any": '__name__=~"sectune_serve_drift_score|sectune_serve_input_drift_score"',
+}
+"""Label matchers for the drift scores a trigger or a canary looks at."""
 
 
 class PrometheusError(RuntimeError):
@@ -49,18 +60,18 @@ class Breach:
 def queries(selector: str, adapter: str, version: str, window_minutes: int) -> dict[str, str]:
     """PromQL for one version's figures; `selector` picks the deployment's servers."""
     series = f'{selector},adapter="{adapter}",version="{version}"'
+    routed = f'{series},routing="traffic"'
     window = f"[{window_minutes}m]"
     return {
-        "requests": f"sum(increase(sectune_serve_requests_total{{{series}}}{window}))",
-        "errors": (f'sum(increase(sectune_serve_requests_total{{{series},code=~"5.."}}{window}))'),
+        "requests": f"sum(increase(sectune_serve_requests_total{{{routed}}}{window}))",
+        "errors": f'sum(increase(sectune_serve_requests_total{{{routed},code="500"}}{window}))',
         "latency_p95": (
-            "histogram_quantile(0.95, sum by (le) (rate("
-            f"sectune_serve_request_duration_seconds_bucket{{{series}}}{window})))"
+            "histogram_quantile(0.95, sum by (le) (rate(sectune_serve_request_duration_seconds"
+            f'_bucket{{{routed},endpoint="classify"}}{window})))'
         ),
-        "drift": (
-            f"max(max_over_time(sectune_serve_drift_score{{{series}}}{window}) or "
-            f"max_over_time(sectune_serve_input_drift_score{{{series}}}{window}))"
-        ),
+        # one selector over both scores (`a or b` would drop b wherever a exists), their
+        # highest at each step, then the highest over the window
+        "drift": f"max_over_time((max({{{series},{DRIFT_SCORES['any']}}}))[{window_minutes}m:15s])",
     }
 
 

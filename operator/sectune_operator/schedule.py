@@ -9,6 +9,8 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
 
+from sectune_operator.canary import DRIFT_SCORES
+
 SCHEDULE_LABEL = "sectune.io/finetuneschedule"
 MAX_SCHEDULE_NAME = 42
 """A run is `<schedule>-<minutes since the epoch>` (at most 9 digits) within a FineTuneJob's
@@ -70,10 +72,5 @@ def over_history(runs: list[Run], successful_limit: int, failed_limit: int) -> l
 def drift_query(selector: str, adapter: str, score: str, minutes: int) -> str:
     """PromQL: the lowest, over the last `minutes`, of the served version's highest drift
     score; above the threshold means it stayed above all that time."""
-    metrics = {
-        "labels": ["sectune_serve_drift_score"],
-        "inputs": ["sectune_serve_input_drift_score"],
-        "any": ["sectune_serve_drift_score", "sectune_serve_input_drift_score"],
-    }[score]
-    series = " or ".join(f'{m}{{{selector},adapter="{adapter}"}}' for m in metrics)
+    series = f'{{{selector},adapter="{adapter}",{DRIFT_SCORES[score]}}}'
     return f"min_over_time((max({series}))[{minutes}m:15s])"

@@ -64,7 +64,8 @@ class Settings:
     """Prometheus' HTTP API for canary analysis; empty: no analysis (a condition says so)."""
     prometheus_selector: str = field(
         default_factory=lambda: _env(
-            "PROMETHEUS_SELECTOR", 'namespace="{namespace}",pod=~"{deployment}-.+"'
+            "PROMETHEUS_SELECTOR",
+            'namespace="{namespace}",pod=~"{deployment}-[a-z0-9]{{1,10}}-[a-z0-9]{{5}}"',
         )
     )
     """Label matchers that pick one AdapterDeployment's server series ({namespace},

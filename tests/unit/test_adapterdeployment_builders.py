@@ -269,14 +269,6 @@ def test_canary_figures_are_judged_against_each_bound():
     assert drift is not None and drift.describe() == "drift 0.4 above 0.25"
 
 
-def test_canary_queries_pick_the_deployments_series_only():
-    asked = canary.queries('namespace="soc",pod=~"soc-serve-.+"', "triage", "v2", 5)
-    for promql in asked.values():
-        assert 'namespace="soc",pod=~"soc-serve-.+",adapter="triage",version="v2"' in promql
-        assert "[5m]" in promql
-    assert 'code=~"5.."' in asked["errors"]
-
-
 def test_network_policies_admit_only_their_callers():
     from sectune_operator.builders import finetunejob
 

@@ -51,14 +51,6 @@ def test_history_limits_drop_the_oldest_finished_runs():
     assert schedule.over_history(runs, successful_limit=3, failed_limit=0) == ["c", "d"]
 
 
-def test_drift_query_asks_whether_the_score_stayed_above():
-    promql = schedule.drift_query('namespace="soc",pod=~"soc-serve-.+"', "triage", "inputs", 30)
-    assert promql == (
-        'min_over_time((max(sectune_serve_input_drift_score{namespace="soc",'
-        'pod=~"soc-serve-.+",adapter="triage"}))[30m:15s])'
-    )
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

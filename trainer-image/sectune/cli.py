@@ -348,6 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         reload_interval=args.reload_interval,
         max_in_flight=args.max_in_flight,
+        max_in_flight_per_key=args.max_in_flight_per_key,
         request_timeout=args.request_timeout,
         max_adapter_bytes=args.max_adapter_mb << 20,
         allowed_hosts=args.allowed_host,
@@ -533,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument(
         "--api-keys-file",
-        help="require Authorization: Bearer <key>; one '<key-id> <key> [adapters]' per line, "
-        "# comments (default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
+        help="require Authorization: Bearer <key>; one '<key-id> <key> [adapters] "
+        "[concurrency=N] [rate=R]' per line, # comments; re-read when it changes (default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
     )
     serve_cmd.add_argument(
         "--allowed-host",
@@ -548,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="inference requests accepted at once; more get 429 with Retry-After",
+    )
+    serve_cmd.add_argument(
+        "--max-in-flight-per-key",
+        type=int,
+        default=16,
+        help="inference requests one API key may have in flight (a key's concurrency= in "
+        "the keys file overrides it)",
     )
     serve_cmd.add_argument(
         "--request-timeout", type=float, default=120.0, help="seconds before a request gets 504"

@@ -5,10 +5,12 @@ The keys file (`--api-keys-file`, or the file an AdapterDeployment mounts from i
 one key per line:
 
     # comment lines and blank lines are ignored
-    <key-id> <key> [<adapter>,<adapter>…]
+    <key-id> <key> [<adapter>,<adapter>…] [concurrency=N] [rate=R]
 
 `key-id` names the caller in the access log and metrics (the key itself is never logged);
-the optional third column limits the key to those adapters (others answer 403); a line with a
+the optional third column limits the key to those adapters (others answer 403; `*`: all of
+them); `concurrency=N` caps its requests in flight (default: the server's
+`--max-in-flight-per-key`) and `rate=R` its requests a second (default: no cap); a line with a
 single word is a key for every adapter, named `key-<line number>`. Keys are kept only as
 SHA-256 digests and compared in constant time.
 """
@@ -30,6 +32,7 @@ from sectune.config import ManifestError
 access_log = logging.getLogger("sectune.access")
 
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+OPTION = re.compile(r"[a-z_]+=")
 MIN_KEY_LENGTH = 16
 MAX_KEYS_FILE_BYTES = 1 << 20
 
@@ -40,6 +43,10 @@ class ApiKey:
     digest: bytes
     adapters: frozenset[str] | None = None
     """Adapters this key may use; None: all of them."""
+    concurrency: int | None = None
+    """Requests in flight at once; None: the server's per-key default."""
+    rate: float | None = None
+    """Requests a second; None: no cap."""
 
     def allows(self, adapter: str) -> bool:
         return self.adapters is None or adapter in self.adapters
@@ -53,17 +60,25 @@ def parse_api_keys(text: str, source: str) -> list[ApiKey]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
+        words = line.split()
+        # options follow the key id and key (a key may itself contain "=")
+        options = [w for w in words[2:] if OPTION.match(w)]
+        parts = words[:2] + [w for w in words[2:] if not OPTION.match(w)]
         if len(parts) == 1:
             key_id, secret, scope = f"key-{number}", parts[0], None
         elif len(parts) in (2, 3):
             key_id, secret = parts[0], parts[1]
-            scope = frozenset(a for a in parts[2].split(",") if a) if len(parts) == 3 else None
+            scope = (
+                frozenset(a for a in parts[2].split(",") if a)
+                if len(parts) == 3 and parts[2] != "*"
+                else None
+            )
         else:
             raise ManifestError(
-                f"{source}:{number}: expected '<key-id> <key> [<adapter>,…]', found "
-                f"{len(parts)} words"
+                f"{source}:{number}: expected '<key-id> <key> [<adapter>,…] [concurrency=N] "
+                f"[rate=R]', found {len(parts)} words before the options"
             )
+        concurrency, rate = _limits(options, f"{source}:{number}")
         if not KEY_ID.fullmatch(key_id):
             raise ManifestError(f"{source}:{number}: key id must be letters, digits, . _ -")
         if len(secret) < MIN_KEY_LENGTH:
@@ -74,13 +89,41 @@ def parse_api_keys(text: str, source: str) -> list[ApiKey]:
         if key_id in seen:
             raise ManifestError(f"{source}:{number}: key id {key_id!r} appears twice")
         seen.add(key_id)
-        keys.append(ApiKey(key_id, hashlib.sha256(secret.encode()).digest(), scope))
+        keys.append(
+            ApiKey(key_id, hashlib.sha256(secret.encode()).digest(), scope, concurrency, rate)
+        )
     if not keys:
         raise ManifestError(
             f"{source}: no API keys in the file (one '<key-id> <key>' per line); "
             "to serve without keys, do not pass a keys file"
         )
     return keys
+
+
+def _limits(options: list[str], where: str) -> tuple[int | None, float | None]:
+    concurrency: int | None = None
+    rate: float | None = None
+    for option in options:
+        name, _, value = option.partition("=")
+        try:
+            if name == "concurrency":
+                concurrency = int(value)
+                if not 1 <= concurrency <= 10_000:
+                    raise ValueError
+            elif name == "rate":
+                rate = float(value)
+                if not 0 < rate <= 100_000:
+                    raise ValueError
+            else:
+                raise ManifestError(
+                    f"{where}: unknown option {name!r}; options are concurrency=N and rate=R"
+                )
+        except ValueError:
+            raise ManifestError(
+                f"{where}: {name} must be a positive number (concurrency 1-10000, rate per "
+                f"second up to 100000), not {value[:20]!r}"
+            ) from None
+    return concurrency, rate
 
 
 def load_api_keys(path: Path) -> list[ApiKey]:

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ BASE_ADAPTER = "__base__"
 class _Request:
     adapter_key: str
     prompt: list[int]
+    tenant: str = field(default="", kw_only=True)
+    """Who asked (the API key id): the worker takes work round-robin between tenants."""
     queued_at: float = field(default_factory=time.monotonic, kw_only=True)
     abandoned: bool = field(default=False, kw_only=True)
     """Set by the handler when its client has gone or its deadline passed."""
@@ -85,6 +88,42 @@ class Overloaded(RuntimeError):
     """The work waited longer than the queue allows; the client should retry later."""
 
 
+class FairQueue:
+    """The worker's queue: one FIFO lane per tenant, taken round-robin, so one key's flood of
+    requests fills at most its share of each batch and never queues ahead of everyone else.
+    Control work (adapter loads, shutdown) has its own lane and goes first."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[Work | None]] = {}
+        self._control: deque[Work | None] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, work: Work | None) -> None:
+        with self._ready:
+            if work is None or isinstance(work, ControlWork):
+                self._control.append(work)
+            else:
+                self._lanes.setdefault(work.tenant, deque()).append(work)
+            self._ready.notify()
+
+    def get(self, timeout: float | None = None) -> Work | None:
+        """The next item; queue.Empty when none arrives within `timeout` (None: wait)."""
+        with self._ready:
+            if not self._ready.wait_for(self._waiting, timeout):
+                raise queue.Empty
+            if self._control:
+                return self._control.popleft()
+            tenant = next(iter(self._lanes))
+            lane = self._lanes.pop(tenant)
+            item = lane.popleft()
+            if lane:  # back of the line: the other tenants go first
+                self._lanes[tenant] = lane
+            return item
+
+    def _waiting(self) -> bool:
+        return bool(self._control or self._lanes)
+
+
 class AdapterGone(RuntimeError):
     """The adapter version a request was routed to was unloaded before it ran; retry."""
 
@@ -114,7 +153,7 @@ class Engine:
         self.max_wait = max_wait_ms / 1000
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_seconds = max_queue_seconds
-        self._queue: queue.Queue[Work | None] = queue.Queue()
+        self._queue = FairQueue()
         self._thread = threading.Thread(target=self._loop, name="sectune-model", daemon=True)
 
     # ------------------------------------------------------------------ public

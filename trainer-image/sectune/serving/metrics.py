@@ -17,14 +17,15 @@ class ServingMetrics:
         version = ["adapter", "version"]
         self.requests = Counter(
             "sectune_serve_requests",
-            "Requests answered, by endpoint and HTTP status code.",
-            [*version, "endpoint", "code"],
+            "Requests answered, by endpoint and HTTP status code; routing is traffic (the "
+            "weighted split chose the version) or pinned (the caller named name@version).",
+            [*version, "endpoint", "code", "routing"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "sectune_serve_request_duration_seconds",
-            "Time from request to response.",
-            [*version, "endpoint"],
+            "Time from request to response (routing as for sectune_serve_requests_total).",
+            [*version, "endpoint", "routing"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

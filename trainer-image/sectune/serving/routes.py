@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sectune.data.format import chat_prompt_ids, fit_prompt, text_ids
 from sectune.data.prepare import Example
+from sectune.serving.admission import Refused
 from sectune.serving.auth import ApiKey
 from sectune.serving.config import BASE_MODEL_NAME
 from sectune.serving.drift import length_bucket
@@ -108,6 +110,23 @@ def get_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(get_state)]
+
+
+async def admit(state: State, request: Request) -> AsyncIterator[str]:
+    """A slot for this request, taken before its text is templated or tokenized: over the
+    server's or its key's limit, or its key's rate, it is refused at once with 429."""
+    try:
+        tenant = state.admission.enter(request.state.caller)
+    except Refused as exc:
+        state.metrics.requests.labels("overloaded", "", "any", "429", "traffic").inc()
+        raise ApiError(429, str(exc), retry_after=exc.retry_after) from None
+    try:
+        yield tenant
+    finally:
+        state.admission.leave(tenant)
+
+
+Admitted = Annotated[str, Depends(admit)]
 router = APIRouter()
 
 
@@ -120,14 +139,20 @@ def engine_and_registry(state: ServerState) -> tuple[Engine, Registry]:
     return state.engine, state.registry
 
 
+def may_use(request: Request, adapter: str) -> bool:
+    """Whether the caller's key covers `adapter` (a server without keys: everyone may)."""
+    caller: ApiKey | None = request.state.caller
+    return caller is None or caller.allows(adapter)
+
+
 def pick(state: ServerState, request: Request, model: str, endpoint: str) -> LoadedVersion | None:
     """The version for `model`, or None for the base model; 403 when the caller's key
     is not allowed to use it."""
     _, registry = engine_and_registry(state)
-    caller: ApiKey | None = request.state.caller
     adapter = model.partition("@")[0]
-    if caller is not None and not caller.allows(adapter):
-        state.metrics.requests.labels("forbidden", "", endpoint, "403").inc()
+    if not may_use(request, adapter):
+        state.metrics.requests.labels("forbidden", "", endpoint, "403", "traffic").inc()
+        caller: ApiKey = request.state.caller
         raise ApiError(403, f"API key {caller.id!r} may not use {adapter!r}", "model")
     if model == BASE_MODEL_NAME:
         request.state.served = (BASE_MODEL_NAME, "")
@@ -135,8 +160,10 @@ def pick(state: ServerState, request: Request, model: str, endpoint: str) -> Loa
     try:
         version = registry.route(model)
     except KeyError:
-        state.metrics.requests.labels("unknown", "", endpoint, "404").inc()
-        available = [*sorted(registry.versions()), BASE_MODEL_NAME]
+        state.metrics.requests.labels("unknown", "", endpoint, "404", "traffic").inc()
+        available = [
+            n for n in [*sorted(registry.versions()), BASE_MODEL_NAME] if may_use(request, n)
+        ]
         raise ApiError(
             404,
             f"model {model!r} is not served here; available: {', '.join(available)} "
@@ -144,7 +171,15 @@ def pick(state: ServerState, request: Request, model: str, endpoint: str) -> Loa
             "model",
         ) from None
     request.state.served = (version.adapter, version.version)
+    request.state.routing = "pinned" if "@" in model else "traffic"
     return version
+
+
+def routing(request: Request) -> str:
+    """ "pinned" when the caller named the version (name@version), else "traffic": canary
+    analysis judges a version only on the requests the weighted split sent it, so a caller
+    cannot steer a verdict by pinning requests to the canary."""
+    return getattr(request.state, "routing", "traffic")
 
 
 def labels(version: LoadedVersion | None) -> tuple[str, str]:
@@ -165,8 +200,10 @@ def observe(
     if version is not None and version.input_drift is not None:
         version.input_drift.record(length_bucket(prompt))
     adapter, ver = labels(version)
-    state.metrics.latency.labels(adapter, ver, endpoint).observe(time.perf_counter() - began)
-    state.metrics.requests.labels(adapter, ver, endpoint, "200").inc()
+    state.metrics.latency.labels(adapter, ver, endpoint, routing(request)).observe(
+        time.perf_counter() - began
+    )
+    state.metrics.requests.labels(adapter, ver, endpoint, "200", routing(request)).inc()
     state.metrics.tokens.labels(adapter, ver, "prompt").inc(prompt)
     if completion:
         state.metrics.tokens.labels(adapter, ver, "completion").inc(completion)
@@ -182,15 +219,11 @@ async def run(
     began: float,
 ) -> Any:
     """Submit work to the model and wait for it without holding a thread; drop it when
-    the client goes away or the request's deadline passes. At most `max_in_flight`
-    requests are in here at once; beyond that, 429 at once."""
+    the client goes away or the request's deadline passes. The request was admitted
+    (`admit`) before it got here."""
     engine, _ = engine_and_registry(state)
-    if state.in_flight >= state.options.max_in_flight:
-        state.metrics.requests.labels("overloaded", "", "any", "429").inc()
-        raise ApiError(429, "the server is at its request limit; retry shortly", retry_after=1)
     adapter, ver = labels(version)
     deadline = began + state.options.request_timeout
-    state.in_flight += 1
     try:
         future = asyncio.wrap_future(engine.submit(work))
         while True:
@@ -199,27 +232,25 @@ async def run(
                 return future.result()
             if await request.is_disconnected():
                 work.abandon()
-                state.metrics.requests.labels(adapter, ver, endpoint, "499").inc()
+                state.metrics.requests.labels(adapter, ver, endpoint, "499", routing(request)).inc()
                 raise ClientGone
             if time.perf_counter() > deadline:
                 work.abandon()
-                state.metrics.requests.labels(adapter, ver, endpoint, "504").inc()
+                state.metrics.requests.labels(adapter, ver, endpoint, "504", routing(request)).inc()
                 raise ApiError(504, f"no answer within {state.options.request_timeout:g} s")
     except AdapterGone:
         raise ApiError(
             503, "that adapter version was just replaced; retry the request", retry_after=1
         ) from None
     except Overloaded:
-        state.metrics.requests.labels(adapter, ver, endpoint, "503").inc()
+        state.metrics.requests.labels(adapter, ver, endpoint, "503", routing(request)).inc()
         raise ApiError(503, "the model is overloaded; retry shortly", retry_after=2) from None
     except (ApiError, ClientGone):
         raise
     except Exception:
-        state.metrics.requests.labels(adapter, ver, endpoint, "500").inc()
+        state.metrics.requests.labels(adapter, ver, endpoint, "500", routing(request)).inc()
         log.exception("%s request for %s failed", endpoint, adapter)
         raise ApiError(500, "the model failed on this request; the server log has why") from None
-    finally:
-        state.in_flight -= 1
 
 
 def headers(version: LoadedVersion | None) -> dict[str, str]:
@@ -269,18 +300,29 @@ def model_entry(name: str, versions: list[LoadedVersion], full: bool) -> dict[st
 
 
 @router.get("/v1/models")
-def list_models(state: State) -> dict[str, Any]:
+def list_models(state: State, request: Request) -> dict[str, Any]:
+    """What the caller's key may use, and nothing else: a key scoped to one adapter learns
+    nothing of the others (not their storage, training config or load errors)."""
     _, registry = engine_and_registry(state)
-    data = [model_entry(n, v, False) for n, v in sorted(registry.versions().items())]
-    data.append(
-        {"id": BASE_MODEL_NAME, "object": "model", "owned_by": "sectune", "uri": state.base_uri}
-    )
-    return {"object": "list", "data": data, "errors": registry.errors()}
+    data = [
+        model_entry(n, v, False)
+        for n, v in sorted(registry.versions().items())
+        if may_use(request, n)
+    ]
+    if may_use(request, BASE_MODEL_NAME):
+        data.append(
+            {"id": BASE_MODEL_NAME, "object": "model", "owned_by": "sectune", "uri": state.base_uri}
+        )
+    errors = {n: e for n, e in registry.errors().items() if may_use(request, n.partition("@")[0])}
+    return {"object": "list", "data": data, "errors": errors}
 
 
 @router.get("/v1/models/{name}")
-def get_model(state: State, name: str) -> dict[str, Any]:
+def get_model(state: State, request: Request, name: str) -> dict[str, Any]:
     _, registry = engine_and_registry(state)
+    if not may_use(request, name):  # the same answer whether or not it exists
+        caller: ApiKey = request.state.caller
+        raise ApiError(403, f"API key {caller.id!r} may not use {name[:200]!r}", "model")
     versions = registry.versions().get(name)
     if not versions:
         raise ApiError(404, f"model {name!r} is not served here", "model")
@@ -288,7 +330,9 @@ def get_model(state: State, name: str) -> dict[str, Any]:
 
 
 @router.post("/v1/classify")
-async def classify(state: State, request: Request, body: ClassifyRequest) -> Response:
+async def classify(
+    state: State, request: Request, body: ClassifyRequest, tenant: Admitted
+) -> Response:
     began = time.perf_counter()
     version = pick(state, request, body.model, "classify")
     if version is None or version.spec.task.type != "classification":
@@ -315,6 +359,7 @@ async def classify(state: State, request: Request, body: ClassifyRequest) -> Res
             prompt,
             label_ids=version.label_ids,
             distinct_first_tokens=version.distinct_first_tokens,
+            tenant=tenant,
         ),
         version,
         "classify",
@@ -373,6 +418,7 @@ async def complete(
     body: ChatRequest | CompletionRequest,
     endpoint: str,
     began: float,
+    tenant: str,
 ) -> tuple[str, str, dict[str, int]]:
     engine, _ = engine_and_registry(state)
     if body.stream:
@@ -386,6 +432,7 @@ async def complete(
         max_new_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        tenant=tenant,
     )
     generated = await run(state, request, work, version, endpoint, began)
     text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
@@ -399,7 +446,7 @@ async def complete(
 
 
 @router.post("/v1/chat/completions")
-async def chat(state: State, request: Request, body: ChatRequest) -> Response:
+async def chat(state: State, request: Request, body: ChatRequest, tenant: Admitted) -> Response:
     began = time.perf_counter()
     engine, _ = engine_and_registry(state)
     version = pick(state, request, body.model, "chat")
@@ -413,7 +460,9 @@ async def chat(state: State, request: Request, body: ChatRequest) -> Response:
     prompt = fit_to_context(
         engine, version, await run_in_threadpool(tokenize), body.max_tokens, "messages"
     )
-    content, finish, usage = await complete(state, request, version, prompt, body, "chat", began)
+    content, finish, usage = await complete(
+        state, request, version, prompt, body, "chat", began, tenant
+    )
     return JSONResponse(
         {
             "id": f"chatcmpl-{time.time_ns():x}",
@@ -434,7 +483,9 @@ async def chat(state: State, request: Request, body: ChatRequest) -> Response:
 
 
 @router.post("/v1/completions")
-async def completions(state: State, request: Request, body: CompletionRequest) -> Response:
+async def completions(
+    state: State, request: Request, body: CompletionRequest, tenant: Admitted
+) -> Response:
     began = time.perf_counter()
     engine, _ = engine_and_registry(state)
     version = pick(state, request, body.model, "completions")
@@ -446,7 +497,7 @@ async def completions(state: State, request: Request, body: CompletionRequest) -
         engine, version, await run_in_threadpool(tokenize), body.max_tokens, "prompt"
     )
     content, finish, usage = await complete(
-        state, request, version, prompt, body, "completions", began
+        state, request, version, prompt, body, "completions", began, tenant
     )
     return JSONResponse(
         {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sectune import artifacts
 from sectune.config import BaseModelSpec, ManifestError
+from sectune.serving.admission import Admission
 from sectune.serving.auth import ApiKey, load_api_keys
 from sectune.serving.config import ServingConfig
 from sectune.serving.engine import Engine
@@ -35,6 +36,8 @@ class ServerOptions:
     reload_interval: float = 1.0
     max_in_flight: int = 64
     """Inference requests accepted at once (queued or running); more get 429 + Retry-After."""
+    max_in_flight_per_key: int = 16
+    """Inference requests one API key may have in flight (a key's `concurrency=` overrides)."""
     request_timeout: float = 120.0
     """Seconds a request may take in all; after that it is dropped and answered 504."""
     max_queue_seconds: float = 30.0
@@ -61,10 +64,13 @@ class ServerState:
     loading: str = "starting"
     """What the server is doing before it is ready; empty once loaded."""
     fatal: str | None = None
-    in_flight: int = 0
-    """Inference requests being handled now (only touched on the event loop)."""
+    admission: Admission = field(init=False)
+    """Requests in flight, per key and in all, and each key's rate (on the event loop)."""
     api_keys: list[ApiKey] = field(default_factory=list)
     watcher: ConfigWatcher | None = None
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.options.max_in_flight, self.options.max_in_flight_per_key)
 
     # -------------------------------------------------------------- startup
 

@@ -1,0 +1,113 @@
+"""The PromQL the operator asks (canary analysis, a schedule's drift trigger), evaluated by
+Prometheus' own engine (promtool) on series shaped as the servers export them: the answers,
+not the query strings, are what is checked."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectune.yamlio import dump_yaml
+from sectune_operator import canary, schedule
+from sectune_operator.settings import Settings
+from support.processes import tool
+
+POD = "soc-serve-7d9f8b6c4-x2x9z"
+NEIGHBOUR = "soc-serve-x-serve-5d4f8-abcde"  # an AdapterDeployment named soc-serve-x
+
+
+def _selector() -> str:
+    return Settings().prometheus_selector.format(namespace="soc", deployment="soc-serve")
+
+
+def _series(metric: str, values: str, pod: str = POD, **labels: str) -> dict[str, str]:
+    inner = ",".join(f'{k}="{v}"' for k, v in {"namespace": "soc", "pod": pod, **labels}.items())
+    return {"series": f"{metric}{{{inner}}}", "values": values}
+
+
+def _evaluate(tmp_path: Path, series: list[dict[str, str]], cases: list[dict[str, Any]]) -> None:
+    """promtool evaluates each expression at its time and compares the samples."""
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}],
+    }
+    (tmp_path / "queries.test.yaml").write_text(dump_yaml(tests))
+    tested = subprocess.run(
+        [tool("promtool"), "test", "rules", "queries.test.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def _at(expr: str, value: float | None, eval_time: str = "10m") -> dict[str, Any]:
+    samples = [] if value is None else [{"labels": "{}", "value": value}]
+    return {"expr": expr, "eval_time": eval_time, "exp_samples": samples}
+
+
+def test_canary_figures_count_only_what_the_version_caused(tmp_path):
+    """Over 10 minutes the canary got 200 requests from the traffic split, 5 of which the
+    model failed (500); 30 more were shed under load (503), and a caller pinned 100 requests
+    to it that all failed. A neighbouring deployment's pods fail everything. The canary's
+    error rate is 5 / 235 of what the split sent (the 503s count as requests), nothing else."""
+    version = {"adapter": "triage", "version": "v2"}
+    requests = "sectune_serve_requests_total"
+    series = [
+        _series(requests, "0+20x10", code="200", endpoint="classify", routing="traffic", **version),
+        _series(requests, "0+0.5x10", code="500", endpoint="classify", routing="traffic", **version),
+        _series(requests, "0+3x10", code="503", endpoint="classify", routing="traffic", **version),
+        _series(requests, "0+10x10", code="500", endpoint="classify", routing="pinned", **version),
+        _series(
+            requests, "0+50x10", NEIGHBOUR, code="500", endpoint="classify", routing="traffic",
+            **version,
+        ),
+    ]  # fmt: skip
+    asked = canary.queries(_selector(), "triage", "v2", 10)
+    _evaluate(
+        tmp_path,
+        series,
+        [_at(asked["requests"], 235.0), _at(asked["errors"], 5.0)],
+    )
+
+
+def test_canary_latency_is_classify_traffic_only(tmp_path):
+    """Classify answers in 50 ms; pinned long generations take 20 s. p95 stays under 0.1 s."""
+    bucket = "sectune_serve_request_duration_seconds_bucket"
+    version = {"adapter": "triage", "version": "v2"}
+    series = []
+    for le, classify, generation in (("0.05", "0+10x10", "0x10"), ("0.1", "0+10x10", "0x10")):
+        series.append(
+            _series(bucket, classify, le=le, endpoint="classify", routing="traffic", **version)
+        )
+        series.append(
+            _series(bucket, generation, le=le, endpoint="chat", routing="pinned", **version)
+        )
+    for le in ("30", "+Inf"):
+        series.append(
+            _series(bucket, "0+10x10", le=le, endpoint="classify", routing="traffic", **version)
+        )
+        series.append(
+            _series(bucket, "0+10x10", le=le, endpoint="chat", routing="pinned", **version)
+        )
+    asked = canary.queries(_selector(), "triage", "v2", 10)
+    # every classify answer is in the first bucket: interpolated, 0.95 of 0.05 s
+    _evaluate(tmp_path, series, [_at(f"round(10000 * {asked['latency_p95']})", 475.0)])
+
+
+@pytest.mark.parametrize(("score", "expected"), [("labels", 0.1), ("inputs", 0.9), ("any", 0.9)])
+def test_drift_takes_the_highest_score_not_the_first_that_exists(tmp_path, score, expected):
+    """Label drift 0.1, input drift 0.9: `any` is 0.9 for the canary and the schedule alike."""
+    version = {"adapter": "triage", "version": "v2"}
+    series = [
+        _series("sectune_serve_drift_score", "0.1x40", **version),
+        _series("sectune_serve_input_drift_score", "0.9x40", **version),
+    ]
+    cases = [_at(schedule.drift_query(_selector(), "triage", score, 30), expected, "40m")]
+    if score == "any":
+        cases.append(_at(canary.queries(_selector(), "triage", "v2", 10)["drift"], 0.9, "40m"))
+    _evaluate(tmp_path, series, cases)
