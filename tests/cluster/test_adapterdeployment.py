@@ -413,3 +413,34 @@ def test_the_shipped_example_renders_what_it_can_and_says_what_it_waits_for(
     container = deployment.spec.template.spec.containers[0]
     assert container.resources.limits == {"cpu": "4", "memory": "8Gi"}
     assert container.command[-2:] == ["--api-keys-file", "/etc/sectune/keys/api-keys"]
+
+
+def test_a_child_of_the_same_name_that_it_does_not_own_is_never_taken_over(
+    api_client, namespace, operator
+):
+    """Someone's ConfigMap named <adep>-serve already exists: the operator leaves it as it
+    was, says so in a Warning Event, and renders once it is gone."""
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_config_map(
+        namespace,
+        {"metadata": {"name": "soc-serve"}, "data": {"serving.yaml": "someone else's"}},
+    )
+    _finished_job(api_client, namespace, "tactics", SHA["tactics"])
+    _custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", _adep()
+    )
+
+    def warned() -> bool:
+        events = core.list_namespaced_event(
+            namespace, field_selector="involvedObject.name=soc"
+        ).items
+        return any(e.reason == "ChildNotOwned" for e in events)
+
+    wait_until(warned, 60, "ChildNotOwned Event")
+    kept = core.read_namespaced_config_map("soc-serve", namespace)
+    assert kept.data == {"serving.yaml": "someone else's"} and not kept.metadata.owner_references
+
+    core.delete_namespaced_config_map("soc-serve", namespace)
+    wait_until(lambda: _rendered(api_client, namespace) is not None, 120, "rendered after")
+    owned = core.read_namespaced_config_map("soc-serve", namespace)
+    assert [ref.kind for ref in owned.metadata.owner_references] == ["AdapterDeployment"]

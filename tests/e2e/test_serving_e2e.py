@@ -216,7 +216,7 @@ def _evaluate(env: dict[str, str], out: Path, *args: str) -> subprocess.Complete
 
 
 def _s3_client(trained: Trained) -> Any:
-    return storage.s3_client(trained.env)
+    return storage.tenant_s3_client(trained.env)
 
 
 def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, serve, tmp_path):
@@ -522,3 +522,97 @@ def test_a_keyless_server_on_loopback_refuses_other_host_names(trained, serve):
     rebinding = httpx.get(server.url + "/v1/models", headers={"Host": "attacker.example"})
     assert rebinding.status_code == 400
     assert server.get("/v1/models").status_code == 200
+
+
+def test_tenants_on_a_shared_server_are_isolated_audited_and_revocable(trained, serve, tmp_path):
+    """A key scoped to one adapter learns nothing of another; one key's flood is refused
+    at its own limit while another key is served; refusals of every kind are audited with
+    the client's address; a revoked key stops working without a restart; /metrics needs its
+    scrape token."""
+    keys = tmp_path / "api-keys"
+    keys.write_text(
+        "triage-bot triage-key-0123456789 triage concurrency=1\n"
+        "other-bot other-key-0123456789 other\n"
+        "admin admin-key-0123456789 *\n"
+    )
+    token = tmp_path / "metrics-token"
+    token.write_text("scrape-token-0123456789\n")
+    config = _config(
+        tmp_path / "serving.yaml",
+        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+    )
+    server = serve(
+        "--config", str(config), "--api-keys-file", str(keys),
+        "--metrics-token-file", str(token), "--max-batch", "1",
+    )  # fmt: skip
+    admin, triage_key, other_key = (
+        "admin-key-0123456789",
+        "triage-key-0123456789",
+        "other-key-0123456789",
+    )
+
+    # Scope: /v1/models, /v1/models/{name} and errors name only what the key may use.
+    listed = server.get("/v1/models", key=triage_key).json()
+    assert [m["id"] for m in listed["data"]] == ["triage"]
+    assert trained.other.uri not in json.dumps(listed)
+    assert server.get("/v1/models/other", key=triage_key).status_code == 403
+    assert server.get("/v1/models/triage", key=triage_key).status_code == 200
+    unknown = server.classify("nope", TEXTS[0], key=triage_key).json()["error"]["message"]
+    assert "triage" in unknown and "other" not in unknown
+    assert {m["id"] for m in server.get("/v1/models", key=admin).json()["data"]} == {
+        "triage",
+        "other",
+        "base",
+    }
+
+    # One key at its concurrency limit gets 429; another key is served meanwhile.
+    long_chat = {
+        "model": "triage",
+        "messages": [{"role": "user", "content": "describe the alert " * 20}],
+        "max_tokens": 200,
+    }
+    with ThreadPoolExecutor(4) as pool:
+        flood = [
+            pool.submit(server.post, "/v1/chat/completions", long_chat, triage_key)
+            for _ in range(4)
+        ]
+        other = server.classify("other", TEXTS[1], key=other_key)
+        codes = sorted(f.result().status_code for f in flood)
+    assert other.status_code == 200
+    assert codes.count(200) >= 1 and 429 in codes, codes
+    refused = next(f.result() for f in flood if f.result().status_code == 429)
+    assert "'triage-bot' has 1 requests in flight" in refused.json()["error"]["message"]
+
+    # Refusals before any route are audited too, with who and from where.
+    chunked = httpx.post(
+        server.url + "/v1/classify",
+        content=iter([b'{"model": "triage"}']),
+        headers={"Authorization": f"Bearer {admin}"},
+    )
+    assert chunked.status_code == 411
+    rebinding = httpx.get(server.url + "/v1/models", headers={"Host": "evil.example"})
+    assert rebinding.status_code == 400
+    log_lines = [
+        json.loads(line)
+        for line in server.process.log_path.read_text().splitlines()
+        if line.startswith('{"time"')
+    ]
+    assert any(entry["status"] == 411 for entry in log_lines)
+    assert any(entry["status"] == 400 and entry["key"] is None for entry in log_lines)
+    assert all(entry["client"] == "127.0.0.1" for entry in log_lines)
+    assert any(entry["status"] == 429 and entry["key"] == "triage-bot" for entry in log_lines)
+
+    # Revoking a key (the Secret's file swapped) takes effect without a restart.
+    assert server.classify("other", TEXTS[0], key=other_key).status_code == 200
+    replacement = tmp_path / "api-keys.new"
+    replacement.write_text("admin admin-key-0123456789 *\n")
+    replacement.replace(keys)
+    assert server.classify("other", TEXTS[0], key=other_key).status_code == 401
+    assert server.classify("other", TEXTS[0], key=admin).status_code == 200
+
+    # /metrics shows adapter identities: only with the scrape token.
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    scraped = httpx.get(
+        server.url + "/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"}
+    )
+    assert scraped.status_code == 200 and "sectune_serve_adapter_info" in scraped.text

@@ -53,16 +53,19 @@ BAD_ROWS = [
     ('{"id": "x", "text": ["a"], "label": "benign"}', "field 'text' must be a string, got a list"),
     ('{"id": "x", "text": "a"}', "field 'label' is missing"),
     ('{"id": "x", "text": "a", "label": null}', "field 'label' is missing"),
-    ('{"id": "x", "text": "a", "label": "suspicious"}', "label 'suspicious' is not in task.labels"),
+    ('{"id": "x", "text": "a", "label": "suspicious"}', "a 10-character label that is not in"),
+    ('{"id": "x", "text": "a", "label": "Benign"}', "differs from 'benign' in case"),
+    # a secret in the label column never reaches the message (status, Events)
+    ('{"id": "x", "text": "a", "label": "AKIAIOSFODNN7EXAMPLE"}', "a 20-character label"),
     ('{"id": "x", "text": "a", "label": 1}', "field 'label' must be a string"),
-    ('{"id": "g1", "text": "dup", "label": "benign"}', "duplicate id 'g1' (first seen at"),
+    ('{"id": "g1", "text": "dup", "label": "benign"}', "duplicate id (first seen at"),
     (
         '{"id": {"nested": 1}, "text": "a", "label": "benign"}',
         "field 'id' must be a string or integer",
     ),
     (
         '{"id": "x", "text": "a", "label": "' + "y" * 100 + '"}',
-        "a 100-character value is not in task.labels",
+        "a 100-character label that is not in task.labels",
     ),
     ('"just a string"', "expected a JSON object, got a str"),
     ('{"id": "x", "text": "a", "label": ""}', "field 'label' is empty"),
@@ -79,6 +82,7 @@ def test_bad_row_error_names_file_line_and_field(tmp_path, line, message):
     assert message in text
     assert "dataset.onInvalid: skip" in text
     assert SECRET_TEXT not in text  # never echo example text
+    assert "AKIAIOSFODNN7EXAMPLE" not in text and "'g1'" not in text
 
 
 def test_skip_policy_reports_what_was_skipped(tmp_path):
@@ -95,7 +99,7 @@ def test_skip_policy_reports_what_was_skipped(tmp_path):
 def test_csv_rows_are_validated_with_line_numbers(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text("id,text,label\n1,hello,benign\n2,world,unknown\n")
-    with pytest.raises(DataError, match=r"train.csv:3: field 'label': label 'unknown'"):
+    with pytest.raises(DataError, match=r"train.csv:3: field 'label': a 7-character label"):
         prepare_data(_spec(path))
 
 

@@ -27,6 +27,13 @@ METRICS = b"sectune_train_step 3\nsectune_train_total_steps 10\n"
         ("0.0.0.0", None),
         ("pod.example.com", None),
         ("", None),
+        # the metadata address again, spelled so that a v6-only check misses it
+        ("::ffff:169.254.169.254", None),  # IPv4-mapped
+        ("2002:a9fe:a9fe::1", None),  # 6to4 of 169.254.169.254
+        ("64:ff9b::a9fe:a9fe", None),  # NAT64
+        ("fd00:ec2::254", None),  # AWS instance metadata over IPv6
+        ("::ffff:127.0.0.1", None),
+        ("fd12:3456::7", "[fd12:3456::7]"),  # an ordinary IPv6 pod network
     ],
 )
 def test_only_a_unicast_pod_ip_is_scraped(ip: str, expected: str | None) -> None:

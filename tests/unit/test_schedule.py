@@ -63,3 +63,21 @@ def test_history_limits_drop_the_oldest_finished_runs():
 def test_bad_schedules_are_refused(spec, message):
     with pytest.raises(ValidationError, match=message):
         FineTuneScheduleSpec.model_validate({"jobTemplate": TEMPLATE, **spec})
+
+
+def test_a_schedule_counts_as_its_runs_only_the_jobs_it_controls():
+    """A tenant's FineTuneJob that merely carries the schedule's label is not a run: the
+    schedule never deletes it for the history limit nor promotes it."""
+    from sectune_operator.handlers.finetuneschedule import runs_by_schedule
+
+    label = {schedule.SCHEDULE_LABEL: "nightly"}
+    owned = {
+        "ownerReferences": [
+            {"kind": "FineTuneSchedule", "name": "nightly", "uid": "u-1", "controller": True}
+        ]
+    }
+    run = runs_by_schedule("soc", "nightly-1", label, owned, {"phase": "Succeeded"})
+    assert run[("soc", "nightly")]["ownerUid"] == "u-1"
+    assert runs_by_schedule("soc", "mine", label, {}, {"phase": "Succeeded"}) == {}
+    foreign = {"ownerReferences": [{**owned["ownerReferences"][0], "name": "other"}]}
+    assert runs_by_schedule("soc", "mine", label, foreign, {}) == {}

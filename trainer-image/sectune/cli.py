@@ -339,10 +339,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "or unset it to serve without keys"
         )
         return 2
+    token = args.metrics_token_file or os.environ.get("SECTUNE_METRICS_TOKEN_FILE") or None
     options = ServerOptions(
         config_path=config_path,
         config=config,
         api_keys_file=Path(keys) if keys else None,
+        metrics_token_file=Path(token) if token else None,
         precision=args.precision,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -536,6 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-keys-file",
         help="require Authorization: Bearer <key>; one '<key-id> <key> [adapters] "
         "[concurrency=N] [rate=R]' per line, # comments; re-read when it changes (default: $SECTUNE_API_KEYS_FILE; none: no authentication)",
+    )
+    serve_cmd.add_argument(
+        "--metrics-token-file",
+        help="require Authorization: Bearer <token> on /metrics, the token read from this file "
+        "(default: $SECTUNE_METRICS_TOKEN_FILE; none: /metrics is open to whoever reaches the "
+        "port, and shows adapter names, versions, digests and label counts)",
     )
     serve_cmd.add_argument(
         "--allowed-host",

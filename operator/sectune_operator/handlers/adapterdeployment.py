@@ -160,6 +160,21 @@ def _api_error(action: str, exc: ApiException) -> kopf.TemporaryError:
     return kopf.TemporaryError(f"{action} failed ({exc.status}: {exc.reason}); retrying", delay=5)
 
 
+def _require_owned(kind: str, metadata: Any, body: kopf.Body) -> None:
+    """An existing child is updated only when this AdapterDeployment controls it: a ConfigMap
+    or Deployment that merely has the expected name (made by hand, or by someone else) is
+    never taken over."""
+    uid = body["metadata"]["uid"]
+    if any(ref.uid == uid and ref.controller for ref in metadata.owner_references or []):
+        return
+    message = (
+        f"{kind} {metadata.name} already exists and is not owned by this AdapterDeployment; "
+        "it is left alone. Delete or rename it, and the servers are rendered on the next pass"
+    )
+    kopf.warn(body, reason="ChildNotOwned", message=message)
+    raise kopf.TemporaryError(message, delay=60)
+
+
 def _apply_children(
     name: str,
     namespace: str,
@@ -187,6 +202,8 @@ def _apply_children(
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+                current = core.read_namespaced_config_map(child_name(name), namespace)
+                _require_owned("ConfigMap", current.metadata, body)
                 core.patch_namespaced_config_map(
                     child_name(name),
                     namespace,
@@ -203,6 +220,7 @@ def _apply_children(
                 if exc.status != 409:
                     raise
                 current = apps.read_namespaced_deployment(child_name(name), namespace)
+                _require_owned("Deployment", current.metadata, body)
                 deployment["metadata"]["resourceVersion"] = current.metadata.resource_version
                 apps.replace_namespaced_deployment(child_name(name), namespace, deployment)
                 logger.info(f"Updated Deployment {child_name(name)}")

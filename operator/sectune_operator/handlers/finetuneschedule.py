@@ -34,8 +34,21 @@ GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetuneschedules"
 def runs_by_schedule(
     namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, status: kopf.Status, **_: Any
 ) -> dict[Any, Any]:
+    """A schedule's runs: FineTuneJobs it controls (owner reference), not any job that carries
+    its label — a tenant's own job with that label is never deleted or promoted by it."""
+    owner = next(
+        (
+            ref
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == "FineTuneSchedule" and ref.get("controller")
+        ),
+        None,
+    )
+    if owner is None or owner.get("name") != labels[schedule.SCHEDULE_LABEL]:
+        return {}
     return {
-        (namespace, labels[schedule.SCHEDULE_LABEL]): {
+        (namespace, owner["name"]): {
+            "ownerUid": owner.get("uid"),
             "name": name,
             "phase": status.get("phase"),
             "created": meta.get("creationTimestamp") or "",
@@ -218,7 +231,8 @@ def tick(
             kopf.warn(body, reason="InvalidSpec", message=message[:1000])
         return
     now = dt.datetime.now(dt.UTC)
-    runs = list(runs_by_schedule.get((namespace, name), []))
+    uid = meta.get("uid")
+    runs = [r for r in runs_by_schedule.get((namespace, name), []) if r["ownerUid"] == uid]
     active = [r for r in runs if r["phase"] not in TERMINAL]
     update: dict[str, Any] = {}
 

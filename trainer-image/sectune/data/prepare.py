@@ -104,11 +104,7 @@ def _validate_row(row: RawRow, spec: JobSpec) -> tuple[Example | None, str | Non
     if spec.task.type == "classification":
         target = target.strip()
         if target not in spec.task.labels:
-            shown = repr(target) if len(target) <= 64 else f"a {len(target)}-character value"
-            return None, (
-                f"field {names.label!r}: label {shown} is not in task.labels; "
-                "add it to task.labels or fix the row"
-            )
+            return None, f"field {names.label!r}: {_unknown_label(target, spec.task.labels)}"
     if spec.task.type == "extraction":
         try:
             json.loads(target)
@@ -126,6 +122,19 @@ def _validate_row(row: RawRow, spec: JobSpec) -> tuple[Example | None, str | Non
     return Example(example_id, prompt, target, messages), None
 
 
+def _unknown_label(value: str, labels: list[str]) -> str:
+    """Why a row's label is refused, without its text: problems leave the pod (termination
+    message, status, Events), and a wrong column can hold a secret. A label that differs from
+    a task label only in case or spacing is named, being the task's own word."""
+    near = next((label for label in labels if label.casefold() == value.casefold()), None)
+    if near is not None:
+        return f"the label differs from {near!r} in case; use the task's spelling"
+    return (
+        f"a {len(value)}-character label that is not in task.labels (not shown: row content "
+        "never leaves the pod); add it to task.labels or fix the row"
+    )
+
+
 def load_examples(
     uri: str, spec: JobSpec, problems: list[str], seen_ids: dict[str, str]
 ) -> list[Example]:
@@ -141,9 +150,8 @@ def load_examples(
             problems.append(f"{row.where}: {problem}")
             continue
         if example.id in seen_ids:
-            problems.append(
-                f"{row.where}: duplicate id {example.id!r} (first seen at {seen_ids[example.id]})"
-            )
+            # the id is row content: the message names where, never what
+            problems.append(f"{row.where}: duplicate id (first seen at {seen_ids[example.id]})")
             continue
         seen_ids[example.id] = row.where
         examples.append(example)

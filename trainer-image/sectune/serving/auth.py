@@ -150,6 +150,28 @@ def find_key(keys: list[ApiKey], header: str | None) -> ApiKey | None:
     return found
 
 
+def token_matches(digest: bytes, header: str | None) -> bool:
+    """Whether `Authorization: Bearer <token>` carries the token whose SHA-256 is `digest`."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+    return hmac.compare_digest(given, digest)
+
+
+def load_token(path: Path) -> bytes:
+    """The SHA-256 of the token in `path` (one line, at least MIN_KEY_LENGTH characters)."""
+    try:
+        with path.open("rb") as handle:
+            token = handle.read(4096).decode("utf-8", errors="replace").strip()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the token file ({exc.strerror})") from None
+    if len(token) < MIN_KEY_LENGTH or len(token.split()) != 1:
+        raise ManifestError(
+            f"{path}: the token must be one word of at least {MIN_KEY_LENGTH} characters"
+        )
+    return hashlib.sha256(token.encode()).digest()
+
+
 def audit(request: Any, status: int, seconds: float) -> None:
     """One JSON access-log line for an API request: who (key id, never the key), which model,
     what came of it. Never the body. `request.state` carries caller, served and tokens."""
@@ -161,6 +183,7 @@ def audit(request: Any, status: int, seconds: float) -> None:
             {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "key": caller.id if caller else None,
+                "client": request.client.host if request.client else None,
                 "method": request.method,
                 "endpoint": request.url.path,
                 "adapter": adapter,

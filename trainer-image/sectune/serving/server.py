@@ -18,7 +18,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from sectune.serving import auth
 from sectune.serving.http import protocol_with_timeout
@@ -72,36 +71,59 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         )
         return _error(422, "; ".join(problems), first)
 
+    hosts = allowed_hosts or ["*"]
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if "chunked" in request.headers.get("transfer-encoding", ""):
-            return _error(411, "send the body with a Content-Length (chunked bodies are refused)")
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            return _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        """Host check, body limits, API key; every /v1/ request, refused or not, gets one
+        access-log line with the client's address."""
         request.state.caller = None
         request.state.served = None
         request.state.tokens = (0, 0)
-        if not request.url.path.startswith("/v1/"):
-            passed: Response = await call_next(request)
-            return passed
         began = time.perf_counter()
         result: Response
-        if state.api_keys:
-            request.state.caller = auth.find_key(
-                state.api_keys, request.headers.get("authorization")
-            )
-        if state.api_keys and request.state.caller is None:
-            result = _error(401, "missing or unknown API key: send Authorization: Bearer <key>")
-            result.headers["WWW-Authenticate"] = "Bearer"
+        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]")
+        if "*" not in hosts and host not in [h.strip("[]") for h in hosts]:
+            # a name this server does not answer for (DNS rebinding against 127.0.0.1)
+            result = _error(400, "invalid host header")
+        elif "chunked" in request.headers.get("transfer-encoding", ""):
+            result = _error(411, "send the body with a Content-Length (chunked bodies are refused)")
+        elif (
+            not (length := request.headers.get("content-length", "0")).isdigit()
+            or int(length) > MAX_BODY_BYTES
+        ):
+            result = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        elif not request.url.path.startswith("/v1/"):
+            return await _metrics_or_probe(request, call_next)
         else:
-            result = await call_next(request)
+            state.reload_api_keys_if_changed()
+            if state.api_keys_error:
+                result = _error(503, "the API keys file cannot be read; nothing is served")
+            else:
+                if state.api_keys:
+                    request.state.caller = auth.find_key(
+                        state.api_keys, request.headers.get("authorization")
+                    )
+                if state.api_keys and request.state.caller is None:
+                    result = _error(
+                        401, "missing or unknown API key: send Authorization: Bearer <key>"
+                    )
+                    result.headers["WWW-Authenticate"] = "Bearer"
+                else:
+                    result = await call_next(request)
         auth.audit(request, result.status_code, time.perf_counter() - began)
         return result
 
-    # Outermost: a request naming a host this server does not answer for (DNS rebinding
-    # against a server on 127.0.0.1) is refused before anything else reads it.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"])
+    async def _metrics_or_probe(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.url.path == "/metrics" and state.metrics_token is not None:
+            given = request.headers.get("authorization", "")
+            if not auth.token_matches(state.metrics_token, given):
+                denied = _error(401, "/metrics needs the scrape token: Authorization: Bearer")
+                denied.headers["WWW-Authenticate"] = "Bearer"
+                return denied
+        passed: Response = await call_next(request)
+        return passed
+
     app.include_router(router)
     return app
 

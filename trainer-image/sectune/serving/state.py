@@ -12,7 +12,7 @@ from pathlib import Path
 from sectune import artifacts
 from sectune.config import BaseModelSpec, ManifestError
 from sectune.serving.admission import Admission
-from sectune.serving.auth import ApiKey, load_api_keys
+from sectune.serving.auth import ApiKey, load_api_keys, load_token
 from sectune.serving.config import ServingConfig
 from sectune.serving.engine import Engine
 from sectune.serving.metrics import ServingMetrics
@@ -27,6 +27,9 @@ class ServerOptions:
     config_path: Path | None
     config: ServingConfig
     api_keys_file: Path | None = None
+    metrics_token_file: Path | None = None
+    """A file holding the token /metrics requires (Authorization: Bearer); None: /metrics
+    is open to whoever reaches the port."""
     precision: str = "auto"
     """auto: 16-bit weights on GPUs and CPUs with native bf16, float32 elsewhere
     (sectune.placement); bf16: bfloat16 weights; autocast: float32 weights with bfloat16
@@ -67,6 +70,11 @@ class ServerState:
     admission: Admission = field(init=False)
     """Requests in flight, per key and in all, and each key's rate (on the event loop)."""
     api_keys: list[ApiKey] = field(default_factory=list)
+    api_keys_error: str | None = None
+    """Why the keys file, changed since start, cannot be used: every /v1/ request is then
+    refused (503) rather than served with revoked keys or none."""
+    metrics_token: bytes | None = None
+    _keys_stamp: tuple[int, int, int] | None = None
     watcher: ConfigWatcher | None = None
 
     def __post_init__(self) -> None:
@@ -141,9 +149,42 @@ class ServerState:
         return next(iter(seen.values()))
 
     def load_api_keys(self) -> None:
+        """Keys (and the scrape token) at start-up: a bad file stops the server."""
         if self.options.api_keys_file is not None:
+            self._keys_stamp = _stamp(self.options.api_keys_file)
             self.api_keys = load_api_keys(self.options.api_keys_file)
+        if self.options.metrics_token_file is not None:
+            self.metrics_token = load_token(self.options.metrics_token_file)
+
+    def reload_api_keys_if_changed(self) -> None:
+        """Read the keys file again when it changed (a Secret update, a key revoked): the new
+        keys take effect on the next request. A file that became unreadable or invalid closes
+        the API until it is fixed."""
+        path = self.options.api_keys_file
+        if path is None:
+            return
+        stamp = _stamp(path)
+        if stamp == self._keys_stamp:
+            return
+        self._keys_stamp = stamp
+        try:
+            self.api_keys = load_api_keys(path)
+        except ManifestError as exc:
+            self.api_keys_error = str(exc)
+            log.error("API keys not reloaded, refusing every request until fixed: %s", exc)
+            return
+        self.api_keys_error = None
+        log.info("API keys reloaded from %s: %d keys", path, len(self.api_keys))
 
     def reload_if_changed(self) -> None:
         if self.watcher is not None:
             self.watcher.reload_if_changed()
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file (or the Secret volume's symlink behind it) is replaced."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
