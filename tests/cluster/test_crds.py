@@ -205,6 +205,22 @@ BAD_JOBS = [
         "metadata.name: at most 52",
     ),
     ("name-with-dots", {**VALID_JOB, "metadata": {"name": "triage.v2"}}, "metadata.name"),
+    # Accepted before, and then did something other than what the manifest says:
+    (
+        "full-fine-tune-of-a-4-bit-base",
+        _with(_with(VALID_JOB, "baseModel.quantization", "nf4"), "method", {"type": "full"}),
+        "method full and continued-pretraining train every weight",
+    ),
+    (
+        "format-gate-on-classification",
+        _with(VALID_JOB, "evaluation", {"gates": [{"metric": "formatCompliance", "min": 0.99}]}),
+        "formatCompliance of a classification task is always 1.0",
+    ),
+    (
+        "hf-dataset",
+        _with(VALID_JOB, "dataset.train", "hf://datasets/org/alerts"),
+        "hf:// datasets are not implemented yet",
+    ),
 ]
 
 _V = "adapters.0.versions"

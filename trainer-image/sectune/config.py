@@ -43,6 +43,20 @@ Uri = Annotated[
 ]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
+HF_DATASET_MESSAGE = (
+    "dataset.{field}: hf:// datasets are not implemented yet (the hub is a source of base "
+    "models only); copy the files to s3:// (file:// with sectune run)"
+)
+QUANTIZED_FULL_MESSAGE = (
+    "baseModel.quantization: method full and continued-pretraining train every weight, which "
+    "a quantized base cannot; set quantization: none, or method: qlora"
+)
+FORMAT_GATE_MESSAGE = (
+    "evaluation.gates: formatCompliance of a classification task is always 1.0 (the answer is "
+    "chosen from task.labels), so the gate could never fail; gate on macroF1, recall or "
+    "accuracy instead"
+)
+
 #: Spec fields that only the operator reads (scheduling, identity, lifecycle). A manifest for
 #: `sectune run` may carry them; they are reported and ignored locally. The operator's CRD model
 #: adds exactly these (a unit test holds the two in step).
@@ -182,8 +196,14 @@ class DatasetSpec(Spec):
     deduplicate: bool = True
     """Remove exact and near-duplicate examples before splitting."""
 
+    # --------------------------------------------------------------------------- task
 
-# --------------------------------------------------------------------------- task
+    @model_validator(mode="after")
+    def _sources(self) -> DatasetSpec:
+        for name in ("train", "validation", "test"):
+            if (getattr(self, name) or "").startswith("hf://"):
+                raise ValueError(HF_DATASET_MESSAGE.format(field=name))
+        return self
 
 
 class TaskSpec(Spec):
@@ -484,6 +504,14 @@ class JobSpec(Spec):
             raise ValueError(
                 "baseModel.quantization: method qlora trains on a 4-bit base; set quantization: nf4"
             )
+        if self.method.type in ("full", "continued-pretraining") and (
+            self.base_model.quantization != "none"
+        ):
+            raise ValueError(QUANTIZED_FULL_MESSAGE)
+        if self.task.type == "classification" and any(
+            g.metric == "formatCompliance" for g in self.evaluation.gates
+        ):
+            raise ValueError(FORMAT_GATE_MESSAGE)
         if self.task.type == "classification" and self.dataset.format not in (
             "classification",
             "instruction",
@@ -601,7 +629,29 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "evaluation.gates: per-class metric (precision, recall, f1) needs class",
         },
     ],
+    DatasetSpec: [
+        {
+            "rule": f"!self.{name}.startsWith('hf://')"
+            if name == "train"
+            else f"!has(self.{name}) || !self.{name}.startsWith('hf://')",
+            "message": HF_DATASET_MESSAGE.format(field=name),
+            "fieldPath": f".{name}",
+        }
+        for name in ("train", "validation", "test")
+    ],
     JobSpec: [
+        {
+            "rule": "!(self.method.type in ['full', 'continued-pretraining']) || "
+            "!has(self.baseModel.quantization) || self.baseModel.quantization == 'none'",
+            "message": QUANTIZED_FULL_MESSAGE,
+            "fieldPath": ".baseModel.quantization",
+        },
+        {
+            "rule": "self.task.type != 'classification' || !has(self.evaluation) || "
+            "!has(self.evaluation.gates) || "
+            "self.evaluation.gates.all(g, g.metric != 'formatCompliance')",
+            "message": FORMAT_GATE_MESSAGE,
+        },
         {
             "rule": "self.method.type != 'qlora' || self.baseModel.quantization == 'nf4'",
             "message": "baseModel.quantization: method qlora trains on a 4-bit base; set "

@@ -640,7 +640,7 @@ def reconcile(
             reason = "LocalURINotAllowed"
             message = (
                 f"{', '.join(local)}: file:// URIs point into the server pod's own filesystem; "
-                "use s3:// or hf:// in a cluster"
+                "use s3:// in a cluster (hf:// for base models)"
             )
     except ValidationError as exc:
         reason = "InvalidSpec"

@@ -216,7 +216,7 @@ def reconcile(
     if local:
         message = (
             f"{', '.join(local)}: file:// URIs point into the training pod's own filesystem; "
-            "use s3:// or hf:// in a cluster"
+            "use s3:// in a cluster (hf:// for base models)"
         )
         _block(
             key,
