@@ -232,3 +232,12 @@ def test_the_cli_promotes_a_stored_version_into_the_gitops_example(tmp_path: Pat
     assert (
         refused.returncode == 2 and "no adapter 'attack-tactics'" in refused.stdout + refused.stderr
     )
+
+
+def test_promote_from_a_job_without_a_cluster_says_what_to_do(tmp_path: Path, monkeypatch):
+    from sectune.promote import from_job
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(PromoteError, match="--job needs a cluster: no kubeconfig found"):
+        from_job("soc/triage")

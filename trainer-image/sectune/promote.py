@@ -77,8 +77,14 @@ def from_job(reference: str) -> Candidate:
 
     try:
         config.load_kube_config()
-    except config.ConfigException:
-        config.load_incluster_config()
+    except (config.ConfigException, OSError):
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise PromoteError(
+                "--job needs a cluster: no kubeconfig found ($KUBECONFIG or ~/.kube/config) "
+                "and not running in a pod; or promote a stored version with --version URI"
+            ) from None
     try:
         job = client.CustomObjectsApi().get_namespaced_custom_object(
             "sectune.io", "v1alpha1", namespace, "finetunejobs", name
