@@ -425,7 +425,6 @@ def test_a_child_of_the_same_name_that_it_does_not_own_is_never_taken_over(
         namespace,
         {"metadata": {"name": "soc-serve"}, "data": {"serving.yaml": "someone else's"}},
     )
-    _finished_job(api_client, namespace, "tactics", SHA["tactics"])
     _custom(api_client).create_namespaced_custom_object(
         GROUP, VERSION, namespace, "adapterdeployments", _adep()
     )

@@ -364,7 +364,11 @@ def _random_valid_job(rng: random.Random, index: int) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "baseModel": {
             "uri": rng.choice(["hf://org/model@main", "s3://m/base", "file:///models/x.gguf"]),
-            "quantization": "nf4" if method == "qlora" else rng.choice(["none", "nf4"]),
+            "quantization": "nf4"
+            if method == "qlora"
+            else "none"
+            if method in ("full", "continued-pretraining")  # every weight trains: no 4-bit
+            else rng.choice(["none", "nf4"]),
         },
         "dataset": {
             "train": "s3://d/train.jsonl",
