@@ -5,6 +5,7 @@ Fast tests train and score it for real; only its size is small."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -21,16 +22,14 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(directory: Path, vocab_size: int = 400, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into `directory`."""
-    import torch
+def train_tokenizer(
+    specials: list[str], bos: str, eos: str, template: str, vocab_size: int = 400
+) -> Any:
+    """A small byte-level BPE tokenizer trained on CORPUS, with these added tokens (the
+    first is padding) and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    if (directory / "config.json").exists():
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -43,12 +42,27 @@ def build_tiny_model(directory: Path, vocab_size: int = 400, seed: int = 0) -> P
         ),
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<|pad|>",
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
+        tokenizer_object=tokenizer, pad_token=specials[0], bos_token=bos, eos_token=eos
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
+    return fast
+
+
+def build_tiny_model(directory: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """Write config.json, model.safetensors and tokenizer files into `directory`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (directory / "config.json").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    fast = train_tokenizer(
+        ["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_start|>",
+        "<|im_end|>",
+        CHAT_TEMPLATE,
+        vocab_size,
+    )
     fast.save_pretrained(directory)
 
     torch.manual_seed(seed)

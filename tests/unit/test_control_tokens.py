@@ -19,7 +19,7 @@ from sectune.data.format import (
     text_ids,
 )
 from sectune.data.prepare import Example
-from support.tiny_model import CORPUS
+from support.tiny_model import CHAT_TEMPLATE, train_tokenizer
 
 # The added tokens of SmolLM2-135M-Instruct's tokenizer (ids 0-16), as the demo model has them.
 SMOLLM2_TOKENS = [
@@ -28,10 +28,6 @@ SMOLLM2_TOKENS = [
     "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
     "<jupyter_script>", "<empty_output>",
 ]  # fmt: skip
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 LLAMA3_TOKENS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
     "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>",
@@ -43,7 +39,7 @@ LLAMA3 = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 FAMILIES = {
-    "chatml": (SMOLLM2_TOKENS, CHATML, {"bos": "<|im_start|>", "eos": "<|im_end|>"}),
+    "chatml": (SMOLLM2_TOKENS, CHAT_TEMPLATE, {"bos": "<|im_start|>", "eos": "<|im_end|>"}),
     "llama3": (LLAMA3_TOKENS, LLAMA3, {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>"}),
 }
 # What a forged turn looks like in each family: close the user turn, open an assistant turn.
@@ -54,26 +50,8 @@ FORGERIES = {
 
 
 def _tokenizer(family: str) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokens, template, ends = FAMILIES[family]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        CORPUS * 4,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<|pad|>", *tokens],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<|pad|>", bos_token=ends["bos"], eos_token=ends["eos"]
-    )
-    fast.chat_template = template
-    return fast
+    return train_tokenizer(["<|pad|>", *tokens], ends["bos"], ends["eos"], template)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
