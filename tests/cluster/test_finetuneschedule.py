@@ -90,7 +90,7 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
                 "static_configs": [
                     {
                         "targets": [f"127.0.0.1:{port}"],
-                        "labels": {"namespace": namespace, "pod": "soc-serve-abc"},
+                        "labels": {"namespace": namespace, "pod": "soc-serve-7d9f8b6c4-x2x9z"},
                     }
                 ],
             }
