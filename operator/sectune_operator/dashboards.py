@@ -30,6 +30,16 @@ RATE = "$__rate_interval"
 NS = 'namespace=~"$namespace"'
 
 
+def events(metric: str, by: str, window: str = "1h") -> str:
+    """How often a labelled counter counted in the window, per `by`, including its first
+    event: such a counter has no series before it, so a series new within the window counts
+    whole (increase() alone sees 1 -> 1, 0). `+ 0` drops the metric name so that `or` matches
+    the two sides on their labels alone."""
+    series = f"{metric}{{{NS}}}"
+    new = f"(({series} unless {series} offset {window}) + 0)"
+    return f"sum by ({by}) ({new} or increase({series}[{window}]))"
+
+
 def _query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
     return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref)
 
@@ -116,14 +126,10 @@ def operator_dashboard() -> dash.Dashboard:
                 "FineTuneJobs that ended Failed (by reason) and adapters that failed their gates.",
                 [
                     (
-                        "sum by (reason) (increase(sectune_operator_finetunejob_failures_total"
-                        f"{{{NS}}}[1h]))",
+                        events("sectune_operator_finetunejob_failures_total", "reason"),
                         "failed: {{reason}}",
                     ),
-                    (
-                        f"sum(increase(sectune_operator_gate_failures_total{{{NS}}}[1h]))",
-                        "gates failed",
-                    ),
+                    (events("sectune_operator_gate_failures_total", ""), "gates failed"),
                 ],
             )
         )
@@ -171,13 +177,11 @@ def operator_dashboard() -> dash.Dashboard:
                 "Adapter sets rendered for AdapterDeployments, and canaries rolled back.",
                 [
                     (
-                        "sum by (namespace) (increase(sectune_operator_serving_revisions_total"
-                        f"{{{NS}}}[1h]))",
+                        events("sectune_operator_serving_revisions_total", "namespace"),
                         "revisions {{namespace}}",
                     ),
                     (
-                        "sum by (namespace, metric) (increase("
-                        f"sectune_operator_canary_rollbacks_total{{{NS}}}[1h]))",
+                        events("sectune_operator_canary_rollbacks_total", "namespace, metric"),
                         "rollback {{namespace}} ({{metric}})",
                     ),
                 ],

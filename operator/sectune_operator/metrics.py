@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -79,6 +79,25 @@ CANARY_ROLLBACKS = Counter(
     "sectune_operator_canary_rollbacks_total",
     "Canary versions rolled back automatically, by the figure that exceeded its bound",
     ["namespace", "metric"],
+    registry=REGISTRY,
+)
+SCHEDULE_QUERY_ERRORS = Counter(
+    "sectune_operator_schedule_query_errors_total",
+    "FineTuneSchedule drift-trigger queries that Prometheus did not answer",
+    ["namespace", "schedule"],
+    registry=REGISTRY,
+)
+SCHEDULE_TRIGGER_VALUE = Gauge(
+    "sectune_operator_schedule_trigger_value",
+    "The drift a FineTuneSchedule's trigger last read (the lowest over its forMinutes), "
+    "next to its threshold",
+    ["namespace", "schedule", "kind"],
+    registry=REGISTRY,
+)
+SCHEDULE_LAST_RUN = Gauge(
+    "sectune_operator_schedule_last_run_timestamp_seconds",
+    "When a FineTuneSchedule last started a run (Unix time), by what started it (cron, drift)",
+    ["namespace", "schedule", "trigger"],
     registry=REGISTRY,
 )
 

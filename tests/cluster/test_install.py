@@ -197,6 +197,41 @@ def test_monitoring_resources_follow_the_prometheus_operator_api():
         assert json.loads(body)["uid"] == name.removesuffix(".json")
 
 
+def test_single_alerts_are_turned_off_or_retuned_by_name():
+    """monitoring.alerts changes one alert and leaves the others as shipped; runbookBaseUrl
+    turns each runbook path into a runbook_url."""
+    args = [tool("helm"), "template", "sectune", str(CHART), "--namespace", OPERATOR_NAMESPACE]
+    args += ["--kube-version", "1.37.2", "--api-versions", "monitoring.coreos.com/v1"]
+    args += ["--set", "monitoring.alerts.SectuneGatesFailed.enabled=false"]
+    args += ["--set", "monitoring.alerts.SectuneServingErrors.for=20m"]
+    args += ["--set", "monitoring.alerts.SectuneServingErrors.labels.severity=page"]
+    args += ["--set", "monitoring.runbookBaseUrl=https://wiki.example.com/sectune"]
+    text = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    [rule] = [d for d in load_yaml_all(text) if d and d["kind"] == "PrometheusRule"]
+    rendered = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    shipped = {
+        r["alert"]: r
+        for g in load_yaml_all((CHART / "files" / "prometheus" / "rules.yaml").read_text())
+        .__next__()["groups"]
+        for r in g["rules"]
+    }
+    assert set(rendered) == set(shipped) - {"SectuneGatesFailed"}
+    errors = rendered["SectuneServingErrors"]
+    assert errors["for"] == "20m" and errors["labels"] == {"severity": "page"}
+    assert errors["expr"] == shipped["SectuneServingErrors"]["expr"]
+    assert rendered["SectuneOperatorDown"]["for"] == shipped["SectuneOperatorDown"]["for"]
+    for name, alert in rendered.items():
+        assert alert["annotations"]["runbook_url"] == (
+            f"https://wiki.example.com/sectune#{name.lower()}"
+        )
+        assert "runbook" not in alert["annotations"]
+    for bad in ("monitoring.alerts.NotAnAlert.enabled=false",
+                "monitoring.alerts.SectuneGatesFailed.for=soon",
+                "monitoring.runbookBaseUrl=wiki"):  # fmt: skip
+        with pytest.raises(subprocess.CalledProcessError):
+            render(bad)
+
+
 def _can(control_plane: Any, who: str, verb: str, resource: str, namespace: str | None) -> bool:
     resource, _, subresource = resource.partition("/")
     args = ["auth", "can-i", verb, resource, f"--as={who}"]

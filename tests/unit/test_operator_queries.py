@@ -23,9 +23,9 @@ def _selector() -> str:
     return Settings().prometheus_selector.format(namespace="soc", deployment="soc-serve")
 
 
-def _series(metric: str, values: str, pod: str = POD, **labels: str) -> dict[str, str]:
+def _series(name: str, values: str, pod: str = POD, **labels: str) -> dict[str, str]:
     inner = ",".join(f'{k}="{v}"' for k, v in {"namespace": "soc", "pod": pod, **labels}.items())
-    return {"series": f"{metric}{{{inner}}}", "values": values}
+    return {"series": f"{name}{{{inner}}}", "values": values}
 
 
 def _evaluate(tmp_path: Path, series: list[dict[str, str]], cases: list[dict[str, Any]]) -> None:
@@ -110,4 +110,29 @@ def test_drift_takes_the_highest_score_not_the_first_that_exists(tmp_path, score
     cases = [_at(schedule.drift_query(_selector(), "triage", score, 30), expected, "40m")]
     if score == "any":
         cases.append(_at(canary.queries(_selector(), "triage", "v2", 10)["drift"], 0.9, "40m"))
+    _evaluate(tmp_path, series, cases)
+
+
+def test_dashboard_event_counts_include_a_counters_first_event(tmp_path):
+    """The Operator dashboard's failure, revision and rollback panels: a counter that appears
+    at 1 counts 1 (increase() alone says 0); one older than the window that went 3 -> 5
+    counts 2."""
+    from sectune_operator.dashboards import events
+
+    rollbacks = "sectune_operator_canary_rollbacks_total"
+    series = [
+        _series(rollbacks, "_x70 1x10", "sectune-7d9f8b6c4-aaaaa", metric="errorRate"),
+        _series(rollbacks, "3x70 5x10", "sectune-7d9f8b6c4-bbbbb", metric="drift"),
+    ]
+    expr = events(rollbacks, "namespace, metric").replace("$namespace", ".*")
+    cases = [
+        {
+            "expr": expr,
+            "eval_time": "80m",
+            "exp_samples": [
+                {"labels": '{namespace="soc",metric="errorRate"}', "value": 1},
+                {"labels": '{namespace="soc",metric="drift"}', "value": 2},
+            ],
+        }
+    ]
     _evaluate(tmp_path, series, cases)

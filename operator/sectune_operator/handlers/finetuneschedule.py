@@ -13,6 +13,7 @@ from their scheduled minute, so a restarted operator never starts one twice.
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -21,7 +22,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune.config import format_validation_error
-from sectune_operator import canary, kube, schedule
+from sectune_operator import canary, kube, metrics, schedule
 from sectune_operator.api import FineTuneScheduleSpec
 from sectune_operator.builders.adapterdeployment import child_name as serving_name
 from sectune_operator.settings import Settings
@@ -119,24 +120,50 @@ def _delete_run(namespace: str, run: str) -> None:
             raise
 
 
-def _drifting(spec: FineTuneScheduleSpec, namespace: str, settings: Settings) -> str | None:
-    """Why the served version drifted (for the run's annotation), or None."""
+@dataclass(frozen=True)
+class DriftCheck:
+    """What a schedule's drift trigger found: why it fires (None: it does not), the value
+    read, or why Prometheus could not be asked."""
+
+    fires: str | None = None
+    value: float | None = None
+    error: str | None = None
+    reason: str = "QueryFailed"
+    """The condition's reason when there is an error."""
+
+
+def _drifting(
+    spec: FineTuneScheduleSpec, name: str, namespace: str, settings: Settings
+) -> DriftCheck:
+    """Ask Prometheus whether the served version drifted. Every outcome is recorded in the
+    schedule's metrics; an error is returned, never swallowed."""
     trigger = spec.drift_trigger
-    if trigger is None or not settings.prometheus_url:
-        return None
+    assert trigger is not None
+    if not settings.prometheus_url:
+        return DriftCheck(
+            error="the operator has no Prometheus URL (chart value canaryAnalysis.prometheusUrl)",
+            reason="PrometheusNotConfigured",
+        )
     selector = settings.prometheus_selector.format(
         namespace=namespace, deployment=serving_name(trigger.adapter_deployment)
     )
     promql = schedule.drift_query(selector, trigger.adapter, trigger.score, trigger.for_minutes)
     try:
         value = canary.scalar(settings.prometheus_url, promql)
-    except canary.PrometheusError:
-        return None
+    except canary.PrometheusError as exc:
+        metrics.SCHEDULE_QUERY_ERRORS.labels(namespace, name).inc()
+        return DriftCheck(error=str(exc)[:500])
+    if value is not None:
+        metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, "value").set(value)
+    metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, "threshold").set(trigger.threshold)
     if value is None or value <= trigger.threshold:
-        return None
-    return (
-        f"drift of {trigger.adapter_deployment}/{trigger.adapter} stayed above "
-        f"{trigger.threshold:g} for {trigger.for_minutes}m (lowest {value:.3g})"
+        return DriftCheck(value=value)
+    return DriftCheck(
+        fires=(
+            f"drift of {trigger.adapter_deployment}/{trigger.adapter} stayed above "
+            f"{trigger.threshold:g} for {trigger.for_minutes}m (lowest {value:.3g})"
+        ),
+        value=value,
     )
 
 
@@ -253,12 +280,26 @@ def tick(
     if trigger_due and quiet_until is not None:
         assert parsed.drift_trigger is not None
         trigger_due = now >= quiet_until + dt.timedelta(minutes=parsed.drift_trigger.for_minutes)
+    conditions = status.get("conditions") or []
     if reason is None and trigger_due:
-        drifted = _drifting(parsed, namespace, settings)
-        if drifted:
-            reason, when, trigger = drifted, now, "drift"
+        check = _drifting(parsed, name, namespace, settings)
+        if check.error is not None:
+            message = f"drift trigger not evaluated: {check.error}"
+            if check.reason == "QueryFailed":  # each failure; a missing URL is a setting
+                kopf.warn(body, reason="DriftQueryFailed", message=message[:1000])
+            conditions = set_condition(
+                conditions, "DriftTrigger", "False", check.reason, message, utc_now(), generation
+            )
+        else:
+            seen = "no series yet" if check.value is None else f"lowest {check.value:.3g}"
+            conditions = set_condition(
+                conditions, "DriftTrigger", "True", "Watching",
+                f"drift query answered ({seen})", utc_now(), generation,
+            )  # fmt: skip
+        if check.fires:
+            reason, when, trigger = check.fires, now, "drift"
             update["lastTriggerTime"] = schedule.format_time(now)
-            kopf.info(body, reason="DriftTriggered", message=drifted[:1000])
+            kopf.info(body, reason="DriftTriggered", message=check.fires[:1000])
 
     if reason is not None and when is not None:
         run = schedule.run_name(name, when, trigger)
@@ -282,6 +323,7 @@ def tick(
             last_ok = (status.get("lastSuccessfulJob") or {}).get("adapter")
             if _create_run(body, namespace, name, run, parsed, reason, last_ok):
                 active = [{"name": run}]
+                metrics.SCHEDULE_LAST_RUN.labels(namespace, name, trigger).set(now.timestamp())
         if trigger == "cron":
             update["lastScheduleTime"] = schedule.format_time(when)
 
@@ -318,7 +360,7 @@ def tick(
     else:
         update["nextScheduleTime"] = None
     ready = set_condition(
-        status.get("conditions") or [],
+        conditions,
         "Ready",
         "False" if parsed.suspend else "True",
         "Suspended" if parsed.suspend else "Scheduling",
