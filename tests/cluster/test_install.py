@@ -211,8 +211,9 @@ def test_single_alerts_are_turned_off_or_retuned_by_name():
     rendered = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     shipped = {
         r["alert"]: r
-        for g in load_yaml_all((CHART / "files" / "prometheus" / "rules.yaml").read_text())
-        .__next__()["groups"]
+        for g in load_yaml_all(
+            (CHART / "files" / "prometheus" / "rules.yaml").read_text()
+        ).__next__()["groups"]
         for r in g["rules"]
     }
     assert set(rendered) == set(shipped) - {"SectuneGatesFailed"}
