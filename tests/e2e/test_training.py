@@ -4,14 +4,17 @@ must not replace the good adapter."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sectune import artifacts, storage
@@ -94,22 +97,43 @@ def test_tampered_file_fails_verification(job_manifest, s3_env, s3_bucket):
 
 
 def test_two_process_ddp_run(job_manifest, s3_env, s3_bucket):
+    """Two processes in one pod, as the operator starts one per GPU, with the metrics port
+    set: the pod's first process serves the metrics (the second does not try to bind the same
+    port), and they show the run's steps while it trains."""
     manifest = job_manifest("ddp", output={"uri": f"s3://{s3_bucket}/adapters"})
-    # torchrun sets RANK/WORLD_SIZE/MASTER_*; accelerate picks them up and uses gloo on CPU.
+    port = free_port()
+    # torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*; accelerate uses gloo on CPU.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    result = subprocess.run(
-        [*launcher, "-m", "sectune.cli", "run", str(manifest)],
-        capture_output=True,
+    process = subprocess.Popen(
+        [*launcher, "-m", "sectune.cli", "run", str(manifest), "--metrics-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env=os.environ.copy(),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    scraped: list[str] = []
+
+    def scrape() -> None:
+        while process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                scraped.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=scrape, daemon=True)
+    watcher.start()
+    _, stderr = process.communicate(timeout=600)
+    watcher.join(timeout=5)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "address already in use" not in stderr.lower()
     report = _report(f"s3://{s3_bucket}/adapters", "ddp")
     assert report["training"]["worldSize"] == 2
     # 36 training examples, 4 per process per step, 2 processes, 2 epochs -> 5 steps per epoch.
     assert report["training"]["steps"] == 10
+    assert any("sectune_train_total_steps 10.0" in text for text in scraped), scraped[-1:]
+    assert any("sectune_train_step 10.0" in text for text in scraped), scraped[-1:]
+    # not on a terminal: plain progress lines, the first step and the last
+    assert "training: 1/10, loss" in stderr and "training: 10/10" in stderr
 
 
 def _deepspeed_launcher(stage: int, processes: int, port: int) -> list[str]:

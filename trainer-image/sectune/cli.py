@@ -92,6 +92,47 @@ class _ProgressBars:
                 self.progress = None
 
 
+PLAIN_EVERY_SECONDS = 30.0
+"""Off a terminal, how often a running stage or training prints a plain progress line."""
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class _PlainLines:
+    """Progress off a terminal (`sectune run … > log`, `kubectl logs` of a training pod), where
+    bars print nothing until they end: one plain line per stage when it starts, every
+    `every` seconds, and when it ends, as the Hugging Face Trainer logs. Used for evaluation
+    stages (sectune.progress) and training steps alike."""
+
+    def __init__(self, every: float = PLAIN_EVERY_SECONDS) -> None:
+        self.every = every
+        self.began: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+
+    def __call__(self, what: str, done: int, total: int, extra: str = "") -> None:
+        import time
+
+        now = time.monotonic()
+        began = self.began.setdefault(what, now)
+        finished = done >= total
+        if not finished and what in self.printed and now - self.printed[what] < self.every:
+            return
+        self.printed[what] = now
+        elapsed = now - began
+        line = f"{what}: {done}/{total}{extra}"
+        if finished:
+            line += f", done in {_duration(elapsed)}"
+            self.began.pop(what)
+            self.printed.pop(what)
+        elif done and elapsed > 0:
+            line += f", ETA {_duration((total - done) * elapsed / done)}"
+        console.log(line)
+
+
 def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
     from sectune import runner
     from sectune.artifacts import IntegrityError
@@ -102,7 +143,11 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     from sectune.training.metrics import TrainingMetrics
     from sectune.training.train import Preempted
 
-    metrics = TrainingMetrics(metrics_port) if metrics_port else None
+    # One metrics server per pod: the operator starts a process per GPU, and only the pod's
+    # first (LOCAL_RANK 0) binds the port; every pod reports its own rank's view.
+    pod_first = os.environ.get("LOCAL_RANK", "0") == "0"
+    metrics = TrainingMetrics(metrics_port) if metrics_port and pod_first else None
+    plain = None if console.is_terminal else _PlainLines()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -119,6 +164,8 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
 
     def on_event(event: str, data: dict[str, Any]) -> None:
         nonlocal task_id
+        if event == "step" and metrics:
+            metrics.update(data)
         if not main_process:
             return
         if event == "stage":
@@ -131,9 +178,14 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
             console.log(f"Data: {counts}; redactions: {redactions or 'none'}")
             for warning in data.get("warnings", []):
                 console.log(f"[yellow]warning:[/] {warning}")
+        elif event == "step" and plain is not None:
+            plain(
+                "training",
+                data["step"],
+                data["total_steps"],
+                f", loss {data['loss']:.3f}, {data['tokens_per_second']:.0f} tok/s",
+            )
         elif event == "step":
-            if metrics:
-                metrics.update(data)
             if task_id is None:
                 progress.start()
                 task_id = progress.add_task(
@@ -154,7 +206,8 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         return code
 
     try:
-        with listening(_ProgressBars() if main_process else lambda *_: None):
+        listener = (plain or _ProgressBars()) if main_process else lambda *_: None
+        with listening(listener):
             outcome = runner.run_job(name, spec, on_event)
     except (
         ManifestError,
@@ -418,7 +471,7 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
         storage.StorageError,
     ) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 1
+        return 2  # bad input, as `sectune serve` says it
     for line in fetched:
         print(f"verified {line}")
     return 0
@@ -437,11 +490,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     """Validate and sanitize a manifest's data without training; print the data report."""
     from sectune.data.load import DataError
     from sectune.data.prepare import prepare_data
+    from sectune.storage import StorageError
 
     try:
         manifest = load_manifest(args.manifest)
         data = prepare_data(manifest.spec)
-    except (ManifestError, DataError) as exc:
+    except (ManifestError, DataError, StorageError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     print(json.dumps(data.report, indent=2))
@@ -450,7 +504,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sectune", description="Fine-tune and serve LLMs for security work."
+        prog="sectune",
+        description="Fine-tune and serve LLMs for security work.",
+        formatter_class=_HelpWithDefaults,
     )
     parser.add_argument("--version", action="version", version=f"sectune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -492,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="with --endpoint: the adapter to evaluate, name or name@version"
     )
     evaluate.add_argument(
+        "--key-file",
         "--api-key-file",
-        help="with --endpoint: file holding the API key (default: $SECTUNE_API_KEY)",
+        dest="api_key_file",
+        help="with --endpoint: file holding this client's API key (default: $SECTUNE_API_KEY)",
     )
     evaluate.add_argument(
         "--precision",
@@ -533,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model", help="base model URI (default: the one the adapters were trained on)"
     )
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve_cmd.add_argument(
         "--api-keys-file",
         help="require Authorization: Bearer <key>; one '<key-id> <key> [adapters] "
@@ -620,10 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote_cmd.add_argument("--adapter", required=True, help="adapter name in that file")
     promote_cmd.add_argument("--name", help="version name (default: the next vN)")
     promote_cmd.add_argument("--canary", type=int, metavar="PERCENT", help="start as a canary")
-    promote_cmd.add_argument(
-        "--finalize", action="store_true", help="move all traffic to the canary"
-    )
-    promote_cmd.add_argument(
+    ending = promote_cmd.add_mutually_exclusive_group()
+    ending.add_argument("--finalize", action="store_true", help="move all traffic to the canary")
+    ending.add_argument(
         "--rollback", action="store_true", help="back to the previous stable version"
     )
     promote_cmd.set_defaults(func=cmd_promote)
@@ -656,7 +713,31 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch-demo", help="obtain the demo base model (SmolLM2-135M-Instruct)"
     )
     demo.set_defaults(func=cmd_fetch_demo)
+    _with_defaults_shown(parser)
     return parser
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it has none or the text names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _with_defaults_shown(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpWithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_defaults_shown(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -396,7 +396,7 @@ def train(
                     "tokensPerSecond": report.tokens_per_second,
                 }
             )
-            if accelerator.is_main_process:
+            if accelerator.is_local_main_process:  # each pod's metrics; the CLI prints rank 0's
                 on_step(report)
             last = step == total_steps
             stopping = _anyone(accelerator, stop["requested"])
