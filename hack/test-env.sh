@@ -30,13 +30,13 @@ missing=()
 
 step() { printf '[test-env] %s\n' "$*"; }
 
-# build NAME VERSION DIR PACKAGE: build PACKAGE inside module DIR into bin/NAME-VERSION.
+# build NAME VERSION DIR PACKAGE [LDFLAGS]: build PACKAGE inside module DIR into bin/NAME-VERSION.
 build_in_module() {
-  local name=$1 version=$2 dir=$3 pkg=$4 out="$bin/$1-$2"
+  local name=$1 version=$2 dir=$3 pkg=$4 extra=${5:-} out="$bin/$1-$2"
   if [[ -x $out ]]; then step "$name $version cached"; return; fi
   step "building $name $version (first time only, minutes)"
   local start=$SECONDS
-  if (cd "$dir" && go build -ldflags "$ldflags" -o "$out.tmp" "$pkg") >"$cache/build-$name.log" 2>&1; then
+  if (cd "$dir" && go build -ldflags "$ldflags $extra" -o "$out.tmp" "$pkg") >"$cache/build-$name.log" 2>&1; then
     mv "$out.tmp" "$out"; step "built $name in $((SECONDS - start)) s"
   else
     tail -20 "$cache/build-$name.log"; missing+=("$name"); return
@@ -57,10 +57,17 @@ install_module() {
   fi
 }
 
-build_in_module kube-apiserver "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-apiserver
-build_in_module kube-controller-manager "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-controller-manager
-build_in_module kube-scheduler "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kube-scheduler
-build_in_module kubectl "$KUBERNETES_VERSION" "$here/toolchain/kubernetes" k8s.io/kubernetes/cmd/kubectl
+# Stamped with their version, as released binaries are: the API server then reports v1.37.2
+# (not v0.0.0-master) and `helm install` checks the chart's kubeVersion against it.
+k8s_minor=${KUBERNETES_VERSION#v1.}; k8s_minor=${k8s_minor%%.*}
+k8s_stamp=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_stamp+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
+done
+K8S_BUILD=$KUBERNETES_VERSION-stamped
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  build_in_module "$cmd" "$K8S_BUILD" "$here/toolchain/kubernetes" "k8s.io/kubernetes/cmd/$cmd" "$k8s_stamp"
+done
 build_in_module etcd "$ETCD_VERSION" "$here/toolchain/etcd" go.etcd.io/etcd/server/v3
 install_module kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 install_module helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
@@ -98,7 +105,7 @@ fi
 mkdir -p "$bin/current"
 for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm minio; do
   case $tool in
-    kube-*|kubectl) v=$KUBERNETES_VERSION ;; etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;;
+    kube-*|kubectl) v=$K8S_BUILD ;; etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;;
     helm) v=$HELM_VERSION ;; minio) v=$MINIO_VERSION ;;
   esac
   [[ -x "$bin/$tool-$v" ]] && ln -sf "$bin/$tool-$v" "$bin/current/$tool"

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         standalone=not args.peering,
         peering_name=args.peering or None,
         priority=args.priority,
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, peering=(args.peering, tuple(args.namespace))),
     )
 
 

@@ -47,6 +47,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     except kube_config.ConfigException:
         kube_config.load_kube_config()
     kube.reset()  # handlers share one client built from this configuration
+    peering, namespaces = memo.get("peering", ("", ()))
+    if peering:
+        ensure_peering(peering, namespaces, logger)
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
     tracker = memo.tracker
@@ -57,6 +60,35 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
         f"{ours.server_image}, metrics :{ours.metrics_port}, canary analysis "
         f"{'on' if ours.prometheus_url else 'off'}, peering priority {settings.peering.priority})"
     )
+
+
+def ensure_peering(name: str, namespaces: tuple[str, ...], logger: Any) -> None:
+    """Create the peering object the replicas elect their leader through, unless it exists:
+    a ClusterKopfPeering when watching the whole cluster, a KopfPeering in each watched
+    namespace otherwise. The chart cannot render it: Helm maps every object of a release to
+    its API before it applies any, and the peering CRD comes in that same release."""
+    from kubernetes.client.rest import ApiException
+
+    body = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
+    api = kube.custom_objects()
+    try:
+        if not namespaces:
+            api.create_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"}
+            )
+            logger.info(f"Created ClusterKopfPeering {name}")
+        for namespace in namespaces:
+            try:
+                api.create_namespaced_custom_object(
+                    "kopf.dev", "v1", namespace, "kopfpeerings", {**body, "kind": "KopfPeering"}
+                )
+                logger.info(f"Created KopfPeering {namespace}/{name}")
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+    except ApiException as exc:
+        if exc.status != 409:  # already there: another replica made it, or an earlier start
+            raise
 
 
 KOPF_CONNECTIONS = 48
