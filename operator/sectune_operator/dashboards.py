@@ -30,12 +30,12 @@ RATE = "$__rate_interval"
 NS = 'namespace=~"$namespace"'
 
 
-def events(metric: str, by: str, window: str = "1h") -> str:
+def events(metric: str, by: str, window: str = "1h", selector: str = NS) -> str:
     """How often a labelled counter counted in the window, per `by`, including its first
     event: such a counter has no series before it, so a series new within the window counts
     whole (increase() alone sees 1 -> 1, 0). `+ 0` drops the metric name so that `or` matches
     the two sides on their labels alone."""
-    series = f"{metric}{{{NS}}}"
+    series = f"{metric}{{{selector}}}"
     new = f"(({series} unless {series} offset {window}) + 0)"
     return f"sum by ({by}) ({new} or increase({series}[{window}]))"
 
@@ -187,11 +187,45 @@ def operator_dashboard() -> dash.Dashboard:
                 ],
             )
         )
+        .with_panel(
+            _series(
+                "Training duration",
+                "From a training Job's start to Succeeded or Failed: p50 and p95 of those that "
+                "ended in the last 6 hours.",
+                [
+                    (
+                        "histogram_quantile(0.5, sum by (le) (increase("
+                        "sectune_operator_training_duration_seconds_bucket[6h])))",
+                        "p50",
+                    ),
+                    (
+                        "histogram_quantile(0.95, sum by (le) (increase("
+                        "sectune_operator_training_duration_seconds_bucket[6h])))",
+                        "p95",
+                    ),
+                ],
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Events not posted",
+                "Kubernetes Events the operator dropped because too many were waiting (status "
+                "was still written): above 0 means a burst outran the Event rate limit.",
+                [
+                    (
+                        # the operator's own series: no tenant namespace to filter on
+                        events("sectune_operator_events_dropped_total", "pod", selector=""),
+                        "dropped ({{pod}})",
+                    )
+                ],
+            )
+        )
     )
 
 
 def training_dashboard() -> dash.Dashboard:
-    selector = f'{NS},pod=~"$pod"'
+    selector = f'{NS},finetunejob=~"$finetunejob",pod=~"$pod"'
     return (
         _dashboard(
             "sectune-training",
@@ -200,10 +234,20 @@ def training_dashboard() -> dash.Dashboard:
             "sectune_train_step",
         )
         .with_variable(
+            dash.QueryVariable("finetunejob")
+            .label("FineTuneJob")
+            .datasource(DATASOURCE)
+            .query(f"label_values(sectune_train_step{{{NS}}}, finetunejob)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
+        .with_variable(
             dash.QueryVariable("pod")
             .label("Training pod")
             .datasource(DATASOURCE)
-            .query(f"label_values(sectune_train_step{{{NS}}}, pod)")
+            .query(f'label_values(sectune_train_step{{{NS},finetunejob=~"$finetunejob"}}, pod)')
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .multi(True)
             .include_all(True)
@@ -349,13 +393,18 @@ def serving_dashboard() -> dash.Dashboard:
         .with_panel(
             _series(
                 "Traffic share by version",
-                "The traffic share each loaded version is configured with (from the servers).",
+                "The share of each adapter's requests the weighted split sent to each version "
+                "(requests pinned with name@version are not counted), in percent.",
                 [
                     (
-                        f"max by ({by}, traffic) (sectune_serve_adapter_info{{{s}}})",
-                        "{{adapter}}@{{version}}: {{traffic}} %",
+                        f"100 * sum by ({by}) (rate(sectune_serve_requests_total{{{s},"
+                        f'routing="traffic"}}[{RATE}])) / on (adapter) group_left sum by '
+                        f'(adapter) (rate(sectune_serve_requests_total{{{s},routing="traffic"}}'
+                        f"[{RATE}]))",
+                        "{{adapter}}@{{version}}",
                     )
                 ],
+                unit="percent",
             )
         )
         .with_row(dash.Row("Quality"))
@@ -432,6 +481,20 @@ def serving_dashboard() -> dash.Dashboard:
                         f"sum by (kind) (rate(sectune_serve_batch_size_count{{{NS}}}[{RATE}]))",
                         "{{kind}}",
                     )
+                ],
+            )
+        )
+        .with_panel(
+            _series(
+                "Adapter loads failed and config reloads",
+                "Versions a server could not load in the last hour, by reason, and how its "
+                "config reloads ended (applied, partial, invalid).",
+                [
+                    (
+                        events("sectune_serve_adapter_load_failures_total", f"{by}, reason"),
+                        "load failed {{adapter}}@{{version}} {{reason}}",
+                    ),
+                    (events("sectune_serve_config_reloads_total", "result"), "reload {{result}}"),
                 ],
             )
         )

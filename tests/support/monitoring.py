@@ -18,6 +18,7 @@ def dashboard_queries() -> dict[str, list[str]]:
             .replace("$namespace", ".*")
             .replace("$adapter", ".*")
             .replace("$pod", ".*")
+            .replace("$finetunejob", ".*")
             for expr in queries(document)
         ]
     return filled
