@@ -7,6 +7,7 @@
 #   kwok                                              (sigs.k8s.io/kwok)
 #   helm                                              (helm.sh/helm/v3)
 #   minio                                             (github.com/minio/minio)
+#   prometheus-operator and its CRDs                  (github.com/prometheus-operator/...)
 #   prometheus, promtool, chromium                    (Debian packages)
 #   checkov                                           (PyPI, in a virtualenv of its own)
 # Prints progress, names every tool it could not obtain, and exits non-zero then.
@@ -22,6 +23,7 @@ ETCD_VERSION=v3.7.3
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c   # RELEASE.2026-02-12T20-18-48Z
+PROMETHEUS_OPERATOR_VERSION=v0.88.0
 CHECKOV_VERSION=3.3.30
 
 export GOTOOLCHAIN=auto GOFLAGS=-trimpath CGO_ENABLED=0
@@ -72,6 +74,18 @@ build_in_module etcd "$ETCD_VERSION" "$here/toolchain/etcd" go.etcd.io/etcd/serv
 install_module kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 install_module helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 install_module minio "$MINIO_VERSION" github.com/minio/minio
+build_in_module prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" "$here/toolchain/prometheus-operator" \
+  github.com/prometheus-operator/prometheus-operator/cmd/operator
+# Its CRDs (ServiceMonitor, PodMonitor, Prometheus, …), from the same module.
+po_crds="$bin/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION"
+if [[ ! -d $po_crds ]]; then
+  po_src=$(cd "$here/toolchain/prometheus-operator" && go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator 2>/dev/null)
+  if [[ -n $po_src && -d $po_src/example/prometheus-operator-crd ]]; then
+    cp -r "$po_src/example/prometheus-operator-crd" "$po_crds.tmp" && chmod -R u+w "$po_crds.tmp" && mv "$po_crds.tmp" "$po_crds"
+  else
+    missing+=(prometheus-operator-crds)
+  fi
+fi
 
 # Prometheus, promtool and Chromium (renders report.html in the tests) from Debian.
 debian_packages=()
@@ -103,13 +117,15 @@ fi
 
 # Stable names for the fixtures: bin/current/<tool> -> the pinned version.
 mkdir -p "$bin/current"
-for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm minio; do
+for tool in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm minio prometheus-operator; do
   case $tool in
     kube-*|kubectl) v=$K8S_BUILD ;; etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;;
     helm) v=$HELM_VERSION ;; minio) v=$MINIO_VERSION ;;
+    prometheus-operator) v=$PROMETHEUS_OPERATOR_VERSION ;;
   esac
   [[ -x "$bin/$tool-$v" ]] && ln -sf "$bin/$tool-$v" "$bin/current/$tool"
 done
+[[ -d $po_crds ]] && ln -sfn "$po_crds" "$bin/current/prometheus-operator-crds"
 [[ -x $checkov_env/bin/checkov ]] && ln -sf "$checkov_env/bin/checkov" "$bin/current/checkov"
 
 if ((${#missing[@]})); then
