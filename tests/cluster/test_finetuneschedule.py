@@ -305,3 +305,33 @@ def test_promote_takes_a_succeeded_job_from_the_cluster_and_checks_storage(
     assert refused.returncode == 2
     assert "sha256" in refused.stdout + refused.stderr
     assert target.read_bytes() == before
+
+
+def test_a_drift_trigger_that_cannot_ask_prometheus_says_so(api_client, namespace, start_operator):
+    """A wrong Prometheus URL used to leave retraining silently off: the schedule now says so
+    in a condition, a Warning Event on each failure, and a metric an alert watches."""
+    custom = client.CustomObjectsApi(api_client)
+    trigger = {"adapterDeployment": "soc", "adapter": "triage", "threshold": 0.3, "forMinutes": 1}
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetuneschedules", _schedule("drifty", driftTrigger=trigger)
+    )
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    operator = start_operator(env={"SECTUNE_PROMETHEUS_URL": nowhere})
+
+    def condition() -> dict[str, Any]:
+        conditions = _status(api_client, namespace, "drifty").get("conditions") or []
+        return next((c for c in conditions if c["type"] == "DriftTrigger"), {})
+
+    wait_until(lambda: condition().get("reason") == "QueryFailed", 60, "DriftTrigger condition")
+    assert condition()["status"] == "False"
+    assert f"cannot query {nowhere}" in condition()["message"]
+    wait_until(
+        lambda: any(r == "DriftQueryFailed" for r, _ in _events(api_client, namespace, "drifty")),
+        30,
+        "DriftQueryFailed Event",
+    )
+    metric = (
+        f'sectune_operator_schedule_query_errors_total{{namespace="{namespace}",schedule="drifty"}}'
+    )
+    wait_until(lambda: metric in operator.metrics(), 30, "query errors counted")
+    assert _runs(api_client, namespace, "drifty") == []
