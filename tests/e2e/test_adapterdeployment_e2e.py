@@ -25,7 +25,7 @@ from support.processes import wait_until
 from support.replicas import ReplicaNetwork
 from support.trained import Trained
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.cluster]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e, pytest.mark.cluster]
 
 GROUP, VERSION = "sectune.io", "v1alpha1"
 KEY = "e2e-client-key-0123456789abcdef"

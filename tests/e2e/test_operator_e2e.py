@@ -167,7 +167,9 @@ def test_operator_rendered_job_trains_for_real(
     stored_bytes = sum(f["size"] for n, f in manifest["files"].items() if n.startswith("adapter/"))
     assert status["adapter"]["sizeBytes"] == stored_bytes
     assert status["dataset"]["redactions"]["USERNAME"] > 0
-    assert 0 <= status["metrics"]["accuracy"] <= 1
+    report = json.loads(storage.read_bytes(f"{status['adapter']['uri']}/report.json"))
+    # what kubectl shows is what the stored report measured
+    assert status["metrics"]["accuracy"] == pytest.approx(report["models"]["tuned"]["accuracy"])
     stored = json.loads(storage.read_bytes(f"{status['adapter']['uri']}/manifest.json"))
     assert stored["baseModel"]["uri"] == f"s3://{s3_bucket}/models/tiny"
 

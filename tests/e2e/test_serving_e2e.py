@@ -21,7 +21,7 @@ from support.processes import wait_until
 from support.serving import SectuneServer, start_server
 from support.trained import Trained, Version
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 TEXTS = [
     "mimikatz lsass dump beacon by user=<USER_1> from <IP_1> #1",

@@ -64,19 +64,29 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
     } <= set(files)
     assert {"adapter/tokenizer.json", "adapter/tokenizer_config.json"} <= set(files)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
-    assert manifest_doc["method"] == method
+    # The stored adapter is the one the job asked for: its rank and targets, loadable by peft.
+    adapter_dir = f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{_published(s3_bucket, f'tiny-{method}')[0]['version']}/adapter"
+    adapter_config = json.loads(storage.read_bytes(f"{adapter_dir}/adapter_config.json"))
+    asked = load_manifest(manifest).spec.method
+    assert adapter_config["r"] == asked.r and adapter_config["lora_alpha"] == asked.alpha
     assert manifest_doc["baseModel"]["quantization"] == ("nf4" if method == "qlora" else "none")
     assert len(manifest_doc["baseModel"]["sha256"]) == 64
     assert manifest_doc["dataset"]["digest"].startswith("sha256:")
     assert (
         manifest_doc["redactions"]["USERNAME"] > 0 and manifest_doc["redactions"]["IP_ADDRESS"] > 0
     )
-    assert manifest_doc["config"]["method"]["type"] == method
     report = _report(f"s3://{s3_bucket}/adapters", f"tiny-{method}")
     assert set(report["models"]) == {"base", "fewShot", "tuned", "tfidf"}
     tuned = report["models"]["tuned"]
-    assert 0.0 <= tuned["accuracy"] <= 1.0
-    assert 0.0 <= tuned["consistency"] <= 1.0 and tuned["latencyP95Ms"] > 0
+    # accuracy is the confusion matrix's diagonal over the rows scored, macro-F1 its classes'
+    matrix = tuned["confusionMatrix"]["matrix"]
+    scored = sum(map(sum, matrix))
+    assert scored == tuned["examples"]
+    assert tuned["accuracy"] == pytest.approx(
+        sum(matrix[i][i] for i in range(len(matrix))) / scored
+    )
+    assert tuned["macroF1"] == pytest.approx(_macro_f1(tuned["confusionMatrix"]))
+    assert tuned["latencyP95Ms"] > 0
     injection = report["probes"]["injection"]
     assert injection["attacks"] == 18 and set(injection["perVariant"]) >= {
         "base64",
@@ -84,6 +94,20 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
         "unicode",
     }
     assert tuned["injectionFlipRate"] == injection["injectionFlipRate"]
+
+
+def _macro_f1(confusion: dict) -> float:  # type: ignore[type-arg]
+    """Macro-F1 recomputed from the report's confusion matrix (rows: truth, columns: predicted)."""
+    matrix = confusion["matrix"]
+    scores = []
+    for i in range(len(matrix)):
+        true_positive = matrix[i][i]
+        predicted = sum(row[i] for row in matrix)
+        actual = sum(matrix[i])
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / actual if actual else 0.0
+        scores.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    return sum(scores) / len(scores)
 
 
 def test_tampered_file_fails_verification(job_manifest, s3_env, s3_bucket):
@@ -301,7 +325,7 @@ def test_failed_upload_keeps_the_previous_adapter(job_manifest, s3_env, s3_bucke
 
 
 @pytest.mark.parametrize("method", ["full", "continued-pretraining"])
-def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method):
+def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method, tiny_model_dir):
     spec: dict = {"method": {"type": method}, "output": {"uri": f"s3://{s3_bucket}/adapters"}}
     if method == "continued-pretraining":
         spec |= {
@@ -316,6 +340,17 @@ def test_full_and_continued_pretraining(job_manifest, s3_env, s3_bucket, method)
     assert result.returncode == 0, result.stderr[-3000:]
     _, manifest_doc = _published(s3_bucket, f"tiny-{method}")
     assert "adapter/model.safetensors" in manifest_doc["files"]  # every weight, not an adapter
+    # Every weight trained: the stored model loads and differs from the base it started from.
+    from safetensors.torch import load, load_file
+
+    pointer, _ = _published(s3_bucket, f"tiny-{method}")
+    version = f"s3://{s3_bucket}/adapters/tiny-{method}/versions/{pointer['version']}"
+    tuned = load(storage.read_bytes(f"{version}/adapter/model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    shared = set(tuned) & set(base)
+    assert shared and all(tuned[k].shape == base[k].shape for k in shared)
+    changed = [k for k in shared if not tuned[k].float().equal(base[k].float())]
+    assert len(changed) > len(shared) // 2, f"{len(changed)} of {len(shared)} tensors trained"
     report = _report(f"s3://{s3_bucket}/adapters", f"tiny-{method}")
     if method == "continued-pretraining":
         # Causal LM on raw text: the held-out loss is the measure, and it went down.
@@ -431,7 +466,8 @@ def test_classifier_head_trains_publishes_and_evaluates_like_the_lm_head(
     result = sectune(*evaluate, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert 0.0 <= report["models"]["tuned"]["macroF1"] <= 1.0
+    tuned = report["models"]["tuned"]
+    assert tuned["macroF1"] == pytest.approx(_macro_f1(tuned["confusionMatrix"]))
 
     # Labels that start with one token cannot share the head: refused before any training.
     clash = job_manifest("clash", output={"uri": prefix},
@@ -578,7 +614,13 @@ def test_a_run_is_compared_with_the_previous_version_it_would_replace(
                 os.environ[key] = value
     assert report["previousVersion"]["uri"] == trained.triage_v1.uri
     assert report["previousVersion"]["sha256"] == trained.triage_v1.sha256
-    assert 0.0 <= report["models"]["previous"]["accuracy"] <= 1.0
+    # the served version was scored on the same held-out rows as the new one
+    previous = report["models"]["previous"]
+    assert previous["examples"] == report["models"]["tuned"]["examples"]
+    matrix = previous["confusionMatrix"]["matrix"]
+    assert previous["accuracy"] == pytest.approx(
+        sum(matrix[i][i] for i in range(len(matrix))) / previous["examples"]
+    )
     [gate] = report["gates"]
     assert gate["name"].startswith("accuracy") and gate["passed"]
     expected = report["models"]["tuned"]["accuracy"] - report["models"]["previous"]["accuracy"]

@@ -184,10 +184,18 @@ def test_vllm_runtime_verifies_in_an_init_container_and_rolls_on_a_new_set():
     modules = command[command.index("--lora-modules") + 1 :]
     assert "triage=/adapters/triage/v1/adapter" in modules
     assert "triage@v2=/adapters/triage/v2/adapter" in modules
+    # A different adapter set rolls the vLLM pods (their adapters are fixed at start);
+    # rendering the same set again does not.
     annotation = "sectune.io/serving-config-sha256"
-    assert deployment["spec"]["template"]["metadata"]["annotations"][annotation] == config_sha256(
-        config
+    rolled = deployment["spec"]["template"]["metadata"]["annotations"][annotation]
+    again = build_deployment("soc", spec, config, Settings())
+    assert again["spec"]["template"]["metadata"]["annotations"][annotation] == rolled
+    [triage] = config.adapters
+    fewer = config.model_copy(
+        update={"adapters": [triage.model_copy(update={"versions": triage.versions[:1]})]}
     )
+    changed = build_deployment("soc", spec, fewer, Settings())
+    assert changed["spec"]["template"]["metadata"]["annotations"][annotation] != rolled
 
 
 def test_vllm_runtime_refuses_a_traffic_split():

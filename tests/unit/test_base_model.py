@@ -45,8 +45,14 @@ def test_missing_demo_model_says_how_to_get_it(tmp_path):
         base_model.resolve(BaseModelSpec(uri=f"file://{tmp_path}/SmolLM2-135M-Instruct"))
 
 
-def test_asking_for_gpus_on_a_cpu_machine_names_the_override():
+def test_asking_for_gpus_on_a_cpu_machine_names_the_override(monkeypatch):
+    import torch
+
     from sectune.runner import ResourceError, check_resources
+
+    # a machine without a GPU, whichever machine runs the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
     spec = JobSpec.model_validate(
         {
