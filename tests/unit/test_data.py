@@ -374,3 +374,23 @@ def test_a_classification_label_is_never_redacted(tmp_path: Path):
     examples = data.train + data.validation + data.test
     assert {e.target for e in examples} <= {"Execution", "Impact"}
     assert any("<USER_1>" in e.fields["text"] for e in examples)
+
+
+@pytest.mark.parametrize(
+    ("line", "secret", "entity"),
+    [
+        ("mysql -u root -pS3cretPass -h db01", "S3cretPass", "SECRET"),
+        ("sshpass -pHunter22 ssh backup@db01", "Hunter22", "SECRET"),
+        ("applicant SSN123-45-6789 on file", "123-45-6789", "US_SSN"),
+    ],
+)
+def test_a_value_glued_to_its_flag_is_replaced_and_counted(line, secret, entity):
+    """Found values were once left in place when a letter preceded them (the replacement
+    wanted a word boundary), and not counted: the secret went into training."""
+    from sectune.config import SanitizeSpec
+    from sectune.data.sanitize import Sanitizer
+
+    sanitizer = Sanitizer(SanitizeSpec())
+    redacted = sanitizer.redact({"text": line, "output": f'{{"password": "{secret}"}}'})
+    assert secret not in redacted["text"] and secret not in redacted["output"]
+    assert sanitizer.report.counts[entity] == 2  # the log line and the expected output

@@ -393,8 +393,9 @@ class Sanitizer:
         if not self.spec.enabled:
             return fields
         entities: dict[str, str] = {}
-        for text in fields.values():
-            for finding in self.findings(text):
+        found = {name: self.findings(text) for name, text in fields.items()}
+        for name, text in fields.items():
+            for finding in found[name]:
                 entities.setdefault(text[finding.start : finding.end].lower(), finding.entity)
         if not entities:
             return fields
@@ -412,5 +413,18 @@ class Sanitizer:
             self.report.counts[entities[value]] += 1
             return numbering[value]
 
+        def redact_field(text: str, findings: list[Finding]) -> str:
+            # Where a value was found it is replaced as found, even glued to what precedes it
+            # (`-pS3cretPass`, `SSN123-45-6789`); elsewhere only as a whole word.
+            pieces, last = [], 0
+            for finding in findings:
+                pieces.append(pattern.sub(replace, text[last : finding.start]))
+                value = text[finding.start : finding.end].lower()
+                self.report.counts[entities[value]] += 1
+                pieces.append(numbering[value])
+                last = finding.end
+            pieces.append(pattern.sub(replace, text[last:]))
+            return "".join(pieces)
+
         self.report.examples_changed += 1
-        return {name: pattern.sub(replace, text) for name, text in fields.items()}
+        return {name: redact_field(text, found[name]) for name, text in fields.items()}
