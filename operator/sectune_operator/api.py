@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, model_validator
@@ -14,8 +14,10 @@ from pydantic import BaseModel, Field, model_validator
 from sectune.config import (
     CEL_RULES,
     DNS_LABEL_PATTERN,
+    PREVIOUS_GATE_MESSAGE,
     SHA256_PATTERN,
     BaseModelSpec,
+    EvaluationSpec,
     JobSpec,
     ResourcesSpec,
     SecretReference,
@@ -456,6 +458,39 @@ class SchedulePromotion(Spec):
     """Traffic the new version starts with; canary analysis then decides."""
 
 
+PREVIOUS_TEMPLATE_MESSAGE = (
+    "jobTemplate.evaluation.gates: overBaseline: previous compares adapters; method must be "
+    "lora or qlora"
+)
+
+
+class TemplateEvaluation(EvaluationSpec):
+    """A schedule template's evaluation: gates with `overBaseline: previous` need no
+    `previousVersion` here, because each run is given its schedule's last successful run (a
+    first run, with none yet, runs without those gates and its annotation says so)."""
+
+    CEL_WAIVED: ClassVar[tuple[str, ...]] = (PREVIOUS_GATE_MESSAGE,)
+
+    @model_validator(mode="after")
+    def _previous_gates(self) -> TemplateEvaluation:  # waives EvaluationSpec's rule
+        return self
+
+
+class FineTuneJobTemplate(FineTuneJobSpec):
+    """The FineTuneJob spec a schedule creates its runs from."""
+
+    evaluation: TemplateEvaluation = Field(default_factory=TemplateEvaluation)  # type: ignore[arg-type]
+    """Evaluation and gates; `overBaseline: previous` compares with the schedule's last
+    successful run."""
+
+    @model_validator(mode="after")
+    def _previous_needs_an_adapter(self) -> FineTuneJobTemplate:
+        previous = any(g.over_baseline == "previous" for g in self.evaluation.gates)
+        if previous and self.method.type not in ("lora", "qlora"):
+            raise ValueError(PREVIOUS_TEMPLATE_MESSAGE)
+        return self
+
+
 class FineTuneScheduleSpec(Spec):
     """Retraining on a cadence or on drift: what CronJob is to Job, for FineTuneJobs."""
 
@@ -463,7 +498,7 @@ class FineTuneScheduleSpec(Spec):
     """Cron expression (5 fields), e.g. "0 3 1 * *" (monthly). Optional with a drift trigger."""
     time_zone: str = Field("UTC", max_length=64)
     """IANA time zone the schedule is read in."""
-    job_template: FineTuneJobSpec
+    job_template: FineTuneJobTemplate
     """The FineTuneJob spec of every run."""
     concurrency_policy: Literal["Forbid", "Replace"] = "Forbid"
     """Forbid: skip a run while the previous one is unfinished; Replace: delete it first."""
@@ -540,6 +575,14 @@ CEL_RULES.update(
                 "rule": "!has(self.uri) || has(self.sha256)",
                 "message": "source.sha256: an adapter given by uri needs its sha256",
                 "fieldPath": ".sha256",
+            },
+        ],
+        FineTuneJobTemplate: [
+            {
+                "rule": "!has(self.evaluation) || !has(self.evaluation.gates) || "
+                "!self.evaluation.gates.exists(g, has(g.overBaseline) && "
+                "g.overBaseline == 'previous') || self.method.type in ['lora', 'qlora']",
+                "message": PREVIOUS_TEMPLATE_MESSAGE,
             },
         ],
         AdapterSpec: [

@@ -118,6 +118,13 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
             **every_minute,
             successfulJobsHistoryLimit=1,
             promote={"adapterDeployment": "soc", "adapter": "triage", "canaryPercent": 10},
+            # "no worse than what came before": each run compared with the last success
+            jobTemplate={
+                **TEMPLATE,
+                "evaluation": {
+                    "gates": [{"metric": "accuracy", "overBaseline": "previous", "min": 0}]
+                },
+            },
         ),
         _schedule(
             "drifty",
@@ -154,8 +161,16 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
         and status["nextScheduleTime"]
     )
 
-    # The history schedule's run passes its gates: it becomes a 10 % canary of soc/triage.
+    # The first history run has nothing before it: its previous-gates are left out, and it says so.
     [history_first] = first["history"]
+    first_run = custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", history_first
+    )
+    assert "previousVersion" not in first_run["spec"]["evaluation"]
+    assert first_run["spec"]["evaluation"].get("gates", []) == []
+    assert "sectune.io/previous-gates-skipped" in first_run["metadata"]["annotations"]
+
+    # The history schedule's run passes its gates: it becomes a 10 % canary of soc/triage.
     finish_job(api_client, namespace, history_first, "cd" * 32)
 
     def promoted() -> dict[str, int]:
@@ -194,6 +209,13 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
     # The second history run succeeds: the limit of 1 drops the first; promotion waits while a
     # canary is in traffic.
     [history_second] = [r for r in _runs(api_client, namespace, "history") if r != history_first]
+    # It is compared with the first, whose adapter the schedule put in as its previousVersion.
+    second_run = custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", history_second
+    )
+    evaluation = second_run["spec"]["evaluation"]
+    assert evaluation["previousVersion"]["sha256"] == "cd" * 32
+    assert [g["overBaseline"] for g in evaluation["gates"]] == ["previous"]
     finish_job(api_client, namespace, history_second, "ef" * 32)
     wait_until(
         lambda: _runs(api_client, namespace, "history") == [history_second], 30, "history limit"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from sectune.config import (
     CLUSTER_ONLY_FIELDS,
@@ -175,3 +176,36 @@ def test_the_control_plane_never_imports_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_a_schedule_template_may_gate_on_the_previous_run_a_job_may_not_without_one():
+    """`overBaseline: previous` in a schedule's template: each run gets the schedule's last
+    success as its previousVersion, so the template needs none; a FineTuneJob does."""
+    from sectune.config import PREVIOUS_GATE_MESSAGE
+    from sectune_operator.api import FineTuneJobSpec, FineTuneScheduleSpec
+
+    template = {
+        "baseModel": {"uri": "s3://m/base"},
+        "dataset": {"train": "s3://d/train.jsonl"},
+        "task": {"labels": ["benign", "malicious"]},
+        "evaluation": {"gates": [{"metric": "accuracy", "overBaseline": "previous", "min": 0}]},
+    }
+    FineTuneScheduleSpec.model_validate({"schedule": "0 3 * * *", "jobTemplate": template})
+    with pytest.raises(ValidationError, match="overBaseline: previous needs"):
+        FineTuneJobSpec.model_validate(template)
+    with pytest.raises(ValidationError, match="method must be lora or qlora"):
+        FineTuneScheduleSpec.model_validate(
+            {"schedule": "0 3 * * *", "jobTemplate": {**template, "method": {"type": "full"}}}
+        )
+    # The CRDs say the same to the API server.
+    job = load_yaml(crd.render_all()["sectune.io_finetunejobs.yaml"])
+    schedule = load_yaml(crd.render_all()["sectune.io_finetuneschedules.yaml"])
+
+    def messages(document: dict[str, Any], *path: str) -> list[str]:
+        node = document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for step in path:
+            node = node["properties"][step]
+        return [rule["message"] for rule in node.get("x-kubernetes-validations", [])]
+
+    assert PREVIOUS_GATE_MESSAGE in messages(job, "spec", "evaluation")
+    assert PREVIOUS_GATE_MESSAGE not in messages(schedule, "spec", "jobTemplate", "evaluation")

@@ -43,6 +43,7 @@ Uri = Annotated[
 ]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
+PREVIOUS_GATE_MESSAGE = "evaluation.gates: overBaseline: previous needs evaluation.previousVersion"
 HF_DATASET_MESSAGE = (
     "dataset.{field}: hf:// datasets are not implemented yet (the hub is a source of base "
     "models only); copy the files to s3:// (file:// with sectune run)"
@@ -455,9 +456,7 @@ class EvaluationSpec(Spec):
     @model_validator(mode="after")
     def _previous_gates(self) -> EvaluationSpec:
         if self.previous_version is None and any(g.over_baseline == "previous" for g in self.gates):
-            raise ValueError(
-                "evaluation.gates: overBaseline: previous needs evaluation.previousVersion"
-            )
+            raise ValueError(PREVIOUS_GATE_MESSAGE)
         return self
 
 
@@ -691,7 +690,7 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         {
             "rule": "!has(self.gates) || has(self.previousVersion) || "
             "!self.gates.exists(g, has(g.overBaseline) && g.overBaseline == 'previous')",
-            "message": "evaluation.gates: overBaseline: previous needs evaluation.previousVersion",
+            "message": PREVIOUS_GATE_MESSAGE,
         },
     ],
 }
@@ -700,8 +699,16 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
 def _kubernetes_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
     """Add what the CRD needs beyond plain JSON Schema: CEL rules, and the defaults that
     factories produce (so the API server fills nested defaults when a section is omitted)."""
-    # A subclass (the operator's FineTuneJobSpec) carries its parents' rules too.
-    rules = [rule for model, rs in CEL_RULES.items() if issubclass(cls, model) for rule in rs]
+    # A subclass (the operator's FineTuneJobSpec) carries its parents' rules too, except those
+    # it waives (CEL_WAIVED: the messages of rules that do not hold for it).
+    waived = getattr(cls, "CEL_WAIVED", ())
+    rules = [
+        rule
+        for model, rs in CEL_RULES.items()
+        if issubclass(cls, model)
+        for rule in rs
+        if rule["message"] not in waived
+    ]
     if rules:
         schema["x-kubernetes-validations"] = rules
     for name, field in cls.model_fields.items():

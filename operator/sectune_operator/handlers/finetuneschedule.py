@@ -78,24 +78,38 @@ def _create_run(
     each run is compared with what came before it."""
     job_spec = spec.job_template.model_dump(mode="json", by_alias=True, exclude_none=True)
     template = spec.job_template
-    if (
+    annotations = {"sectune.io/triggered-by": why[:1000]}
+    injected = (
         template.evaluation.previous_version is None
         and template.method.type in ("lora", "qlora")
         and previous
         and previous.get("uri")
         and previous.get("sha256")
-    ):
+    )
+    if injected:
+        assert previous is not None
         job_spec["evaluation"]["previousVersion"] = {
             "uri": previous["uri"],
             "sha256": previous["sha256"],
         }
+    elif template.evaluation.previous_version is None:
+        # Nothing succeeded before this run: "no worse than the last one" has nothing to
+        # compare with, so those gates are left out of this run, and it says so.
+        gates = job_spec["evaluation"].get("gates") or []
+        kept = [g for g in gates if g.get("overBaseline") != "previous"]
+        if len(kept) < len(gates):
+            job_spec["evaluation"]["gates"] = kept
+            annotations["sectune.io/previous-gates-skipped"] = (
+                "no earlier run of this schedule succeeded: gates with overBaseline: previous "
+                "start with the next run"
+            )
     job = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
         "metadata": {
             "name": run,
             "labels": {schedule.SCHEDULE_LABEL: owner},
-            "annotations": {"sectune.io/triggered-by": why[:1000]},
+            "annotations": annotations,
         },
         "spec": job_spec,
     }
