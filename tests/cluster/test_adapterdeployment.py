@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 
 from sectune.serving.config import ServingConfig
 from sectune.yamlio import load_yaml
+from support.kube import create_job
 from support.kube import finish_job as _finish_job
 from support.processes import wait_until
 from support.replicas import ReplicaNetwork
@@ -45,17 +46,7 @@ def _finished_job(
     api_client: Any, namespace: str, name: str, sha256: str, gates_passed: bool = True
 ) -> None:
     """A FineTuneJob whose training pod ended with the trainer's result, as kwok plays it."""
-    spec = {
-        "baseModel": {"uri": "s3://models/smollm2"},
-        "dataset": {"train": "s3://data/train.jsonl"},
-        "task": {"type": "classification", "labels": ["benign", "malicious"]},
-        "resources": {"memory": "1Gi"},
-        "output": {"uri": "s3://adapters/soc", "credentials": {"name": "storage"}},
-    }
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}}
-    _custom(api_client).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "finetunejobs", {**body, "spec": spec}
-    )
+    create_job(api_client, namespace, name)
     if sha256:
         _finish_job(api_client, namespace, name, sha256, gates_passed)
 

@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client
 
 from sectune.yamlio import dump_yaml, load_yaml, load_yaml_all
-from support.kube import finish_job
+from support.kube import create_job, finish_job
 from support.operator import CHART
 from support.processes import TOOL_BIN, Server, free_port, tool, wait_until
 from support.prometheus import PrometheusServer
@@ -316,7 +316,7 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             core.create_namespaced_secret(
                 namespace, {"metadata": {"name": "storage"}, "stringData": _secret}
             )
-            _create_job(api_client, namespace)
+            create_job(api_client, namespace, "triage")
             finish_job(api_client, namespace, "triage", "ab" * 32, gates_passed=False)
 
             def firing(alert: str) -> list[dict[str, Any]]:
@@ -338,21 +338,3 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             prometheus.stop()
     finally:
         server.stop()
-
-
-def _create_job(api_client: Any, namespace: str) -> None:
-    body = {
-        "apiVersion": "sectune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "triage"},
-        "spec": {
-            "baseModel": {"uri": "s3://models/smollm2"},
-            "dataset": {"train": "s3://data/train.jsonl"},
-            "task": {"type": "classification", "labels": ["benign", "malicious"]},
-            "resources": {"memory": "1Gi"},
-            "output": {"uri": "s3://adapters/soc", "credentials": {"name": "storage"}},
-        },
-    }
-    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        "sectune.io", "v1alpha1", namespace, "finetunejobs", body
-    )

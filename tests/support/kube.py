@@ -1,5 +1,5 @@
-"""Playing a training pod's end on the test cluster: kwok finishes it with the exit code and the
-trainer's result (termination message) the test chooses."""
+"""FineTuneJobs on the test cluster and their ends: kwok finishes a training pod with the exit
+code and the trainer's result (termination message) the test chooses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ from typing import Any
 from kubernetes import client
 
 from .processes import wait_until
+
+JOB_SPEC: dict[str, Any] = {
+    "baseModel": {"uri": "s3://models/smollm2"},
+    "dataset": {"train": "s3://data/train.jsonl"},
+    "task": {"type": "classification", "labels": ["benign", "malicious"]},
+    "resources": {"memory": "1Gi"},
+    "output": {"uri": "s3://adapters/soc", "credentials": {"name": "storage"}},
+}
+"""A small classification job whose storage Secret is named `storage`."""
+
+
+def create_job(api_client: Any, namespace: str, name: str) -> None:
+    body = {"apiVersion": "sectune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}}
+    client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        "sectune.io", "v1alpha1", namespace, "finetunejobs", {**body, "spec": JOB_SPEC}
+    )
 
 
 def finish_job(

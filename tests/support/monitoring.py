@@ -1,8 +1,26 @@
-"""The shipped dashboards' queries, as Grafana sends them with every variable on "All"."""
+"""The shipped dashboards' queries, as Grafana sends them with every variable on "All"; and
+promtool's unit tests run in Prometheus' own engine."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
+
+from .processes import tool
+
+
+def promtool_test(directory: Path, tests: str) -> None:
+    """Run a promtool unit-test file's text in `directory` (where the rule files it names
+    are); fail with promtool's own report."""
+    (directory / "tests.yaml").write_text(tests)
+    tested = subprocess.run(
+        [tool("promtool"), "test", "rules", "tests.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def dashboard_queries() -> dict[str, list[str]]:

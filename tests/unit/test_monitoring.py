@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from sectune.yamlio import dump_yaml, load_yaml
-from support.monitoring import dashboard_queries
+from support.monitoring import dashboard_queries, promtool_test
 from support.processes import tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,14 +64,7 @@ def test_every_alert_fires_and_stays_silent_as_its_unit_tests_say(tmp_path: Path
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / "rules.yaml").write_text(dump_yaml(stripped))
-    (tmp_path / "rules.test.yaml").write_text(RULE_TESTS.read_text())
-    tested = subprocess.run(
-        [tool("promtool"), "test", "rules", "rules.test.yaml"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert tested.returncode == 0, tested.stdout + tested.stderr
+    promtool_test(tmp_path, RULE_TESTS.read_text())
 
 
 def test_rules_name_only_metrics_the_code_exports():

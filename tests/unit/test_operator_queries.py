@@ -4,7 +4,6 @@ not the query strings, are what is checked."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from sectune.yamlio import dump_yaml
 from sectune_operator import canary, schedule
 from sectune_operator.settings import Settings
-from support.processes import tool
+from support.monitoring import promtool_test
 
 POD = "soc-serve-7d9f8b6c4-x2x9z"
 NEIGHBOUR = "soc-serve-x-serve-5d4f8-abcde"  # an AdapterDeployment named soc-serve-x
@@ -35,14 +34,7 @@ def _evaluate(tmp_path: Path, series: list[dict[str, str]], cases: list[dict[str
         "evaluation_interval": "1m",
         "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}],
     }
-    (tmp_path / "queries.test.yaml").write_text(dump_yaml(tests))
-    tested = subprocess.run(
-        [tool("promtool"), "test", "rules", "queries.test.yaml"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert tested.returncode == 0, tested.stdout + tested.stderr
+    promtool_test(tmp_path, dump_yaml(tests))
 
 
 def _at(expr: str, value: float | None, eval_time: str = "10m") -> dict[str, Any]:

@@ -504,9 +504,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sectune",
-        description="Fine-tune and serve LLMs for security work.",
-        formatter_class=_HelpWithDefaults,
+        prog="sectune", description="Fine-tune and serve LLMs for security work."
     )
     parser.add_argument("--version", action="version", version=f"sectune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

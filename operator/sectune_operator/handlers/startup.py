@@ -71,24 +71,30 @@ def ensure_peering(name: str, namespaces: tuple[str, ...], logger: Any) -> None:
 
     body = {"apiVersion": "kopf.dev/v1", "metadata": {"name": name}}
     api = kube.custom_objects()
-    try:
-        if not namespaces:
-            api.create_cluster_custom_object(
-                "kopf.dev", "v1", "clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"}
-            )
+
+    def create(call: Any, *args: Any) -> bool:
+        try:
+            call(*args)
+        except ApiException as exc:
+            if exc.status != 409:  # already there: another replica made it, or an earlier start
+                raise
+            return False
+        return True
+
+    if not namespaces:
+        created = create(
+            api.create_cluster_custom_object,
+            "kopf.dev", "v1", "clusterkopfpeerings", {**body, "kind": "ClusterKopfPeering"},
+        )  # fmt: skip
+        if created:
             logger.info(f"Created ClusterKopfPeering {name}")
-        for namespace in namespaces:
-            try:
-                api.create_namespaced_custom_object(
-                    "kopf.dev", "v1", namespace, "kopfpeerings", {**body, "kind": "KopfPeering"}
-                )
-                logger.info(f"Created KopfPeering {namespace}/{name}")
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-    except ApiException as exc:
-        if exc.status != 409:  # already there: another replica made it, or an earlier start
-            raise
+    for namespace in namespaces:
+        created = create(
+            api.create_namespaced_custom_object,
+            "kopf.dev", "v1", namespace, "kopfpeerings", {**body, "kind": "KopfPeering"},
+        )  # fmt: skip
+        if created:
+            logger.info(f"Created KopfPeering {namespace}/{name}")
 
 
 KOPF_CONNECTIONS = 48

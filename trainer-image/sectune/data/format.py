@@ -8,6 +8,7 @@ tokens only.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -47,32 +48,43 @@ def control_strings(tokenizer: Any) -> list[str]:
     return sorted((s for s in found if s), key=len, reverse=True)
 
 
-def plain_text(text: str, controls: list[str]) -> str:
-    """`text` with every control-token string broken by a word joiner after its first
-    character, so untrusted text (a log line, a rule, a training row, a request) is tokenized
-    as the characters it shows and can never open or close a turn. Nothing else changes."""
-    if not controls or not any(c in text for c in controls):
-        return text
-    pattern = "|".join(re.escape(c) for c in controls)
-    return re.sub(pattern, lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+class PlainText:
+    """Makes untrusted text (a log line, a rule, a training row, a request) plain for one
+    tokenizer: every control-token string is broken by a word joiner after its first
+    character, so it is tokenized as the characters it shows and can never open or close a
+    turn. Nothing else changes. Built once per tokenizer (`plain_text_for`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        controls = control_strings(tokenizer)
+        self.pattern = re.compile("|".join(re.escape(c) for c in controls)) if controls else None
+
+    def __call__(self, text: str) -> str:
+        if self.pattern is None:
+            return text
+        return self.pattern.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+    def messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The conversation with every message's content made plain."""
+        return [{**m, "content": self(m["content"])} for m in messages]
 
 
-def plain_messages(messages: list[dict[str, str]], controls: list[str]) -> list[dict[str, str]]:
-    """The conversation with every message's content made plain text (see plain_text)."""
-    return [{**m, "content": plain_text(m["content"], controls)} for m in messages]
+@functools.lru_cache(maxsize=8)
+def plain_text_for(tokenizer: Any) -> PlainText:
+    """The tokenizer's PlainText, compiled on first use (a server has one tokenizer)."""
+    return PlainText(tokenizer)
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation up to the assistant's answer, as a server renders a
     request: the chat template's markup is real, the messages' text is plain."""
-    plain = plain_messages(messages, control_strings(tokenizer))
+    plain = plain_text_for(tokenizer).messages(messages)
     text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Token ids of untrusted raw text (a completion prompt), kept plain."""
-    plain = plain_text(text, control_strings(tokenizer))
+    plain = plain_text_for(tokenizer)(text)
     return list(tokenizer(plain, add_special_tokens=False)["input_ids"])
 
 
@@ -109,13 +121,13 @@ class PromptFormatter:
         self.raw_text = (
             spec.method.type == "continued-pretraining" or spec.dataset.format == "completion"
         )
-        self.controls = control_strings(tokenizer)
+        self.plain = plain_text_for(tokenizer)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _conversation(self, example: Example) -> list[dict[str, str]]:
-        return plain_messages(messages_for(example, self.spec), self.controls)
+        return self.plain.messages(messages_for(example, self.spec))
 
     def prompt_ids(self, example: Example) -> list[int]:
         if self.raw_text:
@@ -127,7 +139,7 @@ class PromptFormatter:
 
     def target_ids(self, example: Example, target: str | None = None) -> list[int]:
         """Target tokens as they follow the prompt in the rendered conversation."""
-        target = plain_text(example.target if target is None else target, self.controls)
+        target = self.plain(example.target if target is None else target)
         if self.raw_text:
             return [*self._ids(target), self.tokenizer.eos_token_id]
         messages = [*self._conversation(example), {"role": "assistant", "content": target}]

@@ -27,7 +27,7 @@ import torch
 
 from sectune import progress
 from sectune.config import JobSpec
-from sectune.data.format import control_strings, plain_text
+from sectune.data.format import plain_text_for
 from sectune.data.prepare import CANARY_PREFIX, Example, canary_value
 
 
@@ -241,11 +241,11 @@ def regurgitation_probe(
     device = next(model.parameters()).device
     leaked_canaries, leaked_placeholders = 0, 0
     digits = {re.sub(r"\D", "", c) for c in canaries}
-    controls = control_strings(tokenizer)
+    plain = plain_text_for(tokenizer)
     for prompt in prompts:
-        ids = tokenizer(
-            plain_text(prompt, controls), return_tensors="pt", add_special_tokens=False
-        )["input_ids"].to(device)
+        ids = tokenizer(plain(prompt), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ].to(device)
         output = model.generate(
             ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )

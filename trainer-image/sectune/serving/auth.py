@@ -137,12 +137,19 @@ def load_api_keys(path: Path) -> list[ApiKey]:
     return parse_api_keys(data.decode("utf-8", errors="replace"), str(path))
 
 
+def _bearer_digest(header: str | None) -> bytes | None:
+    """The SHA-256 of the credential an `Authorization: Bearer <credential>` header carries."""
+    if not header or not header.startswith("Bearer "):
+        return None
+    return hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+
+
 def find_key(keys: list[ApiKey], header: str | None) -> ApiKey | None:
     """The key an `Authorization: Bearer <key>` header carries, or None. Every key is compared,
     each in constant time, so timing says nothing about which keys exist."""
-    if not header or not header.startswith("Bearer "):
+    given = _bearer_digest(header)
+    if given is None:
         return None
-    given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
     found = None
     for key in keys:
         if hmac.compare_digest(given, key.digest):
@@ -152,10 +159,8 @@ def find_key(keys: list[ApiKey], header: str | None) -> ApiKey | None:
 
 def token_matches(digest: bytes, header: str | None) -> bool:
     """Whether `Authorization: Bearer <token>` carries the token whose SHA-256 is `digest`."""
-    if not header or not header.startswith("Bearer "):
-        return False
-    given = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
-    return hmac.compare_digest(given, digest)
+    given = _bearer_digest(header)
+    return given is not None and hmac.compare_digest(given, digest)
 
 
 def load_token(path: Path) -> bytes:
