@@ -24,6 +24,7 @@ from sectune.config import (
     Spec,
     Uri,
 )
+from sectune.contract import DataQuality
 from sectune.serving.config import check_versions
 
 Quantity = Annotated[
@@ -145,6 +146,8 @@ class DatasetStatus(Spec):
     """Invalid rows skipped (dataset.onInvalid: skip)."""
     redactions: dict[str, int] = Field(default_factory=dict)
     """Values redacted, per entity type."""
+    quality: DataQuality | None = None
+    """What the data audit found (dataset.quality), in counts."""
 
 
 class AdapterStatus(Spec):

@@ -111,6 +111,9 @@ def _result_fields(result: TrainerResult | None) -> dict[str, Any]:
                 "trainExamples": dataset.counts.get("train"),
                 "validationExamples": dataset.counts.get("validation"),
                 "redactions": dataset.redactions,
+                "quality": dataset.quality.model_dump(by_alias=True, exclude_none=True)
+                if dataset.quality
+                else None,
             }.items()
             if v is not None
         }

@@ -136,6 +136,8 @@ class _PlainLines:
 def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: Path | None) -> int:
     from sectune import runner
     from sectune.artifacts import IntegrityError
+    from sectune.contract import ResultDataset
+    from sectune.data.audit import DataQualityError
     from sectune.data.load import DataError
     from sectune.storage import StorageError
     from sectune.training.base_model import ModelError
@@ -209,6 +211,12 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         listener = (plain or _ProgressBars()) if main_process else lambda *_: None
         with listening(listener):
             outcome = runner.run_job(name, spec, on_event)
+    except DataQualityError as exc:
+        progress.stop()
+        console.print(f"[red]error:[/] {exc}")
+        result = TrainerResult.failure("DataQualityFailed", str(exc))
+        result.dataset = ResultDataset(quality=exc.audit.summary())
+        return finish(runner.EXIT_BAD_INPUT, result.to_message())
     except (
         ManifestError,
         DataError,
@@ -502,6 +510,157 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_file(uri: str, test: str | None, labels: list[str]) -> tuple[Any, Any]:
+    """A data file audited on its own: every row validated and sanitized (no dedup, no
+    split), `test` as the held-out rows; labels from --labels or the file."""
+    from sectune.config import JobSpec
+    from sectune.data.audit import audit
+    from sectune.data.load import DataError, read_rows
+    from sectune.data.prepare import load_examples, raise_or_report, sanitize_examples
+
+    if not labels:
+        rows, _ = read_rows(uri)
+        labels = sorted({str(r.values["label"]) for r in rows if r.values.get("label")})
+    if len(labels) < 2:
+        raise DataError(
+            f"{uri}: found {len(labels)} label(s) in the `label` field; name them with --labels "
+            "or audit a manifest"
+        )
+    spec = JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "file:///not-loaded"},
+            "dataset": {"train": uri, "test": test},
+            "task": {"type": "classification", "labels": labels},
+        }
+    )
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    train = load_examples(uri, spec, problems, seen)
+    held_out = load_examples(test, spec, problems, seen) if test else []
+    raise_or_report(problems, spec, {})
+    sanitize_examples([*train, *held_out], spec)
+    return spec, (audit(train, held_out, spec), train)
+
+
+def _as_uri(value: str) -> str:
+    return value if "://" in value else Path(value).resolve().as_uri()
+
+
+def cmd_data_audit(args: argparse.Namespace) -> int:
+    """Audit a manifest's data (as the job will see it) or a data file; print the findings
+    and write the review files."""
+    from sectune.data.audit import check_limits
+    from sectune.data.load import DataError
+    from sectune.data.prepare import prepare_data
+    from sectune.data.review import review_rows, write_review
+    from sectune.storage import StorageError
+
+    target = args.target
+    try:
+        if target.endswith((".yaml", ".yml")):
+            manifest = load_manifest(target)
+            spec = manifest.spec
+            if not spec.dataset.quality.audit:
+                spec = spec.model_copy(
+                    update={
+                        "dataset": spec.dataset.model_copy(
+                            update={
+                                "quality": spec.dataset.quality.model_copy(update={"audit": True})
+                            }
+                        )
+                    }
+                )
+            data = prepare_data(spec, enforce_limits=False)
+            assert data.audit is not None
+            result, train = data.audit, data.train
+        else:
+            labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
+            spec, (result, train) = _audit_file(
+                _as_uri(target), _as_uri(args.test) if args.test else None, labels
+            )
+    except (ManifestError, DataError, StorageError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    result.broken_limits = check_limits(result, spec.dataset.quality)
+    lines = review_rows(result, {e.id: e for e in train})
+    csv_path, jsonl_path = write_review(lines, Path(args.out))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        console.print(_audit_table(result))
+        for warning in result.warnings():
+            console.print(f"[yellow]warning:[/] {warning}")
+    console.print(
+        f"Review: {len(lines)} flagged row(s) in {csv_path} and {jsonl_path}; mark `decision` "
+        "keep, relabel (with newLabel) or drop, then `sectune data review apply`",
+        soft_wrap=True,
+    )
+    for broken in result.broken_limits:
+        console.print(f"[red]limit broken:[/] {broken}")
+    return 2 if result.broken_limits else 0
+
+
+def _audit_table(result: Any) -> Table:
+    table = Table(title="Data audit", show_header=True)
+    table.add_column("finding")
+    table.add_column("rows", justify="right")
+    table.add_column("of", justify="right")
+    errors = result.label_errors_total
+    table.add_row(
+        "suspected label errors",
+        "not measured" if errors is None else str(errors),
+        str(result.train_rows),
+    )
+    table.add_row(
+        "near-duplicates in training", str(result.near_duplicates_total), str(result.train_rows)
+    )
+    table.add_row("conflicting labels", str(result.conflicts_total), str(result.train_rows))
+    table.add_row(
+        "held-out rows leaking from training", str(result.leaked_total), str(result.held_out_rows)
+    )
+    table.add_row(
+        "labels under the minimum",
+        str(len(result.coverage.labels_under_minimum)),
+        str(len(result.coverage.labels)),
+    )
+    return table
+
+
+def cmd_data_review_apply(args: argparse.Namespace) -> int:
+    """Apply analysts' decisions: a new dataset version and its provenance record."""
+    from sectune.data.load import DataError
+    from sectune.data.review import apply_review
+    from sectune.storage import StorageError
+
+    labels: list[str] = []
+    id_field, label_field = "id", "label"
+    try:
+        if args.manifest:
+            spec = load_manifest(args.manifest).spec
+            labels = list(spec.task.labels)
+            id_field, label_field = spec.dataset.fields.id, spec.dataset.fields.label
+        record = apply_review(
+            _as_uri(args.data),
+            Path(args.review),
+            _as_uri(args.out),
+            args.reviewer,
+            id_field=id_field,
+            label_field=label_field,
+            labels=labels,
+        )
+    except (ManifestError, DataError, StorageError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(record.counts.items()))
+    console.print(
+        f"Reviewed version: {record.result.uri} ({record.result.rows} rows, sha256 "
+        f"{record.result.sha256}); {counts}",
+        soft_wrap=True,
+    )
+    console.print(f"Provenance: {record.result.uri}.provenance.json", soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sectune", description="Fine-tune and serve LLMs for security work."
@@ -704,6 +863,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("manifest")
     check.set_defaults(func=cmd_data_check)
+    audit = data_sub.add_parser(
+        "audit",
+        help="find suspected label errors, near-duplicates, leakage and coverage gaps; write "
+        "a review file",
+    )
+    audit.add_argument("target", help="a FineTuneJob manifest (.yaml) or a data file")
+    audit.add_argument("--test", help="held-out data file to check for leakage (data file only)")
+    audit.add_argument(
+        "--labels", help="comma-separated labels (data file only; default: the file's)"
+    )
+    audit.add_argument("--out", default="review", help="folder for review.csv and review.jsonl")
+    audit.add_argument("--json", action="store_true", help="print the findings as JSON")
+    audit.set_defaults(func=cmd_data_audit)
+    review = data_sub.add_parser("review", help="expert review of audited rows")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    apply = review_sub.add_parser(
+        "apply", help="write a reviewed dataset version and its provenance record"
+    )
+    apply.add_argument("--data", required=True, help="the data file that was audited")
+    apply.add_argument("--review", required=True, help="the review file (.csv or .jsonl)")
+    apply.add_argument("--out", required=True, help="the new version (.jsonl)")
+    apply.add_argument("--reviewer", required=True, help="who reviewed (goes in the record)")
+    apply.add_argument(
+        "--manifest", help="the job's manifest: its labels and field names check the review"
+    )
+    apply.set_defaults(func=cmd_data_review_apply)
 
     models = sub.add_parser("models", help="base model tools")
     models_sub = models.add_subparsers(dest="models_command", required=True)

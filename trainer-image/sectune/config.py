@@ -163,6 +163,50 @@ class CanarySpec(Spec):
     """How often each canary is repeated in the training data."""
 
 
+class QualitySpec(Spec):
+    """The data audit every job runs before training (sectune.data.audit), and the limits that
+    fail the job on bad data before any training time is spent. Findings are in the report,
+    the lineage manifest and status.dataset.quality; `sectune data audit` shows the same."""
+
+    audit: bool = True
+    """Run the audit: suspected label errors (classification: confident learning on
+    out-of-fold TF-IDF + logistic-regression probabilities), near-duplicates and conflicting
+    labels within training, held-out rows that nearly duplicate training rows (leakage), and
+    coverage (per-label counts, lengths, rows cut by maxSeqLength)."""
+    near_duplicate_threshold: float = Field(0.8, ge=0.5, le=1.0)
+    """Two rows are near-duplicates when the Jaccard similarity of their inputs' character
+    5-grams (lower-cased, placeholders unnumbered) is at least this."""
+    min_examples_per_label: int = Field(10, ge=0, le=1_000_000)
+    """Coverage: a label with fewer training examples is reported (its per-class metrics will
+    be noisy, and the model may not learn it)."""
+    min_train_examples: int = Field(200, ge=0, le=100_000_000)
+    """Coverage: fewer training examples than this are reported (with fewer than a few
+    hundred, a model will likely overfit)."""
+    max_label_errors: Fraction | None = None
+    """Fail when more than this fraction of the training rows are suspected label errors
+    (classification only)."""
+    max_leakage: Fraction | None = None
+    """Fail when more than this fraction of the held-out rows nearly duplicate a training row
+    (every held-out metric would be flattered)."""
+    max_conflicting: Fraction | None = None
+    """Fail when more than this fraction of the training rows have a near-identical input with
+    a different label (classification only)."""
+    enforce_minimums: bool = False
+    """Fail when a label is under minExamplesPerLabel or the training set under
+    minTrainExamples (otherwise they are warnings)."""
+
+    @model_validator(mode="after")
+    def _limits_need_audit(self) -> QualitySpec:
+        if not self.audit and self.has_limits():
+            raise ValueError(QUALITY_AUDIT_MESSAGE)
+        return self
+
+    def has_limits(self) -> bool:
+        return self.enforce_minimums or any(
+            v is not None for v in (self.max_label_errors, self.max_leakage, self.max_conflicting)
+        )
+
+
 class DatasetSpec(Spec):
     """Training, validation and test data."""
 
@@ -196,6 +240,8 @@ class DatasetSpec(Spec):
     """Evaluate on at most this many held-out examples (stratified sample)."""
     deduplicate: bool = True
     """Remove exact and near-duplicate examples before splitting."""
+    quality: QualitySpec = Field(default_factory=QualitySpec)  # type: ignore[arg-type]
+    """The data audit and the limits on what it finds."""
 
     # --------------------------------------------------------------------------- task
 
@@ -519,6 +565,11 @@ class JobSpec(Spec):
                 "dataset.format: classification tasks read classification (text, label) or "
                 "instruction rows"
             )
+        quality = self.dataset.quality
+        if self.task.type != "classification" and (
+            quality.max_label_errors is not None or quality.max_conflicting is not None
+        ):
+            raise ValueError(QUALITY_CLASSIFICATION_MESSAGE)
         if self.evaluation.previous_version and self.method.type not in ("lora", "qlora"):
             raise ValueError(
                 "evaluation.previousVersion: only adapters (method lora or qlora) are compared "
@@ -552,6 +603,14 @@ ZERO3_PREVIOUS_MESSAGE = (
 ZERO3_BASELINE_MESSAGE = (
     "evaluation.baseline: the base-model baseline of full fine-tuning at DeepSpeed zeroStage 3 "
     "is not implemented yet; set baseline: false or use zeroStage 2"
+)
+QUALITY_AUDIT_MESSAGE = (
+    "dataset.quality: limits (maxLabelErrors, maxLeakage, maxConflicting, enforceMinimums) "
+    "need audit: true; turn the audit on or remove the limits"
+)
+QUALITY_CLASSIFICATION_MESSAGE = (
+    "dataset.quality: maxLabelErrors and maxConflicting judge labels, so they are for task "
+    "type classification only; remove them"
 )
 TEMPLATE_MESSAGE = (
     "task.template: names no field of the row ({text}, or {instruction} / {input}), so every "
@@ -638,7 +697,22 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         }
         for name in ("train", "validation", "test")
     ],
+    QualitySpec: [
+        {
+            "rule": "self.audit || !((has(self.enforceMinimums) && self.enforceMinimums) || "
+            "has(self.maxLabelErrors) || has(self.maxLeakage) || has(self.maxConflicting))",
+            "message": QUALITY_AUDIT_MESSAGE,
+            "fieldPath": ".audit",
+        },
+    ],
     JobSpec: [
+        {
+            "rule": "self.task.type == 'classification' || !has(self.dataset.quality) || "
+            "!(has(self.dataset.quality.maxLabelErrors) || "
+            "has(self.dataset.quality.maxConflicting))",
+            "message": QUALITY_CLASSIFICATION_MESSAGE,
+            "fieldPath": ".dataset.quality",
+        },
         {
             "rule": "!(self.method.type in ['full', 'continued-pretraining']) || "
             "!has(self.baseModel.quantization) || self.baseModel.quantization == 'none'",

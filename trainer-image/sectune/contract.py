@@ -57,10 +57,36 @@ class ResultGate(_Tolerant):
     value: float | None = None
 
 
+class DataQuality(_Tolerant):
+    """What the data audit found (sectune.data.audit), in counts: written by the trainer into
+    its result, the report and the lineage manifest; shown as status.dataset.quality."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    train_rows: int = 0
+    """Training rows audited (after validation, sanitization and deduplication)."""
+    held_out_rows: int = 0
+    """Held-out rows audited (validation and test)."""
+    suspected_label_errors: int | None = None
+    """Training rows whose label the audit's out-of-fold classifier confidently disagrees
+    with (confident learning); absent when not measured (not classification, too few rows)."""
+    near_duplicates: int = 0
+    """Training rows that nearly duplicate an earlier training row."""
+    conflicting: int = 0
+    """Training rows whose near-identical input carries a different label."""
+    leaked_held_out: int = 0
+    """Held-out rows that nearly duplicate a training row."""
+    labels_under_minimum: list[str] = Field(default_factory=list)
+    """Labels with fewer training rows than dataset.quality.minExamplesPerLabel."""
+    broken_limits: list[str] = Field(default_factory=list)
+    """The dataset.quality limits the data broke (the job fails before training)."""
+
+
 class ResultDataset(_Tolerant):
     digest: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     redactions: dict[str, int] = Field(default_factory=dict)
+    quality: DataQuality | None = None
 
 
 class TrainerResult(_Tolerant):
@@ -138,6 +164,10 @@ class ManifestDataset(_Tolerant):
     digest: str | None = None
     counts: dict[str, int] | None = None
     sources: Any = None
+    quality: DataQuality | None = None
+    provenance: dict[str, Any] | None = None
+    """The review record the training data came with (`sectune data review apply`): who
+    reviewed which rows, when, and the digest of the result."""
 
 
 class AdapterManifest(_Tolerant):

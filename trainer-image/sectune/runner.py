@@ -27,6 +27,7 @@ from sectune.contract import (
     ResultGate,
     TrainerResult,
 )
+from sectune.data.audit import DataAudit
 
 # Exit codes the operator's Pod failure policy reads (sectune.contract.ExitCode).
 EXIT_OK = ExitCode.OK
@@ -75,6 +76,9 @@ class Outcome:
                 digest=data.get("digest"),
                 counts=data.get("counts") or {},
                 redactions=data.get("sanitize", {}).get("redactions", {}),
+                quality=DataAudit.model_validate(data["audit"]).summary()
+                if data.get("audit")
+                else None,
             ),
         )
 
@@ -116,6 +120,23 @@ def training_fingerprint(spec: JobSpec, dataset_digest: str | None) -> str:
     config = spec.model_dump(mode="json", by_alias=True, exclude={"output"})
     body = json.dumps({"spec": config, "data": dataset_digest}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
+
+
+def truncation_coverage(tokenizer: Any, spec: JobSpec, data: Any) -> Any:
+    """Training rows cut by maxSeqLength, and how much of each (sectune.data.audit)."""
+    from sectune.data.audit import truncation
+    from sectune.data.format import PromptFormatter
+
+    formatter = PromptFormatter(tokenizer, spec)
+    rows = [e for e in data.train if not e.canary]
+    classifier = spec.task.type == "classification" and spec.task.head == "classifier"
+    return truncation(
+        rows,
+        [len(formatter.prompt_ids(e)) for e in rows],
+        [0 if classifier else len(formatter.target_ids(e)) for e in rows],
+        formatter.max_length,
+        labelled=spec.task.type == "classification",
+    )
 
 
 def prompt_length_reference(tokenizer: Any, spec: JobSpec, data: Any) -> dict[str, float] | None:
@@ -186,6 +207,9 @@ def run_job(
 
         on_event("stage", {"name": "Loading base model"})
         loaded = _load_base_model(spec)
+        if data.audit is not None:  # how much of each row maxSeqLength leaves out
+            data.audit.coverage.truncation = truncation_coverage(loaded.tokenizer, spec, data)
+            data.report["audit"] = data.audit.as_dict()
         # A head the labels cannot use (two start with one token) fails now, not after baselines.
         objective_for(loaded.tokenizer, spec, data.train)
         main = loaded.accelerator.is_main_process
@@ -314,7 +338,7 @@ def _evaluate(
         )
     if spec.task.type == "classification" and loaded.accelerator.is_main_process:
         models["tfidf"] = tfidf_baseline(
-            data.train, data.test, spec.task.labels, spec.hyperparameters.seed
+            data.train, data.test, spec.task.labels, spec.hyperparameters.seed, data.leaked_ids()
         )
     return probes, previous_version
 
@@ -408,6 +432,8 @@ def build_manifest(
             digest=data.report.get("digest"),
             counts=data.report.get("counts"),
             sources=data.report.get("sources"),
+            quality=data.audit.summary() if data.audit else None,
+            provenance=data.report.get("provenance"),
         ),
         redactions=data.report.get("sanitize", {}).get("redactions", {}),
         canaries={"count": len(data.canaries)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -29,6 +30,16 @@ class RawRow:
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
+
+
+def row_id(values: dict[str, Any], id_field: str) -> str:
+    """A row's id: its id field, or a digest of its content when it has none (so the same
+    row has the same id in every run, review file and report)."""
+    raw_id = values.get(id_field)
+    if raw_id is None or raw_id == "":
+        digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+        return "sha256:" + digest.hexdigest()[:16]
+    return str(raw_id)
 
 
 def _describe(value: Any) -> str:

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sectune.config import JobSpec
-from sectune.data.load import DataError, RawRow, _describe, read_rows
+from sectune.data.audit import DataAudit, enforce
+from sectune.data.audit import audit as audit_data
+from sectune.data.load import DataError, RawRow, _describe, read_rows, row_id
+from sectune.data.review import provenance_for
 from sectune.data.sanitize import Sanitizer
 
 MAX_PROBLEMS_SHOWN = 20
-MIN_CLASS_EXAMPLES = 10
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Example:
     """label or expected output, as sanitized."""
     messages: list[dict[str, str]] | None = None
     canary: bool = False
+    where: str = ""
+    """file:line it was read from (reports and review files name rows by it and the id)."""
 
     @property
     def text(self) -> str:
@@ -47,6 +51,12 @@ class PreparedData:
     test: list[Example]
     report: dict[str, Any] = field(default_factory=dict)
     canaries: list[str] = field(default_factory=list)
+    audit: DataAudit | None = None
+    """What the data audit found (dataset.quality.audit); also in `report["audit"]`."""
+
+    def leaked_ids(self) -> set[str]:
+        """Held-out rows that nearly duplicate a training row."""
+        return self.audit.leaked_ids() if self.audit else set()
 
 
 # --------------------------------------------------------------------------- validation
@@ -114,12 +124,7 @@ def _validate_row(row: RawRow, spec: JobSpec) -> tuple[Example | None, str | Non
     raw_id = values.get(names.id)
     if raw_id is not None and not isinstance(raw_id, str | int):
         return None, f"field {names.id!r} must be a string or integer, got {_describe(raw_id)}"
-    if raw_id is None or raw_id == "":
-        digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
-        example_id = "sha256:" + digest.hexdigest()[:16]
-    else:
-        example_id = str(raw_id)
-    return Example(example_id, prompt, target, messages), None
+    return Example(row_id(values, names.id), prompt, target, messages), None
 
 
 def _unknown_label(value: str, labels: list[str]) -> str:
@@ -154,6 +159,7 @@ def load_examples(
             problems.append(f"{row.where}: duplicate id (first seen at {seen_ids[example.id]})")
             continue
         seen_ids[example.id] = row.where
+        example.where = row.where
         examples.append(example)
     return examples
 
@@ -315,8 +321,10 @@ def _digest(uris: list[str | None]) -> str:
     return digest.hexdigest()
 
 
-def prepare_data(spec: JobSpec) -> PreparedData:
-    """Load, validate, sample, sanitize, deduplicate and split the job's data."""
+def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
+    """Load, validate, sample, sanitize, deduplicate, split and audit the job's data.
+    `enforce_limits`: a broken dataset.quality limit raises DataQualityError (off for
+    `sectune data audit`, which reports the findings and exits 2 itself)."""
     dataset, seed = spec.dataset, spec.hyperparameters.seed
     problems: list[str] = []
     seen_ids: dict[str, str] = {}
@@ -338,6 +346,9 @@ def prepare_data(spec: JobSpec) -> PreparedData:
         **({"test": {"uri": dataset.test, "rows": len(test)}} if dataset.test else {}),
     }
     report["digest"] = "sha256:" + _digest([dataset.train, dataset.validation, dataset.test])
+    provenance = provenance_for(dataset.train)
+    if provenance is not None:
+        report["provenance"] = provenance
 
     if dataset.max_train_examples:
         train = stratified_sample(train, dataset.max_train_examples, seed)
@@ -384,6 +395,14 @@ def prepare_data(spec: JobSpec) -> PreparedData:
     if not train:
         raise DataError("dataset.train: no training examples left after validation and dedup")
 
+    audit = None
+    if dataset.quality.audit:
+        audit = audit_data(train, [*validation, *test], spec)
+        audit.coverage.sources = _sources(train, validation, test)
+        report["audit"] = audit.as_dict()
+        if enforce_limits:
+            enforce(audit, dataset.quality)
+
     canaries: list[str] = []
     if dataset.canaries.count:
         canaries = make_canaries(dataset.canaries.count, seed)
@@ -407,10 +426,22 @@ def prepare_data(spec: JobSpec) -> PreparedData:
     if spec.task.type == "classification":
         balance = Counter(e.target for e in train if not e.canary)
         report["classBalance"] = {label: balance.get(label, 0) for label in spec.task.labels}
-        report["warnings"] = [
-            f"label {label!r} has {n} training examples (under {MIN_CLASS_EXAMPLES}); "
-            "its per-class metrics will be noisy"
-            for label, n in report["classBalance"].items()
-            if n < MIN_CLASS_EXAMPLES
-        ]
-    return PreparedData(train, validation, test, report, canaries)
+    report["warnings"] = audit.warnings() if audit else []
+    if provenance is not None and not provenance["matchesData"]:
+        report["warnings"].append(
+            f"dataset.train changed after its review: its sha256 is not the one in "
+            f"{provenance['uri']}; review it again or train on the reviewed file"
+        )
+    return PreparedData(train, validation, test, report, canaries, audit)
+
+
+def _sources(
+    train: list[Example], validation: list[Example], test: list[Example]
+) -> dict[str, dict[str, int]]:
+    """Per split, rows per file (held-out rows split from the training file count there)."""
+
+    def files(examples: list[Example]) -> dict[str, int]:
+        return dict(Counter(e.where.rsplit(":", 1)[0] for e in examples if e.where))
+
+    held_out = {e.id: e for e in [*validation, *test]}
+    return {"train": files(train), "heldOut": files(list(held_out.values()))}

@@ -3,14 +3,19 @@ regression. An adapter that does not beat it is not worth deploying, and the rep
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from sectune.data.prepare import Example
-from sectune.evaluation.metrics import classification_metrics
+from sectune.evaluation.metrics import classification_metrics, without_leaked
 
 
 def tfidf_baseline(
-    train: list[Example], test: list[Example], labels: list[str], seed: int
+    train: list[Example],
+    test: list[Example],
+    labels: list[str],
+    seed: int,
+    leaked: AbstractSet[str] = frozenset(),
 ) -> dict[str, Any]:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -33,4 +38,5 @@ def tfidf_baseline(
         for row in probs_known
     ]
     predicted = [str(p) for p in model.predict(test_texts)]
-    return classification_metrics([e.target for e in test], predicted, labels, probabilities)
+    metrics = classification_metrics([e.target for e in test], predicted, labels, probabilities)
+    return metrics | without_leaked(test, predicted, labels, leaked)

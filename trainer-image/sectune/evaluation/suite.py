@@ -13,6 +13,7 @@ from sectune.evaluation.metrics import (
     extraction_metrics,
     generation_metrics,
     latency_summary,
+    without_leaked,
 )
 from sectune.evaluation.probes import (
     injection_probe,
@@ -40,15 +41,20 @@ def classify(
     spec: JobSpec,
     autocast: bool,
     latency: int = 0,
+    leaked: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Classification metrics of one model on `examples` (plus latency and throughput)."""
+    """Classification metrics of one model on `examples` (plus latency and throughput).
+    `leaked`: ids of held-out rows that nearly duplicate training rows (the data audit); the
+    headline figures are also given without them (`macroF1WithoutLeaked`, ...)."""
     labels = spec.task.labels
     scores = score_labels(
         model, tokenizer, examples, spec, autocast=autocast, measure_latency=latency
     )
+    predictions = scores.predictions(labels)
     metrics = classification_metrics(
-        [e.target for e in examples], scores.predictions(labels), labels, scores.probabilities
+        [e.target for e in examples], predictions, labels, scores.probabilities
     )
+    metrics |= without_leaked(examples, predictions, labels, leaked)
     if latency:
         metrics |= latency_summary(scores.latencies_ms) | {"throughputPerSecond": scores.throughput}
     return metrics
@@ -70,10 +76,17 @@ def baselines(
         return {"base": {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}}
     measured = {}
     if "base" in which:
-        measured["base"] = classify(model, tokenizer, data.test, spec, autocast)
+        measured["base"] = classify(
+            model, tokenizer, data.test, spec, autocast, leaked=data.leaked_ids()
+        )
     if "fewShot" in which:
         measured["fewShot"] = classify(
-            model, tokenizer, with_demonstrations(data.test, data.train), spec, autocast
+            model,
+            tokenizer,
+            with_demonstrations(data.test, data.train),
+            spec,
+            autocast,
+            leaked=data.leaked_ids(),
         )
     return measured
 
@@ -108,7 +121,9 @@ def score_previous(
     model.set_adapter("previous")
     try:
         if spec.task.type == "classification":
-            metrics = classify(model, tokenizer, data.test, spec, autocast)
+            metrics = classify(
+                model, tokenizer, data.test, spec, autocast, leaked=data.leaked_ids()
+            )
         else:
             metrics = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
     finally:
@@ -147,7 +162,15 @@ def evaluate_tuned(
         if not raw_text:
             metrics, probes = _generation_metrics(model, tokenizer, data.test, spec, metrics)
     else:
-        metrics = classify(model, tokenizer, data.test, spec, autocast, latency=LATENCY_REQUESTS)
+        metrics = classify(
+            model,
+            tokenizer,
+            data.test,
+            spec,
+            autocast,
+            latency=LATENCY_REQUESTS,
+            leaked=data.leaked_ids(),
+        )
         metrics["consistency"] = consistency(
             model, tokenizer, data.test[:CONSISTENCY_EXAMPLES], spec, autocast
         )
