@@ -174,8 +174,9 @@ class QualitySpec(Spec):
     labels within training, held-out rows that nearly duplicate training rows (leakage), and
     coverage (per-label counts, lengths, rows cut by maxSeqLength)."""
     near_duplicate_threshold: float = Field(0.8, ge=0.5, le=1.0)
-    """Two rows are near-duplicates when the Jaccard similarity of their inputs' character
-    5-grams (lower-cased, placeholders unnumbered) is at least this."""
+    """Two rows are near-duplicates when the edit similarity of their inputs (lower-cased,
+    spaces collapsed, placeholders unnumbered; 2 x matching characters / all characters) is at
+    least this. One word changed in a 12-word alert scores about 0.9."""
     min_examples_per_label: int = Field(10, ge=0, le=1_000_000)
     """Coverage: a label with fewer training examples is reported (its per-class metrics will
     be noisy, and the model may not learn it)."""

@@ -248,7 +248,7 @@ def stratified_split(
 
 
 def _normalise(text: str) -> str:
-    text = re.sub(r"<([A-Z_]+)_\d+>", r"<\1>", text.lower())
+    text = re.sub(r"<([A-Z_]+)_\d+>", r"<\1>", text).lower()
     return re.sub(r"[\W_]+", " ", text).strip()
 
 
