@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sectune.config import JobSpec
+from sectune.data.audit import audit
+from sectune.data.prepare import Example
 from sectune.evaluation.metrics import classification_metrics
 from sectune.evaluation.report import render_html
 from support.processes import tool
@@ -66,9 +69,32 @@ def _report() -> dict:
     }
 
 
+def _audited() -> dict:
+    """A real audit: 200 rows of two labels, one planted mislabel carrying markup, a leak."""
+    rng = np.random.default_rng(5)
+    words = {"low": ["login", "success", "routine"], "high": ["mimikatz", "lsass", "dump"]}
+    rows = [
+        Example(f"r{i}", {"text": " ".join(rng.choice(words[lab], 6))}, lab)
+        for i, lab in enumerate(["low", "high"] * 100)
+    ]
+    rows[4].target = "high"
+    rows[4].fields["text"] = "login success routine <script>alert(1)</script> routine login"
+    spec = JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "hf://org/model"},
+            "dataset": {"train": "file:///x.jsonl"},
+            "task": {"type": "classification", "labels": ["low", "high"]},
+        }
+    )
+    held = [Example("h1", dict(rows[0].fields), "low")]
+    return audit(rows, held, spec).as_dict()
+
+
 def test_report_renders_with_its_charts_in_headless_chromium(tmp_path: Path):
     page = tmp_path / "report.html"
-    page.write_text(render_html(_report()))
+    report = _report()
+    report["data"]["audit"] = _audited()
+    page.write_text(render_html(report))
     chromium = [
         tool("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
@@ -81,6 +107,12 @@ def test_report_renders_with_its_charts_in_headless_chromium(tmp_path: Path):
     assert rendered.count("<svg") >= 4  # per-class bars x2, confusion matrix, calibration
     assert rendered.count("<rect") >= 25 + 10  # 5x5 heatmap cells and the bars
     assert "recall[critical]&gt;=0.95" in rendered and "Prompt injection" in rendered
+    # The data audit, for a reviewer without a terminal: the planted mislabel is listed with
+    # its suggestion, its text shown as text (never run), and the leaked held-out row.
+    assert "Data audit" in rendered and "Most suspect labels" in rendered
+    assert "<td>r4<br>" in rendered and "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered
+    assert "<script>alert" not in rendered
+    assert "Held-out rows leaking from training" in rendered and "<td>h1</td>" in rendered
 
     shot = tmp_path / "report.png"
     subprocess.run(

@@ -184,7 +184,7 @@ def test_a_broken_quality_limit_fails_prepare_naming_the_field(tmp_path):
 def test_minimums_warn_and_fail_only_when_enforced(tmp_path):
     train = _write(tmp_path / "train.jsonl", _rows("train.jsonl", 150))
     spec = _spec(train, enforceMinimums=True)
-    with pytest.raises(DataQualityError, match="minTrainExamples: .* under 200"):
+    with pytest.raises(DataQualityError, match=r"minTrainExamples: .* under 200"):
         prepare_data(spec)
     data = prepare_data(_spec(train))
     assert any("a model will likely overfit" in w for w in data.report["warnings"])
@@ -237,8 +237,8 @@ def test_review_file_lists_flagged_rows_with_sanitized_text_and_blank_decisions(
     with csv_path.open() as handle:
         read = list(csv.DictReader(handle))
     assert len(read) == len(lines) >= result.label_errors_total or 0
-    first = read[0]
-    assert first["finding"] == "label-error" and first["suggested"] in TACTICS
+    first = next(line for line in read if "label-error" in line["finding"])
+    assert first["suggested"] in TACTICS
     assert first["decision"] == "" and first["where"].endswith(
         ":" + first["where"].rsplit(":", 1)[1]
     )

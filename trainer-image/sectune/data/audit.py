@@ -42,6 +42,8 @@ FOLDS = 5
 MIN_ROWS_FOR_LABEL_ERRORS = 20
 LISTED = 1000
 """Flagged rows listed in the report (counts are always complete)."""
+TEXT_SHOWN = 300
+"""Characters of a flagged row's sanitized input kept in the report and the review file."""
 SHOWN = 10
 """Labels named in a message or in status (it must fit a 4 KiB termination message)."""
 
@@ -60,6 +62,11 @@ class LabelIssue(_Model):
     """The classifier's out-of-fold probability of the suggested label."""
     label_quality: float
     """Its probability of the given label (lower is more suspect)."""
+    where: str = ""
+    """file:line of the row."""
+    text: str = ""
+    """The row's input as sanitized, cut to TEXT_SHOWN characters (the report is stored with
+    the adapter, in the tenant's storage; it never goes to status, Events or logs)."""
 
 
 class NearPair(_Model):
@@ -357,6 +364,8 @@ def label_errors(
                 suggested=judged[suggested],
                 confidence=round(float(probabilities[i][suggested]), 4),
                 label_quality=round(float(probabilities[i][y[i]]), 4),
+                where=rows[i].where,
+                text=input_text(rows[i])[:TEXT_SHOWN],
             )
         )
     method = (

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from sectune import storage
-from sectune.data.audit import DataAudit, input_text
+from sectune.data.audit import TEXT_SHOWN, DataAudit, input_text
 from sectune.data.load import DataError, read_rows, row_id
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ COLUMNS = (
     "comment",
 )
 DECISIONS = ("keep", "relabel", "drop")
-TEXT_SHOWN = 500
 PROVENANCE_SUFFIX = ".provenance.json"
 REVIEW_KIND = "DatasetReview"
 
@@ -56,38 +55,38 @@ REVIEW_KIND = "DatasetReview"
 
 
 def review_rows(result: DataAudit, examples: dict[str, Example]) -> list[dict[str, str]]:
-    """One line per flagged training row (a row flagged twice is listed once, by its first
-    finding): label errors, conflicts, training rows that leak into held-out data,
-    near-duplicates. Text is the sanitized input, cut to TEXT_SHOWN characters."""
+    """One line per flagged training row, with every finding on it (`finding` joins them:
+    leakage, conflict, label-error, near-duplicate), the suggested label of a suspected label
+    error, and the row it nearly duplicates. Text is the sanitized input, cut to TEXT_SHOWN
+    characters."""
     lines: dict[str, dict[str, str]] = {}
 
     def add(row: str, finding: str, **extra: str) -> None:
         example = examples.get(row)
-        if example is None or row in lines:
+        if example is None:
             return
-        lines[row] = (
+        line = lines.setdefault(
+            row,
             dict.fromkeys(COLUMNS, "")
             | {
                 "row": row,
                 "where": example.where,
-                "finding": finding,
                 "label": example.target if len(example.target) <= 128 else "",
                 "text": input_text(example)[:TEXT_SHOWN],
-            }
-            | extra
+            },
         )
+        line["finding"] = f"{line['finding']}; {finding}" if line["finding"] else finding
+        for key, value in extra.items():
+            line[key] = line[key] or value
 
-    for issue in result.label_errors:
-        add(
-            issue.id,
-            "label-error",
-            suggested=issue.suggested,
-            confidence=f"{issue.confidence:.3f}",
-        )
-    for pair in result.conflicts:
-        add(pair.id, "conflict", similarTo=pair.other, confidence=f"{pair.similarity:.3f}")
     for pair in result.leaked:  # the training copy of a held-out row
         add(pair.other, "leakage", similarTo=pair.id, confidence=f"{pair.similarity:.3f}")
+    for pair in result.conflicts:
+        add(pair.id, "conflict", similarTo=pair.other, confidence=f"{pair.similarity:.3f}")
+    for issue in result.label_errors:
+        add(
+            issue.id, "label-error", suggested=issue.suggested, confidence=f"{issue.confidence:.3f}"
+        )
     for pair in result.near_duplicates:
         add(pair.id, "near-duplicate", similarTo=pair.other, confidence=f"{pair.similarity:.3f}")
     return list(lines.values())

@@ -146,6 +146,84 @@ def _probes_html(probes: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _audit_html(audit: dict[str, Any], tuned: dict[str, Any]) -> list[str]:
+    """The data audit for a reviewer: label distribution, what was flagged, leakage."""
+    parts = ["<h2>Data audit</h2><table>"]
+    errors = audit.get("labelErrorsTotal")
+    rows = [
+        ("suspected label errors", "not measured" if errors is None else errors, "trainRows"),
+        ("near-duplicates in training", audit.get("nearDuplicatesTotal", 0), "trainRows"),
+        ("conflicting labels", audit.get("conflictsTotal", 0), "trainRows"),
+        ("held-out rows leaking from training", audit.get("leakedTotal", 0), "heldOutRows"),
+    ]
+    for name, count, of in rows:
+        parts.append(f"<tr><td>{name}</td><td>{_fmt(count)} of {_fmt(audit.get(of))}</td></tr>")
+    if "macroF1WithoutLeaked" in tuned:
+        parts.append(
+            f"<tr><td>tuned macro-F1 without the leaked rows</td><td>"
+            f"{_fmt(tuned['macroF1WithoutLeaked'])} on {tuned['rowsWithoutLeaked']} rows (all "
+            f"rows: {_fmt(tuned.get('macroF1'))})</td></tr>"
+        )
+    coverage = audit.get("coverage", {})
+    cut = coverage.get("truncation")
+    if cut:
+        parts.append(
+            f"<tr><td>rows cut by maxSeqLength {cut['maxSeqLength']}</td><td>{cut['rowsCut']} "
+            f"({cut['shareCut']:.1%}); of those, a median {cut['medianShareLost']:.0%} of the "
+            "prompt unseen</td></tr>"
+        )
+    if coverage.get("lengthShift") is not None:
+        parts.append(
+            f"<tr><td>length shift, training against held-out (KS)</td>"
+            f"<td>{_fmt(coverage['lengthShift'])}</td></tr>"
+        )
+    parts.append(f"<tr><td>method</td><td>{_fmt(audit.get('method'))}</td></tr></table>")
+    labels = coverage.get("labels") or {}
+    if labels:
+        under = set(coverage.get("labelsUnderMinimum", []))
+        parts.append(
+            "<h3>Label distribution</h3><table><tr><th>label</th><th>training</th>"
+            "<th>held-out</th></tr>"
+        )
+        for label, counts in labels.items():
+            mark = " (under the minimum)" if label in under else ""
+            parts.append(
+                f"<tr><td>{_fmt(label)}{mark}</td><td>{counts['train']}</td>"
+                f"<td>{counts['heldOut']}</td></tr>"
+            )
+        parts.append("</table>")
+    issues = audit.get("labelErrors") or []
+    if issues:
+        parts.append(
+            f"<h3>Most suspect labels ({min(len(issues), 50)} of {errors})</h3><table><tr>"
+            "<th>row</th><th>given</th><th>suggested</th><th>confidence</th><th>text "
+            "(sanitized)</th></tr>"
+        )
+        for issue in issues[:50]:
+            parts.append(
+                f"<tr><td>{_fmt(issue['id'])}<br><small>{_fmt(issue.get('where', ''))}</small>"
+                f"</td><td>{_fmt(issue['given'])}</td><td>{_fmt(issue['suggested'])}</td>"
+                f"<td>{_fmt(issue['confidence'])}</td><td>{_fmt(issue.get('text', ''))}</td></tr>"
+            )
+        parts.append("</table>")
+    for key, title in (
+        ("leaked", "Held-out rows leaking from training"),
+        ("conflicts", "Conflicting labels"),
+    ):
+        pairs = audit.get(key) or []
+        if pairs:
+            parts.append(
+                f"<h3>{title}</h3><table><tr><th>row</th><th>near</th><th>similarity</th></tr>"
+            )
+            for pair in pairs[:50]:
+                parts.append(
+                    f"<tr><td>{_fmt(pair['id'])}</td><td>{_fmt(pair['other'])}</td>"
+                    f"<td>{_fmt(pair['similarity'])}</td></tr>"
+                )
+            parts.append("</table>")
+    return parts
+
+
 def render_html(report: dict[str, Any]) -> str:
     models = report.get("models", {})
     tuned = models.get("tuned", {})
@@ -234,6 +312,8 @@ def render_html(report: dict[str, Any]) -> str:
             f"<tr><td>redactions</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in redactions.items()) or 'none')}</td></tr>"
         )
         parts.append("</table>")
+        if data.get("audit"):
+            parts += _audit_html(data["audit"], tuned)
     parts.append(
         f"<p><small>Hardware: {html.escape(str(report.get('hardware', '')))}</small></p></body></html>"
     )
