@@ -151,48 +151,150 @@ def samples(rules: Path, seed: int = 0) -> tuple[list[tuple[str, str, str]], int
     return found, skipped
 
 
+SELF_IDENTIFYING = {
+    # gitleaks rule file -> the format the docs list as found bare (sectune.data.token_formats
+    # names, or a detect-secrets plugin). Every sample of these files counts, public keys
+    # among them (Flutterwave FLWPUBK, Mailgun pubkey-, Mapbox pk., Lob test_pub_): kept on
+    # purpose, they are counted as misses.
+    **{
+        name: name
+        for name in (
+            "1password",
+            "age",
+            "anthropic",
+            "atlassian",
+            "aws",
+            "clojars",
+            "databricks",
+            "definednetworking",
+            "digitalocean",
+            "doppler",
+            "duffel",
+            "dynatrace",
+            "easypost",
+            "flutterwave",
+            "frameio",
+            "gcp",
+            "github",
+            "gitlab",
+            "gitter",
+            "grafana",
+            "harness",
+            "huggingface",
+            "infracost",
+            "linear",
+            "mailchimp",
+            "mailgun",
+            "newrelic",
+            "npm",
+            "octopusdeploy",
+            "openai",
+            "openshift",
+            "perplexity",
+            "planetscale",
+            "postman",
+            "prefect",
+            "pulumi",
+            "pypi",
+            "readme",
+            "rubygems",
+            "scalingo",
+            "sendgrid",
+            "sendinblue",
+            "settlemint",
+            "shippo",
+            "shopify",
+            "slack",
+            "square",
+            "stripe",
+            "twilio",
+            "typeform",
+            "yandex",
+        )
+    },
+    "hashicorp_vault": "hashicorp-vault",
+    "flyio": "flyio",
+}
+TEMPLATES = (  # three log shapes, none of them naming the secret as one
+    "2026-12-03T10:14:07Z proxy: upstream rejected credential {} from 10.20.0.7",
+    'Dec  3 10:14:07 build-7 runner[2211]: step 4 ran "deploy --target prod {}" exit=0',
+    "alert: outbound POST to api.example.net carried {} in its body (rule 4471)",
+)
+
+
+def _clean_texts() -> list[str]:
+    """Security text with no secrets in it: ATT&CK procedures, Sigma rules, parsed log lines."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    texts = []
+    for path in sorted(root.glob("*/data/*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            texts.append(str(row.get("text") or row.get("input") or row.get("instruction") or ""))
+    return [t for t in texts if t]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--version", default="v8.30.1", help="gitleaks module version")
     parser.add_argument("--show", type=int, default=10, help="missed samples to print")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generated secrets")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="secret seeds")
     args = parser.parse_args()
 
     from sectune.config import SanitizeSpec
     from sectune.data.sanitize import Sanitizer
 
-    planted, skipped = samples(gitleaks_rules(args.version), args.seed)
-    print(
-        f"gitleaks {args.version}: {len(planted)} samples from "
-        f"{len({rule for rule, _, _ in planted})} rule files ({skipped} built in ways this "
-        "script does not follow, left out)"
-    )
-    renderings = {
-        "as gitleaks renders it": lambda provider, secret: f'{provider}_api_token = "{secret}"',
-        "bare in a log line": lambda provider, secret: (
-            f"2026-12-03T10:14:07Z proxy: upstream rejected credential {secret} from 10.20.0.7"
-        ),
-    }
-    for name, render in renderings.items():
-        sanitizer = Sanitizer(SanitizeSpec())
-        per_file: Counter[str] = Counter()
-        caught: Counter[str] = Counter()
-        missed = []
+    rules = gitleaks_rules(args.version)
+    sanitizer = Sanitizer(SanitizeSpec())
+
+    def caught(line: str, secret: str) -> bool:
+        return secret not in sanitizer.redact({"t": line})["t"]
+
+    keyed: Counter[str] = Counter()
+    bare: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    missed: list[tuple[str, str]] = []
+    skipped = 0
+    for seed in args.seeds:
+        planted, skipped = samples(rules, seed)
         for rule, provider, secret in planted:
-            line = render(provider, secret)
-            per_file[rule] += 1
-            if secret not in sanitizer.redact({"t": line})["t"]:
-                caught[rule] += 1
-            else:
-                missed.append((rule, line))
-        total, found = sum(per_file.values()), sum(caught.values())
-        whole = sum(1 for r in per_file if caught[r] == per_file[r])
-        print(
-            f"{name}: recall {found / total:.3f} ({found}/{total}); rule files fully caught: "
-            f"{whole}/{len(per_file)}"
-        )
-        for rule, line in missed[: args.show]:
-            print(f"  missed ({rule}): {line[:110]}")
+            seen[rule] += len(TEMPLATES)
+            keyed[rule] += len(TEMPLATES) * caught(f'{provider}_api_token = "{secret}"', secret)
+            for template in TEMPLATES:
+                line = template.format(secret)
+                if caught(line, secret):
+                    bare[rule] += 1
+                elif rule in SELF_IDENTIFYING:
+                    missed.append((rule, secret))
+    total = sum(seen.values())
+    print(
+        f"gitleaks {args.version}: {total // len(TEMPLATES)} samples from {len(seen)} rule "
+        f"files over seeds {args.seeds} ({skipped} per seed built in ways this script does not "
+        "follow, left out); each rendered keyed and bare in 3 log lines"
+    )
+    print(f'keyed (`<provider>_api_token = "…"`): recall {sum(keyed.values()) / total:.3f}')
+    listed = [r for r in seen if r in SELF_IDENTIFYING]
+    other = [r for r in seen if r not in SELF_IDENTIFYING]
+    for name, group in (("self-identifying formats the docs list", listed), ("all others", other)):
+        n, k = sum(seen[r] for r in group), sum(bare[r] for r in group)
+        print(f"bare, {name}: recall {k / n:.3f} ({k}/{n}) over {len(group)} rule files")
+    print("\n| gitleaks rule file | bare recall |\n|---|---|")
+    for rule in sorted(listed):
+        print(f"| {rule} | {bare[rule] / seen[rule]:.3f} ({bare[rule]}/{seen[rule]}) |")
+    for rule, secret in missed[: args.show]:
+        print(f"  missed ({rule}): {secret[:90]}")
+
+    clean = _clean_texts()
+    changed = []
+    for text in clean:
+        redacted = sanitizer.redact({"t": text})["t"]
+        if "<SECRET_" in redacted and "<SECRET_" not in text:
+            changed.append(text)
+    print(
+        f"\nclean security text (examples/*/data: ATT&CK procedures, Sigma rules, log lines): "
+        f"{len(changed)} of {len(clean)} texts got a <SECRET_n> placeholder"
+    )
+    for text in changed[: args.show]:
+        print(f"  {text[:150]!r}")
 
 
 if __name__ == "__main__":

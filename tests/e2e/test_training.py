@@ -77,6 +77,11 @@ def test_run_writes_a_complete_verified_adapter_to_s3(job_manifest, s3_env, s3_b
     )
     report = _report(f"s3://{s3_bucket}/adapters", f"tiny-{method}")
     assert set(report["models"]) == {"base", "fewShot", "tuned", "tfidf"}
+    # The data audit's counts travel with the version; its count of rows cut by maxSeqLength
+    # (from the tokenizer, before training) is what training then cut.
+    audited = report["data"]["audit"]
+    assert manifest_doc["dataset"]["quality"]["trainRows"] == audited["trainRows"] > 0
+    assert audited["coverage"]["truncation"]["rowsCut"] == report["training"]["truncated"]
     tuned = report["models"]["tuned"]
     # accuracy is the confusion matrix's diagonal over the rows scored, macro-F1 its classes'
     matrix = tuned["confusionMatrix"]["matrix"]

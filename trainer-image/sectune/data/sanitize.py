@@ -33,6 +33,7 @@ from typing import Any
 
 from sectune.config import SanitizeSpec
 from sectune.data.names import person_spans
+from sectune.data.token_formats import TOKEN_PATTERN
 
 # Presidio entity -> placeholder stem.
 PLACEHOLDERS = {
@@ -90,11 +91,20 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     (
         "SECRET",
         rf"(?i){_SECRET_KEYWORD}(?:[_.-]?(?:access|key|value|string|id))*[\"']?\s*[=:]\s*"
-        r"[\"']?([^\s\"',;&]{4,})",
+        r"[\"']?([^\s\"',;&<]{4,})",
         0.85,
         1,
     ),
-    ("SECRET", r"(?:^|\s)(?:-p|--password[= ])\s*([^\s\"']{4,})", 0.6, 1),
+    # `-p` is a port, a pid or a process to most tools (`-p 443`, `-p lsass.exe`,
+    # `-productVersion`): a password only on the commands that take one there.
+    (
+        "SECRET",
+        r"(?i)\b(?:mysql\w*|mariadb\w*|mongo\w*|7z[ar]?|rar|unrar|zip|unzip|mysqldump)"
+        r"(?:\.exe)?\b[^\n|;&]*?\s-[pP]\s*[\"']?([^\s\"'<]{4,})",
+        0.8,
+        1,
+    ),
+    ("SECRET", r"(?:^|\s)--password[= ]\s*[\"']?([^\s\"'<]{4,})", 0.8, 1),
     ("SECRET", r"\bsshpass\s+-p\s*[\"']?([^\s\"']+)", 0.9, 1),
     ("SECRET", r"(?:^|\s)(?:-u|--user)[\s=]+[\"']?[^\s:\"']+:([^\s\"']+)", 0.85, 1),
     (
@@ -104,12 +114,19 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
         0.95,
         1,
     ),
-    ("SECRET", r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?[^\s\"]+\"?\s+([^\s/*][^\s]*)", 0.8, 1),
+    # `net user NAME PASSWORD`: neither may be a switch or markup (`net user /domain</code> to`).
+    (
+        "SECRET",
+        r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?[^\s\"/<][^\s\"<]*\"?\s+([^\s/*<\\][^\s<]*)",
+        0.8,
+        1,
+    ),
     ("SECRET", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,255}|github_pat_[A-Za-z0-9_]{22,255})", 0.95, 0),
     ("SECRET", r"\bgl[a-z]{2,6}-[A-Za-z0-9_-]{20,1024}", 0.9, 0),
     ("SECRET", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 0.95, 0),
+    ("SECRET", TOKEN_PATTERN, 0.95, 0),  # providers' self-identifying token formats
     ("USERNAME", r"(?:^|\s)(?:-u|--user)[\s=]+[\"']?([^\s:\"'-][^\s:\"']*):", 0.8, 1),
-    ("USERNAME", r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?([^\s\"/]+)\"?\s+(?:[^\s/*]|/add)", 0.8, 1),
+    ("USERNAME", r"(?i)\bnet1?(?:\.exe)?\s+user\s+\"?([^\s\"/<]+)\"?\s+(?:[^\s/*<]|/add)", 0.8, 1),
     (
         "USERNAME",
         r"(?i)(?:\b|(?<=[a-z])(?=[A-Z]))(?:user(?:name)?|account(?:\s+name)?|acct|login|name)\s*[=:]\s*\"?(?:[A-Za-z0-9.-]+\\)?([A-Za-z0-9._$-]{2,64})(?![A-Za-z0-9._\\$=-])",
