@@ -51,36 +51,84 @@ def flip(rows: list[dict[str, Any]], labels: list[str], share: float, seed: int)
     return {str(rows[i]["id"]) for i in chosen}
 
 
+def base_model_embeddings(texts: list[str], model_dir: Path) -> Any:
+    """Mean-pooled last hidden states of the demo base model (SmolLM2-135M-Instruct)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), 32):
+            batch = order[start : start + 32]
+            encoded = tokenizer(
+                [texts[i] for i in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=128,
+            )
+            hidden = model(**encoded).last_hidden_state.float()
+            mask = encoded["attention_mask"].unsqueeze(-1).float()
+            out[batch] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    return out
+
+
+def _embedding_probabilities(embeddings: Any, y: list[int], seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.05))
+    cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    return cross_val_predict(model, embeddings, y, cv=cv, method="predict_proba")
+
+
 def cmd_flips(args: argparse.Namespace) -> None:
     from cleanlab.filter import find_label_issues
 
     spec = load_manifest(ATTACK / "finetunejob-full.yaml").spec
     labels = spec.task.labels
-    print(
-        "| seed | filter | flagged | recall | precision | precision among the top k (k = planted) |"
-    )
-    print("|---|---|---|---|---|---|")
+    embeddings = None
+    if args.embeddings:
+        started = time.monotonic()
+        texts = [r["text"] for r in _rows(ATTACK / "data" / "train.jsonl")]
+        embeddings = base_model_embeddings(texts, Path(args.embeddings).expanduser())
+        print(f"(base-model embeddings: {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    print("| seed | features | filter | flagged | recall | precision | precision among the top k |")
+    print("|---|---|---|---|---|---|---|")
     for seed in args.seeds:
         rows = _rows(ATTACK / "data" / "train.jsonl")
         planted = flip(rows, labels, 0.05, seed)
         ids = [str(r["id"]) for r in rows]
         y = [labels.index(r["label"]) for r in rows]
         started = time.monotonic()
-        probabilities = out_of_fold_probabilities([r["text"] for r in rows], y, seed)
+        tfidf = out_of_fold_probabilities([r["text"] for r in rows], y, seed)
         seconds = time.monotonic() - started
-        for name in ("prune_by_noise_rate", "both"):
+        runs = [("TF-IDF", name, tfidf) for name in ("prune_by_noise_rate", "both")]
+        if embeddings is not None:
+            runs.append(("base model", "both", _embedding_probabilities(embeddings, y, seed)))
+        for features, name, probabilities in runs:
             ranked = find_label_issues(
                 y, probabilities, filter_by=name, return_indices_ranked_by="self_confidence"
             )
             found = {ids[i] for i in ranked}
             top = {ids[i] for i in ranked[: len(planted)]}
             hit = len(found & planted)
+            chosen = " (sectune)" if (features, name) == ("TF-IDF", "both") else ""
             print(
-                f"| {seed} | {name}{' (sectune)' if name == 'both' else ' (cleanlab default)'} "
-                f"| {len(found)} | {hit / len(planted):.3f} | {hit / max(1, len(found)):.3f} "
+                f"| {seed} | {features} | {name}{chosen} | {len(found)} "
+                f"| {hit / len(planted):.3f} | {hit / max(1, len(found)):.3f} "
                 f"| {len(top & planted) / len(planted):.3f} |"
             )
-        print(f"(out-of-fold probabilities for {len(rows)} rows: {seconds:.0f} s)", file=sys.stderr)
+        print(
+            f"(out-of-fold TF-IDF probabilities, {len(rows)} rows: {seconds:.0f} s)",
+            file=sys.stderr,
+        )
 
 
 def _edit(text: str, how: int) -> str:
@@ -229,6 +277,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--show", type=int, default=20)
     parser.add_argument("--relabel-above", type=float, default=0.6)
+    parser.add_argument(
+        "--embeddings",
+        help="flips: also try the base model's representations (a model folder, e.g. "
+        "~/.cache/sectune/models/SmolLM2-135M-Instruct)",
+    )
     args = parser.parse_args()
     {"flips": cmd_flips, "leakage": cmd_leakage, "shipped": cmd_shipped, "pays": cmd_pays}[
         args.part

@@ -394,3 +394,43 @@ def test_a_value_glued_to_its_flag_is_replaced_and_counted(line, secret, entity)
     redacted = sanitizer.redact({"text": line, "output": f'{{"password": "{secret}"}}'})
     assert secret not in redacted["text"] and secret not in redacted["output"]
     assert sanitizer.report.counts[entity] == 2  # the log line and the expected output
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "sk_live_4eC39HqLyjWDarjtT1zdp7dc",  # Stripe's documented example secret key
+        "npm_1234567890abcdefghijklmnopqrstuvwxyz",
+        "xapp-1-A0123456789-1234567890123-abcdef0123456789abcdef0123456789",
+        "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgH",
+        "dop_v1_" + "a1" * 32,
+        "AIzaSyA-1234567890abcdefghijklmnopqrstu",
+    ],
+)
+def test_a_self_identifying_token_is_redacted_bare_in_a_log_line(token):
+    from sectune.config import SanitizeSpec
+    from sectune.data.sanitize import Sanitizer
+
+    line = f"10:14:07 proxy: upstream rejected {token} from 10.20.0.7"
+    redacted = Sanitizer(SanitizeSpec()).redact({"text": line})["text"]
+    assert token not in redacted and "<SECRET_1>" in redacted
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # Each of these once had a word or markup redacted as a password or secret.
+        "Turla has used <code>net user /domain</code> to enumerate domain accounts.",
+        "Chimera has used <code>net user Administrator</code> to enumerate domain accounts.",
+        "using <code>/usr/bin/sw_vers -productVersion</code> to pick the payload",
+        'selection: {"CommandLine|contains": [" -p lsass.exe ", " -m comsvcs "]}',
+        "search the registry for stored credentials: <code>Get-UnattendedInstallFile</code>",
+        "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 dropped",
+        "session 123e4567-e89b-12d3-a456-426614174000 closed; " + "A" * 96,
+    ],
+)
+def test_clean_security_text_keeps_its_words(line):
+    from sectune.config import SanitizeSpec
+    from sectune.data.sanitize import Sanitizer
+
+    assert "<SECRET_" not in Sanitizer(SanitizeSpec()).redact({"text": line})["text"]
