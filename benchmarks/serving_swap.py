@@ -87,6 +87,12 @@ def main() -> None:
     )
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--kubelet-poll", type=float, default=0.1)
+    parser.add_argument(
+        "--model",
+        help="base model folder (default: a tiny random model); the demo model is "
+        "~/.cache/sectune/models/SmolLM2-135M-Instruct",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="LoRA r of the swapped adapters")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="sectune-swap-"))
@@ -104,8 +110,13 @@ def main() -> None:
         kubeconfig = install_chart_rbac(plane, api)
         core.create_namespace({"metadata": {"name": NAMESPACE}})
         wait_until(lambda: bool(core.list_namespaced_service_account(NAMESPACE).items), 30, "SA")
-        model = build_tiny_model(workdir / "model")
-        trained = train_adapters(s3, model, workdir / "train")
+        model = Path(args.model).expanduser() if args.model else build_tiny_model(workdir / "model")
+        trained = train_adapters(
+            s3, model, workdir / "train", method={"r": args.rank, "alpha": 2 * args.rank}
+        )
+        key = trained.triage_v1.uri.split("/", 3)[3] + "/adapter/adapter_model.safetensors"
+        size = s3.client().head_object(Bucket=trained.bucket, Key=key)["ContentLength"]
+        print(f"base model {model}; adapter r={args.rank}: {size / 1e6:.1f} MB", flush=True)
         core.create_namespaced_secret(
             NAMESPACE, {"metadata": {"name": "storage"}, "stringData": trained.env}
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sectune import artifacts
 from sectune.yamlio import dump_yaml
@@ -30,7 +31,13 @@ class Trained:
 
 
 def train_version(
-    workdir: Path, model_dir: Path, name: str, seed: int, env: dict[str, str], prefix: str
+    workdir: Path,
+    model_dir: Path,
+    name: str,
+    seed: int,
+    env: dict[str, str],
+    prefix: str,
+    method: dict[str, Any] | None = None,
 ) -> Version:
     train = write_dataset(workdir / f"{name}-{seed}.jsonl", 48, seed=seed)
     document = tiny_job(
@@ -40,6 +47,7 @@ def train_version(
         hyperparameters={"seed": seed},
         evaluation={"probeExamples": 4},
         output={"uri": prefix},
+        method=method or {},
     )
     manifest = workdir / f"{name}-{seed}.yaml"
     manifest.write_text(dump_yaml(document))
@@ -51,8 +59,11 @@ def train_version(
     return Version(f"{prefix}/{name}/versions/{pointer['version']}", pointer["sha256"])
 
 
-def train_adapters(s3_server, model_dir: Path, workdir: Path) -> Trained:  # type: ignore[no-untyped-def]
-    """Two versions of a triage adapter and one other adapter, all on the tiny base model."""
+def train_adapters(  # type: ignore[no-untyped-def]
+    s3_server, model_dir: Path, workdir: Path, method: dict[str, Any] | None = None
+) -> Trained:
+    """Two versions of a triage adapter and one other adapter, all on the given base model
+    (`method` overrides the tiny job's LoRA settings)."""
     workdir.mkdir(parents=True, exist_ok=True)
     bucket = "serving-e2e"
     s3_server.client().create_bucket(Bucket=bucket)
@@ -61,9 +72,9 @@ def train_adapters(s3_server, model_dir: Path, workdir: Path) -> Trained:  # typ
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # this process reads the store too (current.json)
     try:
-        v1 = train_version(workdir, model_dir, "triage", 1, env, prefix)
-        v2 = train_version(workdir, model_dir, "triage", 2, env, prefix)
-        other = train_version(workdir, model_dir, "other", 3, env, prefix)
+        v1 = train_version(workdir, model_dir, "triage", 1, env, prefix, method)
+        v2 = train_version(workdir, model_dir, "triage", 2, env, prefix, method)
+        other = train_version(workdir, model_dir, "other", 3, env, prefix, method)
     finally:
         for key, value in old.items():
             if value is None:

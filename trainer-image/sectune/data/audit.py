@@ -36,8 +36,13 @@ if TYPE_CHECKING:
 SHINGLE = 5
 """Character n-gram size of the near-duplicate measure: an edited word changes few of them."""
 PERMUTATIONS = 128
-CANDIDATE_JACCARD = 0.4
-"""LSH candidates: n-gram Jaccard this high catches 99 % of one-word edits of short rows."""
+CANDIDATE_JACCARD = 0.3
+"""LSH candidates: rows whose character 5-grams overlap this much (Jaccard) are compared; one
+edited word in a four-word row still overlaps more."""
+SHORT_WORDS = 12
+"""Rows of up to this many words are also indexed by their words (see `_edit_keys`)."""
+MIN_CONTAINED = 20
+"""A row of at least this many characters found whole inside another is its near-duplicate."""
 FOLDS = 5
 MIN_ROWS_FOR_LABEL_ERRORS = 20
 LISTED = 1000
@@ -75,7 +80,8 @@ class NearPair(_Model):
     id: str
     other: str
     similarity: float
-    """Edit similarity of the normalised inputs (see `similarity`)."""
+    """Edit similarity of the normalised inputs (see `similarity`; a pair found by
+    `near_duplicate`'s word or containment rule can be under the threshold)."""
     labels: tuple[str, str] | None = None
     """The two labels, when they differ (a conflict)."""
 
@@ -394,15 +400,45 @@ def shingles(text: str, size: int = SHINGLE) -> set[str]:
 
 def similarity(a: str, b: str) -> float:
     """Edit similarity of two normalised texts: 2 x matching characters / total characters
-    (difflib's ratio). One word changed in a short alert keeps it near 0.9, where the Jaccard
+    (difflib's ratio). One word changed in a 12-word alert keeps it near 0.9, where the Jaccard
     similarity of its n-grams falls under 0.7."""
     return SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
+def near_duplicate(a: str, b: str, threshold: float) -> float | None:
+    """The similarity of two normalised texts when they are near-duplicates, else None: at or
+    above `threshold`, or, for short rows where one edit weighs more than the threshold
+    allows, one word changed, added or removed (of three or more), or one row being the other
+    with text added before or after it (of 20 characters or more)."""
+    score = similarity(a, b)
+    if score >= threshold:
+        return score
+    shorter, longer = sorted((a, b), key=len)
+    if len(shorter) >= MIN_CONTAINED and shorter in longer:
+        return score
+    words_a, words_b = a.split(), b.split()
+    if min(len(words_a), len(words_b)) >= 3 and abs(len(words_a) - len(words_b)) <= 1:
+        matcher = SequenceMatcher(None, words_a, words_b, autojunk=False)
+        same = sum(block.size for block in matcher.get_matching_blocks())
+        if max(len(words_a), len(words_b)) - same <= 1:
+            return score
+    return None
+
+
+def _edit_keys(text: str) -> list[tuple[str, ...]]:
+    """A short row's words, and its words with each one left out: two rows one word apart
+    (changed, added or removed) share one of these keys."""
+    words = tuple(text.split())
+    if not 3 <= len(words) <= SHORT_WORDS:
+        return []
+    return [words, *(words[:i] + words[i + 1 :] for i in range(len(words)))]
+
+
 class NearDuplicateIndex:
     """Rows indexed by MinHash over character 5-grams in an LSH index (datasketch), which
-    finds candidates fast; each candidate is confirmed by the edit similarity, so a reported
-    pair really is at or above the threshold."""
+    finds candidates fast, and, for short rows, by their words with one left out (an edit in
+    a four-word row leaves too few n-grams in common for LSH); each candidate is confirmed by
+    `near_duplicate`, so a reported pair really is one."""
 
     def __init__(self, threshold: float) -> None:
         from datasketch import MinHashLSH
@@ -410,6 +446,7 @@ class NearDuplicateIndex:
         self.threshold = threshold
         self.lsh = MinHashLSH(threshold=CANDIDATE_JACCARD, num_perm=PERMUTATIONS)
         self.rows: dict[str, tuple[Example, str]] = {}
+        self.short: dict[tuple[str, ...], list[str]] = {}
         self._pending: tuple[str, str, Any] | None = None
 
     @staticmethod
@@ -421,17 +458,20 @@ class NearDuplicateIndex:
         return sketch
 
     def matches(self, example: Example) -> list[tuple[Example, float]]:
-        """Indexed rows at or above the threshold, most similar first."""
+        """Indexed rows that `example` nearly duplicates, most similar first."""
         text = _normalise(input_text(example))
         sketch = self._sketch(text)
         self._pending = (example.id, text, sketch)
+        candidates = set(self.lsh.query(sketch))
+        for key in _edit_keys(text):
+            candidates.update(self.short.get(key, ()))
         found = []
-        for key in self.lsh.query(sketch):
+        for key in candidates:
             other, other_text = self.rows[key]
-            score = similarity(text, other_text)
-            if score >= self.threshold:
+            score = near_duplicate(text, other_text, self.threshold)
+            if score is not None:
                 found.append((other, round(score, 4)))
-        return sorted(found, key=lambda pair: -pair[1])
+        return sorted(found, key=lambda pair: (-pair[1], pair[0].id))
 
     def add(self, example: Example) -> None:
         """Index the row last passed to `matches`."""
@@ -440,6 +480,8 @@ class NearDuplicateIndex:
         if key not in self.rows:
             self.rows[key] = (example, text)
             self.lsh.insert(key, sketch)
+            for words in _edit_keys(text):
+                self.short.setdefault(words, []).append(key)
 
 
 # --------------------------------------------------------------------------- coverage
