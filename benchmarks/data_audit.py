@@ -25,11 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sectune.config import load_manifest
-from sectune.data.audit import audit, out_of_fold_probabilities
-from sectune.data.prepare import Example
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from sectune.config import load_manifest  # noqa: E402
+from sectune.data.audit import audit, out_of_fold_probabilities  # noqa: E402
+from sectune.data.prepare import Example  # noqa: E402
+from support.edits import EDITS, edited_copy  # noqa: E402
+
 ATTACK = ROOT / "examples" / "attack-tactics"
 SIGMA = ROOT / "examples" / "alert-triage"
 
@@ -131,17 +134,6 @@ def cmd_flips(args: argparse.Namespace) -> None:
         )
 
 
-def _edit(text: str, how: int) -> str:
-    words = text.split()
-    if how == 0:
-        words[len(words) // 2] = "redacted"
-    elif how == 1:
-        words.append("(observed 2024)")
-    else:
-        return text.upper().replace(".", "")
-    return " ".join(words)
-
-
 def cmd_leakage(args: argparse.Namespace) -> None:
     spec = load_manifest(ATTACK / "finetunejob-full.yaml").spec
     train = _rows(ATTACK / "data" / "train.jsonl")
@@ -152,9 +144,9 @@ def cmd_leakage(args: argparse.Namespace) -> None:
         f"training row ({before.leaked_total / len(held):.3f}); near-duplicates within "
         f"training {before.near_duplicates_total}, conflicting {before.conflicts_total}"
     )
-    for how, name in enumerate(("one word replaced", "words appended", "upper case, no periods")):
+    for how, name in enumerate(EDITS):
         copies = [
-            {"id": f"copy-{i}", "text": _edit(r["text"], how), "label": r["label"]}
+            {"id": f"copy-{i}", "text": edited_copy(r["text"], how), "label": r["label"]}
             for i, r in enumerate(held)
         ]
         started = time.monotonic()

@@ -18,6 +18,7 @@ from sectune.data.audit import DataQualityError, audit, check_limits, shingles, 
 from sectune.data.load import DataError
 from sectune.data.prepare import Example, prepare_data
 from sectune.data.review import apply_review, provenance_for, review_rows, write_review
+from support.edits import edited_copy
 
 ATTACK = Path(__file__).parents[2] / "examples" / "attack-tactics" / "data"
 TACTICS = [
@@ -89,23 +90,11 @@ def test_planted_label_flips_are_found_most_suspect_first():
     assert 0 < issue.confidence <= 1 and issue.label_quality < issue.confidence
 
 
-def _edit(text: str, how: int) -> str:
-    """An edited copy, as rows get copied between files: a word changed, one added, case."""
-    words = text.split()
-    if how == 0:
-        words[len(words) // 2] = "redacted"
-    elif how == 1:
-        words.append("(observed 2024)")
-    else:
-        return text.upper().replace(".", "")
-    return " ".join(words)
-
-
 def test_every_planted_edited_copy_of_a_held_out_row_is_found(tmp_path):
     train, held = _rows("train.jsonl", 1500), _rows("validation.jsonl", 300)
     baseline = audit(_examples(train), _examples(held), _spec(Path("x")))
     copies = [
-        {"id": f"copy-{i}", "text": _edit(held[i]["text"], i % 3), "label": held[i]["label"]}
+        {"id": f"copy-{i}", "text": edited_copy(held[i]["text"], i % 3), "label": held[i]["label"]}
         for i in range(0, 300, 6)  # 50 copies
     ]
     result = audit(_examples(train + copies), _examples(held), _spec(Path("x")))
@@ -163,7 +152,7 @@ def test_a_broken_quality_limit_fails_prepare_naming_the_field(tmp_path):
     train = _write(tmp_path / "train.jsonl", _rows("train.jsonl", 600))
     held = _rows("validation.jsonl", 100)
     leaky = _rows("train.jsonl", 600) + [
-        {"id": f"copy-{i}", "text": _edit(held[i]["text"], 0), "label": held[i]["label"]}
+        {"id": f"copy-{i}", "text": edited_copy(held[i]["text"], 0), "label": held[i]["label"]}
         for i in range(20)
     ]
     train = _write(tmp_path / "leaky.jsonl", leaky)

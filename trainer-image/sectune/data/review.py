@@ -261,33 +261,22 @@ def apply_review(
             decision = line["decision"]
             counts[decision] += 1
             old = values.get(label_field)
-            old_label = old if isinstance(old, str) and len(old) <= 128 else None
+            change = Change(
+                row=rid,
+                where=raw.where,
+                decision="drop" if decision == "drop" else "relabel",
+                old_label=old if isinstance(old, str) and len(old) <= 128 else None,
+                comment=line.get("comment", "")[:1000],
+            )
             if decision == "drop":
-                changes.append(
-                    Change(
-                        row=rid,
-                        where=raw.where,
-                        decision="drop",
-                        old_label=old_label,
-                        comment=line.get("comment", "")[:1000],
-                    )
-                )
+                changes.append(change)
                 continue
             if decision == "relabel" and line["newLabel"] != old:
-                values[label_field] = line["newLabel"]
+                values[label_field] = change.new_label = line["newLabel"]
                 if id_field not in values:
                     # The content-derived id would change with the label: keep the old one.
                     values[id_field] = rid
-                changes.append(
-                    Change(
-                        row=rid,
-                        where=raw.where,
-                        decision="relabel",
-                        old_label=old_label,
-                        new_label=line["newLabel"],
-                        comment=line.get("comment", "")[:1000],
-                    )
-                )
+                changes.append(change)
         kept.append(json.dumps(values, ensure_ascii=False, default=str))
     counts["unreviewed"] = undecided
     body = ("\n".join(kept) + "\n").encode()
