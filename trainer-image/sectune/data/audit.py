@@ -38,7 +38,12 @@ SHINGLE = 5
 PERMUTATIONS = 128
 CANDIDATE_JACCARD = 0.3
 """LSH candidates: rows whose character 5-grams overlap this much (Jaccard) are compared; one
-edited word in a four-word row still overlaps more."""
+edited word in a short row still overlaps more."""
+LONG_ROW = 200
+LONG_ROW_JACCARD = 0.5
+"""Rows of LONG_ROW characters or more are compared exactly only when their estimated
+Jaccard reaches this: an edit barely moves a long row's n-grams, and an exact comparison of
+two 2,000-character Sigma rules is slow."""
 SHORT_WORDS = 12
 """Rows of up to this many words are also indexed by their words (see `_edit_keys`)."""
 MIN_CONTAINED = 20
@@ -410,18 +415,22 @@ def near_duplicate(a: str, b: str, threshold: float) -> float | None:
     above `threshold`, or, for short rows where one edit weighs more than the threshold
     allows, one word changed, added or removed (of three or more), or one row being the other
     with text added before or after it (of 20 characters or more)."""
-    score = similarity(a, b)
-    if score >= threshold:
-        return score
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    # The cheap upper bounds first: long rows (a Sigma rule is 2,000 characters) make the
+    # exact ratio slow, and most LSH candidates are far below the threshold.
+    if matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold:
+        score = matcher.ratio()
+        if score >= threshold:
+            return score
     shorter, longer = sorted((a, b), key=len)
     if len(shorter) >= MIN_CONTAINED and shorter in longer:
-        return score
+        return matcher.ratio()
     words_a, words_b = a.split(), b.split()
     if min(len(words_a), len(words_b)) >= 3 and abs(len(words_a) - len(words_b)) <= 1:
-        matcher = SequenceMatcher(None, words_a, words_b, autojunk=False)
-        same = sum(block.size for block in matcher.get_matching_blocks())
+        words = SequenceMatcher(None, words_a, words_b, autojunk=False)
+        same = sum(block.size for block in words.get_matching_blocks())
         if max(len(words_a), len(words_b)) - same <= 1:
-            return score
+            return matcher.ratio()
     return None
 
 
@@ -445,7 +454,7 @@ class NearDuplicateIndex:
 
         self.threshold = threshold
         self.lsh = MinHashLSH(threshold=CANDIDATE_JACCARD, num_perm=PERMUTATIONS)
-        self.rows: dict[str, tuple[Example, str]] = {}
+        self.rows: dict[str, tuple[Example, str, Any]] = {}
         self.short: dict[tuple[str, ...], list[str]] = {}
         self._pending: tuple[str, str, Any] | None = None
 
@@ -467,7 +476,10 @@ class NearDuplicateIndex:
             candidates.update(self.short.get(key, ()))
         found = []
         for key in candidates:
-            other, other_text = self.rows[key]
+            other, other_text, other_sketch = self.rows[key]
+            long = min(len(text), len(other_text)) >= LONG_ROW
+            if long and sketch.jaccard(other_sketch) < LONG_ROW_JACCARD:
+                continue
             score = near_duplicate(text, other_text, self.threshold)
             if score is not None:
                 found.append((other, round(score, 4)))
@@ -478,7 +490,7 @@ class NearDuplicateIndex:
         assert self._pending and self._pending[0] == example.id, "add() follows matches()"
         key, text, sketch = self._pending
         if key not in self.rows:
-            self.rows[key] = (example, text)
+            self.rows[key] = (example, text, sketch)
             self.lsh.insert(key, sketch)
             for words in _edit_keys(text):
                 self.short.setdefault(words, []).append(key)
