@@ -42,6 +42,16 @@ def row_id(values: dict[str, Any], id_field: str) -> str:
     return str(raw_id)
 
 
+def data_digest(*uris: str | None) -> str:
+    """sha256 over the bytes of the given data files, in order (absent ones skipped)."""
+    digest = hashlib.sha256()
+    for uri in uris:
+        if uri:
+            for chunk in storage.stream(uri, MAX_DATA_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _describe(value: Any) -> str:
     """Say what a bad value is without echoing it."""
     if isinstance(value, str):

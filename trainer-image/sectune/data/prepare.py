@@ -6,7 +6,6 @@ then sanitized; nothing reads example text before the sanitizer has run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -18,7 +17,7 @@ from typing import Any
 from sectune.config import JobSpec
 from sectune.data.audit import DataAudit, enforce
 from sectune.data.audit import audit as audit_data
-from sectune.data.load import DataError, RawRow, _describe, read_rows, row_id
+from sectune.data.load import DataError, RawRow, _describe, data_digest, read_rows, row_id
 from sectune.data.review import provenance_for
 from sectune.data.sanitize import Sanitizer
 
@@ -309,18 +308,6 @@ def canary_value(rng: random.Random | secrets.SystemRandom) -> str:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _digest(uris: list[str | None]) -> str:
-    from sectune import storage
-    from sectune.data.load import MAX_DATA_BYTES
-
-    digest = hashlib.sha256()
-    for uri in uris:
-        if uri:
-            for chunk in storage.stream(uri, MAX_DATA_BYTES):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     """Load, validate, sample, sanitize, deduplicate, split and audit the job's data.
     `enforce_limits`: a broken dataset.quality limit raises DataQualityError (off for
@@ -345,7 +332,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
         ),
         **({"test": {"uri": dataset.test, "rows": len(test)}} if dataset.test else {}),
     }
-    report["digest"] = "sha256:" + _digest([dataset.train, dataset.validation, dataset.test])
+    report["digest"] = "sha256:" + data_digest(dataset.train, dataset.validation, dataset.test)
     provenance = provenance_for(dataset.train)
     if provenance is not None:
         report["provenance"] = provenance
@@ -397,8 +384,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
 
     audit = None
     if dataset.quality.audit:
-        audit = audit_data(train, [*validation, *test], spec)
-        audit.coverage.sources = _sources(train, validation, test)
+        audit = audit_data(train, [*validation, *test], spec, _sources(train, validation, test))
         report["audit"] = audit.as_dict()
         if enforce_limits:
             enforce(audit, dataset.quality)

@@ -28,7 +28,7 @@ from pydantic.alias_generators import to_camel
 
 from sectune import storage
 from sectune.data.audit import TEXT_SHOWN, DataAudit, input_text
-from sectune.data.load import DataError, read_rows, row_id
+from sectune.data.load import DataError, data_digest, read_rows, row_id
 
 if TYPE_CHECKING:
     from sectune.data.prepare import Example
@@ -283,7 +283,7 @@ def apply_review(
     record = DatasetReview(
         reviewer=reviewer.strip()[:256],
         reviewed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        source=FileDigest(uri=data_uri, sha256=_sha256_uri(data_uri), rows=len(rows)),
+        source=FileDigest(uri=data_uri, sha256=data_digest(data_uri), rows=len(rows)),
         review=FileDigest(
             uri=str(review_path),
             sha256=hashlib.sha256(review_path.read_bytes()).hexdigest(),
@@ -300,15 +300,6 @@ def apply_review(
         json.dumps(record.model_dump(mode="json", by_alias=True), indent=2).encode(),
     )
     return record
-
-
-def _sha256_uri(uri: str) -> str:
-    from sectune.data.load import MAX_DATA_BYTES
-
-    digest = hashlib.sha256()
-    for chunk in storage.stream(uri, MAX_DATA_BYTES):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def provenance_for(data_uri: str) -> dict[str, Any] | None:
@@ -332,5 +323,5 @@ def provenance_for(data_uri: str) -> dict[str, Any] | None:
         "reviewedAt": record.reviewed_at,
         "source": record.source.model_dump(by_alias=True),
         "counts": record.counts,
-        "matchesData": record.result.sha256 == _sha256_uri(data_uri),
+        "matchesData": record.result.sha256 == data_digest(data_uri),
     }
