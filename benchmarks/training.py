@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -43,6 +44,7 @@ SYSTEMS = {
     "generation": "Parse the log line into JSON.",
 }
 LORA = {"r": 16, "alpha": 32}
+RESTRICTED = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # as precision.py
 
 
 def rows(path: Path, count: int, seed: int, target: str = "label") -> list[dict[str, str]]:
@@ -127,6 +129,8 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
     )  # fmt: skip
 
     system = SYSTEMS[args.task]
+    expert = args.side == "reference-expert"
+    bf16 = args.side == "reference-bf16" or (expert and args.expert_bf16)
 
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
@@ -157,7 +161,11 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
             output_dir=tempfile.mkdtemp(prefix="bench-ref-"), per_device_train_batch_size=args.batch,
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
             warmup_steps=int(0.03 * args.steps), logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-            seed=args.seed, dataloader_num_workers=0, bf16=args.side == "reference-bf16",
+            seed=args.seed, dataloader_num_workers=0, bf16=bf16,
+            # The expert's script: the Trainer's own length grouping (`group_by_length=True`
+            # before transformers 5) and fused AdamW.
+            train_sampling_strategy="group_by_length" if expert else "random",
+            optim="adamw_torch_fused" if expert else "adamw_torch",
         ),
         train_dataset=[encode(r) for r in data],
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -277,17 +285,29 @@ def main() -> None:
         help="sectune's hyperparameters.precision (auto: what a job gets without the field)",
     )  # fmt: skip
     parser.add_argument(
-        "--references", default="fp32,bf16",
-        help="Trainer + PEFT runs: fp32 (its default) and/or bf16 (bf16=True); empty for none",
+        "--references", default="fp32,expert",
+        help="Trainer + PEFT runs: fp32 (its defaults), bf16 (bf16=True), expert (bf16 where "
+        "the CPU has it natively, length-grouped batches, fused AdamW); empty for none",
     )  # fmt: skip
     parser.add_argument(
-        "--side", choices=["reference", "reference-bf16", "sectune"], help=argparse.SUPPRESS
-    )
+        "--isa", choices=["native", "avx2"], default="native",
+        help="avx2: every run restricted to AVX2 (oneDNN and ATen), a CPU without native bf16",
+    )  # fmt: skip
+    parser.add_argument(
+        "--side", choices=["reference", "reference-bf16", "reference-expert", "sectune"],
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
+    parser.add_argument("--expert-bf16", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--head", default="lm", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(one_run(args)))
         return
+    from sectune.placement import cpu_has_native_bf16
+
+    if args.isa == "avx2" and args.precision == "auto":
+        args.precision = "fp32"  # what `auto` picks on a CPU without native bf16
+
     peak = matmul_peak_gflops()
     print(json.dumps({"matmulPeakGflops": round(peak, 1)}), flush=True)
     common = [sys.executable, __file__, "--model", str(args.model), "--data", str(args.data),
@@ -295,7 +315,12 @@ def main() -> None:
               "--heldout-rows", str(args.heldout_rows), "--steps", str(args.steps),
               "--batch", str(args.batch), "--lr", str(args.lr), "--task", args.task,
               "--target-field", args.target_field, "--precision", args.precision]  # fmt: skip
-    sides = {"fp32": "reference", "bf16": "reference-bf16"}
+    sides = {"fp32": "reference", "bf16": "reference-bf16", "expert": "reference-expert"}
+    env = {**os.environ, **(RESTRICTED if args.isa == "avx2" else {})}
+    if args.isa == "avx2":
+        print(json.dumps({"isa": "AVX2 only (no native bf16): " + json.dumps(RESTRICTED)}))
+    # The expert turns bf16 on where the CPU has it natively, as sectune's `auto` does.
+    common += ["--expert-bf16", "1" if args.isa != "avx2" and cpu_has_native_bf16() else "0"]
     runs = [["--side", sides[r]] for r in args.references.split(",") if r]
     heads = args.heads.split(",") if args.task == "classification" else ["lm"]
     runs += [["--side", "sectune", "--head", h] for h in heads]
@@ -303,7 +328,7 @@ def main() -> None:
         for run in runs:
             seed = ["--seed", str(args.seed + round_)]
             out = subprocess.run(
-                [*common, *seed, *run], capture_output=True, text=True, check=False
+                [*common, *seed, *run], capture_output=True, text=True, check=False, env=env
             )
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)

@@ -7,8 +7,10 @@ found from lists: the first and last names of Faker's person providers for the l
 - a listed first name is followed by a listed last name ("John Smith", "Maria K. Garcia"), or
 - a title precedes one or two capitalised words ("Dr. Okafor", "Ms. Nkechi Eze"), or
 - a capitalised listed first name follows a word that introduces a person in tickets, alerts and
-  chats ("Analyst John", "reported by Priya Sharma", "Dr. Okafor", "cc: Lena"), with the next
-  capitalised word taken as the surname.
+  chats ("Analyst John", "reported by Priya Sharma", "my name is Cory", "cc: Lena"), with the
+  next capitalised word taken as the surname;
+
+and a name goes on over further listed surnames ("Valentina Verdejo Tovar", "Ana del Río").
 
 Both parts must be capitalised: "will", "grant" or "mark" in running text are words. A single
 word that is also a common capitalised term in security text ("Grant", "Chase", "Will") is
@@ -123,13 +125,24 @@ NOT_NAMES = frozenset(
 INTRODUCERS = (
     r"(?:[Aa]nalyst|[Ee]ngineer|[Aa]dministrator|[Aa]dmin|[Ee]mployee|[Cc]ontractor|[Mm]anager"
     r"|[Dd]irector|[Ii]ntern|[Cc]olleague|[Cc]ustomer|[Vv]ictim|[Uu]ser|[Oo]wner|[Cc]ontact"
-    r"|CEO|CFO|CISO|CTO|Mr\.?|Mrs\.?|Ms\.?|Dr\.?|Prof\.?|[Cc]c:?|[Bb]y|[Ff]rom|[Tt]o|[Hh]i|[Hh]ello"
-    r"|[Dd]ear|[Tt]hanks|[Rr]egards,?|[Ss]igned|[Aa]ssignee:?|[Rr]eporter:?|[Nn]amed|[Cc]alled)"
+    r"|CEO|CFO|CISO|CTO|[Mm]r\.?|[Mm]rs\.?|[Mm]s\.?|[Dd]r\.?|[Pp]rof\.?|[Cc]c:?|[Bb]y|[Ff]rom|[Tt]o"
+    r"|[Hh]i|[Hh]ello|[Dd]ear|[Tt]hanks|[Rr]egards,?|[Ss]igned|[Aa]ssignee:?|[Rr]eporter:?|[Nn]amed"
+    r"|[Cc]alled|[Nn]ame\s+is|[Nn]ame's|[Cc]alls?\s+me|I\s+am|I'm|[Tt]his\s+is|[Ss]peak\s+(?:to|with)"
+    r"|[Aa]sk\s+for|[Mm]y\s+(?:kid|son|daughter|wife|husband|partner|father|mother|brother|sister"
+    r"|friend|boss|colleague))"
 )
-_WORD = r"[A-Z][a-z]+(?:[-'][A-Z][a-z]+)?"
+# A capitalised word in Latin-1 letters ("Jürgen", "Søren"), with an inner capital
+# ("McGee", "DeShawn") or a hyphenated or apostrophised second part ("Hans-Peter", "O'Neil").
+_UPPER, _LOWER = "A-ZÀ-ÖØ-Þ", "a-zß-öø-ÿ"
+_PART = rf"[{_UPPER}][{_LOWER}]+(?:[{_UPPER}][{_LOWER}]+)?"
+_WORD = rf"{_PART}(?:[-'’]{_PART})?"
 # A lookahead, so "Analyst Mark Cook" is tried at "Mark" too after failing at "Analyst".
 _PAIR = re.compile(rf"\b(?=({_WORD})((?:\s+[A-Z]\.)?\s+)({_WORD})\b)")
-_TITLED = re.compile(rf"\b(?:Mr|Mrs|Ms|Mx|Dr|Prof)\.?\s+({_WORD})(?:\s+({_WORD}))?\b")
+# A title is a word of its own ("Settingcontent-Ms" is not one) with the name on its line.
+_TITLED = re.compile(rf"(?<![\w-])(?:Mr|Mrs|Ms|Mx|Dr|Prof)\.?[ \t]+({_WORD})(?:[ \t]+({_WORD}))?\b")
+_NEXT_SURNAME = re.compile(
+    rf"(?:[ \t]+|-)(?:(?:de|del|da|do|dos|van|von|y)[ \t]+(?:la[ \t]+)?)?({_WORD})\b"
+)
 _INTRODUCED = re.compile(rf"\b{INTRODUCERS}\s+({_WORD})(?:(?:\s+[A-Z]\.)?\s+({_WORD}))?\b")
 
 
@@ -141,7 +154,7 @@ def _lists() -> tuple[frozenset[str], frozenset[str]]:
         provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
         first.update(getattr(provider, "first_names", ()))
         last.update(getattr(provider, "last_names", ()))
-    latin = re.compile(r"[A-Z][a-zà-ÿ'-]+")
+    latin = re.compile(_WORD)
     return (
         frozenset(n for n in first if latin.fullmatch(n)),
         frozenset(n for n in last if latin.fullmatch(n)),
@@ -165,4 +178,12 @@ def person_spans(text: str) -> list[tuple[int, int]]:
             spans.append((m.start(1), end))
     for m in _TITLED.finditer(text):  # a title makes the next capitalised word(s) a name
         spans.append((m.start(1), m.end(2) if m.group(2) else m.end(1)))
-    return spans
+    return [(start, _more_surnames(text, end, last)) for start, end in spans]
+
+
+def _more_surnames(text: str, end: int, last: frozenset[str]) -> int:
+    """The end of a name that goes on with more listed surnames ("Valentina Verdejo Tovar",
+    "Ana del Río"): two family names are the rule in Spanish and Portuguese."""
+    while (m := _NEXT_SURNAME.match(text, end)) and m.group(1) in last:
+        end = m.end(1)
+    return end

@@ -159,11 +159,25 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ("USERNAME", r"(?i):(?:user|role|assumed-role)/([A-Za-z0-9+=,.@_-]+)", 0.85, 1),
     ("SECRET", r"(?i)/user:\S+\s+([^\s/;|&]{4,})", 0.6, 1),
     ("USERNAME", r"/home/([a-z_][a-z0-9._-]{1,31})", 0.8, 1),
+    # A national identity number where the text names it: a US SSN, or a UK National
+    # Insurance number (two letters, six digits, a letter) after "social security number" too.
     (
         "US_SSN",
-        r"(?i)\b(?:ssn|social security(?: number| no\.?)?)\W{0,3}(\d{3}-?\d{2}-?\d{4})\b",
+        r"(?i)\b(?:ssn|social security(?: number| no\.?)?|national insurance(?: number| no\.?)?"
+        r"|nino)(?:\s+(?:is|was|number))?\W{0,3}(\d{3}[- ]?\d{2}[- ]?\d{4}"
+        r"|(?-i:[A-Z]{2} ?\d{2} ?\d{2} ?\d{2}(?: ?[A-Z])?))\b",
         0.9,
         1,
+    ),
+    # North American numbers as people write them, separated (a bare run of ten digits is an
+    # id as often as a phone): "+1-632-346-8203", "(420)874-3615x11050", "745.749.8601".
+    # Presidio's recognizer finds them only with a valid area code.
+    (
+        "PHONE_NUMBER",
+        r"(?<![\w.+-])(?:(?:\+1|001)[-. ]?)?(?:\(\d{3}\) ?|\d{3}[-.])\d{3}[-.]\d{4}"
+        r"(?: ?(?:x|ext\.?) ?\d{1,6})?(?!\w|\.\d)",
+        0.7,
+        0,
     ),
     ("WINDOWS_SID", r"\bS-1-5-21-\d{6,10}-\d{6,10}-\d{6,10}-\d{3,6}\b", 0.95, 0),
     (
@@ -174,6 +188,42 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
     ),
     ("MAC_ADDRESS", r"\b(?:[0-9A-Fa-f]{2}[:-]){5}[0-9A-Fa-f]{2}\b", 0.8, 0),
 ]
+
+
+# Payment card numbers: 12-19 digits, optionally in groups, that pass the Luhn check and start
+# with an issuer prefix of a length that issuer uses (ISO/IEC 7812 ranges as the networks
+# publish them). Presidio's recognizer predates Mastercard's 2-series and misses Maestro,
+# 19-digit Visa and 15-digit JCB numbers.
+_CARD_RUN = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?![\w]|[ -]\d|\.\d)")
+_CARD_ISSUERS: tuple[tuple[int, int, range], ...] = (  # (first prefix, last prefix, lengths)
+    (4, 4, range(13, 20, 3)),  # Visa: 13, 16, 19
+    (51, 55, range(16, 17)),  # Mastercard
+    (2221, 2720, range(16, 17)),  # Mastercard 2-series
+    (34, 34, range(15, 16)),  # American Express
+    (37, 37, range(15, 16)),
+    (300, 305, range(14, 20)),  # Diners Club
+    (36, 36, range(14, 20)),
+    (38, 39, range(16, 20)),
+    (6011, 6011, range(16, 20)),  # Discover
+    (644, 649, range(16, 20)),
+    (65, 65, range(16, 20)),
+    (3528, 3589, range(16, 20)),  # JCB
+    (2131, 2131, range(15, 16)),
+    (1800, 1800, range(15, 16)),
+    (62, 62, range(16, 20)),  # UnionPay
+    (50, 50, range(12, 20)),  # Maestro
+    (56, 69, range(12, 20)),
+)
+
+
+def _is_card_number(digits: str) -> bool:
+    from stdnum import luhn
+
+    issued = any(
+        first <= int(digits[: len(str(first))]) <= last and len(digits) in lengths
+        for first, last, lengths in _CARD_ISSUERS
+    )
+    return issued and luhn.is_valid(digits)
 
 
 def _looks_like_phone(value: str) -> bool:
@@ -340,6 +390,13 @@ class Sanitizer:
                 findings.append(Finding("SECRET", match.start(2), match.end(2), 0.7))
         return findings
 
+    def _card_findings(self, text: str) -> list[Finding]:
+        return [
+            Finding("CREDIT_CARD", m.start(), m.end(), 0.8)
+            for m in _CARD_RUN.finditer(text)
+            if _is_card_number(re.sub(r"[ -]", "", m.group()))
+        ]
+
     def _pattern_findings(self, text: str) -> list[Finding]:
         findings = []
         for entity, pattern, score, group in self._patterns:
@@ -383,6 +440,7 @@ class Sanitizer:
     def findings(self, text: str) -> list[Finding]:
         """Non-overlapping findings, the longest (then highest-scoring) one winning."""
         candidates = self._secret_findings(text) + self._pattern_findings(text)
+        candidates += self._card_findings(text)
         candidates += self._presidio_findings(text)
         candidates += [Finding("PERSON", a, b, 0.7) for a, b in person_spans(text)]
         candidates = [
