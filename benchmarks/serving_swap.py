@@ -204,6 +204,7 @@ def main() -> None:
                         name: {
                             "p50Seconds": round(percentile(values, 0.5), 3),
                             "p99Seconds": round(percentile(values, 0.99), 3),
+                            "maxSeconds": round(max(values), 3),
                         }
                         for name, values in parts.items()
                     },

@@ -129,7 +129,8 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
     )  # fmt: skip
 
     system = SYSTEMS[args.task]
-    expert = args.side == "reference-expert"
+    expert = args.side.startswith("reference-expert")
+    grouped = args.side == "reference-expert"  # "reference-expert-shuffled": the same, shuffled
     bf16 = args.side == "reference-bf16" or (expert and args.expert_bf16)
 
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
@@ -164,7 +165,7 @@ def train_reference(args: argparse.Namespace, data: list[dict[str, str]]) -> Any
             seed=args.seed, dataloader_num_workers=0, bf16=bf16,
             # The expert's script: the Trainer's own length grouping (`group_by_length=True`
             # before transformers 5) and fused AdamW.
-            train_sampling_strategy="group_by_length" if expert else "random",
+            train_sampling_strategy="group_by_length" if grouped else "random",
             optim="adamw_torch_fused" if expert else "adamw_torch",
         ),
         train_dataset=[encode(r) for r in data],
@@ -279,7 +280,9 @@ def main() -> None:
         help="generation: every target token is trained and counted (e.g. log-parsing JSON)",
     )  # fmt: skip
     parser.add_argument("--target-field", default="label", help="the rows' target field")
-    parser.add_argument("--heads", default="lm,classifier", help="sectune heads to run")
+    parser.add_argument(
+        "--heads", default="lm,classifier", help="sectune heads to run; empty for none"
+    )
     parser.add_argument(
         "--precision", default="auto",
         help="sectune's hyperparameters.precision (auto: what a job gets without the field)",
@@ -287,14 +290,17 @@ def main() -> None:
     parser.add_argument(
         "--references", default="fp32,expert",
         help="Trainer + PEFT runs: fp32 (its defaults), bf16 (bf16=True), expert (bf16 where "
-        "the CPU has it natively, length-grouped batches, fused AdamW); empty for none",
+        "the CPU has it natively, length-grouped batches, fused AdamW), expert-shuffled (the same "
+        "with shuffled batches); empty for none",
     )  # fmt: skip
     parser.add_argument(
         "--isa", choices=["native", "avx2"], default="native",
         help="avx2: every run restricted to AVX2 (oneDNN and ATen), a CPU without native bf16",
     )  # fmt: skip
     parser.add_argument(
-        "--side", choices=["reference", "reference-bf16", "reference-expert", "sectune"],
+        "--side",
+        choices=["reference", "reference-bf16", "reference-expert", "reference-expert-shuffled",
+                 "sectune"],
         help=argparse.SUPPRESS,
     )  # fmt: skip
     parser.add_argument("--expert-bf16", type=int, default=0, help=argparse.SUPPRESS)
@@ -315,14 +321,21 @@ def main() -> None:
               "--heldout-rows", str(args.heldout_rows), "--steps", str(args.steps),
               "--batch", str(args.batch), "--lr", str(args.lr), "--task", args.task,
               "--target-field", args.target_field, "--precision", args.precision]  # fmt: skip
-    sides = {"fp32": "reference", "bf16": "reference-bf16", "expert": "reference-expert"}
+    sides = {
+        "fp32": "reference",
+        "bf16": "reference-bf16",
+        "expert": "reference-expert",
+        "expert-shuffled": "reference-expert-shuffled",
+    }
     env = {**os.environ, **(RESTRICTED if args.isa == "avx2" else {})}
     if args.isa == "avx2":
         print(json.dumps({"isa": "AVX2 only (no native bf16): " + json.dumps(RESTRICTED)}))
     # The expert turns bf16 on where the CPU has it natively, as sectune's `auto` does.
     common += ["--expert-bf16", "1" if args.isa != "avx2" and cpu_has_native_bf16() else "0"]
     runs = [["--side", sides[r]] for r in args.references.split(",") if r]
-    heads = args.heads.split(",") if args.task == "classification" else ["lm"]
+    heads = [h for h in args.heads.split(",") if h]  # "": the references alone
+    if args.task == "generation":
+        heads = ["lm"] if heads else []
     runs += [["--side", "sectune", "--head", h] for h in heads]
     for round_ in range(args.rounds):
         for run in runs:

@@ -217,7 +217,7 @@ _CARD_ISSUERS: tuple[tuple[int, int, range], ...] = (  # (first prefix, last pre
 
 
 def _is_card_number(digits: str) -> bool:
-    from stdnum import luhn
+    from stdnum import luhn  # a trainer dependency, like Presidio's
 
     issued = any(
         first <= int(digits[: len(str(first))]) <= last and len(digits) in lengths
