@@ -24,6 +24,7 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter, defaultdict
+from operator import methodcaller
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +35,24 @@ PIECE = re.compile(r"[^\W_]{4,}")
 TITLES = {"prof", "univ", "dipl", "herr", "frau", "miss"}
 STEMS = ("CARD", "PHONE", "PERSON", "SSN", "EMAIL", "IBAN", "IP")
 
-# Template placeholder -> (the type the sanitizer claims, how Faker makes a value).
+# Template placeholder -> (the type the sanitizer claims, how Faker makes a value). Most
+# placeholders are named after the Faker provider that fills them.
+_PROVIDED = {
+    "CARD": ["credit_card_number"],
+    "PHONE": ["phone_number"],
+    "IBAN": ["iban"],
+    "EMAIL": ["email"],
+    "US_SSN": ["ssn"],
+    "PERSON": [
+        "name", "name_female", "name_male", "first_name", "first_name_male",
+        "first_name_female", "first_name_nonbinary", "last_name", "last_name_male",
+        "last_name_female",
+    ],
+}  # fmt: skip
 CLAIMED: dict[str, tuple[str, Any]] = {
-    "credit_card_number": ("CARD", lambda f: f.credit_card_number()),
-    "phone_number": ("PHONE", lambda f: f.phone_number()),
-    "iban": ("IBAN", lambda f: f.iban()),
-    "email": ("EMAIL", lambda f: f.email()),
+    **{p: (kind, methodcaller(p)) for kind, providers in _PROVIDED.items() for p in providers},
     "ip_address": ("IP", lambda f: f.ipv4() if f.random.random() < 0.7 else f.ipv6()),
-    "ssn": ("US_SSN", lambda f: f.ssn()),
-    "person": ("PERSON", lambda f: f.name()),
-    "name": ("PERSON", lambda f: f.name()),
-    "name_female": ("PERSON", lambda f: f.name_female()),
-    "name_male": ("PERSON", lambda f: f.name_male()),
-    "first_name": ("PERSON", lambda f: f.first_name()),
-    "first_name_male": ("PERSON", lambda f: f.first_name_male()),
-    "first_name_female": ("PERSON", lambda f: f.first_name_female()),
-    "first_name_nonbinary": ("PERSON", lambda f: f.first_name_nonbinary()),
-    "last_name": ("PERSON", lambda f: f.last_name()),
-    "last_name_male": ("PERSON", lambda f: f.last_name_male()),
-    "last_name_female": ("PERSON", lambda f: f.last_name_female()),
+    "person": ("PERSON", methodcaller("name")),
 }
 # Context the sanitizer does not claim to find, filled so the sentences read as they should.
 CONTEXT: dict[str, Any] = {

@@ -44,7 +44,6 @@ SYSTEMS = {
     "generation": "Parse the log line into JSON.",
 }
 LORA = {"r": 16, "alpha": 32}
-RESTRICTED = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # as precision.py
 
 
 def rows(path: Path, count: int, seed: int, target: str = "label") -> list[dict[str, str]]:
@@ -309,6 +308,8 @@ def main() -> None:
     if args.side:
         print(json.dumps(one_run(args)))
         return
+    from precision import RESTRICTED  # benchmarks/precision.py: AVX2 only, no native bf16
+
     from sectune.placement import cpu_has_native_bf16
 
     if args.isa == "avx2" and args.precision == "auto":

@@ -194,7 +194,7 @@ SECURITY_PATTERNS: list[tuple[str, str, float, int]] = [
 # with an issuer prefix of a length that issuer uses (ISO/IEC 7812 ranges as the networks
 # publish them). Presidio's recognizer predates Mastercard's 2-series and misses Maestro,
 # 19-digit Visa and 15-digit JCB numbers.
-_CARD_RUN = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?![\w]|[ -]\d|\.\d)")
+_CARD_RUN = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?!\w|[ -]\d|\.\d)")
 _CARD_ISSUERS: tuple[tuple[int, int, range], ...] = (  # (first prefix, last prefix, lengths)
     (4, 4, range(13, 20, 3)),  # Visa: 13, 16, 19
     (51, 55, range(16, 17)),  # Mastercard
