@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from sectune.config import load_manifest  # noqa: E402
 from sectune.data.audit import audit, out_of_fold_probabilities  # noqa: E402
-from sectune.data.prepare import Example  # noqa: E402
+from sectune.data.example import Example  # noqa: E402
 from support.edits import EDITS, edited_copy  # noqa: E402
 
 ATTACK = ROOT / "examples" / "attack-tactics"

@@ -77,7 +77,8 @@ def run_engine(
 
 def run_naive(engine: Any, prompts: list[list[int]], keys: list[str]) -> float:
     """One request at a time with set_adapter before each, on the engine's own model."""
-    from sectune.evaluation.scoring import forward_logprobs, left_pad
+    from sectune.evaluation.scoring import forward_logprobs
+    from sectune.training.objectives import left_pad
 
     model = engine.model
     began = time.perf_counter()

@@ -78,7 +78,7 @@ def spec_for(args: argparse.Namespace, labels: list[str], head: str) -> Any:
 
 
 def examples_of(data: list[dict[str, str]]) -> list[Any]:
-    from sectune.data.prepare import Example
+    from sectune.data.example import Example
 
     return [Example(f"r{i}", {"text": r["text"]}, r["label"]) for i, r in enumerate(data)]
 

@@ -24,8 +24,13 @@ from sectune.config import (
     Spec,
     Uri,
 )
-from sectune.contract import DataQuality
-from sectune.serving.config import check_versions
+from sectune.contract import DataQuality, ResultAdapter, ResultGate
+from sectune.serving.config import (
+    AdapterVersions,
+    DriftSettings,
+    VersionShare,
+    check_adapter_names,
+)
 
 Quantity = Annotated[
     str,
@@ -150,28 +155,6 @@ class DatasetStatus(Spec):
     """What the data audit found (dataset.quality), in counts."""
 
 
-class AdapterStatus(Spec):
-    """The stored adapter."""
-
-    uri: str | None = None
-    """Where the adapter version is stored."""
-    sha256: str | None = None
-    """sha256 of its manifest.json (which lists the digest of every file)."""
-    size_bytes: int | None = None
-    """Total size of the stored files."""
-
-
-class GateResult(Spec):
-    """One gate as evaluated."""
-
-    name: str
-    """The gate, e.g. recall[critical]>=0.95."""
-    value: float | None = None
-    """The measured value (absent when the metric could not be measured)."""
-    passed: bool
-    """Whether the gate passed."""
-
-
 class FineTuneJobStatus(Spec):
     """Observed state of a FineTuneJob."""
 
@@ -188,11 +171,11 @@ class FineTuneJobStatus(Spec):
     """Live training progress."""
     dataset: DatasetStatus | None = None
     """What the data stage saw."""
-    adapter: AdapterStatus | None = None
+    adapter: ResultAdapter | None = None
     """The stored adapter."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Headline evaluation figures of the tuned model."""
-    gates: list[GateResult] = Field(default_factory=list)
+    gates: list[ResultGate] = Field(default_factory=list)
     """Each gate and whether it passed."""
     gates_summary: str | None = None
     """Gates as shown by kubectl (passed/total)."""
@@ -228,29 +211,18 @@ class AdapterSource(Spec):
         return self
 
 
-class AdapterVersion(Spec):
+class AdapterVersion(VersionShare):
     """One version of an adapter and its share of the adapter's traffic."""
 
-    version: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    """Version name (DNS label), e.g. v3."""
     source: AdapterSource
     """Where this version comes from."""
-    traffic: int = Field(100, ge=0, le=100)
-    """Percent of the adapter's requests this version answers."""
 
 
-class AdapterSpec(Spec):
+class AdapterSpec(AdapterVersions):
     """An adapter the server offers under `name` (the `model` field of a request)."""
 
-    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    """Name clients ask for; a DNS label, unique in the deployment."""
     versions: list[AdapterVersion] = Field(min_length=1, max_length=8)
     """Versions served side by side (canary); their traffic adds up to 100."""
-
-    @model_validator(mode="after")
-    def _traffic(self) -> AdapterSpec:
-        check_versions(self.name, [(v.version, v.traffic) for v in self.versions])
-        return self
 
 
 class RollbackSpec(Spec):
@@ -282,20 +254,6 @@ class PromotionSpec(Spec):
     """Automatic rollback thresholds."""
 
 
-class DriftSpec(Spec):
-    """Drift of what is served against what the adapter was trained and evaluated on: the
-    predicted-label mix (classification) and the prompt-length mix (every task type)."""
-
-    enabled: bool = True
-    """Compute drift scores per adapter version."""
-    window_minutes: int = Field(60, ge=1, le=10080)
-    """Sliding window of requests the score is computed over."""
-    min_requests: int = Field(20, ge=1, le=1_000_000)
-    """Fewer requests than this in the window report no score."""
-    threshold: float = Field(0.2, ge=0.0, le=1.0)
-    """Score above which drift alerts fire (exported as sectune_serve_drift_threshold)."""
-
-
 class ServingResources(Spec):
     """Compute for each server replica."""
 
@@ -324,7 +282,7 @@ class AdapterDeploymentSpec(Spec):
     """sectune: the built-in multi-adapter server; vllm: vLLM for GPU fleets."""
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     """Promotion and rollback rules."""
-    drift: DriftSpec = Field(default_factory=DriftSpec)  # type: ignore[arg-type]
+    drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
     """Drift monitoring."""
     auth_secret: SecretReference | None = None
     """Secret with the API keys clients must present (key `api-keys`: one
@@ -339,12 +297,7 @@ class AdapterDeploymentSpec(Spec):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AdapterDeploymentSpec:
-        names = [a.name for a in self.adapters]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"adapters: names must be unique; repeated: {', '.join(duplicates)}")
-        if "base" in names:
-            raise ValueError("adapters: 'base' is reserved for the base model")
+        check_adapter_names([a.name for a in self.adapters])
         if self.runtime == "vllm":
             split = [a.name for a in self.adapters if sum(v.traffic > 0 for v in a.versions) > 1]
             if split:
@@ -405,10 +358,13 @@ class RolledBack(Spec):
     """When the rollback happened (RFC 3339)."""
 
 
+ServingPhase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
 class AdapterDeploymentStatus(Spec):
     """Observed state of an AdapterDeployment."""
 
-    phase: Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"] | None = None
+    phase: ServingPhase | None = None
     """Pending, Progressing, Ready, Degraded or Failed."""
     observed_generation: int | None = None
     """The spec generation this status describes."""
@@ -540,7 +496,7 @@ class LastRun(Spec):
 
     name: str
     """FineTuneJob name."""
-    adapter: AdapterStatus | None = None
+    adapter: ResultAdapter | None = None
     """Its stored adapter (uri, sha256)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Its headline evaluation figures."""

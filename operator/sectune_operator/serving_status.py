@@ -5,11 +5,11 @@ with the adapter set the operator rendered. Pure functions, unit-tested without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from sectune.serving.config import ServingConfig
+from sectune_operator.api import ActiveAdapter, ServingPhase
 
 Served = tuple[str, str, str, int]
 """(adapter, version, manifest sha256, traffic) as a replica reports it."""
@@ -82,7 +82,7 @@ def observe(config: ServingConfig | None, reports: list[Report], ready_pods: lis
     return Observed(active, bool(ready_pods) and not lagging, lagging, refusals)
 
 
-def active_adapters(active: set[Served], config: ServingConfig | None) -> list[dict[str, Any]]:
+def active_adapters(active: set[Served], config: ServingConfig | None) -> list[ActiveAdapter]:
     """status.activeAdapters: what the replicas serve, with the URI the operator rendered."""
     uris = {
         (a.name, v.version, v.sha256): v.uri
@@ -90,17 +90,13 @@ def active_adapters(active: set[Served], config: ServingConfig | None) -> list[d
         for v in a.versions
     }
     return [
-        {
-            "name": adapter,
-            "version": version,
-            "sha256": sha256,
-            "traffic": traffic,
-            **(
-                {"uri": uris[(adapter, version, sha256)]}
-                if (adapter, version, sha256) in uris
-                else {}
-            ),
-        }
+        ActiveAdapter(
+            name=adapter,
+            version=version,
+            sha256=sha256,
+            traffic=traffic,
+            uri=uris.get((adapter, version, sha256)),
+        )
         for adapter, version, sha256, traffic in sorted(active)
     ]
 
@@ -111,7 +107,7 @@ def phase(
     ready: int,
     observed: Observed,
     degraded: bool,
-) -> str:
+) -> ServingPhase:
     """Pending (nothing to serve yet), Progressing (replicas starting or not yet serving the
     rendered set), Degraded (serving, with refusals, rollbacks or missing replicas), Ready."""
     if not rendered or replicas == 0:

@@ -3,9 +3,13 @@ termination message. Pure functions, unit-tested without a cluster."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sectune.contract import TrainerResult
+from pydantic import BaseModel, ValidationError
+
+from sectune.contract import TrainerResult, TrainingProgress
+from sectune_operator.api import Condition, DatasetStatus, FineTuneJobStatus, Progress
 from sectune_operator.builders.finetunejob import CONTAINER
 
 TERMINAL = ("Succeeded", "Failed")
@@ -32,30 +36,55 @@ CONDITION_TYPES = (
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: Sequence[Condition],
     type_: str,
     status: str,
     reason: str,
     message: str,
     now: str,
     generation: int | None,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Conditions with `type_` set; lastTransitionTime moves only when the status changes."""
-    out = [dict(c) for c in conditions if c.get("type") != type_]
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    changed = previous is None or previous.get("status") != status
-    out.append(
-        {
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),  # type: ignore[union-attr]
-            "observedGeneration": generation,
-        }
+    previous = next((c for c in conditions if c.type == type_), None)
+    changed = previous is None or previous.status != status
+    condition = Condition(
+        type=type_,
+        status=status,  # type: ignore[arg-type]
+        reason=reason[:1024],
+        message=message[:32768],
+        last_transition_time=now if changed else (previous.last_transition_time or now),  # type: ignore[union-attr]
+        observed_generation=generation,
     )
     order = {t: i for i, t in enumerate(CONDITION_TYPES)}
-    return sorted(out, key=lambda c: order.get(c["type"], len(order)))
+    out = [c for c in conditions if c.type != type_] + [condition]
+    return sorted(out, key=lambda c: order.get(c.type, len(order)))
+
+
+def read_conditions(status: Mapping[str, Any]) -> list[Condition]:
+    """The conditions of a status as read from the cluster (one that does not parse, written
+    by hand, is dropped and written anew)."""
+    conditions = []
+    for raw in status.get("conditions") or []:
+        try:
+            conditions.append(Condition.model_validate(raw))
+        except ValidationError:
+            continue
+    return conditions
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A status model as it is written: camelCase, unset fields left out."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def dump_conditions(conditions: Sequence[Condition]) -> list[dict[str, Any]]:
+    return [dump(c) for c in conditions]
+
+
+def same_conditions(old: Mapping[str, Any], new: Sequence[Condition]) -> bool:
+    """Whether writing `new` would change what the conditions say (transition times aside)."""
+    said = {c.type: (c.status, c.reason, c.message) for c in read_conditions(old)}
+    return said == {c.type: (c.status, c.reason, c.message) for c in new}
 
 
 def termination_message(pod: dict[str, Any]) -> TrainerResult | None:
@@ -90,34 +119,31 @@ def _finished_pods(pods: list[dict[str, Any]], phase: str) -> list[dict[str, Any
     return sorted(done, key=lambda p: p["metadata"].get("creationTimestamp", ""))
 
 
-def _result_fields(result: TrainerResult | None) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+def result_status(result: TrainerResult | None) -> dict[str, Any]:
+    """The status fields a trainer's result sets: the one mapping from sectune.contract's
+    TrainerResult to FineTuneJobStatus (what the result does not say is left out, so what
+    status already holds stays)."""
     if result is None:
-        return fields
-    if result.adapter and result.adapter.uri:
-        fields["adapter"] = result.adapter.model_dump(by_alias=True, exclude_none=True)
-    if result.metrics:
-        fields["metrics"] = dict(result.metrics)
-    if result.gates:
-        fields["gates"] = [g.model_dump(exclude_none=False) for g in result.gates]
-        passed = sum(g.passed for g in result.gates)
-        fields["gatesSummary"] = f"{passed}/{len(result.gates)} passed"
+        return {}
     dataset = result.dataset
-    if dataset is not None:
-        fields["dataset"] = {
-            k: v
-            for k, v in {
-                "digest": dataset.digest,
-                "trainExamples": dataset.counts.get("train"),
-                "validationExamples": dataset.counts.get("validation"),
-                "redactions": dataset.redactions,
-                "quality": dataset.quality.model_dump(by_alias=True, exclude_none=True)
-                if dataset.quality
-                else None,
-            }.items()
-            if v is not None
-        }
-    return fields
+    passed = sum(g.passed for g in result.gates)
+    fields = FineTuneJobStatus(
+        adapter=result.adapter if result.adapter and result.adapter.uri else None,
+        metrics=dict(result.metrics),
+        gates=list(result.gates),
+        gates_summary=f"{passed}/{len(result.gates)} passed" if result.gates else None,
+        dataset=DatasetStatus(
+            digest=dataset.digest,
+            train_examples=dataset.counts.get("train"),
+            validation_examples=dataset.counts.get("validation"),
+            skipped=dataset.skipped,
+            redactions=dataset.redactions,
+            quality=dataset.quality,
+        )
+        if dataset is not None
+        else None,
+    )
+    return {k: v for k, v in dump(fields).items() if v not in ({}, [])}
 
 
 def derive_status(
@@ -131,10 +157,10 @@ def derive_status(
     """The FineTuneJob status that the Job and Pods imply (a new dict; `current` untouched).
     `attempts`: training pods started so far, as counted by the caller (pods come and go)."""
     status = {k: v for k, v in current.items() if k != "conditions"}
-    conditions = list(current.get("conditions") or [])
+    conditions = read_conditions(current)
     status["observedGeneration"] = generation
     if current.get("phase") in TERMINAL or job is None:
-        status["conditions"] = conditions
+        status["conditions"] = dump_conditions(conditions)
         return status
 
     status["attempts"] = max(int(current.get("attempts") or 0), attempts)
@@ -154,7 +180,7 @@ def derive_status(
     if complete:
         succeeded = _finished_pods(pods, "Succeeded")
         result = termination_message(succeeded[-1]) if succeeded else None
-        status |= _result_fields(result)
+        status |= result_status(result)
         status["phase"] = "Succeeded"
         status["completionTime"] = (
             job_status.get("completionTime") or complete.get("lastTransitionTime") or now
@@ -171,7 +197,7 @@ def derive_status(
     elif failed:
         failed_pods = _finished_pods(pods, "Failed")
         result = termination_message(failed_pods[-1]) if failed_pods else None
-        status |= _result_fields(result)
+        status |= result_status(result)
         reason = (result.reason if result else "") or failed.get("reason") or "Failed"
         message = (
             (result.message if result else "") or failed.get("message") or "the training Job failed"
@@ -207,7 +233,7 @@ def derive_status(
         )
     else:
         running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-        if any(c["type"] == "Suspended" for c in conditions):
+        if any(c.type == "Suspended" for c in conditions):
             conditions = set_condition(
                 conditions, "Suspended", "False", "Resumed", "", now, generation
             )
@@ -234,28 +260,24 @@ def derive_status(
             pass  # one node's trainer finished; the others (an Indexed Job) have not yet
         else:
             status["phase"] = "Pending"
-    status["conditions"] = conditions
+    status["conditions"] = dump_conditions(conditions)
     return status
 
 
 def progress_from_metrics(text: str) -> dict[str, Any] | None:
-    """status.progress from the trainer's Prometheus exposition (sectune_train_*)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("sectune_train_"):
-                values[sample.name.removeprefix("sectune_train_")] = sample.value
-    if "step" not in values or "total_steps" not in values:
+    """status.progress from the trainer's Prometheus exposition (sectune.contract's
+    TrainingProgress on METRICS_PORT)."""
+    trained = TrainingProgress.from_exposition(text)
+    if trained is None:
         return None
-    step, total = int(values["step"]), int(values["total_steps"])
-    return {
-        "step": step,
-        "totalSteps": total,
-        "percent": int(100 * step / total) if total else 0,
-        "loss": round(values.get("loss", 0.0), 4),
-        "tokensPerSecond": round(values.get("tokens_per_second", 0.0), 1),
-        "etaSeconds": int(values.get("eta_seconds", 0)),
-        "display": f"{step}/{total}",
-    }
+    step, total = trained.step, trained.total_steps
+    progress = Progress(
+        step=step,
+        total_steps=total,
+        percent=int(100 * step / total) if total else 0,
+        loss=round(trained.loss, 4),
+        tokens_per_second=round(trained.tokens_per_second, 1),
+        eta_seconds=int(trained.eta_seconds),
+        display=f"{step}/{total}",
+    )
+    return dump(progress)

@@ -10,7 +10,7 @@ import pytest
 
 from sectune.config import JobSpec
 from sectune.data.audit import audit
-from sectune.data.prepare import Example
+from sectune.data.example import Example
 from sectune.evaluation.metrics import classification_metrics
 from sectune.evaluation.report import render_html
 from support.processes import tool

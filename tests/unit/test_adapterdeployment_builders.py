@@ -247,8 +247,8 @@ def test_a_swap_is_done_only_when_every_ready_replica_reports_the_rendered_set()
     assert both.refusals == ["pod-b refused triage@v2 (integrity)"]
     assert ("triage", "v2", SHA["b"], 10) not in both.active  # not served by every replica
     active = serving_status.active_adapters(both.active, config)
-    assert {(a["name"], a["version"]) for a in active} == {("tactics", "v1")}
-    assert active[0]["uri"] == "s3://a/tactics/versions/r3"
+    assert {(a.name, a.version) for a in active} == {("tactics", "v1")}
+    assert active[0].uri == "s3://a/tactics/versions/r3"
     one = serving_status.observe(config, [good], ["pod-a"])
     assert one.converged and len(one.active) == 3
     silent = serving_status.observe(config, [good], ["pod-a", "pod-c"])

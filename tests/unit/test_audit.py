@@ -15,8 +15,9 @@ import pytest
 
 from sectune.config import JobSpec
 from sectune.data.audit import DataQualityError, audit, check_limits, shingles, truncation
+from sectune.data.example import Example
 from sectune.data.load import DataError
-from sectune.data.prepare import Example, prepare_data
+from sectune.data.prepare import prepare_data
 from sectune.data.review import apply_review, provenance_for, review_rows, write_review
 from support.edits import edited_copy
 

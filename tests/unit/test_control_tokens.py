@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from sectune.config import JobSpec
+from sectune.data.example import Example
 from sectune.data.format import (
     WORD_JOINER,
     PromptFormatter,
@@ -18,7 +19,6 @@ from sectune.data.format import (
     control_strings,
     text_ids,
 )
-from sectune.data.prepare import Example
 from support.tiny_model import CHAT_TEMPLATE, train_tokenizer
 
 # The added tokens of SmolLM2-135M-Instruct's tokenizer (ids 0-16), as the demo model has them.

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from sectune.config import JobSpec, SanitizeSpec
+from sectune.data.example import Example
 from sectune.data.format import IGNORE, PromptFormatter
 from sectune.data.load import DataError
-from sectune.data.prepare import Example, deduplicate, prepare_data, stratified_split
+from sectune.data.prepare import deduplicate, prepare_data, stratified_split
 from sectune.data.sanitize import Sanitizer
 
 SECRET_TEXT = "Failed password for alice from 10.9.8.7"

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 from sectune.config import Gate, JobSpec
-from sectune.data.prepare import Example
+from sectune.data.example import Example
 from sectune.evaluation.gates import evaluate_gates
 from sectune.evaluation.metrics import classification_metrics, expected_calibration_error
 from sectune.evaluation.probes import Attack, exposure, inject, injection_probe, load_attacks

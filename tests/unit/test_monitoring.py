@@ -32,10 +32,11 @@ def exported_metrics() -> set[str]:
     for registry in (ServingMetrics().registry, operator_metrics.REGISTRY):
         for family in registry.collect():
             names |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
-    # The trainer's gauges (sectune.training.metrics) start an HTTP server when built: read
-    # their names from the class instead.
-    source = (ROOT / "trainer-image" / "sectune" / "training" / "metrics.py").read_text()
-    names |= {f"sectune_train_{n}" for n in re.findall(r'gauge\("([a-z_]+)"', source)}
+    # The trainer's gauges (sectune.training.metrics) start an HTTP server when built: their
+    # names come from the contract they are made from.
+    from sectune.contract import PROGRESS_PREFIX, TrainingProgress
+
+    names |= {PROGRESS_PREFIX + field for field in TrainingProgress.EXPORTED}
     return names
 
 

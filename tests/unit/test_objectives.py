@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sectune.config import JobSpec
-from sectune.data.prepare import Example
+from sectune.data.example import Example
 from sectune.evaluation.scoring import score_labels, validation_loss
 from sectune.training.objectives import LabelHead, LabelsShareFirstToken, NextToken, objective_for
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sectune.config import JobSpec, SanitizeSpec
-from sectune.data.prepare import Example, sanitize_examples
+from sectune.data.example import Example
+from sectune.data.prepare import sanitize_examples
 from sectune.data.sanitize import Sanitizer
 from support.sanitize_corpus import CLEAN_LINES, build, load, score
 

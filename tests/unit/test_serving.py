@@ -351,7 +351,7 @@ def test_prompt_length_reference_and_input_drift() -> None:
 
 
 def test_a_version_whose_gates_failed_is_refused_naming_the_gate() -> None:
-    from sectune.serving.registry import LoadError, require_passed_gates
+    from sectune.serving.verify import LoadError, require_passed_gates
 
     require_passed_gates(adapter_manifest(gates_passed=True), "s3://b/v")
     require_passed_gates(adapter_manifest(), "s3://b/v")  # no verdict recorded: nothing to refuse

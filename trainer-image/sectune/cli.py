@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sectune import __version__
+from sectune import __version__, contract
 from sectune.config import JobSpec, ManifestError, load_manifest
-from sectune.contract import ExitCode, TrainerResult
+from sectune.contract import ExitCode, TrainerResult, TrainingProgress
 from sectune.placement import INFERENCE_PRECISIONS
 from sectune.progress import listening
 
@@ -164,13 +164,12 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
 
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate set RANK
 
-    def on_event(event: str, data: dict[str, Any]) -> None:
-        nonlocal task_id
-        if event == "step" and metrics:
-            metrics.update(data)
-        if not main_process:
+    def on_event(event: str, data: Any) -> None:
+        if event == "step":
+            on_step(data)
+        elif not main_process:
             return
-        if event == "stage":
+        elif event == "stage":
             console.log(data["name"])
         elif event == "data":
             counts, redactions = (
@@ -180,27 +179,32 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
             console.log(f"Data: {counts}; redactions: {redactions or 'none'}")
             for warning in data.get("warnings", []):
                 console.log(f"[yellow]warning:[/] {warning}")
-        elif event == "step" and plain is not None:
+
+    def on_step(step: TrainingProgress) -> None:
+        nonlocal task_id
+        if metrics:
+            metrics.update(step)
+        if not main_process:
+            return
+        if plain is not None:
             plain(
                 "training",
-                data["step"],
-                data["total_steps"],
-                f", loss {data['loss']:.3f}, {data['tokens_per_second']:.0f} tok/s",
+                step.step,
+                step.total_steps,
+                f", loss {step.loss:.3f}, {step.tokens_per_second:.0f} tok/s",
             )
-        elif event == "step":
-            if task_id is None:
-                progress.start()
-                task_id = progress.add_task(
-                    "training", total=data["total_steps"], loss="", speed=""
-                )
-            progress.update(
-                task_id,
-                completed=data["step"],
-                loss=f"{data['loss']:.3f}",
-                speed=f"{data['tokens_per_second']:.0f}",
-            )
-            if data["step"] == data["total_steps"]:
-                progress.stop()
+            return
+        if task_id is None:
+            progress.start()
+            task_id = progress.add_task("training", total=step.total_steps, loss="", speed="")
+        progress.update(
+            task_id,
+            completed=step.step,
+            loss=f"{step.loss:.3f}",
+            speed=f"{step.tokens_per_second:.0f}",
+        )
+        if step.step == step.total_steps:
+            progress.stop()
 
     def finish(code: int, message: str) -> int:
         if termination_path:
@@ -216,7 +220,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         console.print(f"[red]error:[/] {exc}")
         result = TrainerResult.failure("DataQualityFailed", str(exc))
         result.dataset = ResultDataset(quality=exc.audit.summary())
-        return finish(runner.EXIT_BAD_INPUT, result.to_message())
+        return finish(ExitCode.BAD_INPUT, result.to_message())
     except (
         ManifestError,
         DataError,
@@ -228,14 +232,14 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         progress.stop()
         console.print(f"[red]error:[/] {exc}")
         return finish(
-            runner.EXIT_BAD_INPUT,
+            ExitCode.BAD_INPUT,
             TrainerResult.failure("InvalidInput", str(exc)).to_message(),
         )
     except Preempted as exc:
         progress.stop()
         console.print(f"[yellow]{exc}[/]")
         return finish(
-            runner.EXIT_PREEMPTED,
+            ExitCode.PREEMPTED,
             TrainerResult.failure("Preempted", str(exc), phase="Training").to_message(),
         )
     except (StorageError, RendezvousError) as exc:  # infrastructure: the Job retries
@@ -243,14 +247,12 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
         storage_failed = isinstance(exc, StorageError)
         console.print(f"[red]{'storage error' if storage_failed else 'error'}:[/] {exc}")
         reason = "StorageError" if storage_failed else "RendezvousTimeout"
-        return finish(
-            runner.EXIT_INFRASTRUCTURE, TrainerResult.failure(reason, str(exc)).to_message()
-        )
+        return finish(ExitCode.INFRASTRUCTURE, TrainerResult.failure(reason, str(exc)).to_message())
     finally:
         if metrics:
             metrics.stop()
     if not outcome.report:  # a non-main process of a distributed run
-        return runner.EXIT_OK
+        return ExitCode.OK
     console.print(_summary_table(outcome.report))
     console.print(f"Adapter: {outcome.adapter_uri}", soft_wrap=True)
     console.print(f"Digest:  sha256 {outcome.adapter_sha256} (manifest.json)", soft_wrap=True)
@@ -258,7 +260,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     if outcome.phase == "Succeeded" and outcome.adapter_uri:
         job_prefix = outcome.adapter_uri.rsplit("/versions/", 1)[0]
         console.print(f"Serve:   sectune serve --adapter {name}={job_prefix}", soft_wrap=True)
-    code = runner.EXIT_OK if outcome.phase == "Succeeded" else runner.EXIT_GATES_FAILED
+    code = ExitCode.OK if outcome.phase == "Succeeded" else ExitCode.GATES_FAILED
     return finish(code, outcome.result().to_message())
 
 
@@ -267,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest)
     except ManifestError as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     spec = manifest.spec
     if manifest.ignored_fields:
         console.log("Ignoring cluster-only fields locally: " + ", ".join(manifest.ignored_fields))
@@ -314,7 +316,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.endpoint:
             if not args.model:
                 console.print("[red]error:[/] --endpoint needs --model (name or name@version)")
-                return 2
+                return ExitCode.BAD_INPUT
             api_key = (
                 Path(args.api_key_file).read_text().strip()
                 if args.api_key_file
@@ -340,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ValueError,
     ) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -351,7 +353,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if report.get("worthIt"):
         console.print(f"Verdict: {report['worthIt']}", soft_wrap=True)
     console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
-    return 0 if report["gatesPassed"] else 3
+    return ExitCode.OK if report["gatesPassed"] else ExitCode.GATES_FAILED
 
 
 def _baseline_names(value: str) -> tuple[str, ...]:
@@ -373,7 +375,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if bool(args.config) == bool(args.adapter):
         console.print("[red]error:[/] give either --config FILE or one or more --adapter name=URI")
-        return 2
+        return ExitCode.BAD_INPUT
     try:
         config_path = Path(args.config) if args.config else None
         config = (
@@ -383,7 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ManifestError as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     if "SECTUNE_LOG_LEVEL" not in os.environ:  # loads, swaps and refusals are the server's news
         logging.getLogger("sectune.serving").setLevel(logging.INFO)
     # The access log is JSON lines on stdout, apart from the server's own log on stderr.
@@ -399,7 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "[red]error:[/] SECTUNE_API_KEYS_FILE is set but empty; point it at the keys file, "
             "or unset it to serve without keys"
         )
-        return 2
+        return ExitCode.BAD_INPUT
     token = args.metrics_token_file or os.environ.get("SECTUNE_METRICS_TOKEN_FILE") or None
     options = ServerOptions(
         config_path=config_path,
@@ -424,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(options, args.host, args.port, ready=lambda message: console.log(message))
     except (ManifestError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
 
 
 def artifacts_cap_mb() -> int:
@@ -454,10 +456,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
         )
     except PromoteError as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     print(diff, end="")
     console.print(f"{args.to}: {done}. Review the diff, commit and open a pull request.")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_fetch_adapters(args: argparse.Namespace) -> int:
@@ -465,7 +467,7 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
     from sectune import artifacts, storage
     from sectune.serving.config import load_serving_config
     from sectune.serving.fetch import fetch_adapters
-    from sectune.serving.registry import LoadError
+    from sectune.serving.verify import LoadError
     from sectune.training.base_model import ModelError
 
     try:
@@ -479,10 +481,10 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
         storage.StorageError,
     ) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2  # bad input, as `sectune serve` says it
+        return ExitCode.BAD_INPUT  # as `sectune serve` says it
     for line in fetched:
         print(f"verified {line}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
@@ -491,7 +493,7 @@ def cmd_fetch_demo(args: argparse.Namespace) -> int:
     console.log("Fetching the demo base model (SmolLM2-135M-Instruct; converted once, then cached)")
     path = fetch_demo_model()
     console.print(f"Demo model ready: {path}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -505,9 +507,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         data = prepare_data(manifest.spec)
     except (ManifestError, DataError, StorageError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     print(json.dumps(data.report, indent=2))
-    return 0
+    return ExitCode.OK
 
 
 def _audit_file(uri: str, test: str | None, labels: list[str]) -> tuple[Any, Any]:
@@ -580,7 +582,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
             )
     except (ManifestError, DataError, StorageError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     result.broken_limits = check_limits(result, spec.dataset.quality)
     lines = review_rows(result, {e.id: e for e in train})
     csv_path, jsonl_path = write_review(lines, Path(args.out))
@@ -597,7 +599,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     )
     for broken in result.broken_limits:
         console.print(f"[red]limit broken:[/] {broken}")
-    return 2 if result.broken_limits else 0
+    return ExitCode.BAD_INPUT if result.broken_limits else ExitCode.OK
 
 
 def _audit_table(result: Any) -> Table:
@@ -650,7 +652,7 @@ def cmd_data_review_apply(args: argparse.Namespace) -> int:
         )
     except (ManifestError, DataError, StorageError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 2
+        return ExitCode.BAD_INPUT
     counts = ", ".join(f"{k} {v}" for k, v in sorted(record.counts.items()))
     console.print(
         f"Reviewed version: {record.result.uri} ({record.result.rows} rows, sha256 "
@@ -658,7 +660,7 @@ def cmd_data_review_apply(args: argparse.Namespace) -> int:
         soft_wrap=True,
     )
     console.print(f"Provenance: {record.result.uri}.provenance.json", soft_wrap=True)
-    return 0
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -681,16 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
-    train = sub.add_parser(
+    train = sub.add_parser(  # the trainer pod's command: sectune.contract.TRAIN_ARGS
         "train", help="run the job config the operator wrote (in the training pod)"
     )
     train.add_argument("--config", required=True, help="JSON with name and spec")
     train.add_argument(
-        "--metrics-port", type=int, default=int(os.environ.get("SECTUNE_METRICS_PORT", "9400"))
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("SECTUNE_METRICS_PORT", str(contract.METRICS_PORT))),
     )
     train.add_argument(
         "--termination-log",
-        default=os.environ.get("SECTUNE_TERMINATION_LOG", "/dev/termination-log"),
+        default=os.environ.get("SECTUNE_TERMINATION_LOG", contract.TERMINATION_LOG),
         help="where Kubernetes reads the result from (the pod's terminationMessagePath)",
     )
     train.set_defaults(func=cmd_train)

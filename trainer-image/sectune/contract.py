@@ -1,6 +1,7 @@
-"""What crosses the boundaries of the data plane: the exit codes the training Job's Pod failure
-policy reads, the result the trainer writes as its termination message, and the lineage
-manifest stored with every version.
+"""What crosses the boundaries of the data plane: the trainer pod's interface (its command,
+metrics port, progress metrics, termination-message path and exit codes, which the operator's
+Job builder and status reader rely on), the result the trainer writes as its termination
+message, and the lineage manifest stored with every version.
 
 Typed and versioned. `TrainerResult` (its `version`) is written by the trainer
 (`TrainerResult.to_message`) and parsed by the operator (`TrainerResult.parse`); a result from a
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
@@ -24,6 +25,18 @@ SCHEMA = 1
 """The version of TrainerResult this code writes."""
 MESSAGE_LIMIT = 4096
 """Kubernetes keeps 4 KiB of a container's termination message."""
+
+
+# --------------------------------------------------------------------------- the trainer's pod
+
+TRAIN_MODULE = "sectune.cli"
+"""The trainer's module, for launchers that start Python themselves (torchrun, accelerate)."""
+TRAIN_ARGS = ("train", "--config")
+"""`sectune train --config <file>`: the arguments of the trainer; the file is the JobSpec."""
+METRICS_PORT = 9400
+"""Where a running trainer serves its progress (TrainingProgress) for Prometheus."""
+TERMINATION_LOG = "/dev/termination-log"
+"""Where the trainer writes its TrainerResult; Kubernetes keeps it as the termination message."""
 
 
 class ExitCode(IntEnum):
@@ -44,17 +57,82 @@ class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
 
 
+PROGRESS_PREFIX = "sectune_train_"
+
+
+class TrainingProgress(_Tolerant):
+    """One optimizer step's progress: what the training loop reports, what the trainer
+    exports on METRICS_PORT as sectune_train_<field> gauges, and what the operator reads back
+    into status.progress."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    step: int
+    """Optimizer steps done."""
+    total_steps: int
+    """Optimizer steps planned."""
+    loss: float = 0.0
+    """Training loss of the last step."""
+    learning_rate: float = 0.0
+    """Learning rate of the last step."""
+    tokens_per_second: float = 0.0
+    """Training throughput since start."""
+    eta_seconds: float = 0.0
+    """Estimated seconds to the end of training."""
+    epoch: float = 0.0
+    """Epochs done, fractional (not exported)."""
+
+    EXPORTED: ClassVar[tuple[str, ...]] = (
+        "step",
+        "total_steps",
+        "loss",
+        "learning_rate",
+        "tokens_per_second",
+        "eta_seconds",
+    )
+
+    @classmethod
+    def from_exposition(cls, text: str) -> TrainingProgress | None:
+        """The progress in a Prometheus exposition, or None before the first step."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith(PROGRESS_PREFIX):
+                    values[sample.name.removeprefix(PROGRESS_PREFIX)] = sample.value
+        if "step" not in values or "total_steps" not in values:
+            return None
+        exported = {k: v for k, v in values.items() if k in cls.EXPORTED}
+        return cls.model_validate(
+            exported | {"step": int(values["step"]), "total_steps": int(values["total_steps"])}
+        )
+
+
 class ResultAdapter(_Tolerant):
+    """The stored adapter (also a FineTuneJob's status.adapter)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     uri: str | None = None
+    """Where the adapter version is stored."""
     sha256: str | None = None
+    """sha256 of its manifest.json (which lists the digest of every file)."""
     size_bytes: int | None = None
     """The adapter's stored weights and tokenizer files, in bytes."""
 
 
 class ResultGate(_Tolerant):
+    """One gate as evaluated."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     name: str
+    """The gate, e.g. recall[critical]>=0.95."""
     passed: bool
+    """Whether the gate passed."""
     value: float | None = None
+    """The measured value (absent when the metric could not be measured)."""
 
 
 class DataQuality(_Tolerant):
@@ -85,6 +163,10 @@ class DataQuality(_Tolerant):
 class ResultDataset(_Tolerant):
     digest: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
+    """Examples per split after validation, sanitization and deduplication: train,
+    validation, test."""
+    skipped: int = 0
+    """Invalid rows left out (dataset.onInvalid: skip)."""
     redactions: dict[str, int] = Field(default_factory=dict)
     quality: DataQuality | None = None
 

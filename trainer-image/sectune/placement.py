@@ -157,3 +157,14 @@ def _explicit(precision: str, device: str) -> Numerics:
     if precision == "fp32":
         return Numerics(device, "float32", None)
     raise ValueError(f"--precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
+
+
+def describe_hardware() -> str:
+    """What a run computed on, in words, for its report."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"

@@ -2,7 +2,7 @@
 
 The edit is made in place with ruamel.yaml's round trip, so comments, key order, anchors and the
 other documents of the file survive and the diff is the change itself. What it does to one
-adapter's `versions`:
+adapter's `versions` (the rules are sectune.serving.traffic's, shared with the operator):
 
 - promote (no flag): the new version takes 100 % traffic; the version it replaces stays listed
   at traffic 0 (loaded, pinnable, and what `--rollback` returns to); older standbys are dropped.
@@ -32,6 +32,7 @@ from ruamel.yaml.comments import CommentedMap
 
 from sectune import artifacts, storage
 from sectune.config import DNS_LABEL_PATTERN
+from sectune.serving import traffic
 
 
 class PromoteError(Exception):
@@ -129,10 +130,6 @@ def _find(documents: list[Any], adapter: str, path: Path) -> Any:
     raise PromoteError(f"{path}: no adapter {adapter!r}; the file has {', '.join(map(str, names))}")
 
 
-def _stable(versions: list[Any]) -> Any:
-    return max(versions, key=lambda v: int(v.get("traffic", 100)))
-
-
 def _next_name(versions: list[Any]) -> str:
     numbers = [
         int(m.group(1)) for v in versions if (m := re.fullmatch(r"v(\d+)", str(v.get("version"))))
@@ -140,9 +137,9 @@ def _next_name(versions: list[Any]) -> str:
     return f"v{max(numbers, default=0) + 1}"
 
 
-def _entry(name: str, candidate: Candidate, traffic: int) -> CommentedMap:
+def _entry(name: str, candidate: Candidate) -> CommentedMap:
     source = CommentedMap([("uri", candidate.uri), ("sha256", candidate.sha256)])
-    return CommentedMap([("version", name), ("source", source), ("traffic", traffic)])
+    return CommentedMap([("version", name), ("source", source), ("traffic", 0)])
 
 
 def edit(
@@ -153,63 +150,25 @@ def edit(
     finalize: bool,
     rollback: bool,
 ) -> str:
-    """Change an adapter's `versions` list in place; returns what was done, in words."""
-    # A version without `traffic` has 100 (the API's default).
-    traffic = {str(v["version"]): int(v.get("traffic", 100)) for v in versions}
-    live = [v for v in versions if int(v.get("traffic", 100)) > 0]
-    stable = _stable(versions)
-    canaries = [v for v in live if v is not stable]
-    if rollback:
-        if canaries:
-            for v in canaries:
-                versions.remove(v)
-            stable["traffic"] = 100
-            dropped = ", ".join(str(v["version"]) for v in canaries)
-            return f"rolled back: dropped canary {dropped}; {stable['version']} at 100 %"
-        standby = [v for v in versions if int(v.get("traffic", 100)) == 0]
-        if not standby:
-            raise PromoteError(
-                "nothing to roll back to: no canary in traffic and no standby version"
-            )
-        versions.remove(stable)
-        standby[-1]["traffic"] = 100
-        return f"rolled back: {standby[-1]['version']} at 100 %, dropped {stable['version']}"
-    if finalize:
-        if not canaries:
-            raise PromoteError("nothing to finalize: no canary in traffic")
-        if len(canaries) > 1:
-            raise PromoteError("several canaries in traffic; finalize by hand")
-        winner = canaries[0]
-        for v in list(versions):
-            if v is not winner:
-                versions.remove(v)
-        winner["traffic"] = 100
-        return f"finalized: {winner['version']} at 100 %, dropped {stable['version']}"
-    assert candidate is not None
-    if any(
-        (v.get("source") or {}).get("sha256") == candidate.sha256 and int(v.get("traffic", 100)) > 0
-        for v in versions
-    ):
-        raise PromoteError(f"{candidate.uri} is already in traffic")
-    name = name or _next_name(versions)
-    if not re.fullmatch(DNS_LABEL_PATTERN, name) or name in traffic:
-        raise PromoteError(f"--name {name!r}: a new DNS-label version name is needed")
-    if canary is not None:
-        if canaries:
-            running = ", ".join(f"{v['version']} {v.get('traffic')} %" for v in canaries)
-            raise PromoteError(
-                f"a canary is already in traffic ({running}); --finalize or --rollback it first"
-            )
-        if not 0 < canary < 100:
-            raise PromoteError(f"--canary {canary}: give a percentage between 1 and 99")
-        stable["traffic"] = 100 - canary
-        versions.append(_entry(name, candidate, canary))
-        return f"canary: {name} at {canary} %, {stable['version']} at {100 - canary} %"
-    for v in [v for v in versions if v is not stable]:
-        versions.remove(v)  # older standbys go; the replaced version becomes the standby
-    stable["traffic"] = 0
-    versions.append(_entry(name, candidate, 100))
-    return f"promoted: {name} at 100 %, {stable['version']} kept at 0 % for --rollback"
+    """Change an adapter's `versions` list in place (the rules of sectune.serving.traffic);
+    returns what was done, in words."""
+    try:
+        if rollback:
+            return traffic.rollback(versions)
+        if finalize:
+            return traffic.finalize(versions)
+        assert candidate is not None
+        in_traffic = [v for v in versions if traffic.share(v) > 0]
+        if any((v.get("source") or {}).get("sha256") == candidate.sha256 for v in in_traffic):
+            raise PromoteError(f"{candidate.uri} is already in traffic")
+        name = name or _next_name(versions)
+        if not re.fullmatch(DNS_LABEL_PATTERN, name) or name in map(traffic.name, versions):
+            raise PromoteError(f"--name {name!r}: a new DNS-label version name is needed")
+        if canary is not None:
+            return traffic.add_canary(versions, _entry(name, candidate), canary)
+        return traffic.promote(versions, _entry(name, candidate))
+    except traffic.TrafficError as exc:
+        raise PromoteError(str(exc)) from None
 
 
 def promote(
@@ -247,7 +206,7 @@ def promote(
     from sectune.serving.config import check_versions
 
     try:
-        check_versions(adapter, [(str(v["version"]), int(v.get("traffic", 100))) for v in versions])
+        check_versions(adapter, [(traffic.name(v), traffic.share(v)) for v in versions])
     except ValueError as exc:
         raise PromoteError(f"{path}: {exc}") from None
     buffer = io.StringIO()

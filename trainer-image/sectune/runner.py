@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -15,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sectune import __version__, storage
+from sectune import __version__, placement, storage
 from sectune.config import JobSpec
 from sectune.contract import (
     AdapterManifest,
-    ExitCode,
     ManifestBaseModel,
     ManifestDataset,
     ResultAdapter,
@@ -28,13 +25,6 @@ from sectune.contract import (
     TrainerResult,
 )
 from sectune.data.audit import DataAudit
-
-# Exit codes the operator's Pod failure policy reads (sectune.contract.ExitCode).
-EXIT_OK = ExitCode.OK
-EXIT_INFRASTRUCTURE = ExitCode.INFRASTRUCTURE
-EXIT_BAD_INPUT = ExitCode.BAD_INPUT
-EXIT_GATES_FAILED = ExitCode.GATES_FAILED
-EXIT_PREEMPTED = ExitCode.PREEMPTED
 
 
 class ResourceError(ValueError):
@@ -75,20 +65,13 @@ class Outcome:
             dataset=ResultDataset(
                 digest=data.get("digest"),
                 counts=data.get("counts") or {},
+                skipped=(data.get("skipped") or {}).get("count", 0),
                 redactions=data.get("sanitize", {}).get("redactions", {}),
                 quality=DataAudit.model_validate(data["audit"]).summary()
                 if data.get("audit")
                 else None,
             ),
         )
-
-
-def hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def check_resources(spec: JobSpec) -> None:
@@ -176,13 +159,13 @@ class _Loaded:
 def run_job(
     name: str,
     spec: JobSpec,
-    on_event: Callable[[str, dict[str, Any]], None] = lambda event, data: None,
+    on_event: Callable[[str, Any], None] = lambda event, data: None,
 ) -> Outcome:
     """Run the whole job; artifacts are published only if training and evaluation finished.
 
         prepare data -> load base model -> baselines -> train -> evaluate -> gates -> publish
 
-    `on_event` hears progress: ("stage", {name}), ("step", StepReport fields), ("data", report).
+    `on_event` hears progress: ("stage", {name}), ("step", TrainingProgress), ("data", report).
     """
     import torch
 
@@ -264,7 +247,6 @@ def run_job(
 
 
 def _load_base_model(spec: JobSpec) -> _Loaded:
-    from sectune import placement
     from sectune.training import base_model
     from sectune.training.distributed import make_accelerator
 
@@ -290,7 +272,7 @@ def _train(
     loaded: _Loaded,
     data: Any,
     workdir: Path,
-    on_event: Callable[[str, dict[str, Any]], None],
+    on_event: Callable[[str, Any], None],
 ) -> Any:
     """LoRA (or the whole model) trained on the prepared examples; `loaded.model` becomes the
     trained model."""
@@ -309,7 +291,7 @@ def _train(
         spec,
         loaded.accelerator,
         checkpoints,
-        on_step=lambda report: on_event("step", report.__dict__),
+        on_step=lambda progress: on_event("step", progress),
     )
     loaded.model = result.model
     return result
@@ -398,7 +380,7 @@ def build_report(
             "dropped": result.dropped,
             "finalLoss": result.history[-1]["loss"] if result.history else None,
         },
-        "hardware": hardware(),
+        "hardware": placement.describe_hardware(),
     }
 
 

@@ -16,9 +16,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sectune.serving.config import DriftSettings, ServedAdapter, ServedVersion, ServingConfig
+from sectune.serving import traffic
+from sectune.serving.config import ServedAdapter, ServedVersion, ServingConfig
 from sectune.yamlio import dump_yaml
-from sectune_operator.api import AdapterDeploymentSpec, AdapterSpec
+from sectune_operator.api import AdapterDeploymentSpec
 from sectune_operator.builders.finetunejob import EXCEPTIONS, STORAGE_ENV, UID, from_namespaces
 from sectune_operator.settings import Settings
 
@@ -79,21 +80,6 @@ class Rendered:
     """Adapters none of whose new versions can be served: their previous versions stay."""
 
 
-def stable_version(adapter: AdapterSpec) -> str:
-    """The version a canary is measured against and rolled back to: the one with the most
-    traffic in the spec (the first of those on a tie)."""
-    return max(adapter.versions, key=lambda v: v.traffic).version
-
-
-def _shares(weights: dict[str, int]) -> dict[str, int]:
-    """Weights (some positive) scaled to add up to 100 (the remainder goes to the largest)."""
-    total = sum(weights.values())
-    shares = {name: weight * 100 // total for name, weight in weights.items()}
-    largest = max(weights, key=lambda name: weights[name])
-    shares[largest] += 100 - sum(shares.values())
-    return shares
-
-
 def render_serving_config(
     spec: AdapterDeploymentSpec,
     resolved: dict[tuple[str, str], Resolved],
@@ -105,27 +91,17 @@ def render_serving_config(
     adapters: list[ServedAdapter] = []
     kept: list[str] = []
     for adapter in spec.adapters:
-        stable = stable_version(adapter)
-        weights = {
-            v.version: 0 if (adapter.name, v.version) in rolled_back else v.traffic
-            for v in adapter.versions
-            if (adapter.name, v.version) in resolved
-        }
-        if stable not in weights or not sum(weights.values()):
+        servable = {v.version for v in adapter.versions if (adapter.name, v.version) in resolved}
+        out = {version for name, version in rolled_back if name == adapter.name}
+        shares = traffic.served(adapter.versions, servable, out)
+        if traffic.stable(adapter.versions).version not in servable or not shares:
             # Its main version cannot be served (yet): what served it before stays.
             if adapter.name in before:
                 adapters.append(before[adapter.name])
                 kept.append(adapter.name)
                 continue
-            if not sum(weights.values()):
+            if not shares:
                 continue
-        else:  # a rolled-back canary's share goes back to the stable version
-            weights[stable] += sum(
-                v.traffic
-                for v in adapter.versions
-                if (adapter.name, v.version) in rolled_back and v.version in weights
-            )
-        shares = _shares(weights)
         adapters.append(
             ServedAdapter(
                 name=adapter.name,
@@ -134,9 +110,9 @@ def render_serving_config(
                         version=version,
                         uri=resolved[(adapter.name, version)].uri,
                         sha256=resolved[(adapter.name, version)].sha256,
-                        traffic=shares[version],
+                        traffic=share,
                     )
-                    for version in weights
+                    for version, share in shares.items()
                 ],
             )
         )
@@ -145,12 +121,7 @@ def render_serving_config(
     config = ServingConfig(
         base_model=spec.base_model,
         adapters=adapters,
-        drift=DriftSettings(
-            enabled=spec.drift.enabled,
-            window_minutes=spec.drift.window_minutes,
-            min_requests=spec.drift.min_requests,
-            threshold=spec.drift.threshold,
-        ),
+        drift=spec.drift,
         require_passed_gates=spec.promotion.require_passed_gates,
     )
     return Rendered(config, kept)

@@ -15,7 +15,13 @@ import json
 from typing import Any
 
 from sectune.config import CLUSTER_ONLY_FIELDS, JobSpec
-from sectune.contract import ExitCode
+from sectune.contract import (
+    METRICS_PORT,
+    TERMINATION_LOG,
+    TRAIN_ARGS,
+    TRAIN_MODULE,
+    ExitCode,
+)
 from sectune_operator.api import FineTuneJobSpec, Toleration
 from sectune_operator.settings import Settings
 
@@ -24,7 +30,6 @@ CONFIG_KEY = "job.json"
 CONFIG_ANNOTATION = "sectune.io/trainer-config"
 CONFIG_DIR = "/etc/sectune"
 CONTAINER = "trainer"
-METRICS_PORT = 9400
 RENDEZVOUS_PORT = 29500
 EXCEPTIONS = {
     "checkov.io/skip1": "CKV_K8S_43=The image is the operator's setting or the spec's; pin it by "
@@ -101,11 +106,12 @@ def build_service(name: str) -> dict[str, Any]:
 
 
 def _command(name: str, spec: FineTuneJobSpec) -> list[str]:
-    train = ["-m", "sectune.cli", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    arguments = [*TRAIN_ARGS, f"{CONFIG_DIR}/{CONFIG_KEY}"]
+    train = ["-m", TRAIN_MODULE, *arguments]
     resources = spec.resources
     processes = max(resources.gpus, 1)
     if processes * resources.nodes == 1:
-        return ["sectune", "train", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
+        return ["sectune", *arguments]
     master = f"{child_name(name)}-0.{child_name(name)}"
     if resources.distributed and resources.distributed.strategy == "deepspeed":
         # The trainer builds the DeepSpeed configuration from the job (training/distributed.py).
@@ -195,7 +201,7 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

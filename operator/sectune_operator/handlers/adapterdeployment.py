@@ -3,17 +3,21 @@
 # only the keywords they use, which is how kopf documents them.)
 """kopf handlers for AdapterDeployment: resolve sources, render, apply, observe, analyse.
 
-One function, `_converge`, does it all and is idempotent: the create/update/resume handler calls
-it at once, a timer calls it every few seconds (a FineTuneJob finishing, replicas reporting a
-hot swap, canary figures in Prometheus). What the operator rendered last (revision, history,
-rollbacks) is kept per object in memory and seeded from status after a restart, so the handler
-and the timer never count one revision twice.
+`_converge` is one idempotent pass of six steps, each a function of what the ones before found:
+resolve every version's source, render the adapter set (builders), apply the children, observe
+what the replicas serve, analyse the canaries, and set the conditions; it returns the typed
+status. The create/update/resume handler runs a pass at once, a timer every few seconds (a
+FineTuneJob finishing, replicas reporting a hot swap, canary figures in Prometheus). A canary
+past its bound is recorded as rolled back and the next pass renders without it. What the
+operator rendered last (revision, history, rollbacks) is kept per object in memory and seeded
+from status after a restart, so the handler and the timer never count one revision twice.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -21,16 +25,25 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune.config import format_validation_error
+from sectune.serving import traffic
 from sectune.serving.config import ServingConfig
 from sectune.yamlio import load_yaml
 from sectune_operator import canary, kube, metrics, scrape, serving_status
-from sectune_operator.api import AdapterDeploymentSpec, AdapterSource
+from sectune_operator.api import (
+    AdapterDeploymentSpec,
+    AdapterDeploymentStatus,
+    AdapterSource,
+    Condition,
+    Revision,
+    RolledBack,
+)
 from sectune_operator.builders.adapterdeployment import (
     API_PORT,
     CONFIG_HASH_ANNOTATION,
     CONFIG_KEY,
     SERVING_LABEL,
     SPEC_HASH_ANNOTATION,
+    Rendered,
     Resolved,
     build_configmap,
     build_deployment,
@@ -42,10 +55,15 @@ from sectune_operator.builders.adapterdeployment import (
     describe,
     endpoint,
     render_serving_config,
-    stable_version,
 )
 from sectune_operator.settings import Settings
-from sectune_operator.status import set_condition, utc_now
+from sectune_operator.status import (
+    dump,
+    read_conditions,
+    same_conditions,
+    set_condition,
+    utc_now,
+)
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "adapterdeployments"
 HISTORY = 10
@@ -256,24 +274,48 @@ def _apply_children(
 # --------------------------------------------------------------------------- converging
 
 
+@dataclass
 class _Memory:
-    """What the operator rendered last for one AdapterDeployment."""
+    """What the operator rendered last for one AdapterDeployment, and the rollbacks it holds."""
 
-    def __init__(self, status: dict[str, Any]) -> None:
-        self.lock = threading.RLock()  # re-entered when a rollback re-renders at once
-        self.revision = int(status.get("revision") or 0)
-        self.history: list[dict[str, Any]] = list(status.get("history") or [])
-        self.rolled_back: list[dict[str, Any]] = list(status.get("rolledBack") or [])
-        self.refusal_message = ""
-        self.generation = int(status.get("observedGeneration") or 0)
+    revision: int = 0
+    generation: int = 0
+    history: list[Revision] = field(default_factory=list)
+    rolled_back: list[RolledBack] = field(default_factory=list)
+    refusal_message: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def seeded(cls, status: AdapterDeploymentStatus) -> _Memory:
+        return cls(
+            revision=status.revision or 0,
+            generation=status.observed_generation or 0,
+            history=list(status.history),
+            rolled_back=list(status.rolled_back),
+        )
+
+    def out_of_traffic(self) -> set[tuple[str, str]]:
+        return {(r.adapter, r.version) for r in self.rolled_back}
 
 
-def _memory(memo: kopf.Memo, key: tuple[str, str], status: kopf.Status) -> _Memory:
+def _memory(memo: kopf.Memo, key: tuple[str, str], status: AdapterDeploymentStatus) -> _Memory:
     with memo.serving_lock:
         if key not in memo.serving:
-            memo.serving[key] = _Memory(dict(status))
+            memo.serving[key] = _Memory.seeded(status)
         memory: _Memory = memo.serving[key]
         return memory
+
+
+def _read_status(status: kopf.Status) -> AdapterDeploymentStatus:
+    """The status as last written (fields it does not know ignored); one that does not parse
+    (edited by hand) starts anew from its conditions."""
+    known = {f.alias or n for n, f in AdapterDeploymentStatus.model_fields.items()}
+    try:
+        return AdapterDeploymentStatus.model_validate(
+            {k: v for k, v in status.items() if k in known}
+        )
+    except ValidationError:
+        return AdapterDeploymentStatus(conditions=read_conditions(status))
 
 
 def _previous_config(configs: kopf.Index, key: tuple[str, str]) -> ServingConfig | None:
@@ -286,13 +328,89 @@ def _previous_config(configs: kopf.Index, key: tuple[str, str]) -> ServingConfig
         return None
 
 
-def _reports(
-    pods: list[dict[str, Any]], settings: Settings
-) -> tuple[list[serving_status.Report], list[str]]:
-    """Each ready replica's report, and the names of the ready replicas."""
-    ready = [p for p in pods if p["ready"]]
+# Each pass of `_converge` is these steps in order, each a function of what the ones before it
+# found: resolve -> render -> apply -> observe -> analyse -> conditions.
+
+
+@dataclass
+class _Resolution:
+    """Step 1: where each version's files are, and the versions that cannot be rendered."""
+
+    resolved: dict[tuple[str, str], Resolved] = field(default_factory=dict)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(reason, "<adapter>@<version>: why") of each version left out."""
+
+
+def _resolve_all(spec: AdapterDeploymentSpec, namespace: str, jobs: kopf.Index) -> _Resolution:
+    resolution = _Resolution()
+    for adapter in spec.adapters:
+        for v in adapter.versions:
+            found, reason, why = resolve(
+                v.source, namespace, jobs, spec.promotion.require_passed_gates
+            )
+            if found is None:
+                resolution.refused.append((reason, f"{adapter.name}@{v.version}: {why}"))
+            else:
+                resolution.resolved[(adapter.name, v.version)] = found
+    return resolution
+
+
+def _record_revision(
+    memory: _Memory,
+    config: ServingConfig,
+    generation: int,
+    namespace: str,
+    body: kopf.Body,
+    logger: Any,
+) -> None:
+    """Step 3 (after applying): count a new revision when the rendered set changed, with why,
+    in history, an Event and the metric."""
+    digest = config_sha256(config)
+    if memory.history and memory.history[-1].config_sha256 == digest:
+        return
+    memory.revision += 1
+    if memory.generation != generation:
+        why = f"spec generation {generation}"
+    elif memory.rolled_back:
+        why = "canary rolled back"
+    else:
+        why = "a source changed (a FineTuneJob finished or its gates were judged)"
+    memory.generation = generation
+    entry = Revision(
+        revision=memory.revision,
+        adapters=describe(config)[:4096],
+        config_sha256=digest,
+        time=utc_now(),
+        reason=why,
+    )
+    memory.history = [*memory.history, entry][-HISTORY:]
+    message = f"Rendered revision {memory.revision}: {entry.adapters}"[:1000]
+    logger.info(message)
+    kopf.info(body, reason="Rendered", message=message)
+    metrics.SERVING_REVISIONS.labels(namespace).inc()
+
+
+@dataclass
+class _Observation:
+    """Step 4: what the Deployment and the ready replicas report."""
+
+    ready: int
+    """Ready replicas, as the Deployment counts them."""
+    ready_pods: list[str]
+    replicas: serving_status.Observed
+
+
+def _observe(
+    key: tuple[str, str],
+    config: ServingConfig | None,
+    indexes: dict[str, kopf.Index],
+    settings: Settings,
+) -> _Observation:
+    deployment = next(iter(indexes["deployments"].get(key, [])), None)
+    ready = int(deployment["readyReplicas"]) if deployment else 0
+    pods = [p for p in indexes["pods"].get(key, []) if p["ready"]]
     reports = []
-    for pod in ready:
+    for pod in pods:
         ip = scrape.pod_ip(pod)
         if not ip:
             continue
@@ -300,7 +418,17 @@ def _reports(
         text = scrape.fetch_text(url)
         if text is not None:
             reports.append(serving_status.parse_report(pod["name"], text))
-    return reports, sorted(p["name"] for p in ready)
+    ready_pods = sorted(p["name"] for p in pods)
+    return _Observation(ready, ready_pods, serving_status.observe(config, reports, ready_pods))
+
+
+@dataclass
+class _Verdict:
+    """Step 5: the CanaryAnalysis condition."""
+
+    status: str
+    reason: str
+    message: str
 
 
 def _analyse(
@@ -312,12 +440,12 @@ def _analyse(
     generation: int,
     settings: Settings,
     body: kopf.Body,
-) -> tuple[str, str, str, bool]:
-    """Judge every canary in traffic. Returns the CanaryAnalysis condition (status, reason,
-    message) and whether a canary was rolled back now."""
+) -> _Verdict:
+    """Judge every canary in traffic. A canary past a bound is recorded in `memory` as rolled
+    back; the next pass renders its adapter without it."""
     rollback = spec.promotion.rollback
-    out = {(r["adapter"], r["version"]) for r in memory.rolled_back}
-    stable = {a.name: stable_version(a) for a in spec.adapters}
+    out = memory.out_of_traffic()
+    stable = {a.name: traffic.stable(a.versions).version for a in spec.adapters}
     canaries = [
         (a.name, v.version)
         for a in config.adapters
@@ -325,14 +453,13 @@ def _analyse(
         if v.traffic > 0 and v.version != stable.get(a.name) and (a.name, v.version) not in out
     ]
     if not canaries:
-        return "False", "NoCanary", "no canary version in traffic", False
+        return _Verdict("False", "NoCanary", "no canary version in traffic")
     if not settings.prometheus_url:
-        return (
+        return _Verdict(
             "False",
             "PrometheusNotConfigured",
             "canary analysis is off: the operator has no Prometheus URL (chart value "
             "canaryAnalysis.prometheusUrl)",
-            False,
         )
     selector = settings.prometheus_selector.format(namespace=namespace, deployment=child_name(name))
     quiet = []
@@ -342,7 +469,7 @@ def _analyse(
                 settings.prometheus_url, selector, adapter, version, rollback.window_minutes
             )
         except canary.PrometheusError as exc:
-            return "Unknown", "PrometheusError", str(exc)[:1000], False
+            return _Verdict("Unknown", "PrometheusError", str(exc)[:1000])
         if figures.requests < rollback.min_requests:
             quiet.append(f"{adapter}@{version} ({figures.requests:.0f} requests)")
             continue
@@ -350,15 +477,15 @@ def _analyse(
         if breach is None:
             continue
         memory.rolled_back.append(
-            {
-                "adapter": adapter,
-                "version": version,
-                "metric": breach.metric,
-                "value": round(breach.value, 6),
-                "threshold": breach.threshold,
-                "generation": generation,
-                "time": utc_now(),
-            }
+            RolledBack(
+                adapter=adapter,
+                version=version,
+                metric=breach.metric,
+                value=round(breach.value, 6),
+                threshold=breach.threshold,
+                generation=generation,
+                time=utc_now(),
+            )
         )
         message = (
             f"Rolled back {adapter}@{version}: {breach.describe()} over "
@@ -367,22 +494,121 @@ def _analyse(
         )
         kopf.warn(body, reason="CanaryRolledBack", message=message)
         metrics.CANARY_ROLLBACKS.labels(namespace, breach.metric).inc()
-        return "True", "RolledBack", message, True
+        return _Verdict("True", "RolledBack", message)
     if quiet:
-        return (
+        return _Verdict(
             "Unknown",
             "TooLittleTraffic",
             f"no verdict yet: fewer than {rollback.min_requests} requests in "
             f"{rollback.window_minutes}m for " + ", ".join(quiet),
-            False,
         )
-    return "True", "WithinBounds", f"canaries within bounds over {rollback.window_minutes}m", False
+    return _Verdict(
+        "True", "WithinBounds", f"canaries within bounds over {rollback.window_minutes}m"
+    )
+
+
+def _conditions(
+    conditions: list[Condition],
+    spec: AdapterDeploymentSpec,
+    resolution: _Resolution,
+    rendered: Rendered,
+    observation: _Observation,
+    verdict: _Verdict | None,
+    memory: _Memory,
+    generation: int,
+) -> list[Condition]:
+    """Step 6: VersionsResolved, CanaryAnalysis, CanaryRolledBack, Progressing, Available and
+    Degraded from what the steps before found."""
+
+    def put(type_: str, status: str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions, type_, status, reason, message, utc_now(), generation
+        )
+
+    if resolution.refused:
+        put("VersionsResolved", "False", resolution.refused[0][0], memory.refusal_message)
+    else:
+        put("VersionsResolved", "True", "Resolved", "every version's source is resolved")
+
+    if verdict is not None:
+        put("CanaryAnalysis", verdict.status, verdict.reason, verdict.message)
+    if memory.rolled_back:
+        held = "; ".join(
+            f"{r.adapter}@{r.version}: {r.metric} {r.value:.4g} above {r.threshold:g}"
+            for r in memory.rolled_back
+        )
+        since = memory.rolled_back[-1].time
+        put(
+            "CanaryRolledBack",
+            "True",
+            "ThresholdExceeded",
+            f"{held} (since {since}; cleared by the next spec change)",
+        )
+    else:
+        put("CanaryRolledBack", "False", "NoRollback", "no canary rolled back in this generation")
+
+    replicas, ready = observation.replicas, observation.ready
+    if rendered.config is None:
+        put("Progressing", "False", "NothingToServe", "no adapter version can be rendered yet")
+    elif replicas.converged:
+        put(
+            "Progressing",
+            "False",
+            "RevisionServed",
+            f"every ready replica serves revision {memory.revision}",
+        )
+    else:
+        serving = len(observation.ready_pods) - len(replicas.lagging)
+        waiting = f"; waiting for {', '.join(replicas.lagging[:5])}" if replicas.lagging else ""
+        put(
+            "Progressing",
+            "True",
+            "Swapping" if ready else "StartingReplicas",
+            f"{serving}/{spec.replicas} replicas serve revision {memory.revision}{waiting}",
+        )
+    available = ready > 0 and bool(replicas.active)
+    put(
+        "Available",
+        "True" if available else "False",
+        "ReplicasServing" if available else "NoReplicaServing",
+        f"{ready}/{spec.replicas} replicas ready",
+    )
+    problems = list(replicas.refusals)
+    if ready < spec.replicas:
+        problems.append(f"{ready}/{spec.replicas} replicas ready")
+    if replicas.refusals:
+        reason = "ReplicaRefusedVersion"
+    else:
+        reason = "ReplicasUnavailable" if problems else "AsDesired"
+    put(
+        "Degraded",
+        "True" if problems else "False",
+        reason,
+        "; ".join(problems)[:4000] or "every replica serves what was rendered",
+    )
+    return conditions
+
+
+def _report_refusals(
+    resolution: _Resolution, rendered: Rendered, memory: _Memory, body: kopf.Body
+) -> None:
+    """A Warning for the versions the operator does not render, when what it says changed."""
+    if not resolution.refused:
+        memory.refusal_message = ""
+        return
+    message = "; ".join(why for _, why in resolution.refused)
+    if rendered.kept_previous:
+        message += "; still serving the previous versions of " + ", ".join(rendered.kept_previous)
+    if message != memory.refusal_message:
+        kopf.warn(body, reason=resolution.refused[0][0], message=message[:1000])
+    memory.refusal_message = message
 
 
 def _converge(
     name: str,
     namespace: str,
-    spec_body: dict[str, Any],
+    spec: AdapterDeploymentSpec,
     status: kopf.Status,
     generation: int,
     body: kopf.Body,
@@ -390,190 +616,59 @@ def _converge(
     indexes: dict[str, kopf.Index],
     logger: Any,
     analyse: bool,
-) -> dict[str, Any]:
-    """Render, apply and observe; the status fields to write."""
+) -> AdapterDeploymentStatus:
+    """One pass: resolve, render, apply, observe, analyse; the status it implies."""
     settings: Settings = memo.settings
-    spec = AdapterDeploymentSpec.model_validate(spec_body)
     key = (namespace, name)
-    memory = _memory(memo, key, status)
+    current = _read_status(status)
+    memory = _memory(memo, key, current)
     with memory.lock:
         # A rollback holds for the generation it was made in: a spec change clears it.
-        memory.rolled_back = [r for r in memory.rolled_back if r["generation"] == generation]
-        conditions = list(status.get("conditions") or [])
-        resolved: dict[tuple[str, str], Resolved] = {}
-        refused: list[tuple[str, str]] = []
-        for adapter in spec.adapters:
-            for v in adapter.versions:
-                found, reason, why = resolve(
-                    v.source, namespace, indexes["jobs"], spec.promotion.require_passed_gates
-                )
-                if found is None:
-                    refused.append((reason, f"{adapter.name}@{v.version}: {why}"))
-                else:
-                    resolved[(adapter.name, v.version)] = found
-        out = {(r["adapter"], r["version"]) for r in memory.rolled_back}
+        memory.rolled_back = [r for r in memory.rolled_back if r.generation == generation]
+        resolution = _resolve_all(spec, namespace, indexes["jobs"])
         rendered = render_serving_config(
-            spec, resolved, out, _previous_config(indexes["configs"], key)
+            spec,
+            resolution.resolved,
+            memory.out_of_traffic(),
+            _previous_config(indexes["configs"], key),
         )
         config = rendered.config
         if config is not None:
             _apply_children(
-                name,
-                namespace,
-                body,
-                config,
-                spec,
-                settings,
-                indexes["configs"],
-                indexes["deployments"],
-                logger,
-            )
-            digest = config_sha256(config)
-            if not memory.history or memory.history[-1]["configSha256"] != digest:
-                memory.revision += 1
-                if memory.generation != generation:
-                    why = f"spec generation {generation}"
-                elif out:
-                    why = "canary rolled back"
-                else:
-                    why = "a source changed (a FineTuneJob finished or its gates were judged)"
-                memory.generation = generation
-                entry = {
-                    "revision": memory.revision,
-                    "adapters": describe(config)[:4096],
-                    "configSha256": digest,
-                    "time": utc_now(),
-                    "reason": why,
-                }
-                memory.history = [*memory.history, entry][-HISTORY:]
-                message = f"Rendered revision {memory.revision}: {entry['adapters']}"[:1000]
-                logger.info(message)
-                kopf.info(body, reason="Rendered", message=message)
-                metrics.SERVING_REVISIONS.labels(namespace).inc()
-
-        # Versions the operator does not render, and why.
-        if refused:
-            message = "; ".join(why for _, why in refused)
-            if rendered.kept_previous:
-                message += "; still serving the previous versions of " + ", ".join(
-                    rendered.kept_previous
-                )
-            reason = refused[0][0]
-            conditions = set_condition(
-                conditions, "VersionsResolved", "False", reason, message, utc_now(), generation
-            )
-            if message != memory.refusal_message:
-                kopf.warn(body, reason=reason, message=message[:1000])
-        else:
-            message = "every version's source is resolved"
-            conditions = set_condition(
-                conditions, "VersionsResolved", "True", "Resolved", message, utc_now(), generation
-            )
-        memory.refusal_message = message if refused else ""
-
-        # What the replicas report.
-        deployment = next(iter(indexes["deployments"].get(key, [])), None)
-        ready = int(deployment["readyReplicas"]) if deployment else 0
-        reports, ready_pods = _reports(list(indexes["pods"].get(key, [])), settings)
-        observed = serving_status.observe(config, reports, ready_pods)
-
-        analysis = None
-        if analyse and config is not None and observed.converged:
-            analysis = _analyse(name, namespace, spec, config, memory, generation, settings, body)
-            if analysis[3]:  # rolled back: render the stable-only set at once
-                return _converge(
-                    name, namespace, spec_body, status, generation, body, memo, indexes, logger,
-                    analyse=False,
-                )  # fmt: skip
-        if analysis is not None:
-            conditions = set_condition(
-                conditions, "CanaryAnalysis", *analysis[:3], utc_now(), generation
-            )
-        if memory.rolled_back:
-            last = memory.rolled_back[-1]
-            conditions = set_condition(
-                conditions,
-                "CanaryRolledBack",
-                "True",
-                "ThresholdExceeded",
-                "; ".join(
-                    f"{r['adapter']}@{r['version']}: {r['metric']} {r['value']:.4g} above "
-                    f"{r['threshold']:g}"
-                    for r in memory.rolled_back
-                )
-                + f" (since {last['time']}; cleared by the next spec change)",
-                utc_now(),
-                generation,
-            )
-        else:
-            conditions = set_condition(
-                conditions,
-                "CanaryRolledBack",
-                "False",
-                "NoRollback",
-                "no canary rolled back in this generation",
-                utc_now(),
-                generation,
-            )
-
-        revision = memory.revision
-        if config is None:
-            progress = ("False", "NothingToServe", "no adapter version can be rendered yet")
-        elif observed.converged:
-            progress = (
-                "False",
-                "RevisionServed",
-                f"every ready replica serves revision {revision}",
-            )
-        else:
-            progress = (
-                "True",
-                "Swapping" if ready else "StartingReplicas",
-                f"{len(ready_pods) - len(observed.lagging)}/{spec.replicas} replicas serve "
-                f"revision {revision}"
-                + (f"; waiting for {', '.join(observed.lagging[:5])}" if observed.lagging else ""),
-            )
-        conditions = set_condition(conditions, "Progressing", *progress, utc_now(), generation)
-        available = ready > 0 and bool(observed.active)
-        conditions = set_condition(
-            conditions,
-            "Available",
-            "True" if available else "False",
-            "ReplicasServing" if available else "NoReplicaServing",
-            f"{ready}/{spec.replicas} replicas ready",
-            utc_now(),
+                name, namespace, body, config, spec, settings, indexes["configs"],
+                indexes["deployments"], logger,
+            )  # fmt: skip
+            _record_revision(memory, config, generation, namespace, body, logger)
+        _report_refusals(resolution, rendered, memory, body)
+        observation = _observe(key, config, indexes, settings)
+        verdict = None
+        if analyse and config is not None and observation.replicas.converged:
+            verdict = _analyse(name, namespace, spec, config, memory, generation, settings, body)
+        conditions = _conditions(
+            current.conditions, spec, resolution, rendered, observation, verdict, memory,
             generation,
-        )
-        problems = list(observed.refusals)
-        if ready < spec.replicas:
-            problems.append(f"{ready}/{spec.replicas} replicas ready")
-        degraded = bool(problems or refused or memory.rolled_back)
-        conditions = set_condition(
-            conditions,
-            "Degraded",
-            "True" if problems else "False",
-            "ReplicaRefusedVersion"
-            if observed.refusals
-            else ("ReplicasUnavailable" if problems else "AsDesired"),
-            "; ".join(problems)[:4000] or "every replica serves what was rendered",
-            utc_now(),
-            generation,
-        )
-        return {
-            "phase": serving_status.phase(
-                config is not None, spec.replicas, ready, observed, degraded
+        )  # fmt: skip
+        ready, replicas = observation.ready, observation.replicas
+        degraded = bool(replicas.refusals or ready < spec.replicas or resolution.refused)
+        return AdapterDeploymentStatus(
+            phase=serving_status.phase(
+                config is not None,
+                spec.replicas,
+                ready,
+                replicas,
+                degraded or bool(memory.rolled_back),
             ),
-            "observedGeneration": generation,
-            "conditions": conditions,
-            "readyReplicas": ready,
-            "ready": f"{ready}/{spec.replicas}",
-            "adapterCount": len(config.adapters) if config else 0,
-            "activeAdapters": serving_status.active_adapters(observed.active, config),
-            "revision": revision,
-            "history": memory.history,
-            "rolledBack": memory.rolled_back,
-            "endpoint": endpoint(name, namespace),
-        }
+            observed_generation=generation,
+            conditions=conditions,
+            ready_replicas=ready,
+            ready=f"{ready}/{spec.replicas}",
+            adapter_count=len(config.adapters) if config else 0,
+            active_adapters=serving_status.active_adapters(replicas.active, config),
+            revision=memory.revision,
+            history=memory.history,
+            rolled_back=memory.rolled_back,
+            endpoint=endpoint(name, namespace),
+        )
 
 
 def _local_uris(spec: AdapterDeploymentSpec) -> list[str]:
@@ -586,22 +681,16 @@ def _local_uris(spec: AdapterDeploymentSpec) -> list[str]:
 
 
 def _write_status(
-    patch: kopf.Patch, body: kopf.Body, status: kopf.Status, new: dict[str, Any]
+    patch: kopf.Patch, body: kopf.Body, status: kopf.Status, new: AdapterDeploymentStatus
 ) -> None:
-    old = dict(status)
-    comparable = {k: v for k, v in new.items() if k != "conditions"}
-    unchanged = all(old.get(k) == v for k, v in comparable.items())
-    old_conditions = {
-        c["type"]: (c["status"], c["reason"], c["message"]) for c in old.get("conditions") or []
-    }
-    new_conditions = {
-        c["type"]: (c["status"], c["reason"], c["message"]) for c in new["conditions"]
-    }
-    if unchanged and old_conditions == new_conditions:
+    """Patch status when what it says changed (condition transition times aside)."""
+    old, written = dict(status), dump(new)
+    fields = {k: v for k, v in written.items() if k != "conditions"}
+    if all(old.get(k) == v for k, v in fields.items()) and same_conditions(old, new.conditions):
         return
-    patch.status.update(new)
-    if new["phase"] != old.get("phase"):
-        kopf.info(body, reason=new["phase"], message=f"AdapterDeployment is {new['phase']}")
+    patch.status.update(written)
+    if new.phase != old.get("phase"):
+        kopf.info(body, reason=str(new.phase), message=f"AdapterDeployment is {new.phase}")
 
 
 def _indexes(**kwargs: Any) -> dict[str, kopf.Index]:
@@ -647,22 +736,17 @@ def reconcile(
         message = format_validation_error(exc, f"AdapterDeployment {namespace}/{name}")
     if reason:
         conditions = set_condition(
-            status.get("conditions") or [],
-            "Available",
-            "False",
-            reason,
-            message,
-            utc_now(),
-            generation,
+            read_conditions(status), "Available", "False", reason, message, utc_now(), generation
         )
-        patch.status.update(
-            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation}
+        failed = AdapterDeploymentStatus(
+            phase="Failed", conditions=conditions, observed_generation=generation
         )
+        patch.status.update(dump(failed))
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         kopf.warn(body, reason=reason, message=message)
         raise kopf.PermanentError(message)
     new = _converge(
-        name, namespace, dict(spec), status, generation, body, memo, _indexes(**kwargs), logger,
+        name, namespace, parsed, status, generation, body, memo, _indexes(**kwargs), logger,
         analyse=False,
     )  # fmt: skip
     _write_status(patch, body, status, new)
@@ -683,12 +767,13 @@ def refresh(
 ) -> None:
     """Follow FineTuneJobs, replicas and canary figures; re-render when they change it."""
     try:
-        new = _converge(
-            name, namespace, dict(spec), status, int(meta.get("generation") or 0), body, memo,
-            _indexes(**kwargs), logger, analyse=True,
-        )  # fmt: skip
+        parsed = AdapterDeploymentSpec.model_validate(dict(spec))
     except ValidationError:
         return  # reconcile reported it
+    new = _converge(
+        name, namespace, parsed, status, int(meta.get("generation") or 0), body, memo,
+        _indexes(**kwargs), logger, analyse=True,
+    )  # fmt: skip
     _write_status(patch, body, status, new)
 
 

@@ -39,7 +39,9 @@ from sectune_operator.settings import Settings
 from sectune_operator.status import (
     TERMINAL,
     derive_status,
+    dump_conditions,
     progress_from_metrics,
+    read_conditions,
     set_condition,
     utc_now,
 )
@@ -79,9 +81,8 @@ def _block(
 
     def blocked(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
-            status.get("conditions") or [], "Ready", "False", reason, message, utc_now(),
-            generation,
-        )  # fmt: skip
+            read_conditions(status), "Ready", "False", reason, message, utc_now(), generation
+        )
         if permanent:
             conditions = set_condition(
                 conditions, "Failed", "True", reason, message, utc_now(), generation
@@ -90,7 +91,7 @@ def _block(
         return {
             **status,
             "phase": phase,
-            "conditions": conditions,
+            "conditions": dump_conditions(conditions),
             "observedGeneration": generation,
         }
 
@@ -243,12 +244,12 @@ def reconcile(
 
     def accepted(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
         conditions = set_condition(
-            status.get("conditions") or [], "Ready", "True", "JobCreated",
+            read_conditions(status), "Ready", "True", "JobCreated",
             f"Job {child_name(name)} created", utc_now(), generation,
         )  # fmt: skip
         return {
             **status,
-            "conditions": conditions,
+            "conditions": dump_conditions(conditions),
             "observedGeneration": generation,
             "phase": status.get("phase") or "Pending",
             "startTime": status.get("startTime") or utc_now(),

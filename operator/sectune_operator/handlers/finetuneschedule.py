@@ -22,11 +22,19 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune.config import format_validation_error
+from sectune.serving import traffic
 from sectune_operator import canary, kube, metrics, schedule
 from sectune_operator.api import FineTuneScheduleSpec
 from sectune_operator.builders.adapterdeployment import child_name as serving_name
 from sectune_operator.settings import Settings
-from sectune_operator.status import TERMINAL, set_condition, utc_now
+from sectune_operator.status import (
+    TERMINAL,
+    dump_conditions,
+    read_conditions,
+    same_conditions,
+    set_condition,
+    utc_now,
+)
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetuneschedules"
 
@@ -206,26 +214,16 @@ def _promote(
             message=f"no adapter {target.adapter!r} in {target.adapter_deployment}",
         )
         return False
-    versions = entry["versions"]
-    live = [v for v in versions if v.get("traffic", 100) > 0]
-    if len(live) != 1:
+    run_entry = {"version": run["name"], "source": {"fineTuneJob": run["name"]}}
+    try:
+        traffic.add_canary(entry["versions"], run_entry, target.canary_percent)
+    except traffic.TrafficError as exc:
         kopf.warn(
             body,
             reason="PromotionSkipped",
-            message=f"{target.adapter_deployment}/{target.adapter} already has a canary in traffic; "
-            f"{run['name']} waits",
+            message=f"{target.adapter_deployment}/{target.adapter}: {exc}; {run['name']} waits",
         )
         return False
-    live[0]["traffic"] = 100 - target.canary_percent
-    versions = [v for v in versions if v.get("traffic", 100) > 0]  # older standbys go
-    versions.append(
-        {
-            "version": run["name"],
-            "source": {"fineTuneJob": run["name"]},
-            "traffic": target.canary_percent,
-        }
-    )
-    entry["versions"] = versions
     _custom().patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "adapterdeployments", target.adapter_deployment,
         {"spec": {"adapters": adapters}},
@@ -259,7 +257,7 @@ def tick(
     except ValidationError as exc:
         message = format_validation_error(exc, f"FineTuneSchedule {namespace}/{name}")
         conditions = set_condition(
-            status.get("conditions") or [],
+            read_conditions(status),
             "Ready",
             "False",
             "InvalidSpec",
@@ -267,8 +265,8 @@ def tick(
             utc_now(),
             generation,
         )
-        if conditions != status.get("conditions"):
-            patch.status.update({"conditions": conditions})
+        if not same_conditions(status, conditions):
+            patch.status.update({"conditions": dump_conditions(conditions)})
             kopf.warn(body, reason="InvalidSpec", message=message[:1000])
         return
     now = dt.datetime.now(dt.UTC)
@@ -294,7 +292,7 @@ def tick(
     if trigger_due and quiet_until is not None:
         assert parsed.drift_trigger is not None
         trigger_due = now >= quiet_until + dt.timedelta(minutes=parsed.drift_trigger.for_minutes)
-    conditions = status.get("conditions") or []
+    conditions = read_conditions(status)
     if reason is None and trigger_due:
         check = _drifting(parsed, name, namespace, settings)
         if check.error is not None:
@@ -382,7 +380,7 @@ def tick(
         utc_now(),
         generation,
     )
-    update["conditions"] = ready
+    update["conditions"] = dump_conditions(ready)
     update["observedGeneration"] = generation
     if any(status.get(k) != v for k, v in update.items()):
         patch.status.update(update)

@@ -21,17 +21,15 @@ import re
 import statistics
 from collections import Counter
 from difflib import SequenceMatcher
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from sectune.config import JobSpec, QualitySpec
 from sectune.contract import DataQuality
+from sectune.data.example import Example
 from sectune.data.load import DataError
-
-if TYPE_CHECKING:
-    from sectune.data.prepare import Example
 
 SHINGLE = 5
 """Character n-gram size of the near-duplicate measure: an edited word changes few of them."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sectune.config import JobSpec
-from sectune.data.prepare import Example
+from sectune.data.example import Example
 
 IGNORE = -100
 

@@ -17,30 +17,12 @@ from typing import Any
 from sectune.config import JobSpec
 from sectune.data.audit import DataAudit, enforce
 from sectune.data.audit import audit as audit_data
+from sectune.data.example import Example
 from sectune.data.load import DataError, RawRow, _describe, data_digest, read_rows, row_id
 from sectune.data.review import provenance_for
 from sectune.data.sanitize import Sanitizer
 
 MAX_PROBLEMS_SHOWN = 20
-
-
-@dataclass
-class Example:
-    """One training or evaluation example after validation and sanitization."""
-
-    id: str
-    fields: dict[str, str]
-    """text / instruction / input (the prompt side), as sanitized."""
-    target: str
-    """label or expected output, as sanitized."""
-    messages: list[dict[str, str]] | None = None
-    canary: bool = False
-    where: str = ""
-    """file:line it was read from (reports and review files name rows by it and the id)."""
-
-    @property
-    def text(self) -> str:
-        return self.fields.get("text", "")
 
 
 @dataclass

@@ -21,17 +21,15 @@ import io
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from sectune import storage
 from sectune.data.audit import TEXT_SHOWN, DataAudit, input_text
+from sectune.data.example import Example
 from sectune.data.load import DataError, data_digest, read_rows, row_id
-
-if TYPE_CHECKING:
-    from sectune.data.prepare import Example
 
 COLUMNS = (
     "row",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from sectune.data.prepare import Example
+from sectune.data.example import Example
 from sectune.evaluation.metrics import classification_metrics, without_leaked
 
 

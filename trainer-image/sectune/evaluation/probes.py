@@ -27,8 +27,9 @@ import torch
 
 from sectune import progress
 from sectune.config import JobSpec
+from sectune.data.example import Example
 from sectune.data.format import plain_text_for
-from sectune.data.prepare import CANARY_PREFIX, Example, canary_value
+from sectune.data.prepare import CANARY_PREFIX, canary_value
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sectune.config import Gate, JobSpec
+from sectune.data.example import Example
 from sectune.data.format import messages_for
-from sectune.data.prepare import Example
 from sectune.evaluation.metrics import (
     classification_metrics,
     extraction_metrics,

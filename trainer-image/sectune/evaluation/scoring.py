@@ -15,8 +15,9 @@ import torch
 
 from sectune import placement, progress
 from sectune.config import JobSpec
+from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
-from sectune.data.prepare import Example
+from sectune.training.objectives import left_pad, objective_for
 
 
 @dataclass
@@ -30,16 +31,6 @@ class LabelScores:
 
     def predictions(self, labels: list[str]) -> list[str]:
         return [labels[max(range(len(labels)), key=row.__getitem__)] for row in self.probabilities]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row) :] = torch.tensor(row)
-        mask[i, length - len(row) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def forward_logprobs(
@@ -135,8 +126,6 @@ def validation_loss(
 ) -> float:
     """Mean of the training objective on held-out examples (every task type): cross-entropy
     on the target tokens, or over the label set for task.head: classifier."""
-    from sectune.training.objectives import objective_for
-
     objective = objective_for(tokenizer, spec, examples)
     encoded = [e for e in (objective.encode(x) for x in examples) if e is not None]
     if not encoded:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from sectune.config import JobSpec
-from sectune.data.prepare import Example, PreparedData
+from sectune.data.example import Example
+from sectune.data.prepare import PreparedData
 from sectune.evaluation.metrics import (
     classification_metrics,
     extraction_metrics,
@@ -103,20 +104,27 @@ def score_previous(
     """The metrics of `evaluation.previousVersion` on the same held-out data, and where it came
     from. It is fetched with every digest verified, safetensors only, and must have been
     trained on this base model; it is loaded next to the tuned adapter and removed after."""
-    from sectune import artifacts
+    from sectune import artifacts, storage
+    from sectune.serving import verify
 
     previous = spec.evaluation.previous_version
     assert previous is not None
-    version_uri, sha256 = artifacts.resolve_version(previous.uri, previous.sha256)
     directory = workdir / "previous-version"
-    manifest = artifacts.fetch_verified(version_uri, sha256, directory, include=("adapter/",))
-    artifacts.require_safetensors(directory / "adapter", version_uri)
-    trained_on = manifest.base_model.sha256
-    if trained_on != base_digest:
-        raise artifacts.IntegrityError(
-            f"evaluation.previousVersion {version_uri} was trained on base model sha256 "
-            f"{trained_on}, not this job's {base_digest}; compare versions of one base model"
+    try:
+        version_uri, sha256 = verify.resolve(previous.uri, previous.sha256)
+        manifest = verify.fetch(
+            version_uri,
+            sha256,
+            directory,
+            include=("adapter/",),
+            max_bytes=artifacts.MAX_ARTIFACT_BYTES,
+            passed_gates=False,  # the version it replaces, whatever its verdict
+            base_digest=base_digest,
         )
+    except verify.LoadError as exc:
+        # Storage down is retried (infrastructure); anything else is the manifest's to fix.
+        error = storage.StorageError if exc.reason == "storage" else artifacts.IntegrityError
+        raise error(f"evaluation.previousVersion: {exc}") from None
     model.load_adapter(str(directory / "adapter"), adapter_name="previous")
     model.set_adapter("previous")
     try:
@@ -308,7 +316,7 @@ def evaluate_stored(
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
     from sectune.evaluation.gates import baselines_from_report, evaluate_gates, gate_verdict
-    from sectune.runner import hardware
+    from sectune.serving import verify
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
 
@@ -325,7 +333,14 @@ def evaluate_stored(
         examples, sanitized = load_labelled(data_uri, spec)
 
         resolved = base_model.resolve(spec.base_model)
-        artifacts.require_safetensors(adapter_dir, version)  # adapter or whole model alike
+        verify.check(  # adapter or whole model alike; the verdict is what is measured here
+            manifest,
+            workdir,
+            version,
+            passed_gates=False,
+            base_digest=None,
+            adapter_only=False,
+        )
         numerics = placement.for_evaluation(precision, spec.method.type)
         if (adapter_dir / "adapter_config.json").exists():
             from peft import PeftModel
@@ -382,7 +397,7 @@ def evaluate_stored(
             "gates": outcomes,
             "gatesPassed": passed,
             "verdict": verdict,
-            "hardware": hardware(),
+            "hardware": placement.describe_hardware(),
             "numerics": numerics.describe(),
         }
 

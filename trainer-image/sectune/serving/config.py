@@ -21,6 +21,7 @@ reads on a laptop. The server re-reads it when it changes and swaps adapters wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,46 +53,73 @@ def check_versions(adapter: str, versions: list[tuple[str, int]]) -> None:
         raise ValueError(f"adapters[{adapter}].versions: version names must be unique")
 
 
-class ServedVersion(Spec):
-    """One adapter version, its digest and its share of the adapter's requests."""
+def check_adapter_names(names: list[str]) -> None:
+    """Adapter names: unique, and not the base model's (raises ValueError)."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"adapters: names must be unique; repeated: {', '.join(repeated)}")
+    if BASE_MODEL_NAME in names:
+        raise ValueError(f"adapters: {BASE_MODEL_NAME!r} is reserved for the base model")
+
+
+# --------------------------------------------------------------------------- the adapter set
+# One model of "an adapter, its versions and their traffic", shared by the server's config
+# (a version is a URI and digest) and the AdapterDeployment's spec (a version is a source to
+# resolve): the names, traffic and their rules are defined here once.
+
+
+class VersionShare(Spec):
+    """One version of an adapter and its share of the adapter's traffic."""
 
     version: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    """Version name (DNS label), e.g. v3; clients may pin it as `model: name@v3`."""
+    """Version name (DNS label), e.g. v3."""
+    traffic: int = Field(100, ge=0, le=100)
+    """Percent of the adapter's requests this version answers."""
+
+
+class AdapterVersions(Spec):
+    """An adapter offered under `name` (the `model` field of a request) with its versions."""
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """Name clients ask for; a DNS label, unique in the deployment."""
+    versions: Sequence[VersionShare]
+
+    @model_validator(mode="after")
+    def _traffic(self) -> AdapterVersions:
+        check_versions(self.name, [(v.version, v.traffic) for v in self.versions])
+        return self
+
+
+class ServedVersion(VersionShare):
+    """One adapter version as a server loads it: where it is and its digest. Clients may pin
+    it as `model: name@version`; `traffic` is its share of the unpinned requests."""
+
     uri: Uri
     """A published version (…/versions/<run>) or a job prefix, whose current.json is followed."""
     sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     """sha256 of the version's manifest.json. Required for a version URI; for a job prefix the
     digest recorded in current.json (written only when the job's gates passed) is used."""
-    traffic: int = Field(100, ge=0, le=100)
-    """Percent of the adapter's unpinned requests this version answers."""
 
 
-class ServedAdapter(Spec):
-    """An adapter offered under `name`: the `model` field of a request."""
+class ServedAdapter(AdapterVersions):
+    """An adapter as a server offers it."""
 
-    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    """Name clients ask for."""
     versions: list[ServedVersion] = Field(min_length=1, max_length=8)
     """Versions served side by side (a canary); traffic adds up to 100."""
 
-    @model_validator(mode="after")
-    def _traffic(self) -> ServedAdapter:
-        check_versions(self.name, [(v.version, v.traffic) for v in self.versions])
-        return self
-
 
 class DriftSettings(Spec):
-    """How what is served is compared with what the adapter was trained and evaluated on."""
+    """Drift of what is served against what the adapter was trained and evaluated on: the
+    predicted-label mix (classification) and the prompt-length mix (every task type)."""
 
     enabled: bool = True
-    """Compute drift scores (predicted labels; prompt lengths) per adapter version."""
+    """Compute drift scores per adapter version."""
     window_minutes: int = Field(60, ge=1, le=10080)
-    """Sliding window of requests the drift score is computed over."""
-    min_requests: int = Field(20, ge=1)
+    """Sliding window of requests the score is computed over."""
+    min_requests: int = Field(20, ge=1, le=1_000_000)
     """Fewer requests than this in the window report no score."""
     threshold: float = Field(0.2, ge=0.0, le=1.0)
-    """Score above which drift alerts fire; exported as sectune_serve_drift_threshold so one
-    alert rule serves every deployment."""
+    """Score above which drift alerts fire (exported as sectune_serve_drift_threshold)."""
 
 
 class ServingConfig(Spec):
@@ -111,12 +139,7 @@ class ServingConfig(Spec):
 
     @model_validator(mode="after")
     def _unique(self) -> ServingConfig:
-        names = [a.name for a in self.adapters]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"adapters: names must be unique; repeated: {', '.join(repeated)}")
-        if BASE_MODEL_NAME in names:
-            raise ValueError(f"adapters: {BASE_MODEL_NAME!r} is reserved for the base model")
+        check_adapter_names([a.name for a in self.adapters])
         return self
 
 

@@ -29,8 +29,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sectune import placement
-from sectune.evaluation.scoring import forward_logprobs, left_pad, sequence_logprobs
+from sectune.evaluation.scoring import forward_logprobs, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
+from sectune.training.objectives import left_pad
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """`sectune fetch-adapters`: put every version of a ServingConfig on disk, verified, for a server
 that cannot fetch and verify by itself (vLLM's init container, runtime: vllm).
 
-The same checks as `sectune serve` makes before loading: every file against the manifest's
-digests and the manifest against its pinned sha256, safetensors only, gates passed (unless the
-config says otherwise), trained on the base model that is served. Any failure fails the whole
+The same checks as `sectune serve` makes before loading (sectune.serving.verify): every file
+against the manifest's digests and the manifest against its pinned sha256, gates passed (unless
+the config says otherwise), trained on the base model that is served, an adapter, safetensors
+only. Any failure fails the whole
 command, so a vLLM pod never starts with a set it could not verify and the Deployment's previous
 pods keep serving.
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from sectune import artifacts, storage
 from sectune.config import ManifestError
+from sectune.serving import verify
 from sectune.serving.config import ServingConfig
-from sectune.serving.registry import LoadError, require_passed_gates
 
 
 def fetch_adapters(
@@ -39,20 +40,16 @@ def fetch_adapters(
             where = f"{adapter.name}/{entry.version}"
             directory = storage.contained(out, where, f"adapter {label}")
             shutil.rmtree(directory, ignore_errors=True)
-            version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
-            manifest = artifacts.fetch_verified(
-                version_uri, sha256, directory, include=("adapter/",), max_bytes=max_bytes
+            version_uri, sha256 = verify.resolve(entry.uri, entry.sha256)
+            verify.fetch(
+                version_uri,
+                sha256,
+                directory,
+                include=("adapter/",),
+                max_bytes=max_bytes,
+                passed_gates=config.require_passed_gates,
+                base_digest=resolved.digest,
             )
-            artifacts.require_safetensors(directory / "adapter", version_uri)
-            if config.require_passed_gates:
-                require_passed_gates(manifest, version_uri)
-            trained_on = manifest.base_model.sha256
-            if trained_on != resolved.digest:
-                raise LoadError(
-                    "base-model",
-                    f"{label}: trained on base model sha256 {trained_on}, not the served "
-                    f"{resolved.digest}",
-                )
             fetched.append(f"{label} {sha256}")
     base = out / "base"
     if base.is_symlink() or base.exists():

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sectune import artifacts, storage
+from sectune import artifacts
 from sectune.config import JobSpec
 from sectune.contract import AdapterManifest
+from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
-from sectune.data.prepare import Example
 from sectune.evaluation.gates import baselines_from_report
+from sectune.serving import verify
 from sectune.serving.config import ServedVersion, ServingConfig
 from sectune.serving.drift import DriftMonitor, input_reference, reference_distribution
 from sectune.serving.engine import Engine
@@ -37,14 +38,6 @@ log = logging.getLogger(__name__)
 RETIRE_SECONDS = 30.0
 """How long a replaced version stays loaded for requests already routed to it (the engine's
 default queue limit: a request waiting longer is refused anyway)."""
-
-
-class LoadError(RuntimeError):
-    """A version that cannot be served; `reason` is the metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -99,18 +92,6 @@ class ApplyResult:
     loaded: list[str]
     failed: dict[str, str]
     removed: list[str]
-
-
-def require_passed_gates(manifest: AdapterManifest, version_uri: str) -> None:
-    """A version whose evaluation failed its gates is not served (promotion.requirePassedGates)."""
-    if manifest.gates_passed is not False:
-        return
-    failing = manifest.failing_gates()
-    raise LoadError(
-        "gates-failed",
-        f"{version_uri} failed its evaluation gates ({', '.join(failing) or 'see report.json'}); "
-        "it is not served. Retrain it, or set requirePassedGates: false to compare it by hand.",
-    )
 
 
 class Registry:
@@ -194,7 +175,7 @@ class Registry:
                 label = f"{adapter.name}@{entry.version}"
                 try:
                     version, fresh = self._obtain(adapter.name, entry, current, config)
-                except LoadError as exc:
+                except verify.LoadError as exc:
                     failed[label] = str(exc)
                     refused[(adapter.name, entry.version)] = exc.reason
                     self.metrics.load_failures.labels(adapter.name, entry.version, exc.reason).inc()
@@ -250,12 +231,7 @@ class Registry:
         current: dict[str, list[LoadedVersion]],
         config: ServingConfig,
     ) -> tuple[LoadedVersion, bool]:
-        try:
-            version_uri, sha256 = artifacts.resolve_version(entry.uri, entry.sha256)
-        except artifacts.IntegrityError as exc:
-            raise LoadError("integrity", str(exc)) from None
-        except storage.StorageError as exc:
-            raise LoadError("storage", str(exc)) from None
+        version_uri, sha256 = verify.resolve(entry.uri, entry.sha256)
         with self._lock:
             self._resolved[f"{name}@{entry.version}"] = sha256
         with self._lock:
@@ -263,29 +239,26 @@ class Registry:
         for existing in [*current.get(name, []), *retired]:
             if existing.version == entry.version and existing.sha256 == sha256:
                 if config.require_passed_gates:
-                    require_passed_gates(existing.manifest, existing.uri)
+                    verify.require_passed_gates(existing.manifest, existing.uri)
                 existing.traffic = entry.traffic
                 return existing, False
         key = f"{name}--{entry.version}--{sha256[:12]}"
         directory = self.workdir / key
         shutil.rmtree(directory, ignore_errors=True)
         try:
-            manifest = artifacts.fetch_verified(
+            manifest = verify.fetch(
                 version_uri,
                 sha256,
                 directory,
                 include=("adapter/", "report.json"),
                 max_bytes=self.max_adapter_bytes,
+                passed_gates=config.require_passed_gates,
+                base_digest=self.base_digest,
             )
-        except artifacts.IntegrityError as exc:
-            raise LoadError("integrity", str(exc)) from None
-        except storage.StorageError as exc:
-            raise LoadError("storage", str(exc)) from None
-        try:
             return self._load(
                 name, entry, key, version_uri, sha256, manifest, directory, config
             ), True
-        except LoadError:
+        except verify.LoadError:
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
@@ -302,26 +275,7 @@ class Registry:
     ) -> LoadedVersion:
         import json
 
-        if config.require_passed_gates:
-            require_passed_gates(manifest, version_uri)
-        trained_on = manifest.base_model.sha256
-        if trained_on != self.base_digest:
-            raise LoadError(
-                "base-model",
-                f"{version_uri} was trained on base model sha256 {trained_on}; this server "
-                f"serves {self.base_digest}. Serve it with its own base model.",
-            )
         adapter_dir = directory / "adapter"
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise LoadError(
-                "invalid",
-                f"{version_uri} holds a whole model (method {manifest.method}), not an "
-                "adapter; serve it as a base model of its own",
-            )
-        try:
-            artifacts.require_safetensors(adapter_dir, version_uri)
-        except artifacts.IntegrityError as exc:
-            raise LoadError("unsafe-format", str(exc)) from None
         spec = JobSpec.model_validate(manifest.config)
         report_path = directory / "report.json"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -352,7 +306,9 @@ class Registry:
         try:
             self.engine.load_adapter(str(adapter_dir), key)
         except Exception as exc:
-            raise LoadError("invalid", f"{version_uri}: the adapter does not load: {exc}") from None
+            raise verify.LoadError(
+                "invalid", f"{version_uri}: the adapter does not load: {exc}"
+            ) from None
         return version
 
     # ------------------------------------------------------------------ metrics

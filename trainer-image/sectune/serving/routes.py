@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from sectune.data.example import Example
 from sectune.data.format import chat_prompt_ids, fit_prompt, text_ids
-from sectune.data.prepare import Example
 from sectune.serving.admission import Refused
 from sectune.serving.auth import ApiKey
 from sectune.serving.config import BASE_MODEL_NAME

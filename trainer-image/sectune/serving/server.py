@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from sectune.contract import ExitCode
 from sectune.serving import auth
 from sectune.serving.http import protocol_with_timeout
 from sectune.serving.routes import ApiError, ClientGone, router
@@ -208,4 +209,4 @@ def serve(
             state.engine.stop()
         if state.registry is not None:  # the verified adapter files downloaded at load
             shutil.rmtree(state.registry.workdir, ignore_errors=True)
-    return 1 if state.fatal else 0
+    return ExitCode.INFRASTRUCTURE if state.fatal else ExitCode.OK

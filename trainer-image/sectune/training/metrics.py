@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from sectune.contract import PROGRESS_PREFIX, TrainingProgress
 
 
 class TrainingMetrics:
-    """sectune_train_* gauges on their own registry, served on `port`."""
+    """A sectune_train_<field> gauge per exported TrainingProgress field, on its own registry,
+    served on `port`."""
 
     def __init__(self, port: int, address: str = "0.0.0.0") -> None:
         self.registry = CollectorRegistry()
-        gauge = lambda name, doc: Gauge(f"sectune_train_{name}", doc, registry=self.registry)  # noqa: E731
-        self.step = gauge("step", "Optimizer steps done")
-        self.total_steps = gauge("total_steps", "Optimizer steps planned")
-        self.loss = gauge("loss", "Training loss of the last step")
-        self.learning_rate = gauge("learning_rate", "Learning rate of the last step")
-        self.tokens_per_second = gauge("tokens_per_second", "Training throughput since start")
-        self.eta_seconds = gauge("eta_seconds", "Estimated seconds to the end of training")
+        fields = TrainingProgress.model_fields
+        self.gauges = {
+            name: Gauge(
+                f"{PROGRESS_PREFIX}{name}", fields[name].description or name, registry=self.registry
+            )
+            for name in TrainingProgress.EXPORTED
+        }
         self.server, self.thread = start_http_server(port, addr=address, registry=self.registry)
 
-    def update(self, report: dict[str, Any]) -> None:
-        self.step.set(report["step"])
-        self.total_steps.set(report["total_steps"])
-        self.loss.set(report["loss"])
-        self.learning_rate.set(report["learning_rate"])
-        self.tokens_per_second.set(report["tokens_per_second"])
-        self.eta_seconds.set(report["eta_seconds"])
+    def update(self, progress: TrainingProgress) -> None:
+        for name, gauge in self.gauges.items():
+            gauge.set(getattr(progress, name))
 
     def stop(self) -> None:
         self.server.shutdown()

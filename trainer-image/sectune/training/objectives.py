@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from sectune.config import JobSpec
+from sectune.data.example import Example
 from sectune.data.format import (
     IGNORE,
     Encoded,
@@ -29,8 +30,18 @@ from sectune.data.format import (
     fit_prompt,
     label_token_ids,
 )
-from sectune.data.prepare import Example
-from sectune.evaluation.scoring import left_pad
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of token ids padded on the left into one batch (the last position is each row's
+    own): what training, evaluation and serving all feed the model."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.tensor(row)
+        mask[i, length - len(row) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 class Objective(Protocol):

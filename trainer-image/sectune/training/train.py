@@ -26,8 +26,9 @@ import torch
 
 from sectune import storage
 from sectune.config import JobSpec
+from sectune.contract import TrainingProgress
+from sectune.data.example import Example
 from sectune.data.format import Encoded
-from sectune.data.prepare import Example
 from sectune.training.dropout import use_seeded_dropout
 from sectune.training.objectives import objective_for
 
@@ -47,17 +48,6 @@ DEFAULT_TARGETS = {
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint was written and the run should be retried."""
-
-
-@dataclass
-class StepReport:
-    step: int
-    total_steps: int
-    loss: float
-    learning_rate: float
-    tokens_per_second: float
-    eta_seconds: float
-    epoch: float
 
 
 @dataclass
@@ -289,7 +279,7 @@ def train(
     spec: JobSpec,
     accelerator: Any,
     checkpoints: Checkpoints,
-    on_step: Callable[[StepReport], None] = lambda report: None,
+    on_step: Callable[[TrainingProgress], None] = lambda progress: None,
 ) -> TrainResult:
     """Train `model` (already wrapped with LoRA) on `examples`; resume from the latest
     checkpoint if there is one."""
@@ -379,7 +369,7 @@ def train(
             tokens_seen += step_tokens * world
             elapsed = time.monotonic() - started
             done = step - (resumed_from or 0)
-            report = StepReport(
+            report = TrainingProgress(
                 step=step,
                 total_steps=total_steps,
                 loss=loss_sum,
