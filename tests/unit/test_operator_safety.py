@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sectune_operator.handlers.finetunejob import _scrape_progress
+from sectune_operator.finetunejob_status import _scrape_progress
 from sectune_operator.scrape import READ_LIMIT as PROGRESS_READ_LIMIT
 from sectune_operator.scrape import pod_ip as _pod_ip
 from sectune_operator.settings import Settings

@@ -21,8 +21,13 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from sectune.config import GateMetric
+
 SCHEMA = 1
 """The version of TrainerResult this code writes."""
+RESULT_METRICS: tuple[GateMetric, ...] = ("accuracy", "macroF1", "validationLoss")
+"""The tuned model's figures a result carries into status.metrics (those it has), and the
+report compares with each baseline. Metric names are sectune.config.GateMetric's."""
 MESSAGE_LIMIT = 4096
 """Kubernetes keeps 4 KiB of a container's termination message."""
 
@@ -133,6 +138,20 @@ class ResultGate(_Tolerant):
     """Whether the gate passed."""
     value: float | None = None
     """The measured value (absent when the metric could not be measured)."""
+
+
+class GateOutcome(ResultGate):
+    """One gate as evaluated, whole: what the report and the lineage manifest record (the
+    trainer's result and a FineTuneJob's status carry the ResultGate part)."""
+
+    metric: str = ""
+    min: float | None = None
+    max: float | None = None
+    reason: str = ""
+    """Why the gate could not be measured (its metric or baseline is missing)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"reason"} if not self.reason else set())
 
 
 class DataQuality(_Tolerant):
@@ -273,7 +292,7 @@ class AdapterManifest(_Tolerant):
     redactions: dict[str, int] = Field(default_factory=dict)
     canaries: dict[str, int] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
-    gates: list[dict[str, Any]] = Field(default_factory=list)
+    gates: list[GateOutcome] = Field(default_factory=list)
     gates_passed: bool | None = None
     """None for a version whose writer recorded no verdict."""
     reference: dict[str, Any] = Field(default_factory=dict)
@@ -288,7 +307,7 @@ class AdapterManifest(_Tolerant):
         return value
 
     def failing_gates(self) -> list[str]:
-        return [str(g.get("name", "?")) for g in self.gates if not g.get("passed")]
+        return [g.name for g in self.gates if not g.passed]
 
     def stored_bytes(self, prefix: str = "adapter/") -> int:
         return sum(f.size for name, f in self.files.items() if name.startswith(prefix))

@@ -16,7 +16,9 @@ from typing import Any
 from sectune import __version__, placement, storage
 from sectune.config import JobSpec
 from sectune.contract import (
+    RESULT_METRICS,
     AdapterManifest,
+    GateOutcome,
     ManifestBaseModel,
     ManifestDataset,
     ResultAdapter,
@@ -53,11 +55,7 @@ class Outcome:
             adapter=ResultAdapter(
                 uri=self.adapter_uri, sha256=self.adapter_sha256, size_bytes=self.adapter_bytes
             ),
-            metrics={
-                k: round(tuned[k], 4)
-                for k in ("accuracy", "macroF1", "validationLoss")
-                if k in tuned
-            },
+            metrics={k: round(tuned[k], 4) for k in RESULT_METRICS if k in tuned},
             gates=[
                 ResultGate(name=g["name"], passed=g["passed"], value=g["value"])
                 for g in self.report.get("gates", [])
@@ -218,9 +216,8 @@ def run_job(
             return Outcome(name, "Succeeded", "WorkerDone")
 
         compared = {k: v for k, v in models.items() if k != "tuned"}
-        gates = [
-            g.as_dict() for g in evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
-        ]
+        outcomes = evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
+        gates = [g.as_dict() for g in outcomes]
         report = build_report(
             name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
         )
@@ -228,7 +225,7 @@ def run_job(
         on_event("stage", {"name": "Publishing artifacts"})
         gates_passed, verdict = report["gatesPassed"], report["verdict"]
         manifest = build_manifest(
-            name, run_id, started, spec, data, loaded, models["tuned"], gates, gates_passed
+            name, run_id, started, spec, data, loaded, models["tuned"], outcomes, gates_passed
         )
         published = _publish(
             spec, name, run_id, workdir, loaded, weights, report, data, result, manifest
@@ -350,11 +347,7 @@ def build_report(
         "task": spec.task.type,
         "models": models,
         "deltas": {
-            base: {
-                m: tuned[m] - metrics[m]
-                for m in ("accuracy", "macroF1", "validationLoss")
-                if m in metrics and m in tuned
-            }
+            base: {m: tuned[m] - metrics[m] for m in RESULT_METRICS if m in metrics and m in tuned}
             for base, metrics in models.items()
             if base != "tuned"
         },
@@ -392,7 +385,7 @@ def build_manifest(
     data: Any,
     loaded: _Loaded,
     tuned: dict[str, Any],
-    gates: list[dict[str, Any]],
+    gates: list[GateOutcome],
     gates_passed: bool,
 ) -> AdapterManifest:
     """The lineage manifest (sectune.contract.AdapterManifest); artifacts.publish adds the

@@ -20,7 +20,7 @@ from sectune.serving import traffic
 from sectune.serving.config import ServedAdapter, ServedVersion, ServingConfig
 from sectune.yamlio import dump_yaml
 from sectune_operator.api import AdapterDeploymentSpec
-from sectune_operator.builders.finetunejob import EXCEPTIONS, STORAGE_ENV, UID, from_namespaces
+from sectune_operator.builders import pods
 from sectune_operator.settings import Settings
 
 SERVING_LABEL = "sectune.io/adapterdeployment"
@@ -33,13 +33,6 @@ API_PORT = 8000
 CONTAINER = "server"
 CONFIG_HASH_ANNOTATION = "sectune.io/serving-config-sha256"
 SPEC_HASH_ANNOTATION = "sectune.io/rendered-sha256"
-RESTRICTED = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 
 def child_name(name: str) -> str:
@@ -48,12 +41,7 @@ def child_name(name: str) -> str:
 
 
 def labels(name: str) -> dict[str, str]:
-    return {
-        SERVING_LABEL: name,
-        "app.kubernetes.io/name": "sectune-server",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/managed-by": "sectune-operator",
-    }
+    return pods.labels(SERVING_LABEL, "sectune-server", name)
 
 
 def endpoint(name: str, namespace: str) -> str:
@@ -192,8 +180,10 @@ def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
     (for /metrics on the same port) from the operator's and the monitoring namespace."""
     callers: list[dict[str, Any]] = [{"podSelector": {}}]
     if settings.api_namespaces:
-        callers.append(from_namespaces(list(settings.api_namespaces)))
-    callers.append(from_namespaces([settings.operator_namespace, settings.monitoring_namespace]))
+        callers.append(pods.from_namespaces(list(settings.api_namespaces)))
+    callers.append(
+        pods.from_namespaces([settings.operator_namespace, settings.monitoring_namespace])
+    )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -207,26 +197,16 @@ def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
 
 
 def _storage_env(spec: AdapterDeploymentSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "SECTUNE_CACHE", "value": "/cache"},
-        {"name": "HF_HOME", "value": "/cache/huggingface"},
-    ]
-    if spec.credentials:
-        for variable, (key, optional) in STORAGE_ENV.items():
-            ref = {"name": spec.credentials.name, "key": key, "optional": optional}
-            env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
-    return env
+    credentials = spec.credentials
+    return [*pods.cache_env(), *pods.storage_env(credentials.name if credentials else None)]
 
 
 def _resources(spec: AdapterDeploymentSpec, settings: Settings) -> dict[str, Any]:
-    limits = {
-        "cpu": spec.resources.cpu or settings.serving_cpu,
-        "memory": spec.resources.memory or settings.serving_memory,
-    }
-    if spec.resources.gpus:
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
-    return {"limits": limits, "requests": {k: v for k, v in limits.items() if "gpu" not in k}}
+    return pods.compute(
+        spec.resources.cpu or settings.serving_cpu,
+        spec.resources.memory or settings.serving_memory,
+        spec.resources.gpus,
+    )
 
 
 def _probes() -> dict[str, Any]:
@@ -330,7 +310,7 @@ def build_deployment(
         "env": env,
         "ports": [{"name": "http", "containerPort": API_PORT}],
         "resources": _resources(spec, settings),
-        "securityContext": RESTRICTED,
+        "securityContext": pods.RESTRICTED,
         "volumeMounts": mounts,
         **_probes(),
     }
@@ -350,7 +330,7 @@ def build_deployment(
                 "command": fetch_command(),
                 "env": env,
                 "resources": _resources(spec, settings) | {"limits": {"memory": "4Gi"}},
-                "securityContext": RESTRICTED,
+                "securityContext": pods.RESTRICTED,
                 "volumeMounts": [*mounts, {"name": "adapters", "mountPath": ADAPTERS_DIR}],
             }
         )
@@ -378,13 +358,7 @@ def build_deployment(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pods.POD_SECURITY,
         "terminationGracePeriodSeconds": 60,
         "containers": [container],
         "volumes": volumes,
@@ -422,5 +396,5 @@ def build_deployment(
         },
     }
     digest = hashlib.sha256(json.dumps(deployment, sort_keys=True).encode()).hexdigest()
-    deployment["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest, **EXCEPTIONS}
+    deployment["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest, **pods.EXCEPTIONS}
     return deployment

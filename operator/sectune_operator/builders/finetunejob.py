@@ -23,6 +23,7 @@ from sectune.contract import (
     ExitCode,
 )
 from sectune_operator.api import FineTuneJobSpec, Toleration
+from sectune_operator.builders import pods
 from sectune_operator.settings import Settings
 
 JOB_LABEL = "sectune.io/finetunejob"
@@ -31,25 +32,6 @@ CONFIG_ANNOTATION = "sectune.io/trainer-config"
 CONFIG_DIR = "/etc/sectune"
 CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
-EXCEPTIONS = {
-    "checkov.io/skip1": "CKV_K8S_43=The image is the operator's setting or the spec's; pin it by "
-    "digest there (image@sha256:...)",
-    "checkov.io/skip2": "CKV_K8S_35=Storage keys reach boto3 as AWS_* variables by secretKeyRef; "
-    "they are never in the spec, the pod's config or a log",
-    "checkov.io/skip3": "CKV_K8S_15=IfNotPresent: GPU nodes must not pull multi-GB images on every "
-    "start; pin by digest for immutability",
-}
-"""Findings of Kubernetes best-practice checkers that the operator's pods answer by design
-(tests/cluster/test_install.py runs checkov on what the builders render)."""
-UID = 10001
-"""User and group of every pod the operator creates (the images' own user): non-root, and above
-the range host accounts use."""
-STORAGE_ENV = {
-    "AWS_ACCESS_KEY_ID": ("AWS_ACCESS_KEY_ID", False),
-    "AWS_SECRET_ACCESS_KEY": ("AWS_SECRET_ACCESS_KEY", False),
-    "AWS_ENDPOINT_URL": ("AWS_ENDPOINT_URL", True),
-    "AWS_REGION": ("AWS_REGION", True),
-}
 
 
 def child_name(job_name: str) -> str:
@@ -58,12 +40,7 @@ def child_name(job_name: str) -> str:
 
 
 def labels(job_name: str) -> dict[str, str]:
-    return {
-        JOB_LABEL: job_name,
-        "app.kubernetes.io/name": "sectune-trainer",
-        "app.kubernetes.io/instance": job_name,
-        "app.kubernetes.io/managed-by": "sectune-operator",
-    }
+    return pods.labels(JOB_LABEL, "sectune-trainer", job_name)
 
 
 def trainer_config(name: str, spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -139,16 +116,12 @@ def _command(name: str, spec: FineTuneJobSpec) -> list[str]:
 
 
 def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "SECTUNE_CACHE", "value": "/cache"},
-        {"name": "HF_HOME", "value": "/cache/huggingface"},
+    credentials = spec.output.credentials
+    env = [
+        *pods.cache_env(),
         {"name": "SECTUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        *pods.storage_env(credentials.name if credentials else None),
     ]
-    if spec.output.credentials:
-        for variable, (key, optional) in STORAGE_ENV.items():
-            ref = {"name": spec.output.credentials.name, "key": key, "optional": optional}
-            env.append({"name": variable, "valueFrom": {"secretKeyRef": ref}})
     if spec.hf_token_secret:
         ref = {"name": spec.hf_token_secret.name, "key": "HF_TOKEN"}
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
@@ -156,14 +129,11 @@ def _env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
 
 
 def _resources(spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
-    limits: dict[str, str] = {
-        "cpu": spec.resources.cpu or settings.default_cpu,
-        "memory": spec.resources.memory or settings.default_memory,
-    }
-    if spec.resources.gpus:
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
-    requests = {k: v for k, v in limits.items() if k != "nvidia.com/gpu"}
-    return {"limits": limits, "requests": requests}
+    return pods.compute(
+        spec.resources.cpu or settings.default_cpu,
+        spec.resources.memory or settings.default_memory,
+        spec.resources.gpus,
+    )
 
 
 def _toleration(toleration: Toleration) -> dict[str, Any]:
@@ -194,13 +164,7 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
         "env": _env(spec),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": _resources(spec, settings),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pods.RESTRICTED,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
@@ -214,13 +178,7 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
         "restartPolicy": "Never",
         "serviceAccountName": spec.service_account_name or "default",
         "automountServiceAccountToken": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pods.POD_SECURITY,
         "containers": [container],
         "volumes": [
             {
@@ -285,22 +243,12 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": child_name(name), "labels": job_labels, "annotations": EXCEPTIONS},
+        "metadata": {
+            "name": child_name(name),
+            "labels": job_labels,
+            "annotations": pods.EXCEPTIONS,
+        },
         "spec": job_spec,
-    }
-
-
-def from_namespaces(names: list[str]) -> dict[str, Any]:
-    return {
-        "namespaceSelector": {
-            "matchExpressions": [
-                {
-                    "key": "kubernetes.io/metadata.name",
-                    "operator": "In",
-                    "values": sorted(set(names)),
-                }
-            ]
-        }
     }
 
 
@@ -318,7 +266,7 @@ def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
                 {"from": [{"podSelector": {"matchLabels": {JOB_LABEL: name}}}]},
                 {
                     "from": [
-                        from_namespaces(
+                        pods.from_namespaces(
                             [settings.operator_namespace, settings.monitoring_namespace]
                         )
                     ],

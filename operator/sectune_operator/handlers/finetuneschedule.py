@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from sectune.config import format_validation_error
 from sectune.serving import traffic
 from sectune_operator import canary, kube, metrics, schedule
-from sectune_operator.api import FineTuneScheduleSpec
+from sectune_operator.api import Condition, FineTuneScheduleSpec
 from sectune_operator.builders.adapterdeployment import child_name as serving_name
 from sectune_operator.settings import Settings
 from sectune_operator.status import (
@@ -237,6 +237,158 @@ def _promote(
     return True
 
 
+@dataclass(frozen=True)
+class _Due:
+    """A run to start now: why, for which time, and what started it (cron or drift)."""
+
+    reason: str
+    when: dt.datetime
+    trigger: str
+
+
+def _cron_due(
+    spec: FineTuneScheduleSpec, status: kopf.Status, meta: kopf.Meta, now: dt.datetime
+) -> _Due | None:
+    """The cron's latest time since the last run, if one is due."""
+    if not spec.schedule or spec.suspend:
+        return None
+    last = schedule.parse_time(status.get("lastScheduleTime")) or schedule.parse_time(
+        meta.get("creationTimestamp")
+    )
+    assert last is not None
+    when = schedule.due(spec.schedule, spec.time_zone, last, now)
+    if when is None:
+        return None
+    return _Due(
+        f"scheduled for {schedule.format_time(when)} ({spec.schedule} {spec.time_zone})",
+        when,
+        "cron",
+    )
+
+
+def _drift_due(
+    spec: FineTuneScheduleSpec,
+    name: str,
+    namespace: str,
+    status: kopf.Status,
+    conditions: list[Condition],
+    generation: int,
+    settings: Settings,
+    body: kopf.Body,
+    now: dt.datetime,
+) -> tuple[_Due | None, list[Condition]]:
+    """Drift that stayed above the threshold (outside the quiet time after the last trigger),
+    and the DriftTrigger condition saying whether Prometheus could be asked."""
+    trigger = spec.drift_trigger
+    assert trigger is not None
+    quiet_until = schedule.parse_time(status.get("lastTriggerTime"))
+    if quiet_until is not None and now < quiet_until + dt.timedelta(minutes=trigger.for_minutes):
+        return None, conditions
+    check = _drifting(spec, name, namespace, settings)
+    if check.error is not None:
+        message = f"drift trigger not evaluated: {check.error}"
+        if check.reason == "QueryFailed":  # each failure; a missing URL is a setting
+            kopf.warn(body, reason="DriftQueryFailed", message=message[:1000])
+        conditions = set_condition(
+            conditions, "DriftTrigger", "False", check.reason, message, utc_now(), generation
+        )
+    else:
+        seen = "no series yet" if check.value is None else f"lowest {check.value:.3g}"
+        conditions = set_condition(
+            conditions, "DriftTrigger", "True", "Watching",
+            f"drift query answered ({seen})", utc_now(), generation,
+        )  # fmt: skip
+    if not check.fires:
+        return None, conditions
+    kopf.info(body, reason="DriftTriggered", message=check.fires[:1000])
+    return _Due(check.fires, now, "drift"), conditions
+
+
+def _start(
+    due: _Due,
+    spec: FineTuneScheduleSpec,
+    name: str,
+    namespace: str,
+    active: list[dict[str, Any]],
+    status: kopf.Status,
+    body: kopf.Body,
+) -> list[dict[str, Any]]:
+    """Start the due run under the concurrency policy; the runs active afterwards."""
+    run = schedule.run_name(name, due.when, due.trigger)
+    if active and spec.concurrency_policy == "Forbid":
+        if due.trigger == "cron":
+            running = ", ".join(r["name"] for r in active)
+            kopf.info(
+                body,
+                reason="RunSkipped",
+                message=f"{run} skipped: {running} still running (Forbid)",
+            )
+        return active
+    if active and spec.concurrency_policy == "Replace":
+        for old in active:
+            _delete_run(namespace, old["name"])
+            kopf.info(
+                body, reason="RunReplaced", message=f"Deleted FineTuneJob {old['name']} (Replace)"
+            )
+        active = []
+    last_ok = (status.get("lastSuccessfulJob") or {}).get("adapter")
+    if _create_run(body, namespace, name, run, spec, due.reason, last_ok):
+        started = dt.datetime.now(dt.UTC).timestamp()
+        metrics.SCHEDULE_LAST_RUN.labels(namespace, name, due.trigger).set(started)
+        return [{"name": run}]
+    return active
+
+
+def _keep_history(
+    spec: FineTuneScheduleSpec,
+    namespace: str,
+    runs: list[dict[str, Any]],
+    status: kopf.Status,
+    body: kopf.Body,
+    update: dict[str, Any],
+) -> None:
+    """Drop finished runs beyond the history limits; record the last successful run and
+    promote it (when the schedule promotes)."""
+    finished = [schedule.Run(r["name"], r["phase"], r["created"]) for r in runs]
+    for old in schedule.over_history(
+        finished, spec.successful_jobs_history_limit, spec.failed_jobs_history_limit
+    ):
+        _delete_run(namespace, old)
+    succeeded = sorted((r for r in runs if r["phase"] == "Succeeded"), key=lambda r: r["created"])
+    if not succeeded:
+        return
+    latest = succeeded[-1]
+    update["lastSuccessfulJob"] = {
+        "name": latest["name"],
+        "adapter": latest["adapter"],
+        "metrics": latest["metrics"],
+    }
+    if (
+        spec.promote is not None
+        and status.get("lastPromotedJob") != latest["name"]
+        and _promote(spec, namespace, latest, body)
+    ):
+        update["lastPromotedJob"] = latest["name"]
+
+
+def _invalid(
+    exc: ValidationError,
+    name: str,
+    namespace: str,
+    status: kopf.Status,
+    generation: int,
+    patch: kopf.Patch,
+    body: kopf.Body,
+) -> None:
+    message = format_validation_error(exc, f"FineTuneSchedule {namespace}/{name}")
+    conditions = set_condition(
+        read_conditions(status), "Ready", "False", "InvalidSpec", message, utc_now(), generation
+    )
+    if not same_conditions(status, conditions):
+        patch.status.update({"conditions": dump_conditions(conditions)})
+        kopf.warn(body, reason="InvalidSpec", message=message[:1000])
+
+
 def tick(
     name: str,
     namespace: str,
@@ -255,122 +407,37 @@ def tick(
     try:
         parsed = FineTuneScheduleSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        message = format_validation_error(exc, f"FineTuneSchedule {namespace}/{name}")
-        conditions = set_condition(
-            read_conditions(status),
-            "Ready",
-            "False",
-            "InvalidSpec",
-            message,
-            utc_now(),
-            generation,
-        )
-        if not same_conditions(status, conditions):
-            patch.status.update({"conditions": dump_conditions(conditions)})
-            kopf.warn(body, reason="InvalidSpec", message=message[:1000])
+        _invalid(exc, name, namespace, status, generation, patch, body)
         return
     now = dt.datetime.now(dt.UTC)
     uid = meta.get("uid")
     runs = [r for r in runs_by_schedule.get((namespace, name), []) if r["ownerUid"] == uid]
     active = [r for r in runs if r["phase"] not in TERMINAL]
     update: dict[str, Any] = {}
+    conditions = read_conditions(status)
 
     # What is due: the cron's latest time since the last run, or drift that stayed high.
-    reason, when, trigger = None, None, "cron"
-    if parsed.schedule and not parsed.suspend:
-        last = schedule.parse_time(status.get("lastScheduleTime")) or schedule.parse_time(
-            meta.get("creationTimestamp")
+    due = _cron_due(parsed, status, meta, now)
+    if due is None and parsed.drift_trigger is not None and not parsed.suspend and not active:
+        due, conditions = _drift_due(
+            parsed, name, namespace, status, conditions, generation, settings, body, now
         )
-        assert last is not None
-        when = schedule.due(parsed.schedule, parsed.time_zone, last, now)
-        if when is not None:
-            reason = (
-                f"scheduled for {schedule.format_time(when)} ({parsed.schedule} {parsed.time_zone})"
-            )
-    trigger_due = parsed.drift_trigger is not None and not parsed.suspend and not active
-    quiet_until = schedule.parse_time(status.get("lastTriggerTime"))
-    if trigger_due and quiet_until is not None:
-        assert parsed.drift_trigger is not None
-        trigger_due = now >= quiet_until + dt.timedelta(minutes=parsed.drift_trigger.for_minutes)
-    conditions = read_conditions(status)
-    if reason is None and trigger_due:
-        check = _drifting(parsed, name, namespace, settings)
-        if check.error is not None:
-            message = f"drift trigger not evaluated: {check.error}"
-            if check.reason == "QueryFailed":  # each failure; a missing URL is a setting
-                kopf.warn(body, reason="DriftQueryFailed", message=message[:1000])
-            conditions = set_condition(
-                conditions, "DriftTrigger", "False", check.reason, message, utc_now(), generation
-            )
-        else:
-            seen = "no series yet" if check.value is None else f"lowest {check.value:.3g}"
-            conditions = set_condition(
-                conditions, "DriftTrigger", "True", "Watching",
-                f"drift query answered ({seen})", utc_now(), generation,
-            )  # fmt: skip
-        if check.fires:
-            reason, when, trigger = check.fires, now, "drift"
+        if due is not None:
             update["lastTriggerTime"] = schedule.format_time(now)
-            kopf.info(body, reason="DriftTriggered", message=check.fires[:1000])
+    if due is not None:
+        active = _start(due, parsed, name, namespace, active, status, body)
+        if due.trigger == "cron":
+            update["lastScheduleTime"] = schedule.format_time(due.when)
 
-    if reason is not None and when is not None:
-        run = schedule.run_name(name, when, trigger)
-        if active and parsed.concurrency_policy == "Forbid":
-            if trigger == "cron":
-                kopf.info(
-                    body,
-                    reason="RunSkipped",
-                    message=f"{run} skipped: {', '.join(r['name'] for r in active)} still running (Forbid)",
-                )
-        else:
-            if active and parsed.concurrency_policy == "Replace":
-                for old in active:
-                    _delete_run(namespace, old["name"])
-                    kopf.info(
-                        body,
-                        reason="RunReplaced",
-                        message=f"Deleted FineTuneJob {old['name']} (Replace)",
-                    )
-                active = []
-            last_ok = (status.get("lastSuccessfulJob") or {}).get("adapter")
-            if _create_run(body, namespace, name, run, parsed, reason, last_ok):
-                active = [{"name": run}]
-                metrics.SCHEDULE_LAST_RUN.labels(namespace, name, trigger).set(now.timestamp())
-        if trigger == "cron":
-            update["lastScheduleTime"] = schedule.format_time(when)
-
-    # History limits, then the last successful run (and its optional promotion).
-    finished = [schedule.Run(r["name"], r["phase"], r["created"]) for r in runs]
-    for old in schedule.over_history(
-        finished, parsed.successful_jobs_history_limit, parsed.failed_jobs_history_limit
-    ):
-        _delete_run(namespace, old)
-    succeeded = sorted((r for r in runs if r["phase"] == "Succeeded"), key=lambda r: r["created"])
-    if succeeded:
-        latest = succeeded[-1]
-        update["lastSuccessfulJob"] = {
-            "name": latest["name"],
-            "adapter": latest["adapter"],
-            "metrics": latest["metrics"],
-        }
-        if (
-            parsed.promote is not None
-            and status.get("lastPromotedJob") != latest["name"]
-            and _promote(parsed, namespace, latest, body)
-        ):
-            update["lastPromotedJob"] = latest["name"]
+    _keep_history(parsed, namespace, runs, status, body, update)
 
     update["active"] = sorted(r["name"] for r in active)
+    update["nextScheduleTime"] = None
     if parsed.schedule and not parsed.suspend:
-        last = (
-            schedule.parse_time(update.get("lastScheduleTime") or status.get("lastScheduleTime"))
-            or now
-        )
+        last = schedule.parse_time(update.get("lastScheduleTime") or status.get("lastScheduleTime"))
         update["nextScheduleTime"] = schedule.format_time(
-            schedule.next_time(parsed.schedule, parsed.time_zone, max(last, now))
+            schedule.next_time(parsed.schedule, parsed.time_zone, max(last or now, now))
         )
-    else:
-        update["nextScheduleTime"] = None
     ready = set_condition(
         conditions,
         "Ready",

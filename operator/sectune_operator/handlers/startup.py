@@ -10,8 +10,8 @@ import aiohttp
 import kopf
 from kubernetes import config as kube_config
 
+from sectune_operator import finetunejob_status as job_status
 from sectune_operator import kube, metrics
-from sectune_operator.handlers import finetunejob
 from sectune_operator.settings import Settings
 from sectune_operator.tracking import JobTracker
 
@@ -53,8 +53,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_
     if ours.metrics_port:
         metrics.serve(ours.metrics_port)
     tracker = memo.tracker
-    metrics.FINETUNEJOBS.source = lambda: finetunejob.phase_counts(tracker)
-    memo.stop_background = finetunejob.start_background(tracker, ours)
+    metrics.FINETUNEJOBS.source = lambda: job_status.phase_counts(tracker)
+    memo.stop_background = job_status.start_background(tracker, ours)
     logger.info(
         f"Started sectune operator (trainer image {ours.trainer_image}, server image "
         f"{ours.server_image}, metrics :{ours.metrics_port}, canary analysis "

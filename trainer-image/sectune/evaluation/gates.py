@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from sectune.config import Gate
+from sectune.contract import GateOutcome
 
 PER_CLASS = {"precision", "recall", "f1"}
-
-
-@dataclass
-class GateOutcome:
-    name: str
-    metric: str
-    value: float | None
-    min: float | None
-    max: float | None
-    passed: bool
-    reason: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "metric": self.metric,
-            "value": self.value,
-            "min": self.min,
-            "max": self.max,
-            "passed": self.passed,
-            **({"reason": self.reason} if self.reason else {}),
-        }
 
 
 def _lookup(metrics: dict[str, Any], gate: Gate) -> float | None:
@@ -64,7 +42,15 @@ def evaluate_gates(
             and (gate.max is None or value <= gate.max)
         )
         outcomes.append(
-            GateOutcome(gate.name, gate.metric, value, gate.min, gate.max, passed, reason)
+            GateOutcome(
+                name=gate.name,
+                metric=gate.metric,
+                value=value,
+                min=gate.min,
+                max=gate.max,
+                passed=passed,
+                reason=reason,
+            )
         )
     return outcomes
 

@@ -185,7 +185,7 @@ def consistency_table(
     served: dict[str, Any], training: dict[str, Any]
 ) -> dict[str, dict[str, float]]:
     """Per metric measured both ways: training-time value, served value, and their difference."""
-    table = {}
+    table: dict[str, dict[str, float]] = {}
     for metric in CONSISTENCY_METRICS:
         a, b = training.get(metric), served.get(metric)
         if isinstance(a, int | float) and isinstance(b, int | float):

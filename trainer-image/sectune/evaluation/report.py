@@ -5,7 +5,9 @@ from __future__ import annotations
 import html
 from typing import Any
 
-HEADLINE = (
+from sectune.config import GateMetric
+
+HEADLINE: tuple[GateMetric, ...] = (
     "accuracy",
     "macroF1",
     "weightedF1",
@@ -23,12 +25,13 @@ HEADLINE = (
     "injectionFlipRate",
     "canaryExposure",
 )
+"""The metrics a report shows, in this order (typed: each is a metric a gate may name)."""
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float | None]]]:
     """(metric, {model: value}) for the metrics every model in the report has or could have."""
     models = report.get("models", {})
-    rows = []
+    rows: list[tuple[str, dict[str, float | None]]] = []
     for metric in HEADLINE:
         values = {name: m.get(metric) for name, m in models.items()}
         if any(v is not None for v in values.values()):
