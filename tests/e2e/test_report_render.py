@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sectune.config import JobSpec
+from sectune.contract import RunReport
 from sectune.data.audit import audit
 from sectune.data.example import Example
 from sectune.evaluation.metrics import classification_metrics
@@ -94,7 +95,7 @@ def test_report_renders_with_its_charts_in_headless_chromium(tmp_path: Path):
     page = tmp_path / "report.html"
     report = _report()
     report["data"]["audit"] = _audited()
-    page.write_text(render_html(report))
+    page.write_text(render_html(RunReport.model_validate(report)))
     chromium = [
         tool("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",

@@ -4,6 +4,7 @@ gates that pass and fail naming the gate, and the report."""
 from __future__ import annotations
 
 import base64
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
 
 from sectune.config import Gate, JobSpec
+from sectune.contract import RunReport
 from sectune.data.example import Example
 from sectune.evaluation.gates import evaluate_gates
 from sectune.evaluation.metrics import classification_metrics, expected_calibration_error
@@ -184,7 +186,7 @@ def test_report_html_is_self_contained_and_names_failing_gates():
         },
         "data": {"counts": {"train": 10}, "sanitize": {"redactions": {"IP_ADDRESS": 3}}},
     }
-    html = render_html(report)
+    html = render_html(RunReport.model_validate(report))
     assert "recall[critical]&gt;=0.95" in html and "FAIL" in html
     assert (
         "<svg" in html
@@ -250,3 +252,25 @@ def test_long_stages_announce_their_progress():
     ]
     assert list(progress.batches("unheard", 3, 2)) == [0, 2]
     assert len(heard) == 3
+
+
+def test_report_json_has_the_shape_readers_parse_and_leaves_out_what_its_writer_did_not_set():
+    from sectune.contract import GateOutcome
+
+    gate = GateOutcome(name="macroF1>=0.8", metric="macroF1", value=0.7, min=0.8, passed=False)
+    written = RunReport(
+        job="triage",
+        models={"tuned": {"macroF1": 0.7}, "tfidf": {"macroF1": 0.6, "confusionMatrix": {}}},
+        previous_version=None,
+        gates=[gate],
+        gates_passed=False,
+        verdict="gates failed: macroF1>=0.8",
+        worth_it="fine-tuning pays",
+    )
+    document = json.loads(written.to_json())
+    assert set(document) == {
+        "job", "models", "previousVersion", "gates", "gatesPassed", "verdict", "worthIt",
+    }  # fmt: skip
+    assert document["previousVersion"] is None  # set to None: written as null
+    read = RunReport.model_validate(document)
+    assert read.gates == [gate] and read.baselines() == {"tfidf": {"macroF1": 0.6}}

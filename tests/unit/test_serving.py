@@ -11,6 +11,7 @@ import pytest
 
 from sectune import artifacts
 from sectune.config import ManifestError
+from sectune.contract import RunReport
 from sectune.serving.config import config_from_flags, load_serving_config, parse_serving_config
 from sectune.serving.drift import DriftMonitor, js_divergence, reference_distribution
 from support.manifests import adapter_manifest
@@ -114,8 +115,12 @@ def test_reference_distribution_is_the_tuned_models_predicted_labels() -> None:
             }
         }
     }
-    assert reference_distribution(report) == {"benign": 3 / 8, "malicious": 5 / 8}
-    assert reference_distribution({"models": {"tuned": {"validationLoss": 1.0}}}) is None
+    assert reference_distribution(RunReport.model_validate(report)) == {
+        "benign": 3 / 8,
+        "malicious": 5 / 8,
+    }
+    no_labels = RunReport.model_validate({"models": {"tuned": {"validationLoss": 1.0}}})
+    assert reference_distribution(no_labels) is None
 
 
 def test_drift_monitor_needs_enough_predictions_and_forgets_old_ones() -> None:

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from sectune import __version__, contract
 from sectune.config import JobSpec, ManifestError, load_manifest
-from sectune.contract import ExitCode, TrainerResult, TrainingProgress
+from sectune.contract import ExitCode, RunReport, TrainerResult, TrainingProgress
 from sectune.placement import INFERENCE_PRECISIONS
 from sectune.progress import listening
 
@@ -27,23 +27,23 @@ if not console.is_terminal:  # logs and CI: room for the summary table's columns
     console.width = 132
 
 
-def _summary_table(report: dict[str, Any]) -> Table:
+def _summary_table(report: RunReport) -> Table:
     from sectune.evaluation.report import headline_rows
 
-    models = list(report.get("models", {}))
-    table = Table(title=f"{report.get('job')}: {report.get('verdict', '')}")
+    models = list(report.models)
+    table = Table(title=f"{report.job}: {report.verdict}")
     table.add_column("metric")
     for name in models:
         table.add_column(name, justify="right")
     for metric, values in headline_rows(report):
         table.add_row(metric, *("–" if values[n] is None else f"{values[n]:.3f}" for n in models))
     tuned_column = models.index("tuned") if "tuned" in models else len(models) - 1
-    for gate in report.get("gates", []):
+    for gate in report.gates:
         cells = [""] * len(models)
-        value = "–" if gate["value"] is None else f"{gate['value']:.3f}"
-        cells[tuned_column] = f"{value} {'pass' if gate['passed'] else 'FAIL'}"
-        table.add_row(f"gate {gate['name']}", *cells)
-    for metric, row in report.get("consistency", {}).items():
+        value = "–" if gate.value is None else f"{gate.value:.3f}"
+        cells[tuned_column] = f"{value} {'pass' if gate.passed else 'FAIL'}"
+        table.add_row(f"gate {gate.name}", *cells)
+    for metric, row in report.consistency.items():
         cells = [""] * len(models)
         cells[tuned_column] = f"{row['delta']:+.3f}"
         table.add_row(f"served − training: {metric}", *cells)
@@ -251,7 +251,7 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
     finally:
         if metrics:
             metrics.stop()
-    if not outcome.report:  # a non-main process of a distributed run
+    if outcome.report is None:  # a non-main process of a distributed run
         return ExitCode.OK
     console.print(_summary_table(outcome.report))
     console.print(f"Adapter: {outcome.adapter_uri}", soft_wrap=True)
@@ -345,15 +345,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return ExitCode.BAD_INPUT
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(report.to_json())
     (out / "report.html").write_text(render_html(report))
     console.print(_summary_table(report))
-    if report.get("baselinesFrom"):
-        console.print(f"Baselines: {report['baselinesFrom']}", soft_wrap=True)
-    if report.get("worthIt"):
-        console.print(f"Verdict: {report['worthIt']}", soft_wrap=True)
+    if report.baselines_from:
+        console.print(f"Baselines: {report.baselines_from}", soft_wrap=True)
+    if report.worth_it:
+        console.print(f"Verdict: {report.worth_it}", soft_wrap=True)
     console.print(f"Report:  {out / 'report.html'}", soft_wrap=True)
-    return ExitCode.OK if report["gatesPassed"] else ExitCode.GATES_FAILED
+    return ExitCode.OK if report.gates_passed else ExitCode.GATES_FAILED
 
 
 def _baseline_names(value: str) -> tuple[str, ...]:

@@ -243,6 +243,70 @@ class TrainerResult(_Tolerant):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+# --------------------------------------------------------------------------- run report
+
+
+class RunReport(_Tolerant):
+    """report.json: what a training run (`runner`), `sectune evaluate` on a stored version
+    (`evaluation.suite`) or on a served endpoint (`evaluation.remote`) measured. One model for
+    the three writers and every reader (the CLI's summary, report.html, the server's drift
+    reference and baselines, later evaluations); fields a writer does not set are left out of
+    the file."""
+
+    job: str | None = None
+    run: str | None = None
+    task: str | None = None
+    endpoint: str | None = None
+    """The served API an endpoint evaluation asked."""
+    adapter: dict[str, Any] | None = None
+    """The version evaluated (uri, sha256; model for an endpoint)."""
+    data: dict[str, Any] = Field(default_factory=dict)
+    """The data report (training) or the evaluation data's uri, count and redactions."""
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Metrics per model: tuned, the baselines (base, fewShot, tfidf, previous), training."""
+    deltas: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """The tuned model's margin over each baseline, for RESULT_METRICS."""
+    consistency: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Served against training time, per metric (endpoint evaluations)."""
+    baselines_from: str | None = None
+    worth_it: str | None = None
+    probes: dict[str, Any] = Field(default_factory=dict)
+    previous_version: dict[str, str] | None = None
+    gates: list[GateOutcome] = Field(default_factory=list)
+    gates_passed: bool = True
+    verdict: str = ""
+    training: dict[str, Any] | None = None
+    hardware: str | None = None
+    numerics: str | None = None
+
+    @property
+    def tuned(self) -> dict[str, Any]:
+        return self.models.get("tuned", {})
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """The baselines it measured (base, fewShot, tfidf, previous), without the per-row
+        tables: what a later evaluation's gates over a baseline compare with."""
+        return {
+            name: {k: v for k, v in metrics.items() if k not in ("confusionMatrix", "calibration")}
+            for name, metrics in self.models.items()
+            if name not in ("tuned", "training")
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    @classmethod
+    def read(cls, path: Any) -> RunReport:
+        """A stored report.json; an empty report when there is none."""
+        from pathlib import Path
+
+        report = Path(path)
+        return cls.model_validate_json(report.read_text()) if report.exists() else cls()
+
+
 # --------------------------------------------------------------------------- lineage manifest
 
 MANIFEST_API_VERSION = "sectune.io/v1alpha1"

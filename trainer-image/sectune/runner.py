@@ -9,7 +9,7 @@ import json
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from sectune.contract import (
     ResultAdapter,
     ResultDataset,
     ResultGate,
+    RunReport,
     TrainerResult,
 )
 from sectune.data.audit import DataAudit
@@ -42,12 +43,13 @@ class Outcome:
     adapter_uri: str | None = None
     adapter_sha256: str | None = None
     adapter_bytes: int | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: RunReport | None = None
+    """None on a non-main process of a distributed run, and when the run failed early."""
 
     def result(self) -> TrainerResult:
         """What the operator reads (sectune.contract), from the run's report."""
-        tuned = self.report.get("models", {}).get("tuned", {})
-        data = self.report.get("data", {})
+        report = self.report or RunReport()
+        tuned, data = report.tuned, report.data
         return TrainerResult(
             phase=self.phase,
             reason=self.reason,
@@ -56,10 +58,7 @@ class Outcome:
                 uri=self.adapter_uri, sha256=self.adapter_sha256, size_bytes=self.adapter_bytes
             ),
             metrics={k: round(tuned[k], 4) for k in RESULT_METRICS if k in tuned},
-            gates=[
-                ResultGate(name=g["name"], passed=g["passed"], value=g["value"])
-                for g in self.report.get("gates", [])
-            ],
+            gates=[ResultGate(name=g.name, passed=g.passed, value=g.value) for g in report.gates],
             dataset=ResultDataset(
                 digest=data.get("digest"),
                 counts=data.get("counts") or {},
@@ -217,13 +216,12 @@ def run_job(
 
         compared = {k: v for k, v in models.items() if k != "tuned"}
         outcomes = evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
-        gates = [g.as_dict() for g in outcomes]
         report = build_report(
-            name, run_id, spec, data, loaded, result, models, probes, previous_version, gates
+            name, run_id, spec, data, loaded, result, models, probes, previous_version, outcomes
         )
 
         on_event("stage", {"name": "Publishing artifacts"})
-        gates_passed, verdict = report["gatesPassed"], report["verdict"]
+        gates_passed, verdict = report.gates_passed, report.verdict
         manifest = build_manifest(
             name, run_id, started, spec, data, loaded, models["tuned"], outcomes, gates_passed
         )
@@ -332,8 +330,8 @@ def build_report(
     models: dict[str, dict[str, Any]],
     probes: dict[str, Any],
     previous_version: dict[str, str] | None,
-    gates: list[dict[str, Any]],
-) -> dict[str, Any]:
+    gates: list[GateOutcome],
+) -> RunReport:
     """report.json: every model's metrics, the tuned model's margins over each baseline, the
     probes, the gates and their verdict, the data and the training run."""
     from sectune.evaluation.gates import gate_verdict
@@ -341,23 +339,23 @@ def build_report(
 
     gates_passed, verdict = gate_verdict(gates)
     tuned = models["tuned"]
-    return {
-        "job": name,
-        "run": run_id,
-        "task": spec.task.type,
-        "models": models,
-        "deltas": {
+    return RunReport(
+        job=name,
+        run=run_id,
+        task=spec.task.type,
+        models=models,
+        deltas={
             base: {m: tuned[m] - metrics[m] for m in RESULT_METRICS if m in metrics and m in tuned}
             for base, metrics in models.items()
             if base != "tuned"
         },
-        "probes": probes,
-        "previousVersion": previous_version,
-        "gates": gates,
-        "gatesPassed": gates_passed,
-        "verdict": verdict,
-        "data": data.report,
-        "training": {
+        probes=probes,
+        previous_version=previous_version,
+        gates=gates,
+        gates_passed=gates_passed,
+        verdict=verdict,
+        data=data.report,
+        training={
             "objective": "label-set cross-entropy (task.head: classifier)"
             if spec.task.type == "classification" and spec.task.head == "classifier"
             else "next-token cross-entropy on the target",
@@ -373,8 +371,8 @@ def build_report(
             "dropped": result.dropped,
             "finalLoss": result.history[-1]["loss"] if result.history else None,
         },
-        "hardware": placement.describe_hardware(),
-    }
+        hardware=placement.describe_hardware(),
+    )
 
 
 def build_manifest(
@@ -427,7 +425,7 @@ def _publish(
     workdir: Path,
     loaded: _Loaded,
     weights: dict[str, Any] | None,
-    report: dict[str, Any],
+    report: RunReport,
     data: Any,
     result: Any,
     manifest: AdapterManifest,
@@ -441,7 +439,7 @@ def _publish(
     (stage / "adapter").mkdir(parents=True)
     loaded.model.save_pretrained(stage / "adapter", safe_serialization=True, state_dict=weights)
     loaded.tokenizer.save_pretrained(stage / "adapter")
-    (stage / "report.json").write_text(json.dumps(report, indent=2))
+    (stage / "report.json").write_text(report.to_json())
     (stage / "report.html").write_text(render_html(report))
     (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
     (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))

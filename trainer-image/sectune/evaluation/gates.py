@@ -59,20 +59,9 @@ BASELINES_FROM = "training time: the job's held-out set, not re-measured here"
 """Where a later evaluation's baselines come from (said in its report)."""
 
 
-def baselines_from_report(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The baselines a stored report measured at training time (base, fewShot, tfidf), for
-    gates over a baseline when the adapter is evaluated again later (the base model and the
-    training data are not re-run then; the margin is over the training-time baseline)."""
-    return {
-        name: {k: v for k, v in metrics.items() if k not in ("confusionMatrix", "calibration")}
-        for name, metrics in report.get("models", {}).items()
-        if name != "tuned"
-    }
-
-
-def gate_verdict(outcomes: list[dict[str, Any]]) -> tuple[bool, str]:
+def gate_verdict(outcomes: list[GateOutcome]) -> tuple[bool, str]:
     """Whether all gates passed, and the one-line verdict the report and CLI show."""
     if not outcomes:
         return True, "no gates set"
-    failing = [g["name"] for g in outcomes if not g["passed"]]
+    failing = [g.name for g in outcomes if not g.passed]
     return not failing, "gates failed: " + ", ".join(failing) if failing else "all gates passed"

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sectune.config import Gate, JobSpec
+from sectune.contract import RunReport
 from sectune.data.example import Example
 from sectune.data.format import messages_for
 from sectune.evaluation.metrics import (
@@ -199,7 +200,7 @@ def evaluate_endpoint(
     data_uri: str,
     gates_path: str | None,
     api_key: str | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """Evaluate `model` on a running server against its gates (or `gates_path`)."""
     from pathlib import Path
 
@@ -226,22 +227,18 @@ def evaluate_endpoint(
     if gates_path:
         gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
     baselines = version.get("training", {}).get("baselines", {})
-    outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, baselines)]
+    outcomes = evaluate_gates(gates, metrics, baselines)
     passed, verdict = gate_verdict(outcomes)
-    return {
-        "job": version.get("job"),
-        "endpoint": client.endpoint,
-        "adapter": {
-            "model": pinned,
-            "uri": version.get("uri"),
-            "sha256": version.get("sha256"),
-        },
-        "data": {"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
-        "models": {"tuned": metrics, "training": training},
-        "consistency": consistency_table(metrics, training),
-        "baselinesFrom": BASELINES_FROM if baselines else None,
-        "probes": probes,
-        "gates": outcomes,
-        "gatesPassed": passed,
-        "verdict": verdict,
-    }
+    return RunReport(
+        job=version.get("job"),
+        endpoint=client.endpoint,
+        adapter={"model": pinned, "uri": version.get("uri"), "sha256": version.get("sha256")},
+        data={"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
+        models={"tuned": metrics, "training": training},
+        consistency=consistency_table(metrics, training),
+        baselines_from=BASELINES_FROM if baselines else None,
+        probes=probes,
+        gates=outcomes,
+        gates_passed=passed,
+        verdict=verdict,
+    )

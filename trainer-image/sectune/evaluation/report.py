@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 from sectune.config import GateMetric
+from sectune.contract import RunReport
 
 HEADLINE: tuple[GateMetric, ...] = (
     "accuracy",
@@ -28,9 +29,9 @@ HEADLINE: tuple[GateMetric, ...] = (
 """The metrics a report shows, in this order (typed: each is a metric a gate may name)."""
 
 
-def headline_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, float | None]]]:
+def headline_rows(report: RunReport) -> list[tuple[str, dict[str, float | None]]]:
     """(metric, {model: value}) for the metrics every model in the report has or could have."""
-    models = report.get("models", {})
+    models = report.models
     rows: list[tuple[str, dict[str, float | None]]] = []
     for metric in HEADLINE:
         values = {name: m.get(metric) for name, m in models.items()}
@@ -227,19 +228,19 @@ def _audit_html(audit: dict[str, Any], tuned: dict[str, Any]) -> list[str]:
     return parts
 
 
-def render_html(report: dict[str, Any]) -> str:
-    models = report.get("models", {})
+def render_html(report: RunReport) -> str:
+    models = report.models
     tuned = models.get("tuned", {})
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>sectune report: {html.escape(report.get('job', ''))}</title>",
+        f"<title>sectune report: {html.escape(report.job or '')}</title>",
         "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}"
         "th:first-child,td:first-child{text-align:left}.pass{color:#15803d}.fail{color:#b91c1c;font-weight:bold}"
         ".grid{display:flex;flex-wrap:wrap;gap:2em}</style></head><body>",
-        f"<h1>{html.escape(report.get('job', 'sectune job'))}</h1>",
-        f"<p>Verdict: <b class='{'pass' if report.get('gatesPassed', True) else 'fail'}'>"
-        f"{html.escape(report.get('verdict', ''))}</b></p>",
+        f"<h1>{html.escape(report.job or 'sectune job')}</h1>",
+        f"<p>Verdict: <b class='{'pass' if report.gates_passed else 'fail'}'>"
+        f"{html.escape(report.verdict)}</b></p>",
         "<h2>Headline</h2><table><tr><th>metric</th>",
     ]
     parts += [f"<th>{html.escape(name)}</th>" for name in models]
@@ -251,37 +252,37 @@ def render_html(report: dict[str, Any]) -> str:
             + "</tr>"
         )
     parts.append("</table>")
-    if report.get("gates"):
+    if report.gates:
         parts.append("<h2>Gates</h2><table><tr><th>gate</th><th>value</th><th>result</th></tr>")
-        for gate in report["gates"]:
-            css = "pass" if gate["passed"] else "fail"
+        for gate in report.gates:
+            css = "pass" if gate.passed else "fail"
             parts.append(
-                f"<tr><td>{html.escape(gate['name'])}</td><td>{_fmt(gate['value'])}</td>"
-                f"<td class='{css}'>{'pass' if gate['passed'] else 'FAIL'} {html.escape(gate.get('reason', ''))}</td></tr>"
+                f"<tr><td>{html.escape(gate.name)}</td><td>{_fmt(gate.value)}</td>"
+                f"<td class='{css}'>{'pass' if gate.passed else 'FAIL'} {html.escape(gate.reason)}</td></tr>"
             )
         parts.append("</table>")
-    if report.get("worthIt"):
-        parts.append(f"<p><strong>{html.escape(report['worthIt'])}</strong></p>")
-    if report.get("baselinesFrom"):
-        parts.append(f"<p><small>Baselines: {html.escape(report['baselinesFrom'])}.</small></p>")
-    parts += _probes_html(report.get("probes", {}))
-    if report.get("deltas"):
+    if report.worth_it:
+        parts.append(f"<p><strong>{html.escape(report.worth_it)}</strong></p>")
+    if report.baselines_from:
+        parts.append(f"<p><small>Baselines: {html.escape(report.baselines_from)}.</small></p>")
+    parts += _probes_html(report.probes)
+    if report.deltas:
         parts.append(
             "<h2>Tuned minus each baseline</h2><table><tr><th>baseline</th><th>metric</th><th>delta</th></tr>"
         )
-        for base, deltas in report["deltas"].items():
+        for base, deltas in report.deltas.items():
             for metric, delta in deltas.items():
                 css = "pass" if (delta > 0) != (metric == "validationLoss") else "fail"
                 parts.append(
                     f"<tr><td>{html.escape(base)}</td><td>{metric}</td><td class='{css}'>{delta:+.3f}</td></tr>"
                 )
         parts.append("</table>")
-    if report.get("consistency"):
+    if report.consistency:
         parts.append(
-            f"<h2>Served ({html.escape(str(report.get('endpoint', '')))}) against training time</h2>"
+            f"<h2>Served ({html.escape(report.endpoint or '')}) against training time</h2>"
             "<table><tr><th>metric</th><th>training</th><th>served</th><th>difference</th></tr>"
         )
-        for metric, row in report["consistency"].items():
+        for metric, row in report.consistency.items():
             parts.append(
                 f"<tr><td>{metric}</td><td>{_fmt(row['training'])}</td><td>{_fmt(row['served'])}</td>"
                 f"<td>{row['delta']:+.3f}</td></tr>"
@@ -302,7 +303,7 @@ def render_html(report: dict[str, Any]) -> str:
                 "<div><h2>Calibration (tuned)</h2>" + _calibration(tuned["calibration"]) + "</div>"
             )
         parts.append("</div>")
-    data = report.get("data", {})
+    data = report.data
     if data:
         parts.append("<h2>Data</h2><table>")
         for key in ("counts", "classBalance", "deduplicated"):
@@ -318,6 +319,6 @@ def render_html(report: dict[str, Any]) -> str:
         if data.get("audit"):
             parts += _audit_html(data["audit"], tuned)
     parts.append(
-        f"<p><small>Hardware: {html.escape(str(report.get('hardware', '')))}</small></p></body></html>"
+        f"<p><small>Hardware: {html.escape(report.hardware or '')}</small></p></body></html>"
     )
     return "".join(parts)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sectune.config import JobSpec
+from sectune.contract import RunReport
 from sectune.data.example import Example
 from sectune.data.prepare import PreparedData
 from sectune.evaluation.metrics import (
@@ -300,13 +301,12 @@ def evaluate_stored(
     gates_path: str | None,
     precision: str = "auto",
     remeasure: tuple[str, ...] = ("tfidf",),
-) -> dict[str, Any]:
+) -> RunReport:
     """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
     its own gates or those in `gates_path` (a YAML list), on this process's device with the
     numerics sectune.placement picks for `precision`. The baselines in `remeasure` are
     measured again on the same rows (the rest come from the training-time report). Returns
     the report."""
-    import json
     import tempfile
     from pathlib import Path
 
@@ -315,7 +315,7 @@ def evaluate_stored(
     from sectune import artifacts, placement
     from sectune.config import Gate
     from sectune.data.prepare import PreparedData
-    from sectune.evaluation.gates import baselines_from_report, evaluate_gates, gate_verdict
+    from sectune.evaluation.gates import evaluate_gates, gate_verdict
     from sectune.serving import verify
     from sectune.training import base_model
     from sectune.yamlio import load_yaml
@@ -367,9 +367,7 @@ def evaluate_stored(
         gates = spec.evaluation.gates
         if gates_path:
             gates = TypeAdapter(list[Gate]).validate_python(load_yaml(Path(gates_path).read_text()))
-        report_path = workdir / "report.json"
-        training_report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        from_training = baselines_from_report(training_report)
+        from_training = RunReport.read(workdir / "report.json").baselines()
         measured, notes = remeasure_baselines(
             model,
             tokenizer,
@@ -380,26 +378,22 @@ def evaluate_stored(
             numerics.autocast is not None,
         )
         compared = from_training | measured
-        outcomes = [g.as_dict() for g in evaluate_gates(gates, metrics, compared)]
+        outcomes = evaluate_gates(gates, metrics, compared)
         passed, verdict = gate_verdict(outcomes)
-        return {
-            "job": manifest.job,
-            "adapter": {"uri": version, "sha256": sha256},
-            "data": {
-                "uri": data_uri,
-                "examples": len(examples),
-                "sanitize": sanitized,
-            },
-            "models": {"tuned": metrics, **measured, "training": manifest.metrics},
-            "baselinesFrom": _baselines_from(measured, from_training, notes),
-            "worthIt": worth_it(metrics, measured),
-            "probes": probes,
-            "gates": outcomes,
-            "gatesPassed": passed,
-            "verdict": verdict,
-            "hardware": placement.describe_hardware(),
-            "numerics": numerics.describe(),
-        }
+        return RunReport(
+            job=manifest.job,
+            adapter={"uri": version, "sha256": sha256},
+            data={"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
+            models={"tuned": metrics, **measured, "training": manifest.metrics},
+            baselines_from=_baselines_from(measured, from_training, notes),
+            worth_it=worth_it(metrics, measured),
+            probes=probes,
+            gates=outcomes,
+            gates_passed=passed,
+            verdict=verdict,
+            hardware=placement.describe_hardware(),
+            numerics=numerics.describe(),
+        )
 
 
 def _baselines_from(

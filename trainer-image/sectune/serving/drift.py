@@ -17,14 +17,13 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from typing import Any
 
-from sectune.contract import AdapterManifest
+from sectune.contract import AdapterManifest, RunReport
 
 
-def reference_distribution(report: dict[str, Any]) -> dict[str, float] | None:
+def reference_distribution(report: RunReport) -> dict[str, float] | None:
     """Predicted-label shares of the tuned model in a report, or None (not classification)."""
-    confusion = report.get("models", {}).get("tuned", {}).get("confusionMatrix")
+    confusion = report.tuned.get("confusionMatrix")
     if not confusion:
         return None
     labels, matrix = confusion["labels"], confusion["matrix"]

@@ -23,10 +23,9 @@ from typing import Any
 
 from sectune import artifacts
 from sectune.config import JobSpec
-from sectune.contract import AdapterManifest
+from sectune.contract import AdapterManifest, RunReport
 from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
-from sectune.evaluation.gates import baselines_from_report
 from sectune.serving import verify
 from sectune.serving.config import ServedVersion, ServingConfig
 from sectune.serving.drift import DriftMonitor, input_reference, reference_distribution
@@ -52,7 +51,7 @@ class LoadedVersion:
     spec: JobSpec
     formatter: PromptFormatter
     manifest: AdapterManifest
-    report: dict[str, Any]
+    report: RunReport
     drift: DriftMonitor | None = None
     """Predicted labels against the evaluation-time mix (classification)."""
     input_drift: DriftMonitor | None = None
@@ -82,7 +81,7 @@ class LoadedVersion:
             info["config"] = self.manifest.config
             info["training"] = {
                 "metrics": self.manifest.metrics,
-                "baselines": baselines_from_report(self.report),
+                "baselines": self.report.baselines(),
             }
         return info
 
@@ -273,12 +272,9 @@ class Registry:
         directory: Path,
         config: ServingConfig,
     ) -> LoadedVersion:
-        import json
-
         adapter_dir = directory / "adapter"
         spec = JobSpec.model_validate(manifest.config)
-        report_path = directory / "report.json"
-        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        report = RunReport.read(directory / "report.json")
         formatter = PromptFormatter(self.engine.tokenizer, spec)
         version = LoadedVersion(
             adapter=name,
