@@ -12,7 +12,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, Field, model_validator
 
 from sectune.config import (
-    CEL_RULES,
     DNS_LABEL_PATTERN,
     PREVIOUS_GATE_MESSAGE,
     SHA256_PATTERN,
@@ -521,39 +520,6 @@ class FineTuneScheduleStatus(Spec):
     """The latest run that succeeded, with its adapter and metrics."""
     last_promoted_job: str | None = None
     """The latest run added to an AdapterDeployment by `promote`."""
-
-
-CEL_RULES.update(
-    {
-        AdapterSource: [
-            {
-                "rule": "has(self.fineTuneJob) != has(self.uri)",
-                "message": "source: set exactly one of fineTuneJob or uri",
-            },
-            {
-                "rule": "!has(self.uri) || has(self.sha256)",
-                "message": "source.sha256: an adapter given by uri needs its sha256",
-                "fieldPath": ".sha256",
-            },
-        ],
-        FineTuneJobTemplate: [
-            {
-                "rule": "!has(self.evaluation) || !has(self.evaluation.gates) || "
-                "!self.evaluation.gates.exists(g, has(g.overBaseline) && "
-                "g.overBaseline == 'previous') || self.method.type in ['lora', 'qlora']",
-                "message": PREVIOUS_TEMPLATE_MESSAGE,
-            },
-        ],
-        AdapterSpec: [
-            {
-                "rule": "self.versions.map(v, v.traffic).sum() == 100",
-                "message": "adapters[].versions: traffic of one adapter's versions must add "
-                "up to 100",
-                "fieldPath": ".versions",
-            },
-        ],
-    }
-)
 
 
 def spec_models() -> dict[str, type[BaseModel]]:

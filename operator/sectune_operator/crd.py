@@ -1,8 +1,8 @@
 """Generate the CRDs (crds/*.yaml) from the pydantic models: `python -m sectune_operator.crd`.
 
 The output is a structural OpenAPI v3 schema: every $ref inlined, optional fields as plain
-non-required properties, enums and bounds kept, CEL rules (`x-kubernetes-validations`) from
-`sectune.config.CEL_RULES`, descriptions from the field docstrings (they show in
+non-required properties, enums and bounds kept, CEL rules (`x-kubernetes-validations`) and factory
+defaults from `sectune_operator.cel`, descriptions from the field docstrings (they show in
 `kubectl explain`).
 """
 
@@ -25,6 +25,7 @@ from sectune_operator.api import (
     FineTuneScheduleSpec,
     FineTuneScheduleStatus,
 )
+from sectune_operator.cel import KubernetesJsonSchema
 from sectune_operator.generated import write_or_check
 from sectune_operator.schedule import MAX_SCHEDULE_NAME
 
@@ -94,7 +95,9 @@ def _drop_empty(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = model.model_json_schema(
+        by_alias=True, mode="validation", schema_generator=KubernetesJsonSchema
+    )
     defs = schema.pop("$defs", {})
     return _inline(schema, defs)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from sectune.config import API_GROUP, API_VERSION
 from sectune.contract import METRICS_PORT
 from sectune_operator import kube, metrics, scrape
 from sectune_operator.events import EventPoster
@@ -27,7 +28,7 @@ from sectune_operator.settings import Settings
 from sectune_operator.status import TERMINAL, derive_status, progress_from_metrics, utc_now
 from sectune_operator.tracking import Indexes, JobTracker, Key, StatusChange
 
-GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, "finetunejobs"
 PROGRESS_BACKOFF = 15.0
 """Seconds before a trainer that did not answer its metrics port is asked again."""
 PROGRESS_READERS = 8

@@ -5,9 +5,9 @@ same model (as JSON) to the training pod, and the operator generates the CRD sch
 so the three can never disagree. Pure pydantic: importing this module never imports torch.
 
 Python names are snake_case; manifests use the camelCase aliases (`learningRate`).
-Cross-field rules live next to their fields twice, as a pydantic validator (for `sectune run`
-and the trainer) and as the CEL rule the API server enforces (`CEL_RULES`); the round-trip tests
-keep the two in step.
+Cross-field rules are pydantic validators here (for `sectune run` and the trainer); the CEL rule
+the API server enforces for each is the operator's (`sectune_operator.cel`), sharing the
+validator's message; the round-trip tests keep the two in step.
 """
 
 from __future__ import annotations
@@ -90,7 +90,6 @@ class Spec(BaseModel):
         populate_by_name=True,
         use_attribute_docstrings=True,
         validate_default=True,
-        json_schema_extra=lambda schema, cls: _kubernetes_schema_extra(schema, cls),
     )
 
 
@@ -617,191 +616,6 @@ TEMPLATE_MESSAGE = (
     "task.template: names no field of the row ({text}, or {instruction} / {input}), so every "
     "example would get the same prompt; add {text} where the input goes"
 )
-
-_DEEPSPEED = (
-    "(has(self.resources) && has(self.resources.distributed) && "
-    "has(self.resources.distributed.strategy) && "
-    "self.resources.distributed.strategy == 'deepspeed')"
-)
-_ZERO3 = (
-    f"({_DEEPSPEED} && has(self.resources.distributed.zeroStage) && "
-    "self.resources.distributed.zeroStage == 3)"
-)
-
-CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
-    TaskSpec: [
-        {
-            "rule": "self.type != 'classification' || "
-            "self.labels.exists(a, self.labels.exists(b, a != b))",
-            "message": "task.labels: classification needs at least 2 distinct labels; list them",
-            "fieldPath": ".labels",
-        },
-        {
-            "rule": "self.type != 'extraction' || has(self.outputSchema)",
-            "message": "task.outputSchema: extraction needs a JSON Schema for its output; add one",
-            "fieldPath": ".outputSchema",
-        },
-        {
-            "rule": "self.template.contains('{text}') || self.template.contains('{instruction}')"
-            " || self.template.contains('{input}')",
-            "message": TEMPLATE_MESSAGE,
-            "fieldPath": ".template",
-        },
-        {
-            "rule": "self.head != 'classifier' || self.type == 'classification'",
-            "message": "task.head: classifier is only for type classification; use lm",
-            "fieldPath": ".head",
-        },
-        {
-            "rule": "self.classWeights == 'none' || self.type == 'classification'",
-            "message": CLASS_WEIGHTS_MESSAGE,
-            "fieldPath": ".classWeights",
-        },
-    ],
-    ResourcesSpec: [
-        {
-            "rule": "self.nodes <= 1 || self.gpus >= 1",
-            "message": "resources.gpus: nodes > 1 needs at least 1 GPU per node",
-            "fieldPath": ".gpus",
-        },
-        {
-            "rule": "self.gpus * self.nodes <= 1 || has(self.distributed)",
-            "message": "resources.distributed: gpus x nodes > 1 needs a distributed setting "
-            "(strategy: ddp or deepspeed)",
-            "fieldPath": ".distributed",
-        },
-    ],
-    Gate: [
-        {
-            "rule": "has(self.min) || has(self.max)",
-            "message": "evaluation.gates: set min, max or both",
-        },
-        {
-            "rule": "!has(self.min) || !has(self.max) || self.min <= self.max",
-            "message": "evaluation.gates: min is above max, so the gate can never pass; "
-            "swap or fix them",
-            "fieldPath": ".min",
-        },
-        {
-            # `class` is a plain field name for CEL in Kubernetes (not one of its escaped keywords).
-            "rule": "!(self.metric in ['precision', 'recall', 'f1']) || has(self.class)",
-            "message": "evaluation.gates: per-class metric (precision, recall, f1) needs class",
-        },
-    ],
-    DatasetSpec: [
-        {
-            "rule": f"!self.{name}.startsWith('hf://')"
-            if name == "train"
-            else f"!has(self.{name}) || !self.{name}.startsWith('hf://')",
-            "message": HF_DATASET_MESSAGE.format(field=name),
-            "fieldPath": f".{name}",
-        }
-        for name in ("train", "validation", "test")
-    ],
-    QualitySpec: [
-        {
-            "rule": "self.audit || !((has(self.enforceMinimums) && self.enforceMinimums) || "
-            "has(self.maxLabelErrors) || has(self.maxLeakage) || has(self.maxConflicting))",
-            "message": QUALITY_AUDIT_MESSAGE,
-            "fieldPath": ".audit",
-        },
-    ],
-    JobSpec: [
-        {
-            "rule": "self.task.type == 'classification' || !has(self.dataset.quality) || "
-            "!(has(self.dataset.quality.maxLabelErrors) || "
-            "has(self.dataset.quality.maxConflicting))",
-            "message": QUALITY_CLASSIFICATION_MESSAGE,
-            "fieldPath": ".dataset.quality",
-        },
-        {
-            "rule": "!(self.method.type in ['full', 'continued-pretraining']) || "
-            "!has(self.baseModel.quantization) || self.baseModel.quantization == 'none'",
-            "message": QUANTIZED_FULL_MESSAGE,
-            "fieldPath": ".baseModel.quantization",
-        },
-        {
-            "rule": "self.task.type != 'classification' || !has(self.evaluation) || "
-            "!has(self.evaluation.gates) || "
-            "self.evaluation.gates.all(g, g.metric != 'formatCompliance')",
-            "message": FORMAT_GATE_MESSAGE,
-        },
-        {
-            "rule": "self.method.type != 'qlora' || self.baseModel.quantization == 'nf4'",
-            "message": "baseModel.quantization: method qlora trains on a 4-bit base; set "
-            "quantization: nf4",
-            "fieldPath": ".baseModel.quantization",
-        },
-        {
-            "rule": "self.task.type != 'classification' || "
-            "self.dataset.format in ['classification', 'instruction']",
-            "message": "dataset.format: classification tasks read classification (text, "
-            "label) or instruction rows",
-            "fieldPath": ".dataset.format",
-        },
-        {
-            "rule": "!has(self.evaluation) || !has(self.evaluation.previousVersion) || "
-            "self.method.type in ['lora', 'qlora']",
-            "message": "evaluation.previousVersion: only adapters (method lora or qlora) are "
-            "compared with a previous version",
-        },
-        {
-            "rule": f"!{_DEEPSPEED} || !has(self.baseModel.quantization) || "
-            "self.baseModel.quantization == 'none'",
-            "message": DEEPSPEED_QUANTIZED_MESSAGE,
-        },
-        {
-            "rule": f"!{_ZERO3} || !has(self.evaluation) || !has(self.evaluation.previousVersion)",
-            "message": ZERO3_PREVIOUS_MESSAGE,
-        },
-        {
-            "rule": f"!{_ZERO3} || self.method.type in ['lora', 'qlora'] || "
-            "(has(self.evaluation) && has(self.evaluation.baseline) && "
-            "!self.evaluation.baseline)",
-            "message": ZERO3_BASELINE_MESSAGE,
-        },
-    ],
-    EvaluationSpec: [
-        {
-            "rule": "!has(self.gates) || has(self.previousVersion) || "
-            "!self.gates.exists(g, has(g.overBaseline) && g.overBaseline == 'previous')",
-            "message": PREVIOUS_GATE_MESSAGE,
-        },
-    ],
-}
-
-
-def _kubernetes_schema_extra(schema: dict[str, Any], cls: type[BaseModel]) -> None:
-    """Add what the CRD needs beyond plain JSON Schema: CEL rules, and the defaults that
-    factories produce (so the API server fills nested defaults when a section is omitted)."""
-    # A subclass (the operator's FineTuneJobSpec) carries its parents' rules too, except those
-    # it waives (CEL_WAIVED: the messages of rules that do not hold for it).
-    waived = getattr(cls, "CEL_WAIVED", ())
-    rules = [
-        rule
-        for model, rs in CEL_RULES.items()
-        if issubclass(cls, model)
-        for rule in rs
-        if rule["message"] not in waived
-    ]
-    if rules:
-        schema["x-kubernetes-validations"] = rules
-    for name, field in cls.model_fields.items():
-        if field.default_factory is None:
-            continue
-        factory = field.default_factory
-        is_model = isinstance(factory, type) and issubclass(factory, BaseModel)
-        prop = schema.get("properties", {}).get(field.alias or name)
-        if prop is not None:
-            # The whole default object: the API server checks defaults against the CEL rules
-            # before filling nested defaults in.
-            value = factory()  # type: ignore[call-arg]
-            prop["default"] = (
-                value.model_dump(mode="json", by_alias=True, exclude_none=True)
-                if is_model
-                else value
-            )
-
 
 # --------------------------------------------------------------------------- manifests
 

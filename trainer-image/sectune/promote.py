@@ -31,7 +31,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from sectune import artifacts, storage
-from sectune.config import DNS_LABEL_PATTERN
+from sectune.config import API_GROUP, API_VERSION, DNS_LABEL_PATTERN
 from sectune.serving import traffic
 
 
@@ -88,7 +88,7 @@ def from_job(reference: str) -> Candidate:
             ) from None
     try:
         job = client.CustomObjectsApi().get_namespaced_custom_object(
-            "sectune.io", "v1alpha1", namespace, "finetunejobs", name
+            API_GROUP, API_VERSION, namespace, "finetunejobs", name
         )
     except ApiException as exc:
         raise PromoteError(f"FineTuneJob {reference}: {exc.status} {exc.reason}") from None

@@ -24,7 +24,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from sectune.config import format_validation_error
+from sectune.config import API_GROUP, API_VERSION, format_validation_error
 from sectune.serving import traffic
 from sectune.serving.config import ServingConfig
 from sectune.yamlio import load_yaml
@@ -65,7 +65,7 @@ from sectune_operator.status import (
     utc_now,
 )
 
-GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "adapterdeployments"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, "adapterdeployments"
 HISTORY = 10
 
 

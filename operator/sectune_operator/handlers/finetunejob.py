@@ -19,7 +19,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from sectune import storage
-from sectune.config import format_validation_error
+from sectune.config import API_GROUP, API_VERSION, format_validation_error
 from sectune_operator import finetunejob_status as job_status
 from sectune_operator import kube, metrics
 from sectune_operator.api import FineTuneJobSpec
@@ -40,7 +40,7 @@ from sectune_operator.status import (
 )
 from sectune_operator.tracking import Indexes, JobTracker, Key
 
-GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, "finetunejobs"
 CLEANUP_TRIES = 6
 SECRET_FOUND_TTL = 30.0
 """Seconds a Secret found to exist is not read again."""

@@ -21,7 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from sectune.config import format_validation_error
+from sectune.config import API_GROUP, API_VERSION, format_validation_error
 from sectune.serving import traffic
 from sectune_operator import canary, kube, metrics, schedule
 from sectune_operator.api import Condition, FineTuneScheduleSpec
@@ -36,7 +36,7 @@ from sectune_operator.status import (
     utc_now,
 )
 
-GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetuneschedules"
+GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, "finetuneschedules"
 
 
 @kopf.index(GROUP, VERSION, "finetunejobs", labels={schedule.SCHEDULE_LABEL: kopf.PRESENT})
