@@ -168,7 +168,7 @@ def test_a_broken_quality_limit_fails_prepare_naming_the_field(tmp_path):
     # Reported, not enforced, without the limit; the held-out rows stay (scored both ways).
     data = prepare_data(_spec(train, test))
     assert data.audit is not None and len(data.leaked_ids()) >= 20
-    assert any("nearly duplicate a training row" in w for w in data.report["warnings"])
+    assert any("nearly duplicate a training row" in w for w in data.report.warnings)
 
 
 def test_minimums_warn_and_fail_only_when_enforced(tmp_path):
@@ -177,8 +177,8 @@ def test_minimums_warn_and_fail_only_when_enforced(tmp_path):
     with pytest.raises(DataQualityError, match=r"minTrainExamples: .* under 200"):
         prepare_data(spec)
     data = prepare_data(_spec(train))
-    assert any("a model will likely overfit" in w for w in data.report["warnings"])
-    assert data.report["audit"]["coverage"]["trainUnderMinimum"] is True
+    assert any("a model will likely overfit" in w for w in data.report.warnings)
+    assert data.report.audit["coverage"]["trainUnderMinimum"] is True
 
 
 def test_limits_need_the_audit_and_label_limits_need_classification():
@@ -327,7 +327,7 @@ def test_a_reviewed_version_is_referenced_by_the_next_jobs_data_report(tmp_path)
 
     prepared = prepare_data(_spec(out))
 
-    provenance = prepared.report["provenance"]
+    provenance = prepared.report.provenance
     assert provenance["reviewer"] == "analyst-7" and provenance["matchesData"] is True
     assert provenance["source"]["sha256"] == record.source.sha256
-    assert not any("changed after its review" in w for w in prepared.report["warnings"])
+    assert not any("changed after its review" in w for w in prepared.report.warnings)

@@ -89,8 +89,8 @@ def test_bad_row_error_names_file_line_and_field(tmp_path, line, message):
 def test_skip_policy_reports_what_was_skipped(tmp_path):
     train = _write(tmp_path, [*GOOD, BAD_ROWS[0][0], BAD_ROWS[9][0]])
     data = prepare_data(_spec(train, dataset={"onInvalid": "skip"}))
-    assert data.report["skipped"]["count"] == 2
-    assert [r.split(": ", 1)[0] for r in data.report["skipped"]["rows"]] == [
+    assert data.report.skipped_rows == 2
+    assert [r.split(": ", 1)[0] for r in data.report.skipped["rows"]] == [
         f"file://{train}:9",
         f"file://{train}:10",
     ]
@@ -221,7 +221,7 @@ def test_prepared_data_is_sanitized_before_anything_reads_it(tmp_path):
     data = prepare_data(_spec(train))
     texts = [e.text for e in data.train + data.validation]
     assert all("alice" not in t and "10.9.8.7" not in t for t in texts)
-    assert data.report["sanitize"]["redactions"] == {"IP_ADDRESS": 8, "USERNAME": 8}
+    assert data.report.redactions == {"IP_ADDRESS": 8, "USERNAME": 8}
 
 
 # --------------------------------------------------------------------------- split and dedup
@@ -270,8 +270,8 @@ def test_class_balance_warns_about_rare_labels(tmp_path):
     rows = [json.dumps({"text": f"common event {i}", "label": "benign"}) for i in range(40)]
     rows += [json.dumps({"text": f"rare event {i}", "label": "malicious"}) for i in range(4)]
     data = prepare_data(_spec(_write(tmp_path, rows)))
-    assert data.report["classBalance"] == {"benign": 30, "malicious": 3}
-    assert any("'malicious' has 3 training examples" in w for w in data.report["warnings"])
+    assert data.report.class_balance == {"benign": 30, "malicious": 3}
+    assert any("'malicious' has 3 training examples" in w for w in data.report.warnings)
 
 
 def test_canaries_are_inserted_and_recorded(tmp_path):

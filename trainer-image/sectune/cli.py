@@ -18,7 +18,7 @@ from rich.table import Table
 
 from sectune import __version__, contract
 from sectune.config import JobSpec, ManifestError, load_manifest
-from sectune.contract import ExitCode, RunReport, TrainerResult, TrainingProgress
+from sectune.contract import DataReport, ExitCode, RunReport, TrainerResult, TrainingProgress
 from sectune.placement import INFERENCE_PRECISIONS
 from sectune.progress import listening
 
@@ -171,13 +171,9 @@ def _run(name: str, spec: JobSpec, metrics_port: int | None, termination_path: P
             return
         elif event == "stage":
             console.log(data["name"])
-        elif event == "data":
-            counts, redactions = (
-                data.get("counts", {}),
-                data.get("sanitize", {}).get("redactions", {}),
-            )
-            console.log(f"Data: {counts}; redactions: {redactions or 'none'}")
-            for warning in data.get("warnings", []):
+        elif event == "data":  # a DataReport
+            console.log(f"Data: {data.counts}; redactions: {data.redactions or 'none'}")
+            for warning in data.warnings:
                 console.log(f"[yellow]warning:[/] {warning}")
 
     def on_step(step: TrainingProgress) -> None:
@@ -508,7 +504,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     except (ManifestError, DataError, StorageError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return ExitCode.BAD_INPUT
-    print(json.dumps(data.report, indent=2))
+    print(data.report.to_json())
     return ExitCode.OK
 
 
@@ -539,7 +535,7 @@ def _audit_file(uri: str, test: str | None, labels: list[str]) -> tuple[Any, Any
     seen: dict[str, str] = {}
     train = load_examples(uri, spec, problems, seen)
     held_out = load_examples(test, spec, problems, seen) if test else []
-    raise_or_report(problems, spec, {})
+    raise_or_report(problems, spec, DataReport())
     sanitize_examples([*train, *held_out], spec)
     return spec, (audit(train, held_out, spec), train)
 

@@ -179,6 +179,51 @@ class DataQuality(_Tolerant):
     """The dataset.quality limits the data broke (the job fails before training)."""
 
 
+class DataReport(_Tolerant):
+    """What the data stage saw (sectune.data.prepare): data-report.json, the `data` of a
+    training run's report.json, `sectune data check`'s output; the trainer's result and the
+    lineage manifest take their dataset figures from it."""
+
+    sources: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per split, the file it was read from and its rows."""
+    uri: str | None = None
+    """The data an evaluation (`sectune evaluate`) read."""
+    examples: int | None = None
+    """The examples an evaluation scored."""
+    digest: str | None = None
+    """sha256 over the data files."""
+    provenance: dict[str, Any] | None = None
+    """The review record the training file came with (`sectune data review apply`)."""
+    skipped: dict[str, Any] | None = None
+    """Invalid rows left out (dataset.onInvalid: skip): count, and the first rows' problems."""
+    sanitize: dict[str, Any] = Field(default_factory=dict)
+    """Redactions per entity type, and whether sanitizing was on."""
+    deduplicated: dict[str, int] | None = None
+    test_source: str | None = None
+    """"validation" when no test set was given."""
+    audit: dict[str, Any] | None = None
+    """The data audit's findings (sectune.data.audit.DataAudit)."""
+    canaries: dict[str, int] | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    """Examples per split after validation, sanitization and deduplication."""
+    class_balance: dict[str, int] | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def redactions(self) -> dict[str, int]:
+        return dict(self.sanitize.get("redactions", {}))
+
+    @property
+    def skipped_rows(self) -> int:
+        return int((self.skipped or {}).get("count", 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+
 class ResultDataset(_Tolerant):
     digest: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
@@ -260,8 +305,9 @@ class RunReport(_Tolerant):
     """The served API an endpoint evaluation asked."""
     adapter: dict[str, Any] | None = None
     """The version evaluated (uri, sha256; model for an endpoint)."""
-    data: dict[str, Any] = Field(default_factory=dict)
-    """The data report (training) or the evaluation data's uri, count and redactions."""
+    data: DataReport | None = None
+    """What the data stage saw (training), or the evaluation data's uri, count and
+    redactions."""
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Metrics per model: tuned, the baselines (base, fewShot, tfidf, previous), training."""
     deltas: dict[str, dict[str, float]] = Field(default_factory=dict)

@@ -18,6 +18,7 @@ from sectune.config import JobSpec
 from sectune.contract import (
     RESULT_METRICS,
     AdapterManifest,
+    DataReport,
     GateOutcome,
     ManifestBaseModel,
     ManifestDataset,
@@ -49,7 +50,7 @@ class Outcome:
     def result(self) -> TrainerResult:
         """What the operator reads (sectune.contract), from the run's report."""
         report = self.report or RunReport()
-        tuned, data = report.tuned, report.data
+        tuned, data = report.tuned, report.data or DataReport()
         return TrainerResult(
             phase=self.phase,
             reason=self.reason,
@@ -60,13 +61,11 @@ class Outcome:
             metrics={k: round(tuned[k], 4) for k in RESULT_METRICS if k in tuned},
             gates=[ResultGate(name=g.name, passed=g.passed, value=g.value) for g in report.gates],
             dataset=ResultDataset(
-                digest=data.get("digest"),
-                counts=data.get("counts") or {},
-                skipped=(data.get("skipped") or {}).get("count", 0),
-                redactions=data.get("sanitize", {}).get("redactions", {}),
-                quality=DataAudit.model_validate(data["audit"]).summary()
-                if data.get("audit")
-                else None,
+                digest=data.digest,
+                counts=data.counts,
+                skipped=data.skipped_rows,
+                redactions=data.redactions,
+                quality=DataAudit.model_validate(data.audit).summary() if data.audit else None,
             ),
         )
 
@@ -189,7 +188,7 @@ def run_job(
         loaded = _load_base_model(spec)
         if data.audit is not None:  # how much of each row maxSeqLength leaves out
             data.audit.coverage.truncation = truncation_coverage(loaded.tokenizer, spec, data)
-            data.report["audit"] = data.audit.as_dict()
+            data.report.audit = data.audit.as_dict()
         # A head the labels cannot use (two start with one token) fails now, not after baselines.
         objective_for(loaded.tokenizer, spec, data.train)
         main = loaded.accelerator.is_main_process
@@ -276,7 +275,7 @@ def _train(
     checkpoints = Checkpoints(
         job_prefix(spec, name),
         workdir,
-        training_fingerprint(spec, data.report.get("digest")),
+        training_fingerprint(spec, data.report.digest),
         loaded.accelerator,
     )
     result = train(
@@ -402,13 +401,13 @@ def build_manifest(
         method=spec.method.type,
         config=spec.model_dump(mode="json", by_alias=True),
         dataset=ManifestDataset(
-            digest=data.report.get("digest"),
-            counts=data.report.get("counts"),
-            sources=data.report.get("sources"),
+            digest=data.report.digest,
+            counts=data.report.counts,
+            sources=data.report.sources,
             quality=data.audit.summary() if data.audit else None,
-            provenance=data.report.get("provenance"),
+            provenance=data.report.provenance,
         ),
-        redactions=data.report.get("sanitize", {}).get("redactions", {}),
+        redactions=data.report.redactions,
         canaries={"count": len(data.canaries)},
         metrics=tuned,
         gates=gates,
@@ -441,7 +440,7 @@ def _publish(
     loaded.tokenizer.save_pretrained(stage / "adapter")
     (stage / "report.json").write_text(report.to_json())
     (stage / "report.html").write_text(render_html(report))
-    (stage / "data-report.json").write_text(json.dumps(data.report, indent=2))
+    (stage / "data-report.json").write_text(data.report.to_json())
     (stage / "training-log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in result.history))
     return artifacts.publish(
         stage, job_prefix(spec, name), run_id, manifest, make_current=bool(manifest.gates_passed)

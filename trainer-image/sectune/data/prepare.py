@@ -12,9 +12,9 @@ import re
 import secrets
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 from sectune.config import JobSpec
+from sectune.contract import DataReport
 from sectune.data.audit import DataAudit, enforce
 from sectune.data.audit import audit as audit_data
 from sectune.data.example import Example
@@ -30,10 +30,10 @@ class PreparedData:
     train: list[Example]
     validation: list[Example]
     test: list[Example]
-    report: dict[str, Any] = field(default_factory=dict)
+    report: DataReport = field(default_factory=DataReport)
     canaries: list[str] = field(default_factory=list)
     audit: DataAudit | None = None
-    """What the data audit found (dataset.quality.audit); also in `report["audit"]`."""
+    """What the data audit found (dataset.quality.audit); also in `report.audit`."""
 
     def leaked_ids(self) -> set[str]:
         """Held-out rows that nearly duplicate a training row."""
@@ -169,7 +169,7 @@ def sanitize_examples(examples: list[Example], spec: JobSpec) -> Sanitizer:
     return sanitizer
 
 
-def raise_or_report(problems: list[str], spec: JobSpec, report: dict[str, Any]) -> None:
+def raise_or_report(problems: list[str], spec: JobSpec, report: DataReport) -> None:
     if not problems:
         return
     if spec.dataset.on_invalid == "fail":
@@ -180,7 +180,7 @@ def raise_or_report(problems: list[str], spec: JobSpec, report: dict[str, Any]) 
             f"{len(problems)} invalid row(s):\n  {shown}{tail}\n"
             "Fix the rows, or set dataset.onInvalid: skip to leave them out (they are reported)."
         )
-    report["skipped"] = {"count": len(problems), "rows": problems[:1000]}
+    report.skipped = {"count": len(problems), "rows": problems[:1000]}
 
 
 # --------------------------------------------------------------------------- sampling and splitting
@@ -297,7 +297,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     dataset, seed = spec.dataset, spec.hyperparameters.seed
     problems: list[str] = []
     seen_ids: dict[str, str] = {}
-    report: dict[str, Any] = {"sources": {}}
+    report = DataReport()
 
     train = load_examples(dataset.train, spec, problems, seen_ids)
     validation = (
@@ -305,7 +305,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     )
     test = load_examples(dataset.test, spec, problems, seen_ids) if dataset.test else []
     raise_or_report(problems, spec, report)
-    report["sources"] = {
+    report.sources = {
         "train": {"uri": dataset.train, "rows": len(train)},
         **(
             {"validation": {"uri": dataset.validation, "rows": len(validation)}}
@@ -314,10 +314,10 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
         ),
         **({"test": {"uri": dataset.test, "rows": len(test)}} if dataset.test else {}),
     }
-    report["digest"] = "sha256:" + data_digest(dataset.train, dataset.validation, dataset.test)
+    report.digest = "sha256:" + data_digest(dataset.train, dataset.validation, dataset.test)
     provenance = provenance_for(dataset.train)
     if provenance is not None:
-        report["provenance"] = provenance
+        report.provenance = provenance
 
     if dataset.max_train_examples:
         train = stratified_sample(train, dataset.max_train_examples, seed)
@@ -326,11 +326,11 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
         test = stratified_sample(test, dataset.max_eval_examples, seed)
 
     sanitizer = sanitize_examples([*train, *validation, *test], spec)
-    report["sanitize"] = sanitizer.report.as_dict() | {"enabled": dataset.sanitize.enabled}
+    report.sanitize = sanitizer.report.as_dict() | {"enabled": dataset.sanitize.enabled}
 
     if dataset.deduplicate:
         train, exact, near = deduplicate(train)
-        report["deduplicated"] = {"exact": exact, "near": near}
+        report.deduplicated = {"exact": exact, "near": near}
         # Held-out rows that also appear in training would flatter the metrics.
         train_keys = {_normalise(" ".join([*e.fields.values(), e.target])) for e in train}
         before = len(validation) + len(test)
@@ -344,7 +344,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
             for e in test
             if _normalise(" ".join([*e.fields.values(), e.target])) not in train_keys
         ]
-        report["deduplicated"]["heldOutOverlapping"] = before - len(validation) - len(test)
+        report.deduplicated["heldOutOverlapping"] = before - len(validation) - len(test)
 
     if not validation:
         if dataset.validation_split <= 0:
@@ -360,14 +360,14 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
             validation, train = shuffled[:held], shuffled[held:]
     if not test:
         test = validation
-        report["testSource"] = "validation"
+        report.test_source = "validation"
     if not train:
         raise DataError("dataset.train: no training examples left after validation and dedup")
 
     audit = None
     if dataset.quality.audit:
         audit = audit_data(train, [*validation, *test], spec, _sources(train, validation, test))
-        report["audit"] = audit.as_dict()
+        report.audit = audit.as_dict()
         if enforce_limits:
             enforce(audit, dataset.quality)
 
@@ -388,15 +388,15 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
                     rng.randrange(len(train) + 1),
                     Example(f"canary-{i}-{r}", fields, target, canary=True),
                 )
-        report["canaries"] = {"count": len(canaries), "repeats": dataset.canaries.repeats}
+        report.canaries = {"count": len(canaries), "repeats": dataset.canaries.repeats}
 
-    report["counts"] = {"train": len(train), "validation": len(validation), "test": len(test)}
+    report.counts = {"train": len(train), "validation": len(validation), "test": len(test)}
     if spec.task.type == "classification":
         balance = Counter(e.target for e in train if not e.canary)
-        report["classBalance"] = {label: balance.get(label, 0) for label in spec.task.labels}
-    report["warnings"] = audit.warnings() if audit else []
+        report.class_balance = {label: balance.get(label, 0) for label in spec.task.labels}
+    report.warnings = audit.warnings() if audit else []
     if provenance is not None and not provenance["matchesData"]:
-        report["warnings"].append(
+        report.warnings.append(
             f"dataset.train changed after its review: its sha256 is not the one in "
             f"{provenance['uri']}; review it again or train on the reviewed file"
         )

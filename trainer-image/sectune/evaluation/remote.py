@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sectune.config import Gate, JobSpec
-from sectune.contract import RunReport
+from sectune.contract import DataReport, RunReport
 from sectune.data.example import Example
 from sectune.data.format import messages_for
 from sectune.evaluation.metrics import (
@@ -233,7 +233,7 @@ def evaluate_endpoint(
         job=version.get("job"),
         endpoint=client.endpoint,
         adapter={"model": pinned, "uri": version.get("uri"), "sha256": version.get("sha256")},
-        data={"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
+        data=DataReport(uri=data_uri, examples=len(examples), sanitize=sanitized),
         models={"tuned": metrics, "training": training},
         consistency=consistency_table(metrics, training),
         baselines_from=BASELINES_FROM if baselines else None,

@@ -304,20 +304,24 @@ def render_html(report: RunReport) -> str:
             )
         parts.append("</div>")
     data = report.data
-    if data:
+    if data is not None:
         parts.append("<h2>Data</h2><table>")
-        for key in ("counts", "classBalance", "deduplicated"):
-            if key in data:
+        for key, table in (
+            ("counts", data.counts),
+            ("classBalance", data.class_balance),
+            ("deduplicated", data.deduplicated),
+        ):
+            if table:
                 parts.append(
-                    f"<tr><td>{key}</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in data[key].items()))}</td></tr>"
+                    f"<tr><td>{key}</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in table.items()))}</td></tr>"
                 )
-        redactions = data.get("sanitize", {}).get("redactions", {})
+        redactions = data.redactions
         parts.append(
             f"<tr><td>redactions</td><td>{_fmt(', '.join(f'{k}: {v}' for k, v in redactions.items()) or 'none')}</td></tr>"
         )
         parts.append("</table>")
-        if data.get("audit"):
-            parts += _audit_html(data["audit"], tuned)
+        if data.audit:
+            parts += _audit_html(data.audit, tuned)
     parts.append(
         f"<p><small>Hardware: {html.escape(report.hardware or '')}</small></p></body></html>"
     )

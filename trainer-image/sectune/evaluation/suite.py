@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sectune.config import JobSpec
-from sectune.contract import RunReport
+from sectune.contract import DataReport, RunReport
 from sectune.data.example import Example
 from sectune.data.prepare import PreparedData
 from sectune.evaluation.metrics import (
@@ -216,7 +216,7 @@ def load_labelled(data_uri: str, spec: JobSpec) -> tuple[list[Example], dict[str
 
     problems: list[str] = []
     examples = load_examples(data_uri, spec, problems, {})
-    raise_or_report(problems, spec, {})
+    raise_or_report(problems, spec, DataReport())
     sanitizer = sanitize_examples(examples, spec)
     return examples, sanitizer.report.as_dict()
 
@@ -253,7 +253,7 @@ def remeasure_baselines(
         except (DataError, StorageError, OSError) as exc:
             notes.append(f"the job's training data could not be read ({exc})")
         else:
-            if prepared.report.get("digest") != trained_on:
+            if prepared.report.digest != trained_on:
                 notes.append(
                     f"the job's training data at {spec.dataset.train} changed since training"
                 )
@@ -383,7 +383,7 @@ def evaluate_stored(
         return RunReport(
             job=manifest.job,
             adapter={"uri": version, "sha256": sha256},
-            data={"uri": data_uri, "examples": len(examples), "sanitize": sanitized},
+            data=DataReport(uri=data_uri, examples=len(examples), sanitize=sanitized),
             models={"tuned": metrics, **measured, "training": manifest.metrics},
             baselines_from=_baselines_from(measured, from_training, notes),
             worth_it=worth_it(metrics, measured),
