@@ -133,7 +133,7 @@ class Progress(Spec):
     """Training throughput."""
     eta_seconds: int | None = None
     """Estimated seconds to the end of training."""
-    display: str | None = Field(None, max_length=64)
+    display: str | None = Field(default=None, max_length=64)
     """Progress as shown by kubectl (step/total)."""
 
 

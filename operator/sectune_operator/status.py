@@ -119,20 +119,22 @@ def _finished_pods(pods: list[dict[str, Any]], phase: str) -> list[dict[str, Any
     return sorted(done, key=lambda p: p["metadata"].get("creationTimestamp", ""))
 
 
-def result_status(result: TrainerResult | None) -> dict[str, Any]:
-    """The status fields a trainer's result sets: the one mapping from sectune.contract's
-    TrainerResult to FineTuneJobStatus (what the result does not say is left out, so what
-    status already holds stays)."""
+def apply_result(status: FineTuneJobStatus, result: TrainerResult | None) -> None:
+    """Set what a trainer's result says on `status`: the one mapping from sectune.contract's
+    TrainerResult to FineTuneJobStatus (what the result does not say stays as it was)."""
     if result is None:
-        return {}
+        return
+    if result.adapter and result.adapter.uri:
+        status.adapter = result.adapter
+    if result.metrics:
+        status.metrics = dict(result.metrics)
+    if result.gates:
+        status.gates = list(result.gates)
+        passed = sum(g.passed for g in result.gates)
+        status.gates_summary = f"{passed}/{len(result.gates)} passed"
     dataset = result.dataset
-    passed = sum(g.passed for g in result.gates)
-    fields = FineTuneJobStatus(
-        adapter=result.adapter if result.adapter and result.adapter.uri else None,
-        metrics=dict(result.metrics),
-        gates=list(result.gates),
-        gates_summary=f"{passed}/{len(result.gates)} passed" if result.gates else None,
-        dataset=DatasetStatus(
+    if dataset is not None:
+        status.dataset = DatasetStatus(
             digest=dataset.digest,
             train_examples=dataset.counts.get("train"),
             validation_examples=dataset.counts.get("validation"),
@@ -140,10 +142,16 @@ def result_status(result: TrainerResult | None) -> dict[str, Any]:
             redactions=dataset.redactions,
             quality=dataset.quality,
         )
-        if dataset is not None
-        else None,
-    )
-    return {k: v for k, v in dump(fields).items() if v not in ({}, [])}
+
+
+def read_job_status(current: Mapping[str, Any]) -> FineTuneJobStatus:
+    """A FineTuneJob's status as read from the cluster (fields it does not know ignored; one
+    that does not parse, edited by hand, starts anew from its conditions and phase)."""
+    known = {f.alias or n for n, f in FineTuneJobStatus.model_fields.items()}
+    try:
+        return FineTuneJobStatus.model_validate({k: v for k, v in current.items() if k in known})
+    except ValidationError:
+        return FineTuneJobStatus(conditions=read_conditions(current))
 
 
 def derive_status(
@@ -156,20 +164,19 @@ def derive_status(
 ) -> dict[str, Any]:
     """The FineTuneJob status that the Job and Pods imply (a new dict; `current` untouched).
     `attempts`: training pods started so far, as counted by the caller (pods come and go)."""
-    status = {k: v for k, v in current.items() if k != "conditions"}
-    conditions = read_conditions(current)
-    status["observedGeneration"] = generation
-    if current.get("phase") in TERMINAL or job is None:
-        status["conditions"] = dump_conditions(conditions)
-        return status
+    status = read_job_status(current)
+    conditions = status.conditions
+    status.observed_generation = generation
+    if status.phase in TERMINAL or job is None:
+        return dump(status)
 
-    status["attempts"] = max(int(current.get("attempts") or 0), attempts)
+    status.attempts = max(status.attempts or 0, attempts)
     newest = max(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), default=None)
     if newest is not None:
-        status["pod"] = newest["metadata"]["name"]
+        status.pod = newest["metadata"]["name"]
     job_status = job.get("status") or {}
-    if job_status.get("startTime") and not status.get("startTime"):
-        status["startTime"] = job_status["startTime"]
+    if job_status.get("startTime") and not status.start_time:
+        status.start_time = job_status["startTime"]
     complete, failed = _job_condition(job, "Complete"), _job_condition(job, "Failed")
     single_pod = ((job.get("spec") or {}).get("completions") or 1) == 1
     if not complete and not failed and single_pod and _finished_pods(pods, "Succeeded"):
@@ -180,9 +187,9 @@ def derive_status(
     if complete:
         succeeded = _finished_pods(pods, "Succeeded")
         result = termination_message(succeeded[-1]) if succeeded else None
-        status |= result_status(result)
-        status["phase"] = "Succeeded"
-        status["completionTime"] = (
+        apply_result(status, result)
+        status.phase = "Succeeded"
+        status.completion_time = (
             job_status.get("completionTime") or complete.get("lastTransitionTime") or now
         )
         message = (result.message if result else "") or "training, evaluation and gates finished"
@@ -193,17 +200,17 @@ def derive_status(
             ("Succeeded", "True", "Succeeded"),
         ):
             conditions = set_condition(conditions, type_, value, reason, message, now, generation)
-        status["progress"] = {**(status.get("progress") or {}), "percent": 100}
+        status.progress = (status.progress or Progress()).model_copy(update={"percent": 100})
     elif failed:
         failed_pods = _finished_pods(pods, "Failed")
         result = termination_message(failed_pods[-1]) if failed_pods else None
-        status |= result_status(result)
+        apply_result(status, result)
         reason = (result.reason if result else "") or failed.get("reason") or "Failed"
         message = (
             (result.message if result else "") or failed.get("message") or "the training Job failed"
         )
         if reason == "GatesFailed":
-            failing = [g["name"] for g in status.get("gates", []) if not g["passed"]]
+            failing = [g.name for g in status.gates if not g.passed]
             message = "gates failed: " + ", ".join(failing) if failing else message
             conditions = set_condition(
                 conditions, "Evaluated", "True", "Evaluated", "evaluation finished", now, generation
@@ -211,14 +218,14 @@ def derive_status(
             conditions = set_condition(
                 conditions, "GatesPassed", "False", "GatesFailed", message, now, generation
             )
-        status["phase"] = "Failed"
-        status["completionTime"] = failed.get("lastTransitionTime") or now
+        status.phase = "Failed"
+        status.completion_time = failed.get("lastTransitionTime") or now
         conditions = set_condition(
             conditions, "Training", "False", reason, message, now, generation
         )
         conditions = set_condition(conditions, "Failed", "True", reason, message, now, generation)
     elif (job.get("spec") or {}).get("suspend"):
-        status["phase"] = "Pending"
+        status.phase = "Pending"
         conditions = set_condition(
             conditions,
             "Suspended",
@@ -240,12 +247,12 @@ def derive_status(
         if running:
             # Preparing (data, model) until the trainer reports its first step; Evaluating once
             # it reported its last (evaluation, probes and publishing follow).
-            progress = status.get("progress") or {}
-            step, total = progress.get("step"), progress.get("totalSteps")
+            progress = status.progress or Progress()
+            step, total = progress.step, progress.total_steps
             if step and total and step >= total:
-                status["phase"] = "Evaluating"
+                status.phase = "Evaluating"
             else:
-                status["phase"] = "Training" if step else "Preparing"
+                status.phase = "Training" if step else "Preparing"
             pod = running[-1]["metadata"]["name"]
             conditions = set_condition(
                 conditions,
@@ -259,9 +266,9 @@ def derive_status(
         elif current.get("phase") in ACTIVE and _finished_pods(pods, "Succeeded"):
             pass  # one node's trainer finished; the others (an Indexed Job) have not yet
         else:
-            status["phase"] = "Pending"
-    status["conditions"] = dump_conditions(conditions)
-    return status
+            status.phase = "Pending"
+    status.conditions = conditions
+    return dump(status)
 
 
 def progress_from_metrics(text: str) -> dict[str, Any] | None:
