@@ -42,7 +42,7 @@ LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_
 
 
 class Toleration(Spec):
-    """A taint the training pod tolerates (GPU pools are often tainted)."""
+    """A taint the pod tolerates (GPU pools are often tainted)."""
 
     key: str | None = Field(None, max_length=316)
     """Taint key; empty with operator Exists tolerates everything."""
@@ -56,7 +56,18 @@ class Toleration(Spec):
     """For NoExecute: how long the pod stays after the taint appears."""
 
 
-class ClusterResources(ResourcesSpec):
+class Placement(Spec):
+    """Where the operator's pods are scheduled (GPU pools are often labelled and tainted)."""
+
+    node_selector: LabelMap = Field(default_factory=dict)
+    """Labels a node must have (e.g. nvidia.com/gpu.product)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Taints the pods tolerate."""
+    priority_class_name: str | None = Field(None, max_length=253)
+    """PriorityClass of the pods (a preempted training pod is retried and resumes)."""
+
+
+class ClusterResources(ResourcesSpec, Placement):
     """Compute for the run, with where and how it is scheduled."""
 
     cpu: Quantity | None = None
@@ -65,12 +76,6 @@ class ClusterResources(ResourcesSpec):
     """Memory request and limit of each training pod."""
     shared_memory: Quantity = "8Gi"
     """Size of /dev/shm (NCCL and data loaders need more than the container default)."""
-    node_selector: LabelMap = Field(default_factory=dict)
-    """Labels a node must have (e.g. nvidia.com/gpu.product)."""
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
-    """Taints the training pods tolerate."""
-    priority_class_name: str | None = Field(None, max_length=253)
-    """PriorityClass of the training pods (preemption is retried and resumed)."""
 
 
 class FineTuneJobSpec(JobSpec):
@@ -253,8 +258,8 @@ class PromotionSpec(Spec):
     """Automatic rollback thresholds."""
 
 
-class ServingResources(Spec):
-    """Compute for each server replica."""
+class ServingResources(Placement):
+    """Compute for each server replica, and where replicas are scheduled."""
 
     gpus: int = Field(0, ge=0, le=8)
     """GPUs per replica."""

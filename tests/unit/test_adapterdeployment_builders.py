@@ -301,3 +301,33 @@ def test_network_policies_admit_only_their_callers():
     assert rule["from"][0] == {"podSelector": {}}  # its own namespace
     allowed = [f["namespaceSelector"]["matchExpressions"][0]["values"] for f in rule["from"][1:]]
     assert allowed == [["soc-tools"], ["monitoring", "sectune-system"]]
+
+
+@pytest.mark.parametrize("runtime", ["sectune", "vllm"])
+def test_server_replicas_go_to_the_gpu_pool_the_spec_names(runtime: str):
+    """A GPU pool is labelled and tainted: replicas land there only with its selector and
+    toleration; a spec without them renders no such fields (no rollout on upgrade)."""
+    pool = {
+        "gpus": 1,
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-L4"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "inference",
+    }
+    split = [{"name": "triage", "versions": [{"version": "v1", "source": {"fineTuneJob": "t"}}]}]
+    spec = _spec(resources=pool, runtime=runtime, adapters=split)
+    config = render_serving_config(
+        spec, {("triage", "v1"): Resolved("s3://a/t", SHA["a"])}, set(), None
+    ).config
+    assert config is not None
+    pod = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["priorityClassName"] == "inference"
+    plain = build_deployment(
+        "soc", _spec(), render_serving_config(_spec(), RESOLVED, set(), None).config, Settings()
+    )
+    assert not {"nodeSelector", "tolerations", "priorityClassName"} & set(
+        plain["spec"]["template"]["spec"]
+    )

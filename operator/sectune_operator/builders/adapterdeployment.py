@@ -362,6 +362,7 @@ def build_deployment(
         "terminationGracePeriodSeconds": 60,
         "containers": [container],
         "volumes": volumes,
+        **pods.placement(spec.resources),
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers

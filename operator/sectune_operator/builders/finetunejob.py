@@ -22,7 +22,7 @@ from sectune.contract import (
     TRAIN_MODULE,
     ExitCode,
 )
-from sectune_operator.api import FineTuneJobSpec, Toleration
+from sectune_operator.api import FineTuneJobSpec
 from sectune_operator.builders import pods
 from sectune_operator.settings import Settings
 
@@ -136,18 +136,6 @@ def _resources(spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
     )
 
 
-def _toleration(toleration: Toleration) -> dict[str, Any]:
-    """A toleration as a pod spec spells it, unset fields left out."""
-    fields = {
-        "key": toleration.key,
-        "operator": toleration.operator,
-        "value": toleration.value,
-        "effect": toleration.effect,
-        "tolerationSeconds": toleration.toleration_seconds,
-    }
-    return {name: value for name, value in fields.items() if value is not None}
-
-
 def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str, Any]:
     """The training Job (Indexed when nodes > 1)."""
     resources = spec.resources
@@ -198,11 +186,8 @@ def build_job(name: str, spec: FineTuneJobSpec, settings: Settings) -> dict[str,
             {"name": "tmp", "emptyDir": {}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shared_memory}},
         ],
-        "nodeSelector": dict(resources.node_selector),
-        "tolerations": [_toleration(t) for t in resources.tolerations],
+        **pods.placement(resources),
     }
-    if resources.priority_class_name:
-        pod_spec["priorityClassName"] = resources.priority_class_name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
     if multi_node:

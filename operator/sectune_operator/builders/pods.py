@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sectune_operator.api import Placement, Toleration
+
 EXCEPTIONS = {
     "checkov.io/skip1": "CKV_K8S_43=The image is the operator's setting or the spec's; pin it by "
     "digest there (image@sha256:...)",
@@ -98,3 +100,26 @@ def from_namespaces(names: list[str]) -> dict[str, Any]:
             ]
         }
     }
+
+
+def placement(where: Placement) -> dict[str, Any]:
+    """The pod spec's nodeSelector, tolerations and priorityClassName: those set (an unset one
+    is left out, so a spec without them renders as before and rolls no pod)."""
+    fields: dict[str, Any] = {
+        "nodeSelector": dict(where.node_selector),
+        "tolerations": [_toleration(t) for t in where.tolerations],
+        "priorityClassName": where.priority_class_name,
+    }
+    return {key: value for key, value in fields.items() if value}
+
+
+def _toleration(toleration: Toleration) -> dict[str, Any]:
+    """A toleration as a pod spec spells it, unset fields left out."""
+    fields = {
+        "key": toleration.key,
+        "operator": toleration.operator,
+        "value": toleration.value,
+        "effect": toleration.effect,
+        "tolerationSeconds": toleration.toleration_seconds,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
