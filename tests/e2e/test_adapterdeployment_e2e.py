@@ -331,6 +331,14 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
     assert (out / "base" / "config.json").is_file()
     served_as = pod["containers"][0]["command"]
     assert "triage=/adapters/triage/v1/adapter" in served_as
+    # vLLM pre-allocates for --max-lora-rank: the smallest it offers that holds the adapters'.
+    ranks = {
+        json.loads(path.read_text())["r"] for path in out.glob("*/*/adapter/adapter_config.json")
+    }
+    assert ranks
+    wanted = min(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks))
+    assert (out / "vllm.yaml").read_text() == f"max-lora-rank: {wanted}\n"
+    assert served_as[served_as.index("--config") + 1] == "/adapters/vllm.yaml"
 
     # A digest that does not match fails the init container: the pod never starts.
     tampered = ServingConfig.model_validate(

@@ -419,3 +419,14 @@ def test_lineage_manifests_cross_the_boundary_old_new_and_malformed(tmp_path: Pa
         artifacts.IntegrityError, match=r"manifest\.json: baseModel: Field required"
     ):
         artifacts.verify(f"file://{broken}")
+
+
+def test_vllm_max_lora_rank_is_the_smallest_it_offers_that_holds_every_adapter() -> None:
+    from sectune.serving.fetch import vllm_rank
+    from sectune.serving.verify import LoadError
+
+    assert vllm_rank([4, 8]) == 8
+    assert vllm_rank([16, 17]) == 32
+    assert vllm_rank([300]) == 320
+    with pytest.raises(LoadError, match="up to 512"):
+        vllm_rank([1024])

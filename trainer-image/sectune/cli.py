@@ -479,7 +479,7 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {exc}")
         return ExitCode.BAD_INPUT  # as `sectune serve` says it
     for line in fetched:
-        print(f"verified {line}")
+        print(line)
     return ExitCode.OK
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sectune.serving import traffic
-from sectune.serving.config import ServedAdapter, ServedVersion, ServingConfig
+from sectune.serving.config import VLLM_ARGS, ServedAdapter, ServedVersion, ServingConfig
 from sectune.yamlio import dump_yaml
 from sectune_operator.api import AdapterDeploymentSpec
 from sectune_operator.builders import pods
@@ -268,7 +268,8 @@ def vllm_command(config: ServingConfig, spec: AdapterDeploymentSpec) -> list[str
         "--port", str(API_PORT),
         "--enable-lora",
         "--max-loras", str(min(count, 16)),
-        "--max-lora-rank", "64",
+        # --max-lora-rank: written by the init container from the verified adapters' ranks.
+        "--config", f"{ADAPTERS_DIR}/{VLLM_ARGS}",
         *(["--api-key", "$(SECTUNE_VLLM_API_KEY)"] if spec.auth_secret else []),
         "--lora-modules", *modules,
     ]  # fmt: skip

@@ -39,6 +39,9 @@ from sectune.config import (
     format_validation_error,
 )
 
+VLLM_ARGS = "vllm.yaml"
+"""The vLLM arguments file `sectune fetch-adapters` writes next to the adapters it verified
+(read by `vllm serve --config`)."""
 BASE_MODEL_NAME = "base"
 """The `model` a client asks for to get the base model without an adapter."""
 

@@ -10,6 +10,9 @@ pods keep serving.
 
     <out>/base                        -> the resolved base model directory
     <out>/<adapter>/<version>/adapter  the adapter files
+    <out>/vllm.yaml                    `max-lora-rank`: the smallest rank vLLM offers that holds
+                                       every adapter's (vLLM pre-allocates for it; read with
+                                       `vllm serve --config`)
 """
 
 from __future__ import annotations
@@ -18,22 +21,36 @@ import shutil
 from pathlib import Path
 
 from sectune import artifacts, storage
-from sectune.config import ManifestError
+from sectune.config import JobSpec, ManifestError
 from sectune.serving import verify
-from sectune.serving.config import ServingConfig
+from sectune.serving.config import VLLM_ARGS, ServingConfig
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for --max-lora-rank."""
+
+
+def vllm_rank(ranks: list[int]) -> int:
+    """The smallest rank vLLM offers that holds every adapter's."""
+    largest = max(ranks, default=1)
+    fits = [rank for rank in VLLM_RANKS if rank >= largest]
+    if not fits:
+        raise verify.LoadError(
+            "invalid", f"an adapter of rank {largest}: vLLM serves LoRA ranks up to 512"
+        )
+    return fits[0]
 
 
 def fetch_adapters(
     config: ServingConfig, out: Path, max_bytes: int = artifacts.MAX_ARTIFACT_BYTES
 ) -> list[str]:
-    """Fetch and verify every version; returns "name@version sha256" lines."""
+    """Fetch and verify every version; returns what was done, a line each."""
     from sectune.training import base_model
 
     if config.base_model is None:
         raise ManifestError("baseModel: a server fed by fetch-adapters needs its base model set")
     out.mkdir(parents=True, exist_ok=True)
     resolved = base_model.resolve(config.base_model)
-    fetched = []
+    fetched, ranks = [], []
     for adapter in config.adapters:
         for entry in adapter.versions:
             label = f"{adapter.name}@{entry.version}"
@@ -41,7 +58,7 @@ def fetch_adapters(
             directory = storage.contained(out, where, f"adapter {label}")
             shutil.rmtree(directory, ignore_errors=True)
             version_uri, sha256 = verify.resolve(entry.uri, entry.sha256)
-            verify.fetch(
+            manifest = verify.fetch(
                 version_uri,
                 sha256,
                 directory,
@@ -50,9 +67,12 @@ def fetch_adapters(
                 passed_gates=config.require_passed_gates,
                 base_digest=resolved.digest,
             )
-            fetched.append(f"{label} {sha256}")
+            ranks.append(JobSpec.model_validate(manifest.config).method.r)
+            fetched.append(f"verified {label} {sha256}")
     base = out / "base"
     if base.is_symlink() or base.exists():
         base.unlink()
     base.symlink_to(resolved.path, target_is_directory=True)
-    return fetched
+    rank = vllm_rank(ranks)
+    storage.replace_file(out / VLLM_ARGS, f"max-lora-rank: {rank}\n".encode())
+    return [*fetched, f"max-lora-rank {rank} (adapter ranks {sorted(set(ranks))})"]
