@@ -33,8 +33,8 @@ from sectune_operator.builders.finetunejob import (
 from sectune_operator.settings import Settings
 from sectune_operator.status import (
     TERMINAL,
-    dump_conditions,
-    read_conditions,
+    dump,
+    read_job_status,
     set_condition,
     utc_now,
 )
@@ -63,21 +63,18 @@ def _block(
     until the cause goes away (retried after `delay`). Written at once, not queued: the
     reason is in status before kopf logs the error."""
 
-    def blocked(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
-        conditions = set_condition(
-            read_conditions(status), "Ready", "False", reason, message, utc_now(), generation
+    def blocked(current: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
+        status = read_job_status(current)
+        status.conditions = set_condition(
+            status.conditions, "Ready", "False", reason, message, utc_now(), generation
         )
         if permanent:
-            conditions = set_condition(
-                conditions, "Failed", "True", reason, message, utc_now(), generation
+            status.conditions = set_condition(
+                status.conditions, "Failed", "True", reason, message, utc_now(), generation
             )
-        phase = "Failed" if permanent else (status.get("phase") or "Pending")
-        return {
-            **status,
-            "phase": phase,
-            "conditions": dump_conditions(conditions),
-            "observedGeneration": generation,
-        }
+        status.phase = "Failed" if permanent else (status.phase or "Pending")
+        status.observed_generation = generation
+        return dump(status)
 
     state = next(iter(indexes.states.get(key, [])), None)
     previous = state["status"].get("phase") if state else None
@@ -226,18 +223,16 @@ def reconcile(
     else:
         _create_children(key, memo, indexes, body, parsed, generation, logger)
 
-    def accepted(status: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
-        conditions = set_condition(
-            read_conditions(status), "Ready", "True", "JobCreated",
+    def accepted(current: dict[str, Any], _state: dict[str, Any]) -> dict[str, Any]:
+        status = read_job_status(current)
+        status.conditions = set_condition(
+            status.conditions, "Ready", "True", "JobCreated",
             f"Job {child_name(name)} created", utc_now(), generation,
         )  # fmt: skip
-        return {
-            **status,
-            "conditions": dump_conditions(conditions),
-            "observedGeneration": generation,
-            "phase": status.get("phase") or "Pending",
-            "startTime": status.get("startTime") or utc_now(),
-        }
+        status.observed_generation = generation
+        status.phase = status.phase or "Pending"
+        status.start_time = status.start_time or utc_now()
+        return dump(status)
 
     job_status.queue_status(key, memo.tracker, accepted)
     metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
