@@ -150,9 +150,6 @@ class GateOutcome(ResultGate):
     reason: str = ""
     """Why the gate could not be measured (its metric or baseline is missing)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"reason"} if not self.reason else set())
-
 
 class DataQuality(_Tolerant):
     """What the data audit found (sectune.data.audit), in counts: written by the trainer into

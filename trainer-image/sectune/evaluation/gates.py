@@ -49,7 +49,8 @@ def evaluate_gates(
                 min=gate.min,
                 max=gate.max,
                 passed=passed,
-                reason=reason,
+                # Set only when there is one, so report.json leaves it out otherwise.
+                **({"reason": reason} if reason else {}),
             )
         )
     return outcomes
