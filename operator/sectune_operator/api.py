@@ -27,6 +27,7 @@ from sectune.contract import DataQuality, ResultAdapter, ResultGate
 from sectune.serving.config import (
     AdapterVersions,
     DriftSettings,
+    FeedbackSettings,
     VersionShare,
     check_adapter_names,
 )
@@ -288,6 +289,9 @@ class AdapterDeploymentSpec(Spec):
     """Promotion and rollback rules."""
     drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
     """Drift monitoring."""
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)  # type: ignore[arg-type]
+    """Analysts' verdicts (POST /v1/feedback), stored with `credentials` (which must allow
+    writing under `feedback.store`), and the live-quality alert's bounds."""
     auth_secret: SecretReference | None = None
     """Secret with the API keys clients must present (key `api-keys`: one
     `<key-id> <key> [adapter,…]` per line). Unset: the API answers without keys."""
@@ -302,6 +306,16 @@ class AdapterDeploymentSpec(Spec):
     @model_validator(mode="after")
     def _unique_names(self) -> AdapterDeploymentSpec:
         check_adapter_names([a.name for a in self.adapters])
+        if self.feedback.store is not None and self.runtime == "vllm":
+            raise ValueError(
+                "feedback.store: not implemented yet for runtime vllm (it has no /v1/feedback); "
+                "use runtime sectune, or unset feedback.store"
+            )
+        if self.feedback.store is not None and self.replicas > 1:
+            raise ValueError(
+                "feedback.store: not implemented yet with more than one replica (a verdict must "
+                "reach the replica that answered); set replicas: 1, or unset feedback.store"
+            )
         if self.runtime == "vllm":
             split = [a.name for a in self.adapters if sum(v.traffic > 0 for v in a.versions) > 1]
             if split:

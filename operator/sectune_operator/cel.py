@@ -36,6 +36,7 @@ from sectune.config import (
 )
 from sectune_operator.api import (
     PREVIOUS_TEMPLATE_MESSAGE,
+    AdapterDeploymentSpec,
     AdapterSource,
     AdapterSpec,
     FineTuneJobTemplate,
@@ -212,6 +213,20 @@ CEL_RULES.update(
                 "!self.evaluation.gates.exists(g, has(g.overBaseline) && "
                 "g.overBaseline == 'previous') || self.method.type in ['lora', 'qlora']",
                 "message": PREVIOUS_TEMPLATE_MESSAGE,
+            },
+        ],
+        AdapterDeploymentSpec: [
+            {
+                "rule": "!has(self.feedback) || !has(self.feedback.store) || "
+                "self.runtime != 'vllm'",
+                "message": "feedback.store: not implemented yet for runtime vllm (it has no "
+                "/v1/feedback); use runtime sectune, or unset feedback.store",
+            },
+            {
+                "rule": "!has(self.feedback) || !has(self.feedback.store) || self.replicas <= 1",
+                "message": "feedback.store: not implemented yet with more than one replica (a "
+                "verdict must reach the replica that answered); set replicas: 1, or unset "
+                "feedback.store",
             },
         ],
         AdapterSpec: [

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from grafana_foundation_sdk.builders import dashboard as dash
-from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from sectune_operator.generated import write_or_check
 
@@ -496,6 +497,73 @@ def serving_dashboard() -> dash.Dashboard:
                     ),
                     (events("sectune_serve_config_reloads_total", "result"), "reload {{result}}"),
                 ],
+            )
+        )
+        .with_row(dash.Row("Live quality (analysts' verdicts, last day)"))
+        .with_panel(
+            _series(
+                "Live macro-F1 against its evaluation",
+                "Macro-F1 over the verdicts analysts posted in the last day (POST /v1/feedback) "
+                "next to the version's offline macro-F1; SectuneLiveQualityDropped fires when the "
+                "gap passes feedback.maxDrop with feedback.minVerdicts verdicts.",
+                [
+                    (
+                        f"max by ({by}) (sectune:serve_live_macro_f1:1d{{{s}}})",
+                        "live {{adapter}}@{{version}}",
+                    ),
+                    (
+                        f"max by ({by}) (sectune_serve_offline_macro_f1{{{s}}})",
+                        "offline {{adapter}}@{{version}}",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            _series(
+                "Live recall per label",
+                "Of the alerts analysts say are each label, the share the version gave that "
+                "label (last day): a missed class shows here first.",
+                [
+                    (
+                        f"max by ({by}, label) (sectune:serve_live_recall:1d{{{s}}})",
+                        "{{adapter}}@{{version}} {{label}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            _series(
+                "Verdict coverage",
+                "Verdicts in the last day per answer given in the last day: how much of what "
+                "is served analysts judge.",
+                [
+                    (
+                        f"sum by ({by}) (sectune:serve_verdicts:sum1d{{{s}}}) / sum by ({by}) "
+                        f"(increase(sectune_serve_predictions_total{{{s}}}[1d]))",
+                        "{{adapter}}@{{version}}",
+                    )
+                ],
+                unit="percentunit",
+            )
+        )
+        .with_panel(
+            table.Panel()
+            .title("Confusion matrix (verdicts, last day)")
+            .description(
+                "Verdicts per predicted and actual label: the off-diagonal rows are what "
+                "analysts corrected, and what the next training run learns from."
+            )
+            .datasource(DATASOURCE)
+            .span(12)
+            .height(8)
+            .with_target(
+                _query(
+                    f"sum by ({by}, predicted, actual) "
+                    f"(sectune:serve_verdicts:increase1d{{{s}}}) > 0",
+                    "",
+                )
+                .instant()
+                .format(PromQueryFormat.TABLE)
             )
         )
     )

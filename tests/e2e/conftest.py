@@ -9,6 +9,7 @@ import pytest
 
 from sectune.yamlio import dump_yaml
 from support.jobs import tiny_job, write_dataset
+from support.serving import SectuneServer, start_server
 from support.trained import Trained, train_adapters
 
 
@@ -37,3 +38,18 @@ def s3_env(s3_server, monkeypatch):  # type: ignore[no-untyped-def]
 def trained(s3_server, tiny_model_dir, tmp_path_factory) -> Trained:  # type: ignore[no-untyped-def]
     """Two versions of a triage adapter and one other adapter in the S3 server (trained once)."""
     return train_adapters(s3_server, tiny_model_dir, tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture
+def serve(trained: Trained, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start `sectune serve` with the trained adapters' storage credentials; stopped after."""
+    servers: list[SectuneServer] = []
+
+    def start(*args: str) -> SectuneServer:
+        server = start_server(tmp_path, list(args), trained.env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -16,59 +16,13 @@ import pytest
 from sectune import storage
 from sectune.yamlio import dump_yaml
 from support.jobs import LOGIN_SCHEMA, sectune, tiny_job, write_login_lines
-from support.monitoring import dashboard_queries
+from support.monitoring import dashboard_queries, live_quality_query
 from support.processes import wait_until
-from support.serving import SectuneServer, start_server
+from support.serving import TEXTS, SectuneServer
+from support.serving import serving_config as _config
 from support.trained import Trained, Version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-TEXTS = [
-    "mimikatz lsass dump beacon by user=<USER_1> from <IP_1> #1",
-    "backup completed scheduled update by user=<USER_2> from <IP_2> #2",
-    "exfil ransom beacon dump by user=<USER_1> from <IP_3> #3",
-    "healthy routine backup update by user=<USER_3> from <IP_1> #4",
-]
-
-
-def _config(
-    path: Path, adapters: dict[str, list[tuple[str, Version | str, int]]], **extra: Any
-) -> Path:
-    document: dict[str, Any] = {
-        "apiVersion": "sectune.io/v1alpha1",
-        "kind": "ServingConfig",
-        "adapters": [
-            {
-                "name": name,
-                "versions": [
-                    {"version": v, "uri": source, "traffic": t}
-                    if isinstance(source, str)
-                    else {"version": v, "uri": source.uri, "sha256": source.sha256, "traffic": t}
-                    for v, source, t in versions
-                ],
-            }
-            for name, versions in adapters.items()
-        ],
-        **extra,
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dump_yaml(document))
-    tmp.replace(path)  # atomically, as the kubelet swaps a ConfigMap volume
-    return path
-
-
-@pytest.fixture
-def serve(trained: Trained, tmp_path: Path):  # type: ignore[no-untyped-def]
-    servers: list[SectuneServer] = []
-
-    def start(*args: str) -> SectuneServer:
-        server = start_server(tmp_path, list(args), trained.env)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def _served(server: SectuneServer) -> dict[str, list[dict[str, Any]]]:
@@ -400,6 +354,8 @@ def test_prometheus_scrapes_latency_predictions_and_drift(trained, serve, tmp_pa
         return bool(prometheus.query(expr))
 
     for expr in dashboard_queries()["sectune-serving"]:
+        if live_quality_query(expr):  # verdicts: test_feedback_e2e.py
+            continue
         if 'code=~"5.."' in expr:
             prometheus.query(expr)
             continue

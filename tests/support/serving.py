@@ -9,7 +9,17 @@ from typing import Any
 
 import httpx
 
+from sectune.yamlio import dump_yaml
+
 from .processes import Server, free_port
+from .trained import Version
+
+TEXTS = [
+    "mimikatz lsass dump beacon by user=<USER_1> from <IP_1> #1",
+    "backup completed scheduled update by user=<USER_2> from <IP_2> #2",
+    "exfil ransom beacon dump by user=<USER_1> from <IP_3> #3",
+    "healthy routine backup update by user=<USER_3> from <IP_1> #4",
+]
 
 
 @dataclass
@@ -77,3 +87,29 @@ def start_server(
         process.stop()
         raise
     return server
+
+
+def serving_config(
+    path: Path, adapters: dict[str, list[tuple[str, Version | str, int]]], **extra: Any
+) -> Path:
+    document: dict[str, Any] = {
+        "apiVersion": "sectune.io/v1alpha1",
+        "kind": "ServingConfig",
+        "adapters": [
+            {
+                "name": name,
+                "versions": [
+                    {"version": v, "uri": source, "traffic": t}
+                    if isinstance(source, str)
+                    else {"version": v, "uri": source.uri, "sha256": source.sha256, "traffic": t}
+                    for v, source, t in versions
+                ],
+            }
+            for name, versions in adapters.items()
+        ],
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_yaml(document))
+    tmp.replace(path)  # atomically, as the kubelet swaps a ConfigMap volume
+    return path

@@ -1,6 +1,7 @@
-"""The alert rules the chart ships: promtool checks them, promtool unit tests prove every alert
-fires when it should and stays silent when it should not, and every metric they name is one the
-code exports."""
+"""The recording and alert rules the chart ships: promtool checks them, promtool unit tests prove
+every alert fires when it should and stays silent when it should not (and the live-quality
+records compute what scikit-learn does), and every metric they name is one the code exports or
+a rule records."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "charts" / "sectune" / "files" / "prometheus" / "rules.yaml"
 RULE_TESTS = ROOT / "tests" / "monitoring" / "rules.test.yaml"
 METRIC = re.compile(r"\b(sectune_[a-z0-9_]+)\b")
+RECORDED = re.compile(r"\b(sectune:[a-z0-9_]+:[a-z0-9]+)\b")
 
 
 def exported_metrics() -> set[str]:
@@ -40,8 +42,16 @@ def exported_metrics() -> set[str]:
     return names
 
 
-def alerts() -> list[dict]:  # type: ignore[type-arg]
+def rules() -> list[dict]:  # type: ignore[type-arg]
     return [rule for group in load_yaml(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def alerts() -> list[dict]:  # type: ignore[type-arg]
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recorded() -> set[str]:
+    return {rule["record"] for rule in rules() if "record" in rule}
 
 
 def test_rules_pass_promtool_check():
@@ -49,7 +59,7 @@ def test_rules_pass_promtool_check():
         [tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(alerts())} rules found" in checked.stdout
+    assert f"SUCCESS: {len(rules())} rules found" in checked.stdout
 
 
 def test_every_alert_fires_and_stays_silent_as_its_unit_tests_say(tmp_path: Path):
@@ -69,10 +79,13 @@ def test_every_alert_fires_and_stays_silent_as_its_unit_tests_say(tmp_path: Path
 
 
 def test_rules_name_only_metrics_the_code_exports():
-    exported = exported_metrics()
-    for rule in alerts():
+    exported, records = exported_metrics(), recorded()
+    for rule in rules():
+        named = rule.get("alert") or rule["record"]
         for name in METRIC.findall(rule["expr"]):
-            assert name in exported, f"{rule['alert']} queries {name}, which nothing exports"
+            assert name in exported, f"{named} queries {name}, which nothing exports"
+        for name in RECORDED.findall(rule["expr"]):
+            assert name in records, f"{named} queries {name}, which no rule records"
 
 
 def test_every_alert_has_a_runbook():
@@ -100,6 +113,8 @@ def test_dashboard_queries_parse_and_name_only_exported_metrics(tmp_path: Path):
         for index, expr in enumerate(exprs):
             for name in METRIC.findall(expr):
                 assert name in exported, f"{board} queries {name}, which nothing exports"
+            for name in RECORDED.findall(expr):
+                assert name in recorded(), f"{board} queries {name}, which no rule records"
             records.append({"record": f"dashboard:{board.replace('-', '_')}:{index}", "expr": expr})
     # promtool parses every expression as a recording rule.
     (tmp_path / "dashboards.yaml").write_text(

@@ -372,12 +372,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.config) == bool(args.adapter):
         console.print("[red]error:[/] give either --config FILE or one or more --adapter name=URI")
         return ExitCode.BAD_INPUT
+    if args.config and args.feedback_store:
+        console.print("[red]error:[/] with --config, set feedback.store in the config file")
+        return ExitCode.BAD_INPUT
     try:
         config_path = Path(args.config) if args.config else None
         config = (
             load_serving_config(config_path)
             if config_path
-            else config_from_flags(args.adapter, args.base_model)
+            else config_from_flags(args.adapter, args.base_model, args.feedback_store)
         )
     except ManifestError as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -746,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--base-model", help="base model URI (default: the one the adapters were trained on)"
+    )
+    serve_cmd.add_argument(
+        "--feedback-store",
+        help="file:// or s3:// prefix where analysts' verdicts (POST /v1/feedback) are kept",
     )
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve_cmd.add_argument("--port", type=int, default=8000, help="port to listen on")

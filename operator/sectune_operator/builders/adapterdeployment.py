@@ -110,6 +110,7 @@ def render_serving_config(
         base_model=spec.base_model,
         adapters=adapters,
         drift=spec.drift,
+        feedback=spec.feedback,
         require_passed_gates=spec.promotion.require_passed_gates,
     )
     return Rendered(config, kept)

@@ -677,6 +677,7 @@ def _local_uris(spec: AdapterDeploymentSpec) -> list[str]:
     for a in spec.adapters:
         for v in a.versions:
             fields[f"spec.adapters[{a.name}].versions[{v.version}].source.uri"] = v.source.uri or ""
+    fields["spec.feedback.store"] = spec.feedback.store or ""
     return [field for field, uri in fields.items() if uri.startswith("file://")]
 
 

@@ -179,7 +179,8 @@ def load_token(path: Path) -> bytes:
 
 def audit(request: Any, status: int, seconds: float) -> None:
     """One JSON access-log line for an API request: who (key id, never the key), which model,
-    what came of it. Never the body. `request.state` carries caller, served and tokens."""
+    what came of it. Never the body. `request.state` carries caller, served and tokens, and
+    `audit` what an endpoint adds (a verdict's prediction id and outcome)."""
     caller: ApiKey | None = request.state.caller
     adapter, version = request.state.served or (None, None)
     prompt, completion = request.state.tokens
@@ -197,6 +198,7 @@ def audit(request: Any, status: int, seconds: float) -> None:
                 "latencyMs": round(seconds * 1000, 1),
                 "promptTokens": prompt,
                 "completionTokens": completion,
+                **getattr(request.state, "audit", {}),
             },
             separators=(",", ":"),
         )

@@ -125,6 +125,32 @@ class DriftSettings(Spec):
     """Score above which drift alerts fire (exported as sectune_serve_drift_threshold)."""
 
 
+class FeedbackSettings(Spec):
+    """Analysts' verdicts on served predictions (`POST /v1/feedback`): where they are kept,
+    how long a prediction can be judged, and when live quality alerts."""
+
+    store: Uri | None = None
+    """Prefix the verdicts are written to (s3://… or file://…), sanitized, as JSONL in the
+    training format, with the storage credentials the servers already have. Unset: responses
+    still carry ids, and /v1/feedback answers that this server keeps no verdicts."""
+    window_minutes: int = Field(1440, ge=1, le=43200)
+    """How long after a prediction a verdict on it is taken; later ones get 404."""
+    max_predictions: int = Field(50_000, ge=100, le=1_000_000)
+    """Predictions held for joining (their inputs are in memory until the window ends); the
+    oldest go first when more arrive."""
+    batch_size: int = Field(100, ge=1, le=10_000)
+    """Verdicts written as one object at most."""
+    flush_seconds: float = Field(2.0, ge=0.05, le=60.0)
+    """Longest a verdict waits for its batch to be written. A verdict is acknowledged only
+    once its batch is stored, so this bounds /v1/feedback's latency."""
+    min_verdicts: int = Field(50, ge=1, le=1_000_000)
+    """Verdicts a version needs in the live-quality window before its live macro-F1 is judged
+    (exported as sectune_serve_feedback_min_verdicts)."""
+    max_drop: float = Field(0.1, ge=0.0, le=1.0)
+    """Live macro-F1 this far below the version's offline macro-F1 fires
+    SectuneLiveQualityDropped (exported as sectune_serve_feedback_max_drop)."""
+
+
 class ServingConfig(Spec):
     """The server's configuration file."""
 
@@ -136,6 +162,8 @@ class ServingConfig(Spec):
     """Adapters offered; names are unique."""
     drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
     """Drift monitoring."""
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)  # type: ignore[arg-type]
+    """Analysts' verdicts and live quality."""
     require_passed_gates: bool = True
     """Refuse a version whose manifest says its evaluation gates failed (load-failure reason
     gates-failed). False serves it anyway: for comparing a failed run by hand."""
@@ -172,9 +200,12 @@ def load_serving_config(path: Path) -> ServingConfig:
     return parse_serving_config(document, str(path))
 
 
-def config_from_flags(adapters: list[str], base_model: str | None) -> ServingConfig:
+def config_from_flags(
+    adapters: list[str], base_model: str | None, feedback_store: str | None = None
+) -> ServingConfig:
     """`sectune serve --adapter name=URI …`: one version per adapter, named "current" (it
-    follows the job's current.json), with all the traffic."""
+    follows the job's current.json), with all the traffic; verdicts kept under
+    `--feedback-store` when given."""
     entries = []
     for item in adapters:
         name, sep, uri = item.partition("=")
@@ -186,4 +217,6 @@ def config_from_flags(adapters: list[str], base_model: str | None) -> ServingCon
     document: dict[str, Any] = {"adapters": entries}
     if base_model:
         document["baseModel"] = {"uri": base_model}
+    if feedback_store:
+        document["feedback"] = {"store": feedback_store}
     return parse_serving_config(document, "command line")

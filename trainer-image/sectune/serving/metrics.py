@@ -91,6 +91,48 @@ class ServingMetrics:
             [*version, "reason"],
             registry=self.registry,
         )
+        self.verdicts = Counter(
+            "sectune_serve_verdicts",
+            "Analysts' verdicts on /v1/classify answers (POST /v1/feedback), by the label "
+            "predicted and the label the analyst gave; correct is true when they agree. Every "
+            "pair starts at 0 when a version loads with a feedback store configured.",
+            [*version, "predicted", "actual", "correct"],
+            registry=self.registry,
+        )
+        self.generation_verdicts = Counter(
+            "sectune_serve_generation_verdicts",
+            "Analysts' verdicts on generated answers: verdict is accepted or rejected.",
+            [*version, "verdict"],
+            registry=self.registry,
+        )
+        self.feedback_writes = Counter(
+            "sectune_serve_feedback_writes",
+            "Verdicts written to the feedback store (result stored) or not (failed: the "
+            "client was answered 503 and may retry).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.offline_macro_f1 = Gauge(
+            "sectune_serve_offline_macro_f1",
+            "Macro-F1 of the version on its held-out data, from its evaluation report: what "
+            "live macro-F1 is compared with.",
+            version,
+            registry=self.registry,
+        )
+        self.feedback_min_verdicts = Gauge(
+            "sectune_serve_feedback_min_verdicts",
+            "The deployment's feedback.minVerdicts per version: fewer verdicts in the window "
+            "and live quality is not judged.",
+            version,
+            registry=self.registry,
+        )
+        self.feedback_max_drop = Gauge(
+            "sectune_serve_feedback_max_drop",
+            "The deployment's feedback.maxDrop per version: how far live macro-F1 may fall "
+            "below the offline one.",
+            version,
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "sectune_serve_batch_size",
             "Requests per forward pass (mixed adapters share a batch).",

@@ -27,7 +27,7 @@ from sectune.contract import AdapterManifest, RunReport
 from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.serving import verify
-from sectune.serving.config import ServedVersion, ServingConfig
+from sectune.serving.config import FeedbackSettings, ServedVersion, ServingConfig
 from sectune.serving.drift import DriftMonitor, input_reference, reference_distribution
 from sectune.serving.engine import Engine
 from sectune.serving.metrics import ServingMetrics
@@ -113,6 +113,7 @@ class Registry:
         self._retired: dict[str, tuple[float, LoadedVersion]] = {}
         """Versions out of the routing table, by key, with when they are unloaded."""
         self._drift_threshold = 0.0
+        self._feedback = FeedbackSettings()  # type: ignore[call-arg]
         self._configured: list[str] = []
         self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -206,6 +207,7 @@ class Registry:
             self._refused = refused
             self._configured = [a.name for a in config.adapters]
             self._drift_threshold = config.drift.threshold
+            self._feedback = config.feedback
         self.unload_retired()
         self._export_info()
         return ApplyResult(loaded_now, failed, [v.model_id for v in stale])
@@ -316,10 +318,14 @@ class Registry:
             self.metrics.input_drift,
             self.metrics.drift_threshold,
             self.metrics.adapter_refused,
+            self.metrics.offline_macro_f1,
+            self.metrics.feedback_min_verdicts,
+            self.metrics.feedback_max_drop,
         ):
             gauge.clear()
         with self._lock:
             refused, threshold = dict(self._refused), self._drift_threshold
+            feedback = self._feedback
         for (adapter, version), reason in refused.items():
             self.metrics.adapter_refused.labels(adapter, version, reason).set(1)
         for versions in self.versions().values():
@@ -329,6 +335,26 @@ class Registry:
                 ).set(1)
                 if v.drift is not None or v.input_drift is not None:
                     self.metrics.drift_threshold.labels(v.adapter, v.version).set(threshold)
+                if feedback.store is not None:
+                    self._export_feedback(v, feedback)
+
+    def _export_feedback(self, v: LoadedVersion, feedback: FeedbackSettings) -> None:
+        """What live quality is judged against, and every verdict series at 0, so that the
+        first verdict of a pair is an increase Prometheus sees (a labelled counter otherwise
+        has no series before it)."""
+        self.metrics.feedback_min_verdicts.labels(v.adapter, v.version).set(feedback.min_verdicts)
+        self.metrics.feedback_max_drop.labels(v.adapter, v.version).set(feedback.max_drop)
+        offline = v.report.tuned.get("macroF1")
+        if isinstance(offline, int | float):
+            self.metrics.offline_macro_f1.labels(v.adapter, v.version).set(offline)
+        if v.spec.task.type == "classification":
+            for predicted in v.spec.task.labels:
+                for actual in v.spec.task.labels:
+                    correct = str(predicted == actual).lower()
+                    self.metrics.verdicts.labels(v.adapter, v.version, predicted, actual, correct)
+        else:
+            for verdict in ("accepted", "rejected"):
+                self.metrics.generation_verdicts.labels(v.adapter, v.version, verdict)
 
     def update_drift(self) -> None:
         for versions in self.versions().values():

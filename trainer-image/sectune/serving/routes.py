@@ -4,6 +4,7 @@ adapter, `name@version` pins a version, `base` is the base model without an adap
     POST /v1/classify            label + per-label probabilities, one forward pass
     POST /v1/chat/completions    chat, the adapter's system prompt added when the request has none
     POST /v1/completions         raw text completion
+    POST /v1/feedback            an analyst's verdict on an answer, by the answer's id
     GET  /v1/models[/{name}]     adapters, versions, digests (+ training config and metrics)
     GET  /metrics /healthz /readyz
 
@@ -37,6 +38,15 @@ from sectune.serving.engine import (
     Engine,
     GenerateWork,
     Overloaded,
+)
+from sectune.serving.feedback import (
+    FeedbackError,
+    Held,
+    Judgement,
+    Prediction,
+    VerdictRequest,
+    judge,
+    new_id,
 )
 from sectune.serving.registry import LoadedVersion, Registry
 from sectune.serving.state import ServerState
@@ -253,6 +263,39 @@ async def run(
         raise ApiError(500, "the model failed on this request; the server log has why") from None
 
 
+def hold(
+    state: ServerState,
+    version: LoadedVersion | None,
+    output: str,
+    prefix: str = "",
+    **given: Any,
+) -> str:
+    """A fresh id for an answer; with a feedback store configured, the answer is held under
+    it for the verdict window (answers of the base model take no verdicts). A label from
+    /v1/classify is judged by label; generated text, from any adapter, by accepted/rejected."""
+    answer_id = new_id(prefix)
+    if state.predictions is not None and version is not None:
+        task = version.spec.task.type
+        if "fields" in given:
+            given["labels"] = tuple(version.spec.task.labels or ())
+        elif task == "classification":
+            task = "generation"
+        if given.get("messages") is not None:
+            given["messages"] = tuple(given["messages"])
+        state.predictions.add(
+            Prediction(
+                id=answer_id,
+                adapter=version.adapter,
+                version=version.version,
+                task=task,
+                output=output,
+                sanitize=version.spec.dataset.sanitize,
+                **given,
+            )
+        )
+    return answer_id
+
+
 def headers(version: LoadedVersion | None) -> dict[str, str]:
     if version is None:
         return {"x-sectune-model": BASE_MODEL_NAME}
@@ -368,12 +411,20 @@ async def classify(
     labels = version.spec.task.labels
     best = max(range(len(labels)), key=probabilities.__getitem__)
     adapter, ver = observe(state, request, version, "classify", began, len(prompt), 0)
+    answer_id = hold(
+        state,
+        version,
+        labels[best],
+        fields=fields,
+        probabilities=dict(zip(labels, probabilities, strict=True)),
+    )
     state.metrics.predictions.labels(adapter, ver, labels[best]).inc()
     state.metrics.confidence.labels(adapter, ver).observe(probabilities[best])
     if version.drift is not None:
         version.drift.record(labels[best])
     return JSONResponse(
         {
+            "id": answer_id,
             "object": "classification",
             "model": version.model_id,
             "label": labels[best],
@@ -463,9 +514,10 @@ async def chat(state: State, request: Request, body: ChatRequest, tenant: Admitt
     content, finish, usage = await complete(
         state, request, version, prompt, body, "chat", began, tenant
     )
+    answer_id = hold(state, version, content, messages=messages, prefix="chatcmpl-")
     return JSONResponse(
         {
-            "id": f"chatcmpl-{time.time_ns():x}",
+            "id": answer_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": version.model_id if version else BASE_MODEL_NAME,
@@ -499,9 +551,10 @@ async def completions(
     content, finish, usage = await complete(
         state, request, version, prompt, body, "completions", began, tenant
     )
+    answer_id = hold(state, version, content, prompt=body.prompt, prefix="cmpl-")
     return JSONResponse(
         {
-            "id": f"cmpl-{time.time_ns():x}",
+            "id": answer_id,
             "object": "text_completion",
             "created": int(time.time()),
             "model": version.model_id if version else BASE_MODEL_NAME,
@@ -510,3 +563,81 @@ async def completions(
         },
         headers=headers(version),
     )
+
+
+@router.post("/v1/feedback")
+async def feedback(
+    state: State, request: Request, body: VerdictRequest, tenant: Admitted
+) -> Response:
+    """An analyst's verdict on one answer, acknowledged once stored (see sectune.serving.feedback);
+    the same verdict posted again is answered as before and stored once."""
+    if state.predictions is None or state.feedback is None:
+        raise ApiError(
+            501,
+            "this server keeps no verdicts: set feedback.store in the AdapterDeployment "
+            "(sectune serve --feedback-store URI on a laptop)",
+            "id",
+        )
+    held = state.predictions.get(body.id)
+    if held is None:
+        window = state.predictions.window / 60
+        raise ApiError(
+            404,
+            f"no answer with id {body.id!r} in the last {window:g} minutes: it is unknown, "
+            "expired, or was answered by the base model",
+            "id",
+        )
+    prediction = held.prediction
+    if not may_use(request, prediction.adapter):
+        caller: ApiKey = request.state.caller
+        raise ApiError(403, f"API key {caller.id!r} may not use {prediction.adapter!r}", "id")
+    request.state.served = (prediction.adapter, prediction.version)
+    try:
+        judgement = judge(prediction, body, tenant or "anonymous")
+    except FeedbackError as exc:
+        raise ApiError(exc.status, exc.message, exc.field) from None
+    duplicate = held.verdict is not None
+    if held.verdict is not None and held.verdict != judgement.fingerprint:
+        raise ApiError(
+            409,
+            f"a different verdict on {body.id!r} was already taken; verdicts are not "
+            "overwritten (the first one is in the feedback store)",
+            "id",
+        )
+    if held.stored is None:
+        held.verdict, held.stored = judgement.fingerprint, state.feedback.submit(judgement)
+        held.stored.add_done_callback(lambda done: settle(state, held, judgement, done))
+    stored = held.stored
+    request.state.audit = {
+        "prediction": body.id,
+        "verdict": "accepted" if judgement.correct else "rejected",
+        "duplicate": duplicate,
+    }
+    try:
+        await asyncio.wrap_future(stored)
+    except Exception:
+        raise ApiError(503, "the verdict could not be stored; retry it", retry_after=2) from None
+    return JSONResponse(
+        {
+            "object": "feedback",
+            "id": body.id,
+            "model": f"{prediction.adapter}@{prediction.version}",
+            "correct": judgement.correct,
+            "duplicate": duplicate,
+        }
+    )
+
+
+def settle(state: ServerState, held: Held, judgement: Judgement, done: Any) -> None:
+    """Once a verdict's batch is written or not (on the writer's thread): stored, it counts in
+    the live-quality metrics, once; not stored, it is forgotten, so a retry submits it again."""
+    if done.exception() is not None:
+        held.verdict, held.stored = None, None
+        return
+    p = judgement.prediction
+    if p.task == "classification":
+        state.metrics.verdicts.labels(
+            p.adapter, p.version, p.output, judgement.actual, str(judgement.correct).lower()
+        ).inc()
+    else:
+        state.metrics.generation_verdicts.labels(p.adapter, p.version, judgement.actual).inc()

@@ -205,8 +205,7 @@ def serve(
         server.run()
     finally:
         stop.set()
-        if state.engine is not None:
-            state.engine.stop()
+        state.close()
         if state.registry is not None:  # the verified adapter files downloaded at load
             shutil.rmtree(state.registry.workdir, ignore_errors=True)
     return ExitCode.INFRASTRUCTURE if state.fatal else ExitCode.OK

@@ -13,8 +13,9 @@ from sectune import artifacts
 from sectune.config import BaseModelSpec, ManifestError
 from sectune.serving.admission import Admission
 from sectune.serving.auth import ApiKey, load_api_keys, load_token
-from sectune.serving.config import ServingConfig
+from sectune.serving.config import FeedbackSettings, ServingConfig
 from sectune.serving.engine import Engine
+from sectune.serving.feedback import FeedbackWriter, PredictionLog
 from sectune.serving.metrics import ServingMetrics
 from sectune.serving.registry import Registry
 from sectune.serving.watch import ConfigWatcher
@@ -76,6 +77,10 @@ class ServerState:
     metrics_token: bytes | None = None
     _keys_stamp: tuple[int, int, int] | None = None
     watcher: ConfigWatcher | None = None
+    predictions: PredictionLog | None = None
+    """Answers held for joining analysts' verdicts (None: no feedback store configured)."""
+    feedback: FeedbackWriter | None = None
+    feedback_settings: FeedbackSettings | None = None
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.options.max_in_flight, self.options.max_in_flight_per_key)
@@ -116,7 +121,40 @@ class ServerState:
         self.loading = "loading adapters"
         self.watcher = ConfigWatcher(self.registry, self.metrics, config, self.options.config_path)
         self.watcher.apply(config)
+        self.configure_feedback(config.feedback)
         self.loading = ""
+
+    def configure_feedback(self, settings: FeedbackSettings) -> None:
+        """Hold predictions and store verdicts as `settings` say (at start and whenever the
+        config's feedback section changes); a store that changes gets what was pending first."""
+        if settings == self.feedback_settings:
+            return
+        previous, self.feedback_settings = self.feedback_settings, settings
+        if settings.store is None:
+            self.predictions = None
+        elif self.predictions is None:
+            self.predictions = PredictionLog(settings.window_minutes * 60, settings.max_predictions)
+        else:
+            self.predictions.window = settings.window_minutes * 60
+            self.predictions.max_predictions = settings.max_predictions
+        if previous is None or previous.store != settings.store or self.feedback is None:
+            if self.feedback is not None:
+                self.feedback.close()
+            self.feedback = FeedbackWriter(settings, self.metrics) if settings.store else None
+        elif self.feedback is not None:
+            self.feedback.batch_size = settings.batch_size
+            self.feedback.flush_seconds = settings.flush_seconds
+        log.info(
+            "analysts' verdicts: %s",
+            f"stored under {settings.store}" if settings.store else "not kept (no feedback.store)",
+        )
+
+    def close(self) -> None:
+        """Stop taking work: pending verdicts written, the model's worker stopped."""
+        if self.feedback is not None:
+            self.feedback.close()
+        if self.engine is not None:
+            self.engine.stop()
 
     @staticmethod
     def _base_from_manifests(config: ServingConfig) -> BaseModelSpec:
@@ -179,6 +217,7 @@ class ServerState:
     def reload_if_changed(self) -> None:
         if self.watcher is not None:
             self.watcher.reload_if_changed()
+            self.configure_feedback(self.watcher.config.feedback)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

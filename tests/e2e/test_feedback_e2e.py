@@ -1,0 +1,178 @@
+"""Analysts' verdicts for real: `sectune serve` with a feedback store in the S3 server, answers
+judged through POST /v1/feedback with scoped keys, the verdicts read back from the store
+(sanitized, in the training format), and live quality computed by a real Prometheus running
+the chart's own recording and alert rules, checked against scikit-learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectune import storage
+from support.monitoring import dashboard_queries, live_quality_query
+from support.processes import wait_until
+from support.serving import TEXTS
+from support.serving import serving_config as _config
+from support.trained import Trained
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+RULES = Path(__file__).resolve().parents[2] / "charts/sectune/files/prometheus/rules.yaml"
+TRIAGE_KEY = "triage-key-0123456789"
+OTHER_KEY = "other-key-0123456789"
+LEAKY = "Failed password for root from 185.220.101.4 port 22 ssh2; sshpass -pHunter22xyz"
+
+
+def _opposite(label: str) -> str:
+    return "benign" if label == "malicious" else "malicious"
+
+
+def test_verdicts_are_stored_sanitized_and_become_live_quality(
+    trained: Trained, serve: Any, tmp_path: Path, prometheus: Any, s3_env: Any
+) -> None:
+    from sklearn.metrics import f1_score
+
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"triage-bot {TRIAGE_KEY} triage\nother-bot {OTHER_KEY} other\n")
+    store = f"s3://{trained.bucket}/feedback-{tmp_path.name}"
+    config = _config(
+        tmp_path / "serving.yaml",
+        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+        feedback={
+            "store": store,
+            "batchSize": 8,
+            "flushSeconds": 0.2,
+            "minVerdicts": 10,
+            "maxDrop": 0.0,
+        },
+    )
+    server = serve("--config", str(config), "--api-keys-file", str(keys))
+    prometheus.start(
+        [{"job_name": "sectune-serve", "static_configs": [{"targets": [server.url[7:]]}]}],
+        rule_files=[RULES],
+    )
+
+    # Answers carry ids; triage's analyst agrees with the first 8 and corrects the next 16.
+    texts = [f"{t} run {i}" for i in range(6) for t in TEXTS] + [LEAKY]
+    answers = [server.classify("triage", t, key=TRIAGE_KEY).json() for t in texts]
+    assert len({a["id"] for a in answers}) == len(answers)
+    truth = [a["label"] if i < 8 else _opposite(a["label"]) for i, a in enumerate(answers)]
+    for answer, label in zip(answers, truth, strict=True):
+        posted = server.post(
+            "/v1/feedback",
+            {
+                "id": answer["id"],
+                "label": label,
+                "reviewer": "analyst-7",
+                "comment": "confirmed with bob@example.org",
+            },
+            key=TRIAGE_KEY,
+        )
+        assert posted.status_code == 200, posted.text
+        assert posted.json()["correct"] == (label == answer["label"])
+        assert posted.json()["model"] == "triage@v1"
+
+    # Idempotent per id; refusals name the field and store nothing.
+    first = answers[0]
+    again = server.post(
+        "/v1/feedback",
+        {
+            "id": first["id"],
+            "label": truth[0],
+            "reviewer": "analyst-7",
+            "comment": "confirmed with bob@example.org",
+        },
+        key=TRIAGE_KEY,
+    )
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    refusals = [
+        ({"id": first["id"], "label": _opposite(truth[0])}, TRIAGE_KEY, 409, "id"),
+        ({"id": "pred-0123456789abcdef01234567", "label": "benign"}, TRIAGE_KEY, 404, "id"),
+        ({"id": answers[1]["id"], "label": "suspicious"}, TRIAGE_KEY, 422, "label"),
+        ({"id": answers[1]["id"], "label": "benign"}, OTHER_KEY, 403, "id"),
+        ({"id": answers[1]["id"], "label": "benign", "score": 1}, TRIAGE_KEY, 422, "score"),
+    ]
+    for body, key, status, field in refusals:
+        refused = server.post("/v1/feedback", body, key=key)
+        assert refused.status_code == status, (body, refused.text)
+        assert refused.json()["error"]["param"] == field
+    assert server.post("/v1/feedback", {"id": first["id"], "label": "benign"}).status_code == 401
+
+    # The other adapter: every verdict corrects it, so its live macro-F1 is 0.
+    other = [server.classify("other", t, key=OTHER_KEY).json() for t in texts[:12]]
+    for answer in other:
+        body = {"id": answer["id"], "label": _opposite(answer["label"])}
+        assert server.post("/v1/feedback", body, key=OTHER_KEY).status_code == 200
+
+    # A chat answer is judged accepted or rejected and stored with the reply to learn from.
+    chat = server.post(
+        "/v1/chat/completions",
+        {"model": "triage", "messages": [{"role": "user", "content": LEAKY}], "max_tokens": 4},
+        key=TRIAGE_KEY,
+    ).json()
+    assert chat["id"].startswith("chatcmpl-")
+    assert (
+        server.post(
+            "/v1/feedback", {"id": chat["id"], "verdict": "accepted"}, key=TRIAGE_KEY
+        ).status_code
+        == 200
+    )
+
+    # Stored: one row per verdict, in the training format, sanitized.
+    rows = [
+        json.loads(line)
+        for name in storage.list_files(f"{store}/triage")
+        for line in storage.read_bytes(f"{store}/triage/{name}").decode().splitlines()
+    ]
+    classified = {r["id"]: r for r in rows if "label" in r}
+    assert sorted(classified) == sorted(a["id"] for a in answers)
+    assert [classified[a["id"]]["label"] for a in answers] == truth
+    assert [m["role"] for r in rows if "messages" in r for m in r["messages"]][-1] == "assistant"
+    dump = json.dumps(rows)
+    for secret in ("185.220.101.4", "Hunter22xyz", "bob@example.org"):
+        assert secret not in dump
+    assert all(r["feedback"]["caller"] == "triage-bot" for r in classified.values())
+
+    # Live quality in Prometheus, through the chart's recording rules, is scikit-learn's.
+    predicted = [a["label"] for a in answers]
+    expected = f1_score(truth, predicted, average="macro")
+
+    def recorded(adapter: str) -> dict[str, float]:
+        rows = prometheus.query(
+            f'{{__name__=~"sectune:serve_live_macro_f1:1d|sectune:serve_verdicts:sum1d",'
+            f'adapter="{adapter}"}}'
+        )
+        return {r["metric"]["__name__"]: float(r["value"][1]) for r in rows}
+
+    wait_until(
+        lambda: recorded("triage").get("sectune:serve_verdicts:sum1d") == 25,
+        60,
+        "triage's verdicts recorded",
+    )
+    assert recorded("triage")["sectune:serve_live_macro_f1:1d"] == pytest.approx(expected)
+    wait_until(
+        lambda: recorded("other").get("sectune:serve_verdicts:sum1d") == 12,
+        60,
+        "other's verdicts recorded",
+    )
+    assert recorded("other")["sectune:serve_live_macro_f1:1d"] == 0.0
+    [offline] = prometheus.query('sectune_serve_offline_macro_f1{adapter="other"}')
+    assert float(offline["value"][1]) > 0  # it got something right on its held-out data
+
+    # ... and the alert is on its way for the adapter analysts keep correcting (for: 15m).
+    def pending(adapter: str) -> bool:
+        return bool(
+            prometheus.query(f'ALERTS{{alertname="SectuneLiveQualityDropped",adapter="{adapter}"}}')
+        )
+
+    wait_until(lambda: pending("other"), 30, "SectuneLiveQualityDropped pending for other")
+    [triage_offline] = prometheus.query('sectune_serve_offline_macro_f1{adapter="triage"}')
+    assert pending("triage") == (float(triage_offline["value"][1]) > expected)
+
+    # Every Live quality panel of the shipped Serving dashboard answers from this traffic.
+    for expr in dashboard_queries()["sectune-serving"]:
+        if live_quality_query(expr):
+            wait_until(lambda expr=expr: bool(prometheus.query(expr)), 30, f"series for {expr}")
