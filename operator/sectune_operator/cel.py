@@ -121,6 +121,19 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "fieldPath": f".{name}",
         }
         for name in ("train", "validation", "test")
+    ]
+    + [
+        {
+            "rule": "!has(self.feedback) || self.format in ['classification', 'chat']",
+            "message": "dataset.feedback: not implemented yet for this format (verdicts are "
+            "stored as classification rows or chat messages); use format classification or chat",
+            "fieldPath": ".feedback",
+        },
+        {
+            "rule": "!has(self.feedback) || !self.feedback.uri.startsWith('hf://')",
+            "message": HF_DATASET_MESSAGE.format(field="feedback.uri"),
+            "fieldPath": ".feedback.uri",
+        },
     ],
     QualitySpec: [
         {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,89 @@ def test_a_batch_that_cannot_be_written_is_not_acknowledged(tmp_path: Path) -> N
             future.result(timeout=10)
     writer.close()
     assert writer.metrics.feedback_writes.labels("failed")._value.get() == 2
+
+
+# ---------------------------------------------------------------------------- training on them
+
+
+def _store_verdicts(folder: Path, judgements: list[Judgement]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sanitizer = Sanitizer(SanitizeSpec())
+    lines = [build_record(j, sanitizer).line() for j in judgements]
+    (folder / "20261203T000000Z-aaaa.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_job_trains_on_verdicts_but_never_evaluates_on_them(tmp_path: Path) -> None:
+    from sectune.data.prepare import prepare_data
+
+    rows = [
+        {"id": f"r{i}", "text": f"event {i} from host-{i}", "label": LABELS[i % 2]}
+        for i in range(20)
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:16]) + "\n")
+    (tmp_path / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in rows[16:]) + "\n")
+
+    def answered(text: str, label: str, days_ago: float = 0) -> Judgement:
+        p = Prediction(
+            id=new_id(), adapter="triage", version="v1", task="classification",
+            output="malicious", sanitize=SanitizeSpec(), labels=LABELS,
+            fields={"text": text}, at=time.time() - days_ago * 86400,
+        )  # fmt: skip
+        j = judge(p, verdict(label=label), "soc")
+        return Judgement(j.prediction, j.request, j.actual, j.caller, at=p.at)
+
+    fresh = [answered(f"new beacon pattern {i}", "benign") for i in range(3)]
+    judgements = [
+        *fresh,
+        answered("old pattern", "benign", days_ago=400),  # expired
+        answered(rows[17]["text"], "benign"),  # a validation row's input
+        answered("relabelled twice", "malicious", days_ago=2),  # superseded by the next
+        answered("relabelled twice", "benign"),
+    ]
+    _store_verdicts(tmp_path / "verdicts" / "triage", judgements)
+    spec = JobSpec.model_validate(
+        {
+            "baseModel": {"uri": "hf://org/model"},
+            "dataset": {
+                "train": f"file://{tmp_path}/train.jsonl",
+                "validation": f"file://{tmp_path}/valid.jsonl",
+                "feedback": {"uri": f"file://{tmp_path}/verdicts/triage", "weight": 2},
+                "quality": {"audit": False},
+            },
+            "task": {"type": "classification", "labels": list(LABELS)},
+        }
+    )
+    prepared = prepare_data(spec)
+    report = prepared.report.sources["feedback"]
+    assert (report["rows"], report["used"], report["examples"]) == (7, 4, 8)
+    assert report["leftOut"] == {"expired": 1, "heldOutOverlapping": 1, "superseded": 1}
+    verdict_ids = {j.prediction.id for j in judgements}
+    held_out = {e.id.split("~")[0] for e in [*prepared.validation, *prepared.test]}
+    assert not held_out & verdict_ids
+    trained = Counter(
+        e.id.split("~")[0] for e in prepared.train if e.id.split("~")[0] in verdict_ids
+    )
+    assert set(trained) == {j.prediction.id for j in fresh} | {judgements[-1].prediction.id}
+    assert set(trained.values()) == {2}  # weight 2: each verdict twice
+    [relabelled] = [e for e in prepared.train if e.id == judgements[-1].prediction.id]
+    assert relabelled.target == "benign"  # the latest decision wins
+    # The lineage digest covers the verdicts: another verdict, another digest.
+    _store_verdicts(tmp_path / "verdicts" / "triage" / "more", [answered("later", "benign")])
+    assert prepare_data(spec).report.digest != prepared.report.digest
+
+
+def test_feedback_is_refused_for_formats_it_cannot_fill() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not implemented yet for format instruction"):
+        JobSpec.model_validate(
+            {
+                "baseModel": {"uri": "hf://org/model"},
+                "dataset": {
+                    "train": "s3://b/train.jsonl",
+                    "format": "instruction",
+                    "feedback": {"uri": "s3://b/verdicts/writer"},
+                },
+                "task": {"type": "generation"},
+            }
+        )

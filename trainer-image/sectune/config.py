@@ -207,6 +207,21 @@ class QualitySpec(Spec):
         )
 
 
+class FeedbackSource(Spec):
+    """Analysts' verdicts on a served adapter (an AdapterDeployment's `feedback.store`, the
+    adapter's folder in it) as extra training data: read after the held-out split, so never
+    part of validation or test."""
+
+    uri: Uri
+    """The adapter's folder in the feedback store: `<store>/<adapter>` (every .jsonl under it)."""
+    weight: float = Field(1.0, ge=0.1, le=10.0)
+    """How much each verdict counts against a training row: verdicts are repeated this many
+    times (2.5: every verdict twice, half of them, chosen with the seed, a third time; below 1
+    a seeded sample of them)."""
+    max_age_days: int = Field(90, ge=1, le=3650)
+    """Verdicts judged longer ago than this are left out (counted as expired)."""
+
+
 class DatasetSpec(Spec):
     """Training, validation and test data."""
 
@@ -242,6 +257,10 @@ class DatasetSpec(Spec):
     """Remove exact and near-duplicate examples before splitting."""
     quality: QualitySpec = Field(default_factory=QualitySpec)  # type: ignore[arg-type]
     """The data audit and the limits on what it finds."""
+    feedback: FeedbackSource | None = None
+    """Analysts' verdicts to train on as well (classification and chat data only): added to
+    the training split after held-out rows are set aside, minus any whose input is a held-out
+    row's."""
 
     # --------------------------------------------------------------------------- task
 
@@ -250,6 +269,13 @@ class DatasetSpec(Spec):
         for name in ("train", "validation", "test"):
             if (getattr(self, name) or "").startswith("hf://"):
                 raise ValueError(HF_DATASET_MESSAGE.format(field=name))
+        if self.feedback is not None and self.format not in ("classification", "chat"):
+            raise ValueError(
+                f"feedback: not implemented yet for format {self.format} (verdicts are stored "
+                "as classification rows or chat messages); use format classification or chat"
+            )
+        if self.feedback is not None and self.feedback.uri.startswith("hf://"):
+            raise ValueError(HF_DATASET_MESSAGE.format(field="feedback.uri"))
         return self
 
 

@@ -15,6 +15,7 @@ so a newer writer never breaks an older reader.
 from __future__ import annotations
 
 import json
+import time
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -188,7 +189,8 @@ class DataReport(_Tolerant):
     examples: int | None = None
     """The examples an evaluation scored."""
     digest: str | None = None
-    """sha256 over the data files."""
+    """sha256 over the data files (with dataset.feedback, combined with the sha256 over the
+    verdict objects read)."""
     provenance: dict[str, Any] | None = None
     """The review record the training file came with (`sectune data review apply`)."""
     skipped: dict[str, Any] | None = None
@@ -283,6 +285,50 @@ class TrainerResult(_Tolerant):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------- analysts' verdicts
+
+
+def timestamp(at: float) -> str:
+    """UTC, to the second, as every stored record writes times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+class FeedbackRecord(BaseModel):
+    """One analyst's verdict as the server stores it (`sectune.serving.feedback`) and a
+    training job reads it back (`dataset.feedback`): a row in the training format of the
+    adapter's task — the input fields and `label` for classification, `messages` for chat,
+    `prompt` + `completion` for completions — with what the analyst decided under `feedback`
+    (adapter, version, task, predicted, verdict, inputSha256, predictedAt, judgedAt, caller,
+    and the optional probabilities, reviewer, comment)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    label: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    feedback: dict[str, Any]
+
+    @property
+    def input_fields(self) -> dict[str, str]:
+        """A classification verdict's input fields (text, or the template's fields)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if isinstance(v, str)}
+
+    @property
+    def judged_at(self) -> float | None:
+        import calendar
+
+        try:
+            parsed = time.strptime(str(self.feedback.get("judgedAt")), "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            return None
+        return float(calendar.timegm(parsed))
+
+    def line(self) -> str:
+        return json.dumps(self.model_dump(exclude_none=True), ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- run report

@@ -6,6 +6,7 @@ then sanitized; nothing reads example text before the sanitizer has run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from sectune.contract import DataReport
 from sectune.data.audit import DataAudit, enforce
 from sectune.data.audit import audit as audit_data
 from sectune.data.example import Example
+from sectune.data.feedback import load_feedback
 from sectune.data.load import DataError, RawRow, _describe, data_digest, read_rows, row_id
 from sectune.data.review import provenance_for
 from sectune.data.sanitize import Sanitizer
@@ -361,6 +363,17 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     if not test:
         test = validation
         report.test_source = "validation"
+    if dataset.feedback is not None:
+        # After the split: a verdict is never a held-out row, nor one's input.
+        verdicts = load_feedback(dataset.feedback, spec, [*validation, *test])
+        redacted = sanitize_examples(verdicts.examples, spec).report
+        counts = Counter(report.sanitize.get("redactions", {})) + redacted.counts
+        report.sanitize["redactions"] = dict(sorted(counts.items()))
+        train = train + verdicts.examples
+        report.sources["feedback"] = verdicts.report
+        report.digest = (
+            "sha256:" + hashlib.sha256(f"{report.digest}:{verdicts.sha256}".encode()).hexdigest()
+        )
     if not train:
         raise DataError("dataset.train: no training examples left after validation and dedup")
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sectune import storage
 from sectune.config import SanitizeSpec
+from sectune.contract import FeedbackRecord, timestamp
 from sectune.serving.config import FeedbackSettings
 from sectune.serving.metrics import ServingMetrics
 
@@ -253,24 +254,6 @@ class PredictionLog:
 # ---------------------------------------------------------------------------- the stored record
 
 
-class FeedbackRecord(BaseModel):
-    """One stored verdict: a row in the training format of the adapter's task (the input
-    fields and `label` for classification, `messages` for chat, `prompt` + `completion`
-    for completions), with what the analyst decided under `feedback`."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    id: str
-    label: str | None = None
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    completion: str | None = None
-    feedback: dict[str, Any]
-
-    def line(self) -> str:
-        return json.dumps(self.model_dump(exclude_none=True), ensure_ascii=False)
-
-
 def build_record(judgement: Judgement, sanitizer: Any) -> FeedbackRecord:
     """The stored row for a verdict, redacted by `sanitizer` (one placeholder numbering
     for the whole row, as training data is)."""
@@ -296,8 +279,8 @@ def build_record(judgement: Judgement, sanitizer: Any) -> FeedbackRecord:
         "predicted": p.output if p.task == "classification" else clean["answer"],
         "verdict": "accepted" if judgement.correct else "rejected",
         "inputSha256": p.input_sha256,
-        "predictedAt": _timestamp(p.at),
-        "judgedAt": _timestamp(judgement.at),
+        "predictedAt": timestamp(p.at),
+        "judgedAt": timestamp(judgement.at),
         "caller": judgement.caller,
     }
     if p.probabilities is not None:
@@ -324,10 +307,6 @@ def build_record(judgement: Judgement, sanitizer: Any) -> FeedbackRecord:
         if kept is not None:
             row["completion"] = kept
     return FeedbackRecord.model_validate(row)
-
-
-def _timestamp(at: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 # ---------------------------------------------------------------------------- the writer
