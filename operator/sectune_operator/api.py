@@ -424,6 +424,23 @@ class DriftTrigger(Spec):
     """How long the score must stay above the threshold; also the quiet time after a trigger."""
 
 
+class QualityTrigger(Spec):
+    """Start a run when analysts' verdicts say the served adapter got worse: its live macro-F1
+    over a day (the chart's `sectune:serve_live_macro_f1:1d` recording rule, from
+    `POST /v1/feedback`) stays below a bound."""
+
+    adapter_deployment: str = Field(max_length=57, pattern=DNS_LABEL_PATTERN)
+    """The AdapterDeployment (in this namespace) serving the adapter, with a feedback.store."""
+    adapter: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    """The adapter whose verdicts are watched (its lowest-scoring version with enough of them)."""
+    min_macro_f1: float = Field(ge=0.0, le=1.0)
+    """Live macro-F1 below which a run starts."""
+    min_verdicts: int = Field(50, ge=1, le=1_000_000)
+    """Verdicts a version needs in the day before its live macro-F1 counts."""
+    for_minutes: int = Field(60, ge=1, le=10080)
+    """How long it must stay below the bound; also the quiet time after a trigger."""
+
+
 class SchedulePromotion(Spec):
     """Add a run whose gates passed to an AdapterDeployment as a canary (without GitOps)."""
 
@@ -487,14 +504,17 @@ class FineTuneScheduleSpec(Spec):
     """No run starts while true."""
     drift_trigger: DriftTrigger | None = None
     """Start a run when the served version drifts (needs the operator's Prometheus URL)."""
+    quality_trigger: QualityTrigger | None = None
+    """Start a run when analysts' verdicts put the served version's live macro-F1 below a
+    bound (needs the operator's Prometheus URL and the chart's recording rules there)."""
     promote: SchedulePromotion | None = None
     """Add each run whose gates passed to an AdapterDeployment as a canary. Off by default:
     GitOps users run `sectune promote` instead."""
 
     @model_validator(mode="after")
     def _when(self) -> FineTuneScheduleSpec:
-        if self.schedule is None and self.drift_trigger is None:
-            raise ValueError("set schedule, driftTrigger, or both")
+        if self.schedule is None and self.drift_trigger is None and self.quality_trigger is None:
+            raise ValueError("set schedule, driftTrigger, qualityTrigger, or more than one")
         if self.schedule is not None:
             from cronsim import CronSim, CronSimError
 
@@ -534,7 +554,7 @@ class FineTuneScheduleStatus(Spec):
     next_schedule_time: str | None = None
     """When the next cron run is due."""
     last_trigger_time: str | None = None
-    """When drift last started a run."""
+    """When drift or live quality last started a run."""
     last_successful_job: LastRun | None = None
     """The latest run that succeeded, with its adapter and metrics."""
     last_promoted_job: str | None = None

@@ -83,20 +83,22 @@ CANARY_ROLLBACKS = Counter(
 )
 SCHEDULE_QUERY_ERRORS = Counter(
     "sectune_operator_schedule_query_errors_total",
-    "FineTuneSchedule drift-trigger queries that Prometheus did not answer",
+    "FineTuneSchedule trigger queries (drift, live quality) that Prometheus did not answer",
     ["namespace", "schedule"],
     registry=REGISTRY,
 )
 SCHEDULE_TRIGGER_VALUE = Gauge(
     "sectune_operator_schedule_trigger_value",
-    "The drift a FineTuneSchedule's trigger last read (the lowest over its forMinutes), "
-    "next to its threshold",
+    "What a FineTuneSchedule's triggers last read: kind value (drift, the lowest over its "
+    "forMinutes) next to threshold; kind liveMacroF1 (the highest over its forMinutes) next "
+    "to minMacroF1",
     ["namespace", "schedule", "kind"],
     registry=REGISTRY,
 )
 SCHEDULE_LAST_RUN = Gauge(
     "sectune_operator_schedule_last_run_timestamp_seconds",
-    "When a FineTuneSchedule last started a run (Unix time), by what started it (cron, drift)",
+    "When a FineTuneSchedule last started a run (Unix time), by what started it (cron, drift, "
+    "quality)",
     ["namespace", "schedule", "trigger"],
     registry=REGISTRY,
 )

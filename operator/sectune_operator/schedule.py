@@ -44,10 +44,14 @@ def due(cron: str, time_zone: str, last: dt.datetime, now: dt.datetime) -> dt.da
     return found
 
 
+TRIGGER_MARKS = {"drift": "d", "quality": "q"}
+"""What a triggered run's name carries before its minute (a cron run: nothing)."""
+
+
 def run_name(schedule: str, when: dt.datetime, trigger: str = "cron") -> str:
     """Deterministic, so a restarted operator creates the same run, not a second one."""
     minutes = int(when.timestamp()) // 60
-    return f"{schedule}-{'d' if trigger == 'drift' else ''}{minutes}"
+    return f"{schedule}-{TRIGGER_MARKS.get(trigger, '')}{minutes}"
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,15 @@ def drift_query(selector: str, adapter: str, score: str, minutes: int) -> str:
     score; above the threshold means it stayed above all that time."""
     series = f'{{{selector},adapter="{adapter}",{DRIFT_SCORES[score]}}}'
     return f"min_over_time((max({series}))[{minutes}m:15s])"
+
+
+def quality_query(namespace: str, adapter: str, min_verdicts: int, minutes: int) -> str:
+    """PromQL: the highest, over the last `minutes`, of the adapter's lowest live macro-F1
+    among versions with at least `min_verdicts` verdicts in the day (the chart's recording
+    rules); below the bound means it stayed below all that time."""
+    where = f'namespace="{namespace}",adapter="{adapter}"'
+    judged = (
+        f"sectune:serve_live_macro_f1:1d{{{where}}} and on (namespace, adapter, version) "
+        f"(sectune:serve_verdicts:sum1d{{{where}}} >= {min_verdicts})"
+    )
+    return f"max_over_time((min({judged}))[{minutes}m:1m])"

@@ -1,16 +1,18 @@
 """FineTuneSchedule on the real control plane, run by the operator as the chart's ServiceAccount:
 cron runs on time under Forbid and Replace, suspend, history limits, no duplicate after a restart,
-a drift trigger fed by the real Prometheus, and the optional promotion of a run whose gates
+a drift trigger and a live-quality trigger fed by the real Prometheus (running the chart's
+recording rules), and the optional promotion of a run whose gates
 passed. Every schedule runs every minute, side by side, so the whole story takes two minutes."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from support.kube import finish_job
 from support.manifests import adapter_manifest
@@ -19,6 +21,7 @@ from support.processes import free_port, wait_until
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 GROUP, VERSION = "sectune.io", "v1alpha1"
+RULES = Path(__file__).resolve().parents[2] / "charts/sectune/files/prometheus/rules.yaml"
 TEMPLATE = {
     "baseModel": {"uri": "s3://models/smollm2"},
     "dataset": {"train": "s3://data/train.jsonl"},
@@ -81,6 +84,15 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
         "sectune_serve_input_drift_score", "drift", ["adapter", "version"], registry=registry
     )
     drift.labels("triage", "v1").set(0.9)
+    # ... and analysts who disagree with it: 10 of 70 verdicts right (live macro-F1 0.125/2).
+    verdicts = Counter(
+        "sectune_serve_verdicts",
+        "verdicts",
+        ["adapter", "version", "predicted", "actual", "correct"],
+        registry=registry,
+    )
+    verdicts.labels("triage", "v1", "malicious", "malicious", "true").inc(10)
+    verdicts.labels("triage", "v1", "malicious", "benign", "false").inc(60)
     port = free_port()
     start_http_server(port, addr="127.0.0.1", registry=registry)
     prometheus.start(
@@ -94,7 +106,8 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
                     }
                 ],
             }
-        ]
+        ],
+        rule_files=[RULES],  # live macro-F1 is the chart's recording rules
     )
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, "adapterdeployments",
@@ -133,6 +146,16 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
                 "adapter": "triage",
                 "score": "inputs",
                 "threshold": 0.3,
+                "forMinutes": 1,
+            },
+        ),
+        _schedule(
+            "judged",
+            qualityTrigger={
+                "adapterDeployment": "soc",
+                "adapter": "triage",
+                "minMacroF1": 0.7,
+                "minVerdicts": 50,
                 "forMinutes": 1,
             },
         ),
@@ -233,6 +256,13 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
     assert run.startswith("drifty-d")
     [message] = [m for r, m in _events(api_client, namespace, "drifty") if r == "DriftTriggered"]
     assert "drift of soc/triage stayed above 0.3 for 1m" in message
+
+    # Analysts' verdicts kept live macro-F1 below 0.7 for a minute: a run starts.
+    wait_until(lambda: _runs(api_client, namespace, "judged"), 120, "quality-triggered run")
+    [run] = _runs(api_client, namespace, "judged")
+    assert run.startswith("judged-q")
+    [message] = [m for r, m in _events(api_client, namespace, "judged") if r == "QualityTriggered"]
+    assert "live macro-F1 of soc/triage stayed below 0.7 for 1m (highest 0.125)" in message
 
 
 def test_promote_takes_a_succeeded_job_from_the_cluster_and_checks_storage(

@@ -4,6 +4,7 @@ not the query strings, are what is checked."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,69 @@ def test_dashboard_event_counts_include_a_counters_first_event(tmp_path):
         }
     ]
     _evaluate(tmp_path, series, cases)
+
+
+def test_the_quality_trigger_reads_the_lowest_judged_version_through_the_charts_rules(tmp_path):
+    """Verdicts as a server exports them, through the chart's own recording rules: v1 is right
+    on all 60 verdicts (macro-F1 1.0), v2 right on 25 of 55 (F1 0.625 and 0, macro 0.3125), v3
+    wrong on all 5 but under minVerdicts; the trigger's query reads 0.3125."""
+    import shutil
+
+    rules = Path(__file__).resolve().parents[2] / "charts/sectune/files/prometheus/rules.yaml"
+    shutil.copy(rules, tmp_path / "rules.yaml")
+
+    def verdicts(version: str, predicted: str, actual: str, values: str) -> dict[str, str]:
+        return _series(
+            "sectune_serve_verdicts_total", values, adapter="triage", version=version,
+            predicted=predicted, actual=actual, correct=str(predicted == actual).lower(),
+        )  # fmt: skip
+
+    series = [
+        verdicts("v1", "malicious", "malicious", "0 30x40"),
+        verdicts("v1", "benign", "benign", "0 30x40"),
+        verdicts("v2", "malicious", "malicious", "0 25x40"),
+        verdicts("v2", "malicious", "benign", "0 30x40"),
+        verdicts("v3", "malicious", "benign", "0 5x40"),
+    ]
+    query = schedule.quality_query("soc", "triage", 50, 30)
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [_at(query, 0.3125, "40m")],
+            }
+        ],
+    }
+    promtool_test(tmp_path, dump_yaml(tests))
+
+
+def test_a_trigger_fires_on_its_own_side_of_the_bound():
+    from sectune_operator.api import FineTuneScheduleSpec
+    from sectune_operator.handlers.finetuneschedule import watches
+
+    spec = FineTuneScheduleSpec.model_validate(
+        {
+            "jobTemplate": {
+                "baseModel": {"uri": "hf://org/model@main"},
+                "dataset": {"train": "s3://b/train.jsonl"},
+                "task": {"type": "classification", "labels": ["benign", "malicious"]},
+                "output": {"uri": "s3://b/out"},
+            },
+            "driftTrigger": {"adapterDeployment": "soc", "adapter": "triage", "threshold": 0.3},
+            "qualityTrigger": {"adapterDeployment": "soc", "adapter": "triage", "minMacroF1": 0.7},
+        }
+    )
+    drift, quality = watches(spec, "soc", Settings())
+    assert (drift.fires(0.3), quality.fires(0.7), drift.fires(None), quality.fires(None)) == (
+        None, None, None, None,
+    )  # fmt: skip
+    assert drift.fires(0.31) == "drift of soc/triage stayed above 0.3 for 60m (lowest 0.31)"
+    assert quality.fires(0.69) == (
+        "live macro-F1 of soc/triage stayed below 0.7 for 60m (highest 0.69)"
+    )
+    assert schedule.run_name("s", dt.datetime(2026, 12, 4, tzinfo=dt.UTC), "quality").startswith(
+        "s-q"
+    )

@@ -54,7 +54,7 @@ def test_history_limits_drop_the_oldest_finished_runs():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({}, "set schedule, driftTrigger, or both"),
+        ({}, "set schedule, driftTrigger, qualityTrigger, or more than one"),
         ({"schedule": "every day"}, "schedule 'every day'"),
         ({"schedule": "0 3 * * *", "timeZone": "Mars/Olympus"}, "not an IANA time zone"),
         ({"schedule": "0 3 * * *", "concurrencyPolicy": "Allow"}, "concurrencyPolicy"),

@@ -4,8 +4,8 @@
 """kopf handlers for FineTuneSchedule: what CronJob is to Job, for FineTuneJobs.
 
 A timer decides, from the schedule's status and the runs it owns (an index of FineTuneJobs
-labelled with the schedule), whether a run is due (cron, or drift that stayed above the
-threshold), applies the concurrency policy, drops finished runs beyond the history limits, and
+labelled with the schedule), whether a run is due (cron, drift that stayed above its
+threshold, or analysts' verdicts that kept live macro-F1 below its bound), applies the concurrency policy, drops finished runs beyond the history limits, and
 (opted in) adds a run whose gates passed to an AdapterDeployment as a canary. Runs are named
 from their scheduled minute, so a restarted operator never starts one twice.
 """
@@ -143,9 +143,9 @@ def _delete_run(namespace: str, run: str) -> None:
 
 
 @dataclass(frozen=True)
-class DriftCheck:
-    """What a schedule's drift trigger found: why it fires (None: it does not), the value
-    read, or why Prometheus could not be asked."""
+class TriggerCheck:
+    """What a schedule's trigger found: why it fires (None: it does not), the value read, or
+    why Prometheus could not be asked."""
 
     fires: str | None = None
     value: float | None = None
@@ -154,39 +154,85 @@ class DriftCheck:
     """The condition's reason when there is an error."""
 
 
-def _drifting(
-    spec: FineTuneScheduleSpec, name: str, namespace: str, settings: Settings
-) -> DriftCheck:
-    """Ask Prometheus whether the served version drifted. Every outcome is recorded in the
-    schedule's metrics; an error is returned, never swallowed."""
-    trigger = spec.drift_trigger
-    assert trigger is not None
+@dataclass(frozen=True)
+class Watch:
+    """One of a schedule's triggers as the timer asks it: the condition and Events it writes,
+    the query, and when the answer fires."""
+
+    kind: str
+    """drift or quality: the run's name mark and the last-run metric's trigger label."""
+    condition: str
+    """The condition type (DriftTrigger, QualityTrigger); Events are <Kind>QueryFailed and
+    <Kind>Triggered."""
+    promql: str
+    for_minutes: int
+    bound: float
+    value_kind: str
+    bound_kind: str
+    above: bool
+    """True: fires when the value is above the bound (drift); False: below (quality)."""
+    what: str
+    """What the value is, for the messages."""
+
+    def fires(self, value: float | None) -> str | None:
+        if value is None or (value <= self.bound if self.above else value >= self.bound):
+            return None
+        side, extreme = ("above", "lowest") if self.above else ("below", "highest")
+        return (
+            f"{self.what} stayed {side} {self.bound:g} for {self.for_minutes}m "
+            f"({extreme} {value:.3g})"
+        )
+
+
+def watches(spec: FineTuneScheduleSpec, namespace: str, settings: Settings) -> list[Watch]:
+    """The triggers a schedule has, as queries."""
+    found = []
+    if spec.drift_trigger is not None:
+        drift = spec.drift_trigger
+        selector = settings.prometheus_selector.format(
+            namespace=namespace, deployment=serving_name(drift.adapter_deployment)
+        )
+        found.append(
+            Watch(
+                "drift", "DriftTrigger",
+                schedule.drift_query(selector, drift.adapter, drift.score, drift.for_minutes),
+                drift.for_minutes, drift.threshold, "value", "threshold", above=True,
+                what=f"drift of {drift.adapter_deployment}/{drift.adapter}",
+            )
+        )  # fmt: skip
+    if spec.quality_trigger is not None:
+        quality = spec.quality_trigger
+        found.append(
+            Watch(
+                "quality", "QualityTrigger",
+                schedule.quality_query(
+                    namespace, quality.adapter, quality.min_verdicts, quality.for_minutes
+                ),
+                quality.for_minutes, quality.min_macro_f1, "liveMacroF1", "minMacroF1",
+                above=False,
+                what=f"live macro-F1 of {quality.adapter_deployment}/{quality.adapter}",
+            )
+        )  # fmt: skip
+    return found
+
+
+def _ask(watch: Watch, name: str, namespace: str, settings: Settings) -> TriggerCheck:
+    """Ask Prometheus what a trigger watches. Every outcome is recorded in the schedule's
+    metrics; an error is returned, never swallowed."""
     if not settings.prometheus_url:
-        return DriftCheck(
+        return TriggerCheck(
             error="the operator has no Prometheus URL (chart value canaryAnalysis.prometheusUrl)",
             reason="PrometheusNotConfigured",
         )
-    selector = settings.prometheus_selector.format(
-        namespace=namespace, deployment=serving_name(trigger.adapter_deployment)
-    )
-    promql = schedule.drift_query(selector, trigger.adapter, trigger.score, trigger.for_minutes)
     try:
-        value = canary.scalar(settings.prometheus_url, promql)
+        value = canary.scalar(settings.prometheus_url, watch.promql)
     except canary.PrometheusError as exc:
         metrics.SCHEDULE_QUERY_ERRORS.labels(namespace, name).inc()
-        return DriftCheck(error=str(exc)[:500])
+        return TriggerCheck(error=str(exc)[:500])
     if value is not None:
-        metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, "value").set(value)
-    metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, "threshold").set(trigger.threshold)
-    if value is None or value <= trigger.threshold:
-        return DriftCheck(value=value)
-    return DriftCheck(
-        fires=(
-            f"drift of {trigger.adapter_deployment}/{trigger.adapter} stayed above "
-            f"{trigger.threshold:g} for {trigger.for_minutes}m (lowest {value:.3g})"
-        ),
-        value=value,
-    )
+        metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, watch.value_kind).set(value)
+    metrics.SCHEDULE_TRIGGER_VALUE.labels(namespace, name, watch.bound_kind).set(watch.bound)
+    return TriggerCheck(fires=watch.fires(value), value=value)
 
 
 def _promote(
@@ -239,7 +285,7 @@ def _promote(
 
 @dataclass(frozen=True)
 class _Due:
-    """A run to start now: why, for which time, and what started it (cron or drift)."""
+    """A run to start now: why, for which time, and what started it (cron, drift, quality)."""
 
     reason: str
     when: dt.datetime
@@ -266,8 +312,8 @@ def _cron_due(
     )
 
 
-def _drift_due(
-    spec: FineTuneScheduleSpec,
+def _trigger_due(
+    watch: Watch,
     name: str,
     namespace: str,
     status: kopf.Status,
@@ -277,31 +323,31 @@ def _drift_due(
     body: kopf.Body,
     now: dt.datetime,
 ) -> tuple[_Due | None, list[Condition]]:
-    """Drift that stayed above the threshold (outside the quiet time after the last trigger),
-    and the DriftTrigger condition saying whether Prometheus could be asked."""
-    trigger = spec.drift_trigger
-    assert trigger is not None
+    """A trigger that fired (outside the quiet time after the last trigger), and its
+    condition saying whether Prometheus could be asked."""
     quiet_until = schedule.parse_time(status.get("lastTriggerTime"))
-    if quiet_until is not None and now < quiet_until + dt.timedelta(minutes=trigger.for_minutes):
+    if quiet_until is not None and now < quiet_until + dt.timedelta(minutes=watch.for_minutes):
         return None, conditions
-    check = _drifting(spec, name, namespace, settings)
+    check = _ask(watch, name, namespace, settings)
+    events = watch.condition.removesuffix("Trigger")
     if check.error is not None:
-        message = f"drift trigger not evaluated: {check.error}"
+        message = f"{watch.kind} trigger not evaluated: {check.error}"
         if check.reason == "QueryFailed":  # each failure; a missing URL is a setting
-            kopf.warn(body, reason="DriftQueryFailed", message=message[:1000])
+            kopf.warn(body, reason=f"{events}QueryFailed", message=message[:1000])
         conditions = set_condition(
-            conditions, "DriftTrigger", "False", check.reason, message, utc_now(), generation
+            conditions, watch.condition, "False", check.reason, message, utc_now(), generation
         )
     else:
-        seen = "no series yet" if check.value is None else f"lowest {check.value:.3g}"
+        extreme = "lowest" if watch.above else "highest"
+        seen = "no series yet" if check.value is None else f"{extreme} {check.value:.3g}"
         conditions = set_condition(
-            conditions, "DriftTrigger", "True", "Watching",
-            f"drift query answered ({seen})", utc_now(), generation,
+            conditions, watch.condition, "True", "Watching",
+            f"{watch.kind} query answered ({seen})", utc_now(), generation,
         )  # fmt: skip
     if not check.fires:
         return None, conditions
-    kopf.info(body, reason="DriftTriggered", message=check.fires[:1000])
-    return _Due(check.fires, now, "drift"), conditions
+    kopf.info(body, reason=f"{events}Triggered", message=check.fires[:1000])
+    return _Due(check.fires, now, watch.kind), conditions
 
 
 def _start(
@@ -416,11 +462,13 @@ def tick(
     update: dict[str, Any] = {}
     conditions = read_conditions(status)
 
-    # What is due: the cron's latest time since the last run, or drift that stayed high.
+    # What is due: the cron's latest time since the last run, or a trigger that fired.
     due = _cron_due(parsed, status, meta, now)
-    if due is None and parsed.drift_trigger is not None and not parsed.suspend and not active:
-        due, conditions = _drift_due(
-            parsed, name, namespace, status, conditions, generation, settings, body, now
+    for watch in watches(parsed, namespace, settings):
+        if due is not None or parsed.suspend or active:
+            break
+        due, conditions = _trigger_due(
+            watch, name, namespace, status, conditions, generation, settings, body, now
         )
         if due is not None:
             update["lastTriggerTime"] = schedule.format_time(now)
