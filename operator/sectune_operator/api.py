@@ -246,6 +246,14 @@ class RollbackSpec(Spec):
     max_drift: float = Field(0.3, ge=0.0, le=1.0)
     """Highest drift score (predicted labels or prompt lengths) against the training-time
     reference."""
+    outcome_window_minutes: int = Field(1440, ge=5, le=43200)
+    """Window analysts' verdicts (feedback.store) on the canary and the stable version are
+    compared over."""
+    min_verdicts: int = Field(30, ge=1, le=1_000_000)
+    """Fewer verdicts than this on either version in the outcome window: no outcome verdict."""
+    max_macro_f1_drop: float = Field(0.05, ge=0.0, le=1.0)
+    """Roll back when the canary's live macro-F1 is more than this below the stable version's
+    and a bootstrap finds it worse in at least 95 % of resamples."""
 
 
 class PromotionSpec(Spec):
@@ -365,7 +373,8 @@ class RolledBack(Spec):
     version: str
     """The canary version."""
     metric: str
-    """The figure that exceeded its bound: errorRate, latencyP95Ms or drift."""
+    """The figure that exceeded its bound: errorRate, latencyP95Ms, drift, or liveMacroF1Drop
+    (analysts' verdicts: how far the canary's live macro-F1 fell below the stable version's)."""
     value: float
     """What Prometheus measured over the window."""
     threshold: float

@@ -9,15 +9,25 @@ left, 503/504 the server's load); p95 latency from `/v1/classify`, whose work pe
 fixed (a generation's time follows the length the caller asked for, so it is not judged);
 drift the highest of the label and prompt-length scores seen in the window. Too few requests in
 the window gives no verdict rather than a guess.
+
+Outcomes, when analysts post verdicts (`POST /v1/feedback`): the canary's live macro-F1 is
+compared with the stable version's over `outcomeWindowMinutes`, each from at least
+`minVerdicts` verdicts; it is rolled back when it is more than `maxMacroF1Drop` lower and a
+bootstrap (verdicts of each version resampled with replacement, seeded) puts the drop above 0
+in at least 95 % of resamples: a one-sided test that the canary is really worse, not a small
+sample's noise.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from sectune_operator.api import RollbackSpec
 
@@ -75,7 +85,7 @@ def queries(selector: str, adapter: str, version: str, window_minutes: int) -> d
     }
 
 
-def scalar(prometheus_url: str, promql: str) -> float | None:
+def _query(prometheus_url: str, promql: str) -> list[dict[str, Any]]:
     url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -84,7 +94,11 @@ def scalar(prometheus_url: str, promql: str) -> float | None:
         raise PrometheusError(f"cannot query {prometheus_url}: {exc}") from None
     if body.get("status") != "success":
         raise PrometheusError(f"Prometheus refused {promql!r}: {body.get('error', body)}")
-    result = body.get("data", {}).get("result") or []
+    return list(body.get("data", {}).get("result") or [])
+
+
+def scalar(prometheus_url: str, promql: str) -> float | None:
+    result = _query(prometheus_url, promql)
     if not result:
         return None
     value = float(result[0]["value"][1])
@@ -119,3 +133,96 @@ def judge(figures: Figures, rollback: RollbackSpec) -> Breach | None:
         if value is not None and value > threshold:
             return Breach(metric, value, threshold)
     return None
+
+
+# --------------------------------------------------------------------------- outcomes
+
+Confusion = Counter[tuple[str, str]]
+"""Verdicts per (predicted, actual) label."""
+
+CONFIDENCE = 0.95
+MAX_DRAWS = 2_000_000
+"""Verdicts drawn in all by one bootstrap (bounds its time: fewer resamples past it)."""
+
+
+def verdicts_query(selector: str, adapter: str, version: str, window_minutes: int) -> str:
+    """PromQL: a version's verdicts per (predicted, actual) over the window; a series new in
+    the window counts whole (a restarted pod's counters start again)."""
+    series = f'sectune_serve_verdicts_total{{{selector},adapter="{adapter}",version="{version}"}}'
+    window = f"{window_minutes}m"
+    return (
+        f"sum by (predicted, actual) ((({series} unless {series} offset {window}) + 0) "
+        f"or increase({series}[{window}]))"
+    )
+
+
+def confusion(
+    prometheus_url: str, selector: str, adapter: str, version: str, window_minutes: int
+) -> Confusion:
+    found: Confusion = Counter()
+    for row in _query(prometheus_url, verdicts_query(selector, adapter, version, window_minutes)):
+        labels, value = row["metric"], float(row["value"][1])
+        count = round(value)
+        if count > 0:
+            found[(labels["predicted"], labels["actual"])] = count
+    return found
+
+
+def macro_f1(counts: Confusion) -> float:
+    """scikit-learn's macro-F1 over the labels predicted or given."""
+    labels = {p for p, _ in counts} | {a for _, a in counts}
+    if not labels:
+        return 0.0
+    scores = []
+    for label in labels:
+        right = counts[(label, label)]
+        predicted = sum(n for (p, _), n in counts.items() if p == label)
+        actual = sum(n for (_, a), n in counts.items() if a == label)
+        scores.append(2 * right / (predicted + actual))
+    return sum(scores) / len(scores)
+
+
+@dataclass(frozen=True)
+class OutcomeComparison:
+    stable: float
+    canary: float
+    worse_share: float
+    """Share of bootstrap resamples in which the canary's macro-F1 is below the stable's."""
+
+    @property
+    def drop(self) -> float:
+        return self.stable - self.canary
+
+
+def compare_outcomes(
+    stable: Confusion, canary: Confusion, resamples: int = 1000, seed: int = 0
+) -> OutcomeComparison:
+    """Both versions' live macro-F1, and how often a bootstrap finds the canary worse."""
+    rng = random.Random(seed)
+    drawn = sum(stable.values()) + sum(canary.values())
+    resamples = max(100, min(resamples, MAX_DRAWS // max(drawn, 1)))
+
+    def resample(counts: Confusion) -> Confusion:
+        cells = list(counts)
+        return Counter(rng.choices(cells, weights=[counts[c] for c in cells], k=counts.total()))
+
+    worse = sum(macro_f1(resample(canary)) < macro_f1(resample(stable)) for _ in range(resamples))
+    return OutcomeComparison(macro_f1(stable), macro_f1(canary), worse / resamples)
+
+
+def judge_outcomes(
+    stable: Confusion, canary: Confusion, rollback: RollbackSpec
+) -> tuple[Breach | None, str]:
+    """A breach when the canary is more than maxMacroF1Drop worse on verdicts and the bootstrap
+    says so with 95 % confidence; else None and what was found (for the condition)."""
+    least = min(stable.total(), canary.total())
+    if least < rollback.min_verdicts:
+        return None, f"{least} verdicts (of {rollback.min_verdicts} needed)"
+    found = compare_outcomes(stable, canary)
+    said = (
+        f"live macro-F1 {found.canary:.3f} against stable {found.stable:.3f}, worse in "
+        f"{found.worse_share:.0%} of resamples"
+    )
+    if found.drop > rollback.max_macro_f1_drop and found.worse_share >= CONFIDENCE:
+        return Breach("liveMacroF1Drop", found.drop, rollback.max_macro_f1_drop), said
+    return None, said

@@ -434,3 +434,101 @@ def test_a_child_of_the_same_name_that_it_does_not_own_is_never_taken_over(
     wait_until(lambda: _rendered(api_client, namespace) is not None, 120, "rendered after")
     owned = core.read_namespaced_config_map("soc-serve", namespace)
     assert [ref.kind for ref in owned.metadata.owner_references] == ["AdapterDeployment"]
+
+
+def test_a_canary_analysts_keep_correcting_is_rolled_back_on_its_verdicts(
+    api_client, namespace, start_operator, replicas, prometheus
+):
+    """One replica serves v1 (stable) and v2 (a 10 % canary) with a feedback store; its
+    requests are fine (few errors, quick), but analysts' verdicts put v2's live macro-F1 at
+    0.6 against v1's 0.9 on 100 verdicts each: the real Prometheus is asked, the bootstrap
+    finds v2 worse, and v2 leaves traffic."""
+    _secret(api_client, namespace)
+    other = "s3://adapters/soc/triage/versions/run-2"
+    body = _adep(
+        replicas=1,
+        adapters=[
+            {
+                "name": "triage",
+                "versions": [
+                    {"version": "v1", "traffic": 90, "source": {"uri": PINNED, "sha256": SHA["pinned"]}},
+                    {"version": "v2", "traffic": 10, "source": {"uri": other, "sha256": SHA["v3"]}},
+                ],
+            }
+        ],
+        feedback={"store": "s3://verdicts/soc"},
+        promotion={
+            "rollback": {"windowMinutes": 1, "minRequests": 10, "minVerdicts": 30,
+                         "maxMacroF1Drop": 0.05, "outcomeWindowMinutes": 60},
+        },
+    )  # fmt: skip
+    watching = start_operator(env={"SECTUNE_SERVING_METRICS_URL": replicas.url_template})
+    _custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", body
+    )
+    wait_until(lambda: len(_ready_pods(api_client, namespace)) == 1, 60, "one server pod")
+    [pod] = _ready_pods(api_client, namespace)
+    config = _rendered(api_client, namespace)
+    assert config is not None and config.feedback.store == "s3://verdicts/soc"
+
+    def verdicts(version: str, right: int, wrong: int) -> str:
+        cells = {("benign", "benign"): right, ("malicious", "malicious"): right,
+                 ("benign", "malicious"): wrong, ("malicious", "benign"): wrong}  # fmt: skip
+        return "".join(
+            f'sectune_serve_verdicts_total{{adapter="triage",version="{version}",'
+            f'predicted="{p}",actual="{a}",correct="{str(p == a).lower()}"}} {n}.0\n'
+            for (p, a), n in cells.items()
+        )
+
+    def requests(count: int) -> str:
+        return (
+            "# TYPE sectune_serve_requests_total counter\n"
+            f'sectune_serve_requests_total{{adapter="triage",version="v2",endpoint="classify",'
+            f'code="200",routing="traffic"}} {count}.0\n'
+        )
+
+    # Verdicts first, then canary traffic, as a server exports them over time.
+    stamp = "# TYPE sectune_serve_verdicts_total counter\n"
+    replicas.set_text(pod, _report(config) + stamp + verdicts("v1", 45, 5) + verdicts("v2", 30, 20))
+    port = replicas.url_template.split(":")[2].split("/")[0]
+    prometheus.start(
+        [
+            {
+                "job_name": "sectune-serve",
+                "metrics_path": f"/{pod}/metrics",
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": namespace, "pod": pod}}
+                ],
+            }
+        ]
+    )  # fmt: skip
+    wait_until(lambda: prometheus.query("sectune_serve_verdicts_total"), 30, "verdicts scraped")
+    watching.stop()
+    start_operator(
+        name="operator-with-prometheus",
+        env={
+            "SECTUNE_SERVING_METRICS_URL": replicas.url_template,
+            "SECTUNE_PROMETHEUS_URL": prometheus.url,
+        },
+    )
+    count = 0
+
+    def rolled_back() -> bool:
+        nonlocal count
+        count += 5
+        text = _report(config) + requests(count) + stamp
+        replicas.set_text(pod, text + verdicts("v1", 45, 5) + verdicts("v2", 30, 20))
+        return bool(_status(api_client, namespace).get("rolledBack"))
+
+    try:
+        wait_until(rolled_back, 120, "canary rolled back on its verdicts", interval=1)
+    except TimeoutError:
+        conditions = _status(api_client, namespace).get("conditions")
+        raise AssertionError(f"no rollback; conditions: {conditions}") from None
+    [record] = _status(api_client, namespace)["rolledBack"]
+    assert (record["adapter"], record["version"], record["metric"]) == (
+        "triage", "v2", "liveMacroF1Drop",
+    )  # fmt: skip
+    assert record["value"] == pytest.approx(0.9 - 0.6)
+    condition = _condition(api_client, namespace, "CanaryRolledBack")
+    assert "triage@v2: liveMacroF1Drop 0.3 above 0.05" in condition["message"]

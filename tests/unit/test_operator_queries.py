@@ -195,3 +195,70 @@ def test_a_trigger_fires_on_its_own_side_of_the_bound():
     assert schedule.run_name("s", dt.datetime(2026, 12, 4, tzinfo=dt.UTC), "quality").startswith(
         "s-q"
     )
+
+
+def test_canary_verdicts_count_a_new_series_whole_and_an_old_one_by_its_increase(tmp_path):
+    """A canary pod's verdict counters appear during the window (counted whole); the stable
+    version's went 40 -> 52 within it (counted 12)."""
+
+    def verdicts(version: str, values: str, pod: str = POD) -> dict[str, str]:
+        return _series(
+            "sectune_serve_verdicts_total", values, pod, adapter="triage", version=version,
+            predicted="malicious", actual="benign", correct="false",
+        )  # fmt: skip
+
+    series = [verdicts("v2", "_x50 7x10"), verdicts("v1", "40x50 52x10")]
+    cases = [
+        {
+            "expr": canary.verdicts_query(_selector(), "triage", version, 30),
+            "eval_time": "55m",
+            "exp_samples": [{"labels": '{predicted="malicious",actual="benign"}', "value": value}],
+        }
+        for version, value in (("v2", 7), ("v1", 12))
+    ]
+    _evaluate(tmp_path, series, cases)
+
+
+def _confusion(pairs: dict[tuple[str, str], int]) -> canary.Confusion:
+    from collections import Counter
+
+    return Counter(pairs)
+
+
+def test_live_macro_f1_is_scikit_learns():
+    import random
+
+    from sklearn.metrics import f1_score
+
+    rng = random.Random(7)
+    labels = ["low", "medium", "high", "critical"]
+    for _ in range(20):
+        pairs = [(rng.choice(labels), rng.choice(labels[:3])) for _ in range(rng.randint(1, 60))]
+        counts = _confusion({})
+        counts.update(pairs)
+        truth, predicted = [a for _, a in pairs], [p for p, _ in pairs]
+        assert canary.macro_f1(counts) == pytest.approx(f1_score(truth, predicted, average="macro"))
+
+
+def test_a_canary_is_rolled_back_on_verdicts_only_when_it_is_really_worse():
+    from sectune_operator.api import RollbackSpec
+
+    rollback = RollbackSpec(minVerdicts=30, maxMacroF1Drop=0.05)
+    good = _confusion({("b", "b"): 45, ("m", "m"): 45, ("b", "m"): 5, ("m", "b"): 5})
+    bad = _confusion({("b", "b"): 30, ("m", "m"): 30, ("b", "m"): 20, ("m", "b"): 20})
+    breach, said = canary.judge_outcomes(good, bad, rollback)
+    assert breach is not None and breach.metric == "liveMacroF1Drop"
+    assert breach.value == pytest.approx(0.9 - 0.6)
+    assert "live macro-F1 0.600 against stable 0.900" in said
+    # The same rates on a tenth of the verdicts: too few to judge.
+    few = _confusion({k: v // 10 for k, v in bad.items()})
+    assert canary.judge_outcomes(good, few, rollback)[0] is None
+    assert "(of 30 needed)" in canary.judge_outcomes(good, few, rollback)[1]
+    # A small difference on a small sample is noise: no rollback though the drop passes 0.05.
+    close = _confusion({("b", "b"): 22, ("m", "m"): 21, ("b", "m"): 4, ("m", "b"): 3})
+    slightly = _confusion({("b", "b"): 20, ("m", "m"): 20, ("b", "m"): 5, ("m", "b"): 5})
+    assert canary.macro_f1(close) - canary.macro_f1(slightly) > 0.05
+    breach, said = canary.judge_outcomes(close, slightly, rollback)
+    assert breach is None and "worse in" in said
+    # A canary as good as the stable version is worse in about half of the resamples.
+    assert 0.3 < canary.compare_outcomes(good, good).worse_share < 0.7

@@ -35,6 +35,7 @@ from sectune_operator.api import (
     AdapterSource,
     Condition,
     Revision,
+    RollbackSpec,
     RolledBack,
 )
 from sectune_operator.builders.adapterdeployment import (
@@ -462,7 +463,8 @@ def _analyse(
             "canaryAnalysis.prometheusUrl)",
         )
     selector = settings.prometheus_selector.format(namespace=namespace, deployment=child_name(name))
-    quiet = []
+    quiet: list[str] = []
+    judged: list[str] = []
     for adapter, version in canaries:
         try:
             figures = canary.measure(
@@ -474,6 +476,17 @@ def _analyse(
             quiet.append(f"{adapter}@{version} ({figures.requests:.0f} requests)")
             continue
         breach = canary.judge(figures, rollback)
+        window = rollback.window_minutes
+        if breach is None:
+            try:
+                breach, found = _outcomes(
+                    settings, selector, adapter, stable[adapter], version, rollback
+                )
+            except canary.PrometheusError as exc:
+                return _Verdict("Unknown", "PrometheusError", str(exc)[:1000])
+            if found:
+                judged.append(f"{adapter}@{version}: {found}")
+            window = rollback.outcome_window_minutes
         if breach is None:
             continue
         memory.rolled_back.append(
@@ -489,7 +502,7 @@ def _analyse(
         )
         message = (
             f"Rolled back {adapter}@{version}: {breach.describe()} over "
-            f"{rollback.window_minutes}m; all of {adapter}'s traffic goes to "
+            f"{window}m; all of {adapter}'s traffic goes to "
             f"{stable[adapter]} until the spec changes"
         )
         kopf.warn(body, reason="CanaryRolledBack", message=message)
@@ -502,9 +515,33 @@ def _analyse(
             f"no verdict yet: fewer than {rollback.min_requests} requests in "
             f"{rollback.window_minutes}m for " + ", ".join(quiet),
         )
+    outcomes = f"; verdicts over {rollback.outcome_window_minutes}m: " + "; ".join(judged)
     return _Verdict(
-        "True", "WithinBounds", f"canaries within bounds over {rollback.window_minutes}m"
+        "True",
+        "WithinBounds",
+        f"canaries within bounds over {rollback.window_minutes}m" + (outcomes if judged else ""),
     )
+
+
+def _outcomes(
+    settings: Settings,
+    selector: str,
+    adapter: str,
+    stable: str,
+    version: str,
+    rollback: RollbackSpec,
+) -> tuple[canary.Breach | None, str]:
+    """The canary against the stable version on analysts' verdicts; nothing to say when
+    neither has any (no feedback store)."""
+    assert settings.prometheus_url
+    window = rollback.outcome_window_minutes
+    counts = {
+        v: canary.confusion(settings.prometheus_url, selector, adapter, v, window)
+        for v in (stable, version)
+    }
+    if not any(counts.values()):
+        return None, ""
+    return canary.judge_outcomes(counts[stable], counts[version], rollback)
 
 
 def _conditions(

@@ -140,7 +140,7 @@ class FeedbackSettings(Spec):
     oldest go first when more arrive."""
     batch_size: int = Field(100, ge=1, le=10_000)
     """Verdicts written as one object at most."""
-    flush_seconds: float = Field(2.0, ge=0.05, le=60.0)
+    flush_seconds: float = Field(0.25, ge=0.05, le=60.0)
     """Longest a verdict waits for its batch to be written. A verdict is acknowledged only
     once its batch is stored, so this bounds /v1/feedback's latency."""
     min_verdicts: int = Field(50, ge=1, le=1_000_000)
