@@ -314,6 +314,12 @@ class AdapterDeploymentSpec(Spec):
     @model_validator(mode="after")
     def _unique_names(self) -> AdapterDeploymentSpec:
         check_adapter_names([a.name for a in self.adapters])
+        shadowed = [a.name for a in self.adapters if any(v.shadow for v in a.versions)]
+        if shadowed and self.runtime == "vllm":
+            raise ValueError(
+                f"adapters[{shadowed[0]}].versions[].shadow: not implemented yet for runtime "
+                "vllm; use runtime sectune, or set shadow to 0"
+            )
         if self.feedback.store is not None and self.runtime == "vllm":
             raise ValueError(
                 "feedback.store: not implemented yet for runtime vllm (it has no /v1/feedback); "
@@ -348,6 +354,11 @@ class ActiveAdapter(Spec):
     """Verified digest of its manifest.json."""
     traffic: int | None = None
     """Percent of the adapter's requests it answers."""
+    shadow: float | None = None
+    """A shadow: the fraction of the adapter's classify requests it also scores, unseen."""
+    shadow_agreement: float | None = None
+    """A shadow: the share of its answers agreeing with the answer the client got (every
+    replica, since it loaded). Its live quality on analysts' verdicts is on the dashboard."""
 
 
 class Revision(Spec):

@@ -230,6 +230,12 @@ CEL_RULES.update(
         ],
         AdapterDeploymentSpec: [
             {
+                "rule": "self.runtime != 'vllm' || "
+                "self.adapters.all(a, a.versions.all(v, !has(v.shadow) || v.shadow == 0.0))",
+                "message": "adapters[].versions[].shadow: not implemented yet for runtime vllm; "
+                "use runtime sectune, or set shadow to 0",
+            },
+            {
                 "rule": "!has(self.feedback) || !has(self.feedback.store) || "
                 "self.runtime != 'vllm'",
                 "message": "feedback.store: not implemented yet for runtime vllm (it has no "
@@ -243,6 +249,12 @@ CEL_RULES.update(
             },
         ],
         AdapterSpec: [
+            {
+                "rule": "self.versions.all(v, !has(v.shadow) || v.shadow == 0.0 || v.traffic == 0)",
+                "message": "adapters[].versions[].shadow: a shadow answers nobody; set its "
+                "traffic to 0",
+                "fieldPath": ".versions",
+            },
             {
                 "rule": "self.versions.map(v, v.traffic).sum() == 100",
                 "message": "adapters[].versions: traffic of one adapter's versions must add "

@@ -547,6 +547,22 @@ def serving_dashboard() -> dash.Dashboard:
             )
         )
         .with_panel(
+            _series(
+                "Shadow agreement",
+                "Share of a shadow version's background answers that agree with the answer the "
+                "client got (its live macro-F1 on the same verdicts is in the first panel).",
+                [
+                    (
+                        f'sum by ({by}) (rate(sectune_serve_shadow_answers_total{{{s},agree="true"}}'
+                        f"[{RATE}])) / sum by ({by}) "
+                        f"(rate(sectune_serve_shadow_answers_total{{{s}}}[{RATE}]))",
+                        "{{adapter}}@{{version}}",
+                    )
+                ],
+                unit="percentunit",
+            )
+        )
+        .with_panel(
             table.Panel()
             .title("Confusion matrix (verdicts, last day)")
             .description(

@@ -22,6 +22,8 @@ class Report:
     pod: str
     served: set[Served] = field(default_factory=set)
     refused: dict[tuple[str, str], str] = field(default_factory=dict)
+    shadow_answers: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    """Per shadow (adapter, version): answers agreeing with the one given, and all answers."""
 
 
 def parse_report(pod: str, text: str) -> Report:
@@ -44,6 +46,11 @@ def parse_report(pod: str, text: str) -> Report:
                 )
             elif sample.name == "sectune_serve_adapter_refused" and sample.value == 1:
                 report.refused[(labels["adapter"], labels["version"])] = labels.get("reason", "")
+            elif sample.name == "sectune_serve_shadow_answers_total":
+                key = (labels["adapter"], labels["version"])
+                agreed, total = report.shadow_answers.get(key, (0.0, 0.0))
+                agrees = sample.value if labels.get("agree") == "true" else 0.0
+                report.shadow_answers[key] = (agreed + agrees, total + sample.value)
     return report
 
 
@@ -65,6 +72,9 @@ class Observed:
     """Pods not (yet) serving the rendered set, or not reporting."""
     refusals: list[str]
     """"<pod> refused <adapter>@<version> (<reason>)" for each replica's refusal."""
+    shadow_agreement: dict[tuple[str, str], float] = field(default_factory=dict)
+    """Per shadow version, the share of its answers (every replica, since it loaded) that
+    agree with the answer the client got."""
 
 
 def observe(config: ServingConfig | None, reports: list[Report], ready_pods: list[str]) -> Observed:
@@ -79,23 +89,39 @@ def observe(config: ServingConfig | None, reports: list[Report], ready_pods: lis
         for r in heard
         for (adapter, version), reason in sorted(r.refused.items())
     ]
-    return Observed(active, bool(ready_pods) and not lagging, lagging, refusals)
+    counts: dict[tuple[str, str], tuple[float, float]] = {}
+    for r in heard:
+        for key, (agreed, total) in r.shadow_answers.items():
+            before = counts.get(key, (0.0, 0.0))
+            counts[key] = (before[0] + agreed, before[1] + total)
+    agreement = {key: agreed / total for key, (agreed, total) in counts.items() if total}
+    return Observed(active, bool(ready_pods) and not lagging, lagging, refusals, agreement)
 
 
-def active_adapters(active: set[Served], config: ServingConfig | None) -> list[ActiveAdapter]:
-    """status.activeAdapters: what the replicas serve, with the URI the operator rendered."""
-    uris = {
-        (a.name, v.version, v.sha256): v.uri
+def active_adapters(
+    active: set[Served],
+    config: ServingConfig | None,
+    shadow_agreement: dict[tuple[str, str], float] | None = None,
+) -> list[ActiveAdapter]:
+    """status.activeAdapters: what the replicas serve, with the URI the operator rendered and,
+    for a shadow, its fraction and agreement."""
+    rendered = {
+        (a.name, v.version, v.sha256): v
         for a in (config.adapters if config else [])
         for v in a.versions
     }
+    agreement = shadow_agreement or {}
     return [
         ActiveAdapter(
             name=adapter,
             version=version,
             sha256=sha256,
             traffic=traffic,
-            uri=uris.get((adapter, version, sha256)),
+            uri=entry.uri if (entry := rendered.get((adapter, version, sha256))) else None,
+            shadow=entry.shadow if entry and entry.shadow else None,
+            shadow_agreement=(
+                round(agreement[(adapter, version)], 4) if (adapter, version) in agreement else None
+            ),
         )
         for adapter, version, sha256, traffic in sorted(active)
     ]

@@ -40,7 +40,11 @@ def test_verdicts_are_stored_sanitized_and_become_live_quality(
     store = f"s3://{trained.bucket}/feedback-{tmp_path.name}"
     config = _config(
         tmp_path / "serving.yaml",
-        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+        {
+            "triage": [("v1", trained.triage_v1, 100), ("v2", trained.triage_v2, 0)],
+            "other": [("v1", trained.other, 100)],
+        },
+        shadows={"triage@v2": 1.0},  # v2 scores every triage request, unseen
         feedback={
             "store": store,
             "batchSize": 8,
@@ -140,10 +144,10 @@ def test_verdicts_are_stored_sanitized_and_become_live_quality(
     predicted = [a["label"] for a in answers]
     expected = f1_score(truth, predicted, average="macro")
 
-    def recorded(adapter: str) -> dict[str, float]:
+    def recorded(adapter: str, version: str = "v1") -> dict[str, float]:
         rows = prometheus.query(
             f'{{__name__=~"sectune:serve_live_macro_f1:1d|sectune:serve_verdicts:sum1d",'
-            f'adapter="{adapter}"}}'
+            f'adapter="{adapter}",version="{version}"}}'
         )
         return {r["metric"]["__name__"]: float(r["value"][1]) for r in rows}
 
@@ -159,17 +163,34 @@ def test_verdicts_are_stored_sanitized_and_become_live_quality(
         "other's verdicts recorded",
     )
     assert recorded("other")["sectune:serve_live_macro_f1:1d"] == 0.0
+    # The shadow answered every triage request without being seen (every answer came from v1),
+    # and the same verdicts judge it: its live macro-F1 is there before any user sees it.
+    assert {a["model"] for a in answers} == {"triage@v1"}
+    shadowed = sum(
+        server.metric("sectune_serve_shadow_answers_total", adapter="triage", version="v2",
+                      agree=agree) or 0
+        for agree in ("true", "false")
+    )  # fmt: skip
+    assert shadowed == len(answers)
+    wait_until(lambda: recorded("triage", "v2").get("sectune:serve_verdicts:sum1d") == 25, 60,
+               "the shadow's verdicts recorded")  # fmt: skip
+    assert 0.0 <= recorded("triage", "v2")["sectune:serve_live_macro_f1:1d"] <= 1.0
     [offline] = prometheus.query('sectune_serve_offline_macro_f1{adapter="other"}')
     assert float(offline["value"][1]) > 0  # it got something right on its held-out data
 
     # ... and the alert is on its way for the adapter analysts keep correcting (for: 15m).
-    def pending(adapter: str) -> bool:
+    def pending(adapter: str, version: str = "v1") -> bool:
         return bool(
-            prometheus.query(f'ALERTS{{alertname="SectuneLiveQualityDropped",adapter="{adapter}"}}')
+            prometheus.query(
+                f'ALERTS{{alertname="SectuneLiveQualityDropped",adapter="{adapter}",'
+                f'version="{version}"}}'
+            )
         )
 
     wait_until(lambda: pending("other"), 30, "SectuneLiveQualityDropped pending for other")
-    [triage_offline] = prometheus.query('sectune_serve_offline_macro_f1{adapter="triage"}')
+    [triage_offline] = prometheus.query(
+        'sectune_serve_offline_macro_f1{adapter="triage",version="v1"}'
+    )
     assert pending("triage") == (float(triage_offline["value"][1]) > expected)
 
     # Every Live quality panel of the shipped Serving dashboard answers from this traffic.

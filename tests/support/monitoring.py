@@ -42,10 +42,15 @@ def dashboard_queries() -> dict[str, list[str]]:
     return filled
 
 
-LIVE_QUALITY = ("sectune:serve_", "sectune_serve_offline_macro_f1", "sectune_serve_verdicts")
+LIVE_QUALITY = (
+    "sectune:serve_",
+    "sectune_serve_offline_macro_f1",
+    "sectune_serve_verdicts",
+    "sectune_serve_shadow_answers",
+)
 
 
 def live_quality_query(expr: str) -> bool:
-    """Whether a dashboard query reads analysts' verdicts (it has series only once verdicts
-    were posted: tests/e2e/test_feedback_e2e.py runs those)."""
+    """Whether a dashboard query reads analysts' verdicts or shadow answers (it has series only
+    once verdicts were posted and a shadow served: tests/e2e/test_feedback_e2e.py runs those)."""
     return any(name in expr for name in LIVE_QUALITY)

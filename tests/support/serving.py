@@ -90,8 +90,13 @@ def start_server(
 
 
 def serving_config(
-    path: Path, adapters: dict[str, list[tuple[str, Version | str, int]]], **extra: Any
+    path: Path,
+    adapters: dict[str, list[tuple[str, Version | str, int]]],
+    shadows: dict[str, float] | None = None,
+    **extra: Any,
 ) -> Path:
+    """Write a ServingConfig atomically: per adapter, (version, source, traffic) entries;
+    `shadows` gives versions (`name@version`) a shadow fraction."""
     document: dict[str, Any] = {
         "apiVersion": "sectune.io/v1alpha1",
         "kind": "ServingConfig",
@@ -99,9 +104,21 @@ def serving_config(
             {
                 "name": name,
                 "versions": [
-                    {"version": v, "uri": source, "traffic": t}
-                    if isinstance(source, str)
-                    else {"version": v, "uri": source.uri, "sha256": source.sha256, "traffic": t}
+                    (
+                        {"version": v, "uri": source, "traffic": t}
+                        if isinstance(source, str)
+                        else {
+                            "version": v,
+                            "uri": source.uri,
+                            "sha256": source.sha256,
+                            "traffic": t,
+                        }
+                    )
+                    | (
+                        {"shadow": shadows[f"{name}@{v}"]}
+                        if f"{name}@{v}" in (shadows or {})
+                        else {}
+                    )
                     for v, source, t in versions
                 ],
             }

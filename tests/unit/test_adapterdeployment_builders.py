@@ -331,3 +331,72 @@ def test_server_replicas_go_to_the_gpu_pool_the_spec_names(runtime: str):
     assert not {"nodeSelector", "tolerations", "priorityClassName"} & set(
         plain["spec"]["template"]["spec"]
     )
+
+
+def test_a_shadow_is_rendered_and_its_agreement_summed_over_replicas():
+    spec = _spec(
+        adapters=[
+            {
+                "name": "triage",
+                "versions": [
+                    {"version": "v1", "source": {"uri": "s3://a/triage/versions/r1", "sha256": SHA["a"]}},
+                    {"version": "v2", "source": {"fineTuneJob": "triage-v2"}, "traffic": 0, "shadow": 0.25},
+                ],
+            }
+        ]
+    )  # fmt: skip
+    config = render_serving_config(spec, RESOLVED, set(), None).config
+    assert config is not None
+    assert [(v.version, v.traffic, v.shadow) for v in config.adapters[0].versions] == [
+        ("v1", 100, 0.0),
+        ("v2", 0, 0.25),
+    ]
+    info = "".join(
+        f'sectune_serve_adapter_info{{adapter="triage",version="{v}",sha256="{SHA[s]}",'
+        f'traffic="{t}"}} 1.0\n'
+        for v, s, t in (("v1", "a", 100), ("v2", "b", 0))
+    )
+
+    def shadowed(agree: int, disagree: int) -> str:
+        return (
+            "# TYPE sectune_serve_shadow_answers_total counter\n"
+            f'sectune_serve_shadow_answers_total{{adapter="triage",version="v2",agree="true"}} {agree}.0\n'
+            f'sectune_serve_shadow_answers_total{{adapter="triage",version="v2",agree="false"}} {disagree}.0\n'
+        )  # fmt: skip
+
+    reports = [
+        serving_status.parse_report("pod-a", info + shadowed(30, 10)),
+        serving_status.parse_report("pod-b", info + shadowed(10, 10)),
+    ]
+    observed = serving_status.observe(config, reports, ["pod-a", "pod-b"])
+    assert observed.converged and observed.shadow_agreement == {("triage", "v2"): 40 / 60}
+    active = serving_status.active_adapters(observed.active, config, observed.shadow_agreement)
+    assert [(a.version, a.shadow, a.shadow_agreement) for a in active] == [
+        ("v1", None, None),
+        ("v2", 0.25, 0.6667),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("versions", "runtime", "message"),
+    [
+        ([("v1", 100, 0.5)], "sectune", "a shadow answers nobody; set its traffic to 0"),
+        (
+            [("v1", 100, 0.0), ("v2", 0, 0.5)],
+            "vllm",
+            "shadow: not implemented yet for runtime vllm",
+        ),
+    ],
+)
+def test_a_shadow_that_would_answer_or_runs_on_vllm_is_refused(versions, runtime, message):
+    adapters = [
+        {
+            "name": "triage",
+            "versions": [
+                {"version": v, "traffic": t, "shadow": f, "source": {"fineTuneJob": f"j-{v}"}}
+                for v, t, f in versions
+            ],
+        }
+    ]
+    with pytest.raises(ValidationError, match=message):
+        _spec(adapters=adapters, runtime=runtime)

@@ -82,6 +82,7 @@ def render_serving_config(
         servable = {v.version for v in adapter.versions if (adapter.name, v.version) in resolved}
         out = {version for name, version in rolled_back if name == adapter.name}
         shares = traffic.served(adapter.versions, servable, out)
+        shadows = {v.version: v.shadow for v in adapter.versions}
         if traffic.stable(adapter.versions).version not in servable or not shares:
             # Its main version cannot be served (yet): what served it before stays.
             if adapter.name in before:
@@ -99,6 +100,7 @@ def render_serving_config(
                         uri=resolved[(adapter.name, version)].uri,
                         sha256=resolved[(adapter.name, version)].sha256,
                         traffic=share,
+                        shadow=shadows.get(version, 0.0) if share == 0 else 0.0,
                     )
                     for version, share in shares.items()
                 ],

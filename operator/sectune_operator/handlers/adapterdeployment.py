@@ -700,7 +700,9 @@ def _converge(
             ready_replicas=ready,
             ready=f"{ready}/{spec.replicas}",
             adapter_count=len(config.adapters) if config else 0,
-            active_adapters=serving_status.active_adapters(replicas.active, config),
+            active_adapters=serving_status.active_adapters(
+                replicas.active, config, replicas.shadow_agreement
+            ),
             revision=memory.revision,
             history=memory.history,
             rolled_back=memory.rolled_back,

@@ -78,6 +78,19 @@ class VersionShare(Spec):
     """Version name (DNS label), e.g. v3."""
     traffic: int = Field(100, ge=0, le=100)
     """Percent of the adapter's requests this version answers."""
+    shadow: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of the adapter's unpinned /v1/classify requests this version also scores in
+    the background, its answer never returned: its agreement with the answer given, and its
+    live quality on the verdicts analysts post for those requests, are measured before any
+    user sees it. Only for a version with traffic 0."""
+
+    @model_validator(mode="after")
+    def _shadow_answers_nobody(self) -> VersionShare:
+        if self.shadow > 0 and self.traffic > 0:
+            raise ValueError(
+                f"versions[{self.version}].shadow: a shadow answers nobody; set its traffic to 0"
+            )
+        return self
 
 
 class AdapterVersions(Spec):

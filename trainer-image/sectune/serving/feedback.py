@@ -210,6 +210,8 @@ class Held:
     verdict: str | None = None
     """Fingerprint of the verdict taken (stored or being stored)."""
     stored: Future[None] | None = None
+    shadows: dict[str, str] = field(default_factory=dict)
+    """What shadow versions answered, by version: a verdict judges them too."""
 
 
 class PredictionLog:

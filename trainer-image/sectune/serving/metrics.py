@@ -105,6 +105,13 @@ class ServingMetrics:
             [*version, "verdict"],
             registry=self.registry,
         )
+        self.shadow_answers = Counter(
+            "sectune_serve_shadow_answers",
+            "Answers a shadow version gave in the background (never returned), by whether "
+            "they agree with the answer the client got.",
+            [*version, "agree"],
+            registry=self.registry,
+        )
         self.feedback_writes = Counter(
             "sectune_serve_feedback_writes",
             "Verdicts written to the feedback store (result stored) or not (failed: the "

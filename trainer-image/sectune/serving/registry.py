@@ -58,6 +58,8 @@ class LoadedVersion:
     """Prompt lengths against the held-out data's (every task type)."""
     label_ids: list[list[int]] = field(default_factory=list)
     distinct_first_tokens: bool = True
+    shadow: float = 0.0
+    """Fraction of the adapter's unpinned classify requests it also scores, unseen."""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -70,6 +72,7 @@ class LoadedVersion:
             "sha256": self.sha256,
             "uri": self.uri,
             "traffic": self.traffic,
+            "shadow": self.shadow,
             "job": self.manifest.job,
             "run": self.manifest.run,
             "task": self.spec.task.type,
@@ -138,6 +141,11 @@ class Registry:
         if not any(weights):
             weights = [1] * len(versions)
         return self._random.choices(versions, weights=weights)[0]
+
+    def shadows(self, adapter: str) -> list[LoadedVersion]:
+        """The adapter's shadow versions (traffic 0, a shadow fraction)."""
+        with self._lock:
+            return [v for v in self._routes.get(adapter, []) if v.shadow > 0 and v.traffic == 0]
 
     def versions(self) -> dict[str, list[LoadedVersion]]:
         with self._lock:
@@ -241,7 +249,7 @@ class Registry:
             if existing.version == entry.version and existing.sha256 == sha256:
                 if config.require_passed_gates:
                     verify.require_passed_gates(existing.manifest, existing.uri)
-                existing.traffic = entry.traffic
+                existing.traffic, existing.shadow = entry.traffic, entry.shadow
                 return existing, False
         key = f"{name}--{entry.version}--{sha256[:12]}"
         directory = self.workdir / key
@@ -285,6 +293,7 @@ class Registry:
             uri=version_uri,
             sha256=sha256,
             traffic=entry.traffic,
+            shadow=entry.shadow,
             spec=spec,
             formatter=formatter,
             manifest=manifest,

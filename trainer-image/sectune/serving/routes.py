@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -389,25 +390,9 @@ async def classify(
     fields = body.input if isinstance(body.input, dict) else {"text": body.input}
     if sum(len(v) for v in fields.values()) > MAX_INPUT_CHARS:
         raise ApiError(413, f"input is longer than {MAX_INPUT_CHARS} characters", "input")
-    prompt = await run_in_threadpool(version.formatter.prompt_ids, Example("request", fields, ""))
-    # Cut as training cut it (start and end kept), so padding cannot push out the
-    # instructions and the alert.
-    longest_label = max((len(ids) for ids in version.label_ids), default=1)
-    prompt = fit_prompt(prompt, version.spec.hyperparameters.max_seq_length - longest_label)
-    probabilities = await run(
-        state,
-        request,
-        ClassifyWork(
-            version.key,
-            prompt,
-            label_ids=version.label_ids,
-            distinct_first_tokens=version.distinct_first_tokens,
-            tenant=tenant,
-        ),
-        version,
-        "classify",
-        began,
-    )
+    work = await classify_work(version, fields, tenant)
+    prompt = work.prompt
+    probabilities = await run(state, request, work, version, "classify", began)
     labels = version.spec.task.labels
     best = max(range(len(labels)), key=probabilities.__getitem__)
     adapter, ver = observe(state, request, version, "classify", began, len(prompt), 0)
@@ -418,6 +403,8 @@ async def classify(
         fields=fields,
         probabilities=dict(zip(labels, probabilities, strict=True)),
     )
+    if routing(request) == "traffic":
+        shadow(state, version, fields, answer_id, labels[best], tenant)
     state.metrics.predictions.labels(adapter, ver, labels[best]).inc()
     state.metrics.confidence.labels(adapter, ver).observe(probabilities[best])
     if version.drift is not None:
@@ -434,6 +421,74 @@ async def classify(
         },
         headers=headers(version),
     )
+
+
+async def classify_work(
+    version: LoadedVersion, fields: dict[str, str], tenant: str
+) -> ClassifyWork:
+    """A classify request for `version`: its own template, cut as training cut it (start and
+    end kept), so padding cannot push out the instructions and the alert."""
+    prompt = await run_in_threadpool(version.formatter.prompt_ids, Example("request", fields, ""))
+    longest_label = max((len(ids) for ids in version.label_ids), default=1)
+    prompt = fit_prompt(prompt, version.spec.hyperparameters.max_seq_length - longest_label)
+    return ClassifyWork(
+        version.key,
+        prompt,
+        label_ids=version.label_ids,
+        distinct_first_tokens=version.distinct_first_tokens,
+        tenant=tenant,
+    )
+
+
+_shadowing: set[asyncio.Task[None]] = set()
+"""Shadow scorings in flight (a reference keeps each task alive until it ends)."""
+
+
+def shadow(
+    state: ServerState,
+    version: LoadedVersion,
+    fields: dict[str, str],
+    answer_id: str,
+    answered: str,
+    tenant: str,
+) -> None:
+    """Score the request with each of the adapter's shadow versions, for its share of
+    requests, after the answer is on its way: the client never waits for it nor sees it."""
+    _, registry = engine_and_registry(state)
+    for other in registry.shadows(version.adapter):
+        if random.random() < other.shadow:
+            task = asyncio.create_task(
+                score_shadow(state, other, fields, answer_id, answered, tenant)
+            )
+            _shadowing.add(task)
+            task.add_done_callback(_shadowing.discard)
+
+
+async def score_shadow(
+    state: ServerState,
+    other: LoadedVersion,
+    fields: dict[str, str],
+    answer_id: str,
+    answered: str,
+    tenant: str,
+) -> None:
+    """One shadow answer: counted as agreeing with the answer given or not, and kept with the
+    held answer so an analyst's verdict judges the shadow too. Best effort: under load, or
+    while the shadow is swapped out, it is skipped."""
+    engine, _ = engine_and_registry(state)
+    try:
+        work = await classify_work(other, fields, tenant)
+        probabilities = await asyncio.wrap_future(engine.submit(work))
+    except Exception:
+        log.debug("shadow %s skipped a request", other.model_id)
+        return
+    labels = other.spec.task.labels
+    label = labels[max(range(len(labels)), key=probabilities.__getitem__)]
+    agree = str(label == answered).lower()
+    state.metrics.shadow_answers.labels(other.adapter, other.version, agree).inc()
+    held = state.predictions.get(answer_id) if state.predictions is not None else None
+    if held is not None:
+        held.shadows[other.version] = label
 
 
 def fit_to_context(
@@ -639,5 +694,9 @@ def settle(state: ServerState, held: Held, judgement: Judgement, done: Any) -> N
         state.metrics.verdicts.labels(
             p.adapter, p.version, p.output, judgement.actual, str(judgement.correct).lower()
         ).inc()
+        for version, label in held.shadows.items():  # the same verdict judges each shadow
+            state.metrics.verdicts.labels(
+                p.adapter, version, label, judgement.actual, str(label == judgement.actual).lower()
+            ).inc()
     else:
         state.metrics.generation_verdicts.labels(p.adapter, p.version, judgement.actual).inc()
