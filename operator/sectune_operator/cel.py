@@ -23,6 +23,8 @@ from sectune.config import (
     QUALITY_CLASSIFICATION_MESSAGE,
     QUANTIZED_FULL_MESSAGE,
     TEMPLATE_MESSAGE,
+    VERDICT_GATE_BASELINE_MESSAGE,
+    VERDICT_GATE_MESSAGE,
     ZERO3_BASELINE_MESSAGE,
     ZERO3_PREVIOUS_MESSAGE,
     DatasetSpec,
@@ -101,6 +103,12 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "evaluation.gates: set min, max or both",
         },
         {
+            "rule": "!has(self.on) || self.on != 'verdicts' || !has(self.overBaseline) || "
+            "self.overBaseline == 'previous'",
+            "message": VERDICT_GATE_BASELINE_MESSAGE.format(metric="…"),
+            "fieldPath": ".overBaseline",
+        },
+        {
             "rule": "!has(self.min) || !has(self.max) || self.min <= self.max",
             "message": "evaluation.gates: min is above max, so the gate can never pass; "
             "swap or fix them",
@@ -144,6 +152,13 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         },
     ],
     JobSpec: [
+        {
+            "rule": "!has(self.evaluation) || !has(self.evaluation.gates) || "
+            "!self.evaluation.gates.exists(g, has(g.on) && g.on == 'verdicts') || "
+            "(self.task.type == 'classification' && has(self.dataset.feedback) && "
+            "has(self.dataset.feedback.holdOut) && self.dataset.feedback.holdOut > 0.0)",
+            "message": VERDICT_GATE_MESSAGE,
+        },
         {
             "rule": "self.task.type == 'classification' || !has(self.dataset.quality) || "
             "!(has(self.dataset.quality.maxLabelErrors) || "

@@ -586,22 +586,36 @@ def test_a_run_is_compared_with_the_previous_version_it_would_replace(
 ):
     """evaluation.previousVersion: the stored version (verified, same base) is scored on the
     same held-out data; the report puts it next to the tuned model and a gate can demand "no
-    worse than what is served". A digest that does not match is refused as bad input."""
+    worse than what is served" — on the held-out set, and on the newest analysts' verdicts
+    (dataset.feedback.holdOut), which it never trained on. A digest that does not match is
+    refused as bad input."""
     from sectune.yamlio import dump_yaml
     from support.jobs import tiny_job, write_dataset
 
     train = write_dataset(tmp_path / "train.jsonl", 48, seed=5)
+    verdicts = _stored_verdicts(write_dataset(tmp_path / "judged.jsonl", 20, seed=9), tmp_path)
     previous = {"uri": trained.triage_v1.uri, "sha256": trained.triage_v1.sha256}
     evaluation = {
         "probeExamples": 4,
         "previousVersion": previous,
-        "gates": [{"metric": "accuracy", "overBaseline": "previous", "min": -1.0}],
+        "gates": [
+            {"metric": "accuracy", "overBaseline": "previous", "min": -1.0},
+            {"metric": "accuracy", "on": "verdicts", "overBaseline": "previous", "min": -1.0},
+        ],
     }
+    dataset = {"feedback": {"uri": f"file://{verdicts}", "holdOut": 0.5}}
     output = {"uri": f"s3://{trained.bucket}/compared"}
     manifest = tmp_path / "job.yaml"
-    manifest.write_text(
-        dump_yaml(tiny_job("triage", tiny_model_dir, train, evaluation=evaluation, output=output))
-    )
+
+    def job() -> str:
+        return dump_yaml(
+            tiny_job(
+                "triage", tiny_model_dir, train, evaluation=evaluation, output=output,
+                dataset=dataset,
+            )
+        )  # fmt: skip
+
+    manifest.write_text(job())
     result = sectune("run", str(manifest), env=trained.env)
     assert result.returncode == 0, result.stderr[-3000:]
     env_before = {k: os.environ.get(k) for k in trained.env}
@@ -626,16 +640,49 @@ def test_a_run_is_compared_with_the_previous_version_it_would_replace(
     assert previous["accuracy"] == pytest.approx(
         sum(matrix[i][i] for i in range(len(matrix))) / previous["examples"]
     )
-    [gate] = report["gates"]
+    gate, on_verdicts = report["gates"]
     assert gate["name"].startswith("accuracy") and gate["passed"]
     expected = report["models"]["tuned"]["accuracy"] - report["models"]["previous"]["accuracy"]
     assert gate["value"] == pytest.approx(expected)
     assert "accuracy" in report["deltas"]["previous"]
+    # The newest 10 of the 20 verdicts were held out: both versions scored on them, and the
+    # gate read them; the other 10 joined training.
+    judged = report["verdicts"]
+    assert judged["rows"] == 10
+    assert judged["tuned"]["examples"] == judged["previous"]["examples"] == 10
+    assert on_verdicts["name"] == "accuracy-over-previous@verdicts>=-1"
+    assert on_verdicts["value"] == pytest.approx(
+        judged["tuned"]["accuracy"] - judged["previous"]["accuracy"]
+    )
+    fed = report["data"]["sources"]["feedback"]
+    assert (fed["used"], fed["heldOut"]) == (10, 10)
 
     evaluation["previousVersion"] = {"uri": trained.triage_v1.uri, "sha256": "0" * 64}
-    manifest.write_text(
-        dump_yaml(tiny_job("triage", tiny_model_dir, train, evaluation=evaluation, output=output))
-    )
+    manifest.write_text(job())
     refused = sectune("run", str(manifest), env=trained.env)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "manifest.json" in refused.stderr and "0" * 16 in refused.stderr
+
+
+def _stored_verdicts(rows: Path, tmp_path: Path) -> Path:
+    """Analysts' verdicts on `rows` as a server stores them, one a minute apart."""
+    from sectune.config import SanitizeSpec
+    from sectune.data.sanitize import Sanitizer
+    from sectune.serving.feedback import Judgement, Prediction, VerdictRequest, build_record
+
+    folder = tmp_path / "verdicts" / "triage"
+    folder.mkdir(parents=True)
+    lines = []
+    for i, line in enumerate(rows.read_text().splitlines()):
+        row = json.loads(line)
+        at = time.time() - 3600 + 60 * i
+        prediction = Prediction(
+            id=f"pred-{i:024x}", adapter="triage", version="v1", task="classification",
+            output="benign", sanitize=SanitizeSpec(), labels=("benign", "malicious"),
+            fields={"text": row["text"]}, at=at,
+        )  # fmt: skip
+        request = VerdictRequest(id=prediction.id, label=row["label"])
+        judged = Judgement(prediction, request, row["label"], "soar", at=at + 30)
+        lines.append(build_record(judged, Sanitizer(SanitizeSpec())).line())
+    (folder / "20261204T000000Z-abcd.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

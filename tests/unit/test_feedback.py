@@ -316,7 +316,11 @@ def test_a_job_trains_on_verdicts_but_never_evaluates_on_them(tmp_path: Path) ->
             "dataset": {
                 "train": f"file://{tmp_path}/train.jsonl",
                 "validation": f"file://{tmp_path}/valid.jsonl",
-                "feedback": {"uri": f"file://{tmp_path}/verdicts/triage", "weight": 2},
+                "feedback": {
+                    "uri": f"file://{tmp_path}/verdicts/triage",
+                    "weight": 2,
+                    "holdOut": 0.25,
+                },
                 "quality": {"audit": False},
             },
             "task": {"type": "classification", "labels": list(LABELS)},
@@ -324,7 +328,10 @@ def test_a_job_trains_on_verdicts_but_never_evaluates_on_them(tmp_path: Path) ->
     )
     prepared = prepare_data(spec)
     report = prepared.report.sources["feedback"]
-    assert (report["rows"], report["used"], report["examples"]) == (7, 4, 8)
+    # 4 usable verdicts: the newest (a quarter) held out for gates on verdicts, 3 trained on
+    assert (report["rows"], report["used"], report["examples"], report["heldOut"]) == (7, 3, 6, 1)
+    [newest] = prepared.verdicts
+    assert newest.id == judgements[-1].prediction.id and newest.target == "benign"
     assert report["leftOut"] == {"expired": 1, "heldOutOverlapping": 1, "superseded": 1}
     verdict_ids = {j.prediction.id for j in judgements}
     held_out = {e.id.split("~")[0] for e in [*prepared.validation, *prepared.test]}
@@ -332,10 +339,8 @@ def test_a_job_trains_on_verdicts_but_never_evaluates_on_them(tmp_path: Path) ->
     trained = Counter(
         e.id.split("~")[0] for e in prepared.train if e.id.split("~")[0] in verdict_ids
     )
-    assert set(trained) == {j.prediction.id for j in fresh} | {judgements[-1].prediction.id}
+    assert set(trained) == {j.prediction.id for j in fresh}  # the newest is held out
     assert set(trained.values()) == {2}  # weight 2: each verdict twice
-    [relabelled] = [e for e in prepared.train if e.id == judgements[-1].prediction.id]
-    assert relabelled.target == "benign"  # the latest decision wins
     # The lineage digest covers the verdicts: another verdict, another digest.
     _store_verdicts(tmp_path / "verdicts" / "triage" / "more", [answered("later", "benign")])
     assert prepare_data(spec).report.digest != prepared.report.digest
@@ -354,5 +359,60 @@ def test_feedback_is_refused_for_formats_it_cannot_fill() -> None:
                     "feedback": {"uri": "s3://b/verdicts/writer"},
                 },
                 "task": {"type": "generation"},
+            }
+        )
+
+
+def test_gates_on_verdicts_read_the_held_out_verdicts_and_say_when_there_are_none() -> None:
+    from sectune.config import Gate
+    from sectune.evaluation.gates import evaluate_gates
+
+    gates = [
+        Gate.model_validate({"metric": "macroF1", "on": "verdicts", "min": 0.7}),
+        Gate.model_validate(
+            {"metric": "macroF1", "on": "verdicts", "overBaseline": "previous", "min": 0}
+        ),
+        Gate.model_validate({"metric": "macroF1", "min": 0.7}),
+    ]
+    tuned, baselines = {"macroF1": 0.9}, {"previous": {"macroF1": 0.5}}
+    verdicts = {"tuned": {"macroF1": 0.6}, "previous": {"macroF1": 0.65}}
+    outcomes = evaluate_gates(gates, tuned, baselines, verdicts)
+    assert [(o.name, o.passed, round(o.value or 0, 4)) for o in outcomes] == [
+        ("macroF1@verdicts>=0.7", False, 0.6),
+        ("macroF1-over-previous@verdicts>=0", False, -0.05),
+        ("macroF1>=0.7", True, 0.9),
+    ]
+    [missing, *_] = evaluate_gates(gates, tuned, baselines, None)
+    assert not missing.passed and "no verdicts were held out" in (missing.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "gate", "message"),
+    [
+        ({}, {"metric": "accuracy", "on": "verdicts", "min": 0.5}, "set dataset.feedback.holdOut"),
+        (
+            {"feedback": {"uri": "s3://b/v/triage"}},
+            {"metric": "accuracy", "on": "verdicts", "min": 0.5},
+            "set dataset.feedback.holdOut",
+        ),
+        (
+            {"feedback": {"uri": "s3://b/v/triage", "holdOut": 0.2}},
+            {"metric": "accuracy", "on": "verdicts", "overBaseline": "tfidf", "min": 0},
+            "on: verdicts compares only with the previous version",
+        ),
+    ],
+)
+def test_a_verdict_gate_without_verdicts_to_judge_is_refused(
+    dataset: dict[str, object], gate: dict[str, object], message: str
+) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        JobSpec.model_validate(
+            {
+                "baseModel": {"uri": "hf://org/model"},
+                "dataset": {"train": "s3://b/train.jsonl", **dataset},
+                "task": {"type": "classification", "labels": list(LABELS)},
+                "evaluation": {"gates": [gate]},
             }
         )

@@ -48,6 +48,14 @@ HF_DATASET_MESSAGE = (
     "dataset.{field}: hf:// datasets are not implemented yet (the hub is a source of base "
     "models only); copy the files to s3:// (file:// with sectune run)"
 )
+VERDICT_GATE_MESSAGE = (
+    "evaluation.gates: on: verdicts scores the newest analysts' verdicts held out from "
+    "training; set dataset.feedback.holdOut above 0 (classification)"
+)
+VERDICT_GATE_BASELINE_MESSAGE = (
+    "evaluation.gates[{metric}]: on: verdicts compares only with the previous version "
+    "(baselines are measured on the held-out set); use overBaseline: previous or none"
+)
 QUANTIZED_FULL_MESSAGE = (
     "baseModel.quantization: method full and continued-pretraining train every weight, which "
     "a quantized base cannot; set quantization: none, or method: qlora"
@@ -220,6 +228,10 @@ class FeedbackSource(Spec):
     a seeded sample of them)."""
     max_age_days: int = Field(90, ge=1, le=3650)
     """Verdicts judged longer ago than this are left out (counted as expired)."""
+    hold_out: float = Field(0.0, ge=0.0, le=0.5)
+    """The newest share of the verdicts kept out of training and scored as their own held-out
+    set (classification), for gates with `on: verdicts`: "no worse on what analysts
+    corrected"."""
 
 
 class DatasetSpec(Spec):
@@ -465,6 +477,9 @@ class Gate(Spec):
     over_baseline: Literal["base", "fewShot", "tfidf", "previous"] | None = None
     """Compare the margin over this baseline instead of the raw value (previous: the stored
     version named by evaluation.previousVersion, e.g. "no worse than what is served")."""
+    on: Literal["heldOut", "verdicts"] = "heldOut"
+    """The rows judged: the held-out test set, or the newest analysts' verdicts
+    (dataset.feedback.holdOut; compared only with the previous version)."""
     min: float | None = None
     """Lowest acceptable value."""
     max: float | None = None
@@ -476,6 +491,8 @@ class Gate(Spec):
             raise ValueError(f"evaluation.gates[{self.metric}]: set min, max or both")
         if self.metric in ("precision", "recall", "f1") and not self.class_name:
             raise ValueError(f"evaluation.gates[{self.metric}]: per-class metric needs class")
+        if self.on == "verdicts" and self.over_baseline not in (None, "previous"):
+            raise ValueError(VERDICT_GATE_BASELINE_MESSAGE.format(metric=self.metric))
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(
                 f"evaluation.gates[{self.metric}]: min {self.min:g} is above max {self.max:g}, "
@@ -489,6 +506,8 @@ class Gate(Spec):
         key = self.metric + (f"[{self.class_name}]" if self.class_name else "")
         if self.over_baseline:
             key += f"-over-{self.over_baseline}"
+        if self.on == "verdicts":
+            key += "@verdicts"
         bounds = []
         if self.min is not None:
             bounds.append(f">={self.min:g}")
@@ -583,6 +602,11 @@ class JobSpec(Spec):
             g.metric == "formatCompliance" for g in self.evaluation.gates
         ):
             raise ValueError(FORMAT_GATE_MESSAGE)
+        feedback = self.dataset.feedback
+        if any(g.on == "verdicts" for g in self.evaluation.gates) and (
+            self.task.type != "classification" or feedback is None or not feedback.hold_out
+        ):
+            raise ValueError(VERDICT_GATE_MESSAGE)
         if self.task.type == "classification" and self.dataset.format not in (
             "classification",
             "instruction",

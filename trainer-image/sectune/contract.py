@@ -362,6 +362,9 @@ class RunReport(_Tolerant):
     probes: dict[str, Any] = Field(default_factory=dict)
     previous_version: dict[str, str] | None = None
     gates: list[GateOutcome] = Field(default_factory=list)
+    verdicts: dict[str, Any] | None = None
+    """The held-out analysts' verdicts (dataset.feedback.holdOut): rows, and the tuned and
+    previous versions' metrics on them (what gates `on: verdicts` read)."""
     gates_passed: bool = True
     verdict: str = ""
     training: dict[str, Any] | None = None

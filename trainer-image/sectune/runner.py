@@ -207,17 +207,22 @@ def run_job(
             return Outcome(name, "Succeeded", "WorkerDone")
 
         on_event("stage", {"name": "Evaluating"})
-        probes, previous_version = _evaluate(spec, loaded, data, workdir, models, on_event)
+        verdicts: dict[str, dict[str, Any]] = {}
+        probes, previous_version = _evaluate(
+            spec, loaded, data, workdir, models, verdicts, on_event
+        )
         # At ZeRO-3 the weights are gathered from every rank; only the main process publishes.
         weights = loaded.accelerator.get_state_dict(result.prepared) if loaded.collective else None
         if not main:
             return Outcome(name, "Succeeded", "WorkerDone")
 
         compared = {k: v for k, v in models.items() if k != "tuned"}
-        outcomes = evaluate_gates(spec.evaluation.gates, models["tuned"], compared)
+        outcomes = evaluate_gates(spec.evaluation.gates, models["tuned"], compared, verdicts)
         report = build_report(
             name, run_id, spec, data, loaded, result, models, probes, previous_version, outcomes
         )
+        if verdicts:
+            report.verdicts = {"rows": len(data.verdicts), **verdicts}
 
         on_event("stage", {"name": "Publishing artifacts"})
         gates_passed, verdict = report.gates_passed, report.verdict
@@ -297,21 +302,27 @@ def _evaluate(
     data: Any,
     workdir: Path,
     models: dict[str, dict[str, Any]],
+    verdicts: dict[str, dict[str, Any]],
     on_event: Callable[[str, dict[str, Any]], None],
 ) -> tuple[dict[str, Any], dict[str, str] | None]:
     """The tuned model's metrics and probes, the previous version's and TF-IDF's on the same
-    held-out rows (into `models`); returns the probes and where the previous version was."""
+    held-out rows (into `models`), and the tuned and previous on the held-out analysts'
+    verdicts (into `verdicts`); returns the probes and where the previous version was."""
     from sectune.evaluation.baselines import tfidf_baseline
-    from sectune.evaluation.suite import evaluate_tuned, score_previous
+    from sectune.evaluation.suite import classify, evaluate_tuned, score_previous
 
     model, tokenizer = loaded.model, loaded.tokenizer
     models["tuned"], probes = evaluate_tuned(model, tokenizer, data, spec, loaded.autocast)
+    if data.verdicts and spec.task.type == "classification":
+        verdicts["tuned"] = classify(model, tokenizer, data.verdicts, spec, loaded.autocast)
     previous_version = None
     if spec.evaluation.previous_version is not None:
         on_event("stage", {"name": "Scoring the previous version"})
-        models["previous"], previous_version = score_previous(
+        models["previous"], on_verdicts, previous_version = score_previous(
             model, tokenizer, data, spec, loaded.autocast, loaded.resolved.digest, workdir
         )
+        if on_verdicts is not None:
+            verdicts["previous"] = on_verdicts
     if spec.task.type == "classification" and loaded.accelerator.is_main_process:
         models["tfidf"] = tfidf_baseline(
             data.train, data.test, spec.task.labels, spec.hyperparameters.seed, data.leaked_ids()

@@ -10,7 +10,9 @@ evaluated on, and left out when:
 - its input is a held-out row's input (heldOutOverlapping): training on it would put the
   answer to a test question into training.
 
-What is left is repeated `weight` times (seeded) and added to the training split.
+Of what is left, the newest `holdOut` share is kept out of training as the verdicts' own
+held-out set (gates with `on: verdicts`); the rest is repeated `weight` times (seeded) and
+added to the training split.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ DAY = 86_400.0
 @dataclass
 class FeedbackData:
     examples: list[Example]
+    held_out: list[Example] = field(default_factory=list)
+    """The newest verdicts, kept out of training (dataset.feedback.holdOut)."""
     report: dict[str, Any] = field(default_factory=dict)
     """What `sources.feedback` of the data report says: uri, objects, rows, used, the rows
     left out by reason, weight, and sha256 over the objects read."""
@@ -96,6 +100,8 @@ def load_feedback(
             left_out["heldOutOverlapping"] += 1
         else:
             examples.append(example)
+    kept = round(len(examples) * source.hold_out)
+    examples, held_out = examples[: len(examples) - kept], examples[len(examples) - kept :]
     used = len(examples)
     examples = _weighted(examples, source.weight, spec.hyperparameters.seed)
     report: dict[str, Any] = {
@@ -104,11 +110,12 @@ def load_feedback(
         "rows": rows,
         "used": used,
         "examples": len(examples),
+        "heldOut": len(held_out),
         "weight": source.weight,
         "leftOut": dict(sorted(left_out.items())),
         "sha256": digest.hexdigest(),
     }
-    return FeedbackData(examples, report)
+    return FeedbackData(examples, held_out, report)
 
 
 def _example(record: FeedbackRecord, spec: JobSpec) -> tuple[Example | None, str]:

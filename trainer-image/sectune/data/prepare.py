@@ -36,6 +36,8 @@ class PreparedData:
     canaries: list[str] = field(default_factory=list)
     audit: DataAudit | None = None
     """What the data audit found (dataset.quality.audit); also in `report.audit`."""
+    verdicts: list[Example] = field(default_factory=list)
+    """The newest analysts' verdicts held out from training (dataset.feedback.holdOut)."""
 
     def leaked_ids(self) -> set[str]:
         """Held-out rows that nearly duplicate a training row."""
@@ -297,6 +299,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     `enforce_limits`: a broken dataset.quality limit raises DataQualityError (off for
     `sectune data audit`, which reports the findings and exits 2 itself)."""
     dataset, seed = spec.dataset, spec.hyperparameters.seed
+    held_verdicts: list[Example] = []
     problems: list[str] = []
     seen_ids: dict[str, str] = {}
     report = DataReport()
@@ -366,10 +369,11 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
     if dataset.feedback is not None:
         # After the split: a verdict is never a held-out row, nor one's input.
         verdicts = load_feedback(dataset.feedback, spec, [*validation, *test])
-        redacted = sanitize_examples(verdicts.examples, spec).report
+        redacted = sanitize_examples([*verdicts.examples, *verdicts.held_out], spec).report
         counts = Counter(report.sanitize.get("redactions", {})) + redacted.counts
         report.sanitize["redactions"] = dict(sorted(counts.items()))
         train = train + verdicts.examples
+        held_verdicts = verdicts.held_out
         report.sources["feedback"] = verdicts.report
         report.digest = (
             "sha256:" + hashlib.sha256(f"{report.digest}:{verdicts.sha256}".encode()).hexdigest()
@@ -413,7 +417,7 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
             f"dataset.train changed after its review: its sha256 is not the one in "
             f"{provenance['uri']}; review it again or train on the reviewed file"
         )
-    return PreparedData(train, validation, test, report, canaries, audit)
+    return PreparedData(train, validation, test, report, canaries, audit, held_verdicts)
 
 
 def _sources(

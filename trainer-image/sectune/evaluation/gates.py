@@ -20,16 +20,26 @@ def _lookup(metrics: dict[str, Any], gate: Gate) -> float | None:
 
 
 def evaluate_gates(
-    gates: list[Gate], tuned: dict[str, Any], baselines: dict[str, dict[str, Any]]
+    gates: list[Gate],
+    tuned: dict[str, Any],
+    baselines: dict[str, dict[str, Any]],
+    verdicts: dict[str, dict[str, Any]] | None = None,
 ) -> list[GateOutcome]:
-    """Check every gate against the tuned model's metrics (or its margin over a baseline).
-    A metric that was not measured fails its gate, saying so."""
+    """Check every gate against the tuned model's metrics (or its margin over a baseline);
+    a gate `on: verdicts` against `verdicts` (tuned, previous: the held-out analysts'
+    verdicts). A metric that was not measured fails its gate, saying so."""
     outcomes = []
     for gate in gates:
-        value = _lookup(tuned, gate)
+        measured, compared = tuned, baselines
+        if gate.on == "verdicts":
+            measured = (verdicts or {}).get("tuned", {})
+            compared = {"previous": (verdicts or {}).get("previous", {})}
+        value = _lookup(measured, gate)
         reason = ""
-        if value is not None and gate.over_baseline:
-            base = _lookup(baselines.get(gate.over_baseline, {}), gate)
+        if gate.on == "verdicts" and not measured:
+            reason = "no verdicts were held out to judge (dataset.feedback.holdOut)"
+        elif value is not None and gate.over_baseline:
+            base = _lookup(compared.get(gate.over_baseline, {}), gate)
             if base is None:
                 value, reason = None, f"baseline {gate.over_baseline} was not measured"
             else:

@@ -101,9 +101,9 @@ def score_previous(
     autocast: bool,
     base_digest: str,
     workdir: Path,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The metrics of `evaluation.previousVersion` on the same held-out data, and where it came
-    from. It is fetched with every digest verified, safetensors only, and must have been
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, str]]:
+    """The metrics of `evaluation.previousVersion` on the same held-out data (and on the held-out
+    analysts' verdicts, when there are any), and where it came from. It is fetched with every digest verified, safetensors only, and must have been
     trained on this base model; it is loaded next to the tuned adapter and removed after."""
     from sectune import artifacts, storage
     from sectune.serving import verify
@@ -129,16 +129,19 @@ def score_previous(
     model.load_adapter(str(directory / "adapter"), adapter_name="previous")
     model.set_adapter("previous")
     try:
+        on_verdicts = None
         if spec.task.type == "classification":
             metrics = classify(
                 model, tokenizer, data.test, spec, autocast, leaked=data.leaked_ids()
             )
+            if data.verdicts:
+                on_verdicts = classify(model, tokenizer, data.verdicts, spec, autocast)
         else:
             metrics = {"validationLoss": validation_loss(model, tokenizer, data.test, spec)}
     finally:
         model.set_adapter("default")
         model.delete_adapter("previous")
-    return metrics, {"uri": version_uri, "sha256": sha256, "run": manifest.run}
+    return metrics, on_verdicts, {"uri": version_uri, "sha256": sha256, "run": manifest.run}
 
 
 def _generation_metrics(
