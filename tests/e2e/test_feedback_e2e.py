@@ -197,3 +197,55 @@ def test_verdicts_are_stored_sanitized_and_become_live_quality(
     for expr in dashboard_queries()["sectune-serving"]:
         if live_quality_query(expr):
             wait_until(lambda expr=expr: bool(prometheus.query(expr)), 30, f"series for {expr}")
+
+
+def test_the_loop_on_a_laptop_serve_judge_retrain_on_the_corrections(
+    trained: Trained, serve: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`sectune serve --feedback-store file://…` → answers judged → SIGTERM writes what is
+    pending → `sectune run` trains on the verdicts (newest held out) and gates on them against
+    the version that was served."""
+    from sectune.yamlio import dump_yaml
+    from support.jobs import sectune, tiny_job, write_dataset
+
+    store = tmp_path / "verdicts"
+    server = serve(
+        "--adapter", f"triage={trained.prefix}/triage", "--feedback-store", f"file://{store}"
+    )
+    alerts = [json.loads(line) for line in
+              write_dataset(tmp_path / "alerts.jsonl", 40, seed=11).read_text().splitlines()]  # fmt: skip
+    for alert in alerts:
+        answer = server.classify("triage", alert["text"]).json()
+        judged = server.post("/v1/feedback", {"id": answer["id"], "label": alert["label"]})
+        assert judged.status_code == 200, judged.text
+    served = server.get("/v1/models").json()["data"][0]["versions"][0]
+    server.stop()  # SIGTERM: anything pending is written first
+    stored = [line for f in store.rglob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(stored) == 40
+
+    train = write_dataset(tmp_path / "train.jsonl", 48, seed=12)
+    job = tiny_job(
+        "triage", tiny_model_dir, train,
+        dataset={"feedback": {"uri": f"file://{store}/triage", "holdOut": 0.25}},
+        evaluation={
+            "probeExamples": 4,
+            "previousVersion": {"uri": served["uri"], "sha256": served["sha256"]},
+            "gates": [{"metric": "accuracy", "on": "verdicts", "overBaseline": "previous",
+                       "min": -1.0}],
+        },
+        output={"uri": f"file://{tmp_path}/out"},
+    )  # fmt: skip
+    manifest = tmp_path / "retrain.yaml"
+    manifest.write_text(dump_yaml(job))
+    result = sectune("run", str(manifest), env=trained.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [report_path] = (tmp_path / "out" / "triage" / "versions").glob("*/report.json")
+    report = json.loads(report_path.read_text())
+    fed = report["data"]["sources"]["feedback"]
+    assert (fed["rows"], fed["used"], fed["heldOut"]) == (40, 30, 10)
+    assert report["verdicts"]["rows"] == 10
+    [gate] = report["gates"]
+    assert gate["passed"] and gate["value"] == pytest.approx(
+        report["verdicts"]["tuned"]["accuracy"] - report["verdicts"]["previous"]["accuracy"]
+    )
+    assert report["previousVersion"]["sha256"] == served["sha256"]
