@@ -430,3 +430,14 @@ def test_vllm_max_lora_rank_is_the_smallest_it_offers_that_holds_every_adapter()
     assert vllm_rank([300]) == 320
     with pytest.raises(LoadError, match="up to 512"):
         vllm_rank([1024])
+
+
+def test_a_streamed_answer_holds_back_what_may_start_a_stop_string():
+    from sectune.serving.engine import cut_at_stop, safe_to_send
+
+    assert cut_at_stop("alert: high END rest", ["END", "rest"]) == ("alert: high ", True)
+    assert cut_at_stop("no stop here", ["END"]) == ("no stop here", False)
+    assert safe_to_send("severity hi", ["high\n"]) == "severity "  # "hi" may become "high\n"
+    assert safe_to_send("severity high\nmore", ["high\n"]) == "severity "
+    assert safe_to_send("severity low", ["high\n"]) == "severity low"
+    assert safe_to_send("anything", []) == "anything"

@@ -67,6 +67,12 @@ class GenerateWork(_Request):
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the answer (not included in it), as OpenAI's `stop`."""
+    seed: int | None = None
+    """Seeds sampling when the request is the first of its batch (best effort, as OpenAI's)."""
+    on_token: Callable[[int], None] | None = None
+    """Called on the model's thread with each new token, as it is generated (streaming)."""
 
 
 @dataclass
@@ -79,7 +85,25 @@ class ControlWork:
 class Generated:
     token_ids: list[int]
     finish_reason: str
-    """"stop" (end of turn) or "length" (max_tokens reached)."""
+    """"stop" (end of turn or a stop string) or "length" (max_tokens reached)."""
+    text: str | None = None
+    """The answer cut before the stop string that ended it (None: decode token_ids)."""
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string in it, and whether one was found."""
+    found = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def safe_to_send(text: str, stops: list[str]) -> str:
+    """What of a growing answer can be sent now: cut at a stop string, and without a tail
+    that may be the start of one (sent once the next tokens show it is not)."""
+    text, stopped = cut_at_stop(text, stops)
+    if stopped:
+        return text
+    held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - held]
 
 
 Work = ClassifyWork | GenerateWork | ControlWork
@@ -353,7 +377,10 @@ class Engine:
         }
         if sampling:
             kwargs |= {"temperature": works[0].temperature, "top_p": works[0].top_p}
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAbandoned(works)])
+            if works[0].seed is not None:
+                torch.manual_seed(works[0].seed)
+        progress = _Progress(works, self.tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([progress])
         names = self._names(works)
         if names is not None:
             kwargs["adapter_names"] = names
@@ -364,9 +391,15 @@ class Engine:
         )
         new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
-        for tokens, work in zip(new_tokens, works, strict=True):
+        for row, (tokens, work) in enumerate(zip(new_tokens, works, strict=True)):
             tokens = tokens[: work.max_new_tokens]
-            if eos in tokens:
+            if row in progress.stopped:
+                tokens = progress.generated[row]
+                text, _ = cut_at_stop(
+                    self.tokenizer.decode(tokens, skip_special_tokens=True), work.stop
+                )
+                work.future.set_result(Generated(tokens, "stop", text))
+            elif eos in tokens:
                 work.future.set_result(Generated(tokens[: tokens.index(eos)], "stop"))
             else:
                 work.future.set_result(Generated(tokens, "length"))
@@ -377,13 +410,37 @@ def _padded_length(work: ClassifyWork | GenerateWork) -> int:
     return len(work.prompt) + extra
 
 
-class _StopAbandoned(StoppingCriteria):
-    """A generation stopping criterion: rows whose client has gone stop generating (and the
-    batch ends when every row is done), so a vanished client does not hold the model."""
+class _Progress(StoppingCriteria):
+    """Called after every generated token: hands each row's new token to its listener
+    (streaming), ends a row at a stop string or when its client has gone (the batch ends when
+    every row is done), so a vanished client does not hold the model."""
 
-    def __init__(self, works: list[GenerateWork]) -> None:
+    def __init__(self, works: list[GenerateWork], tokenizer: Any) -> None:
         super().__init__()
         self.works = works
+        self.tokenizer = tokenizer
+        self.generated: list[list[int]] = [[] for _ in works]
+        self.ended = [False] * len(works)
+        self.stopped: set[int] = set()
+        """Rows ended by a stop string."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        return torch.tensor([w.abandoned for w in self.works], device=input_ids.device)
+        newest = input_ids[:, -1].tolist()
+        for row, (work, token) in enumerate(zip(self.works, newest, strict=True)):
+            if self.ended[row]:
+                continue
+            if token == self.tokenizer.eos_token_id or work.abandoned:
+                self.ended[row] = True
+                continue
+            self.generated[row].append(token)
+            if work.on_token is not None:
+                work.on_token(token)
+            if work.stop:
+                text = self.tokenizer.decode(self.generated[row], skip_special_tokens=True)
+                if cut_at_stop(text, work.stop)[1]:
+                    self.ended[row] = True
+                    self.stopped.add(row)
+        return torch.tensor(
+            [e or w.abandoned for e, w in zip(self.ended, self.works, strict=True)],
+            device=input_ids.device,
+        )

@@ -15,14 +15,16 @@ never logged: they carry the security data being triaged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -39,6 +41,7 @@ from sectune.serving.engine import (
     Engine,
     GenerateWork,
     Overloaded,
+    safe_to_send,
 )
 from sectune.serving.feedback import (
     FeedbackError,
@@ -97,22 +100,64 @@ class ChatMessage(_Body):
     content: str = Field(max_length=MAX_INPUT_CHARS)
 
 
-class ChatRequest(_Body):
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    """What OpenAI's chat and completion requests share. Fields a client may send that this
+    server does not implement are refused by name (`NOT_IMPLEMENTED`), never ignored."""
+
     model: str = Field(min_length=1, max_length=200)
+    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    """OpenAI's newer name for max_tokens; wins when both are given."""
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=4
+    )
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    logprobs: bool | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+NOT_IMPLEMENTED = {
+    "response_format": "structured outputs (response_format json_schema or json_object) are "
+    "not implemented yet; leave response_format out or use type text",
+    "tools": "tool calls are not implemented yet; leave tools out",
+    "logprobs": "logprobs are not implemented yet; leave logprobs out",
+}
+
+
+def refuse_unimplemented(body: _Generation) -> None:
+    """A field this server would otherwise ignore is refused, naming it."""
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, NOT_IMPLEMENTED["response_format"], "response_format")
+    if body.tools:
+        raise ApiError(400, NOT_IMPLEMENTED["tools"], "tools")
+    if body.logprobs:
+        raise ApiError(400, NOT_IMPLEMENTED["logprobs"], "logprobs")
+
+
+class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
-    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
 
 
-class CompletionRequest(_Body):
-    model: str = Field(min_length=1, max_length=200)
+class CompletionRequest(_Generation):
     prompt: str = Field(max_length=MAX_INPUT_CHARS)
-    max_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
 
 
 def get_state(request: Request) -> ServerState:
@@ -269,12 +314,13 @@ def hold(
     version: LoadedVersion | None,
     output: str,
     prefix: str = "",
+    answer_id: str | None = None,
     **given: Any,
 ) -> str:
     """A fresh id for an answer; with a feedback store configured, the answer is held under
     it for the verdict window (answers of the base model take no verdicts). A label from
     /v1/classify is judged by label; generated text, from any adapter, by accepted/rejected."""
-    answer_id = new_id(prefix)
+    answer_id = answer_id or new_id(prefix)
     if state.predictions is not None and version is not None:
         task = version.spec.task.type
         if "fields" in given:
@@ -516,44 +562,193 @@ def fit_to_context(
     return prompt
 
 
-async def complete(
+@dataclass(frozen=True)
+class Shape:
+    """How an endpoint's answers look, whole and streamed (OpenAI's chat or completions)."""
+
+    endpoint: str
+    object: str
+    prefix: str
+    chat: bool
+
+    def choice(self, text: str, finish: str) -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "finish_reason": finish}
+        return {"index": 0, "text": text, "finish_reason": finish}
+
+    def delta(self, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        if self.chat:
+            return {
+                "index": 0,
+                "delta": {} if text is None else {"content": text},
+                "finish_reason": finish,
+            }
+        return {"index": 0, "text": text or "", "finish_reason": finish}
+
+
+CHAT = Shape("chat", "chat.completion", "chatcmpl-", chat=True)
+COMPLETIONS = Shape("completions", "text_completion", "cmpl-", chat=False)
+
+
+def generation_work(
+    version: LoadedVersion | None, prompt: list[int], body: _Generation, tenant: str
+) -> GenerateWork:
+    return GenerateWork(
+        version.key if version is not None else BASE_ADAPTER,
+        prompt,
+        max_new_tokens=body.new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stops,
+        seed=body.seed,
+        tenant=tenant,
+    )
+
+
+def usage(prompt: list[int], completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": completion,
+        "total_tokens": len(prompt) + completion,
+    }
+
+
+async def answer(
     state: ServerState,
     request: Request,
     version: LoadedVersion | None,
     prompt: list[int],
-    body: ChatRequest | CompletionRequest,
-    endpoint: str,
+    body: _Generation,
+    shape: Shape,
     began: float,
     tenant: str,
-) -> tuple[str, str, dict[str, int]]:
-    engine, _ = engine_and_registry(state)
+    held: dict[str, Any],
+) -> Response:
+    """Generate the answer and send it whole, or (stream: true) as server-sent events."""
+    work = generation_work(version, prompt, body, tenant)
     if body.stream:
-        raise ApiError(
-            400, "streaming responses are not supported yet; set stream: false", "stream"
-        )
-    key = version.key if version is not None else BASE_ADAPTER
-    work = GenerateWork(
-        key,
-        prompt,
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        tenant=tenant,
+        return stream(state, request, version, prompt, body, work, shape, began, held)
+    engine, _ = engine_and_registry(state)
+    generated = await run(state, request, work, version, shape.endpoint, began)
+    text = generated.text
+    if text is None:
+        text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True)
+    text = text.strip()
+    observe(state, request, version, shape.endpoint, began, len(prompt), len(generated.token_ids))
+    answer_id = hold(state, version, text, prefix=shape.prefix, **held)
+    return JSONResponse(
+        {
+            "id": answer_id,
+            "object": shape.object,
+            "created": int(time.time()),
+            "model": version.model_id if version else BASE_MODEL_NAME,
+            "choices": [shape.choice(text, generated.finish_reason)],
+            "usage": usage(prompt, len(generated.token_ids)),
+        },
+        headers=headers(version),
     )
-    generated = await run(state, request, work, version, endpoint, began)
-    text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True).strip()
-    observe(state, request, version, endpoint, began, len(prompt), len(generated.token_ids))
-    usage = {
-        "prompt_tokens": len(prompt),
-        "completion_tokens": len(generated.token_ids),
-        "total_tokens": len(prompt) + len(generated.token_ids),
+
+
+def stream(
+    state: ServerState,
+    request: Request,
+    version: LoadedVersion | None,
+    prompt: list[int],
+    body: _Generation,
+    work: GenerateWork,
+    shape: Shape,
+    began: float,
+    held: dict[str, Any],
+) -> Response:
+    """Server-sent events as OpenAI sends them: a chunk per piece of text (a tail that may
+    start a stop string is held back until it is known not to), a last chunk with the finish
+    reason, a usage chunk when `stream_options.include_usage`, then `data: [DONE]`. A client
+    that disconnects ends its row of the batch at once (its slot is freed); a failure after
+    the first chunk is sent as an error event in OpenAI's shape."""
+    engine, _ = engine_and_registry(state)
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def on_token(token: int) -> None:  # on the model's thread
+        loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+    work.on_token = on_token
+    future = engine.submit(work)
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
+    answer_id = new_id(shape.prefix)
+    adapter, ver = labels(version)
+    meta = {
+        "id": answer_id,
+        "object": f"{shape.object}.chunk" if shape.chat else shape.object,
+        "created": int(time.time()),
+        "model": version.model_id if version else BASE_MODEL_NAME,
     }
-    return text, generated.finish_reason, usage
+
+    def event(choice: dict[str, Any] | None, **extra: Any) -> str:
+        return f"data: {json.dumps(meta | {'choices': [choice] if choice else []} | extra)}\n\n"
+
+    def failed(status: str, message: str) -> str:
+        state.metrics.requests.labels(adapter, ver, shape.endpoint, status, routing(request)).inc()
+        error = {"message": message, "type": "server_error", "code": status}
+        return f"data: {json.dumps({'error': error})}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        ids: list[int] = []
+        sent, done = "", False
+        try:
+            if shape.chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None})  # fmt: skip
+            deadline = began + state.options.request_timeout
+            while (
+                token := await asyncio.wait_for(tokens.get(), deadline - time.perf_counter())
+            ) is not None:
+                ids.append(token)
+                ready = safe_to_send(
+                    engine.tokenizer.decode(ids, skip_special_tokens=True), work.stop
+                )
+                if len(ready) > len(sent) and ready.startswith(sent):
+                    yield event(shape.delta(ready[len(sent) :]))
+                    sent = ready
+            generated = future.result()
+            text = generated.text
+            if text is None:
+                text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True)
+            if len(text) > len(sent) and text.startswith(sent):
+                yield event(shape.delta(text[len(sent) :]))
+            yield event(shape.delta(None, generated.finish_reason))
+            if body.stream_options and body.stream_options.include_usage:
+                yield event(None, usage=usage(prompt, len(generated.token_ids)))
+            yield "data: [DONE]\n\n"
+            done = True
+            observe(state, request, version, shape.endpoint, began, len(prompt), len(ids))
+            hold(state, version, text, answer_id=answer_id, **held)
+        except TimeoutError:
+            yield failed("504", f"no answer within {state.options.request_timeout:g} s")
+        except Overloaded:
+            yield failed("503", "the model is overloaded; retry shortly")
+        except AdapterGone:
+            yield failed("503", "that adapter version was just replaced; retry the request")
+        except asyncio.CancelledError:  # the client went away
+            state.metrics.requests.labels(
+                adapter, ver, shape.endpoint, "499", routing(request)
+            ).inc()
+            raise
+        except Exception:
+            log.exception("%s stream for %s failed", shape.endpoint, adapter)
+            yield failed("500", "the model failed on this request; the server log has why")
+        finally:
+            if not done:
+                work.abandon()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers(version))
 
 
 @router.post("/v1/chat/completions")
 async def chat(state: State, request: Request, body: ChatRequest, tenant: Admitted) -> Response:
     began = time.perf_counter()
+    refuse_unimplemented(body)
     engine, _ = engine_and_registry(state)
     version = pick(state, request, body.model, "chat")
     messages = [m.model_dump() for m in body.messages]
@@ -564,28 +759,10 @@ async def chat(state: State, request: Request, body: ChatRequest, tenant: Admitt
         return chat_prompt_ids(engine.tokenizer, messages)
 
     prompt = fit_to_context(
-        engine, version, await run_in_threadpool(tokenize), body.max_tokens, "messages"
+        engine, version, await run_in_threadpool(tokenize), body.new_tokens, "messages"
     )
-    content, finish, usage = await complete(
-        state, request, version, prompt, body, "chat", began, tenant
-    )
-    answer_id = hold(state, version, content, messages=messages, prefix="chatcmpl-")
-    return JSONResponse(
-        {
-            "id": answer_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": version.model_id if version else BASE_MODEL_NAME,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": usage,
-        },
-        headers=headers(version),
+    return await answer(
+        state, request, version, prompt, body, CHAT, began, tenant, {"messages": messages}
     )
 
 
@@ -594,6 +771,7 @@ async def completions(
     state: State, request: Request, body: CompletionRequest, tenant: Admitted
 ) -> Response:
     began = time.perf_counter()
+    refuse_unimplemented(body)
     engine, _ = engine_and_registry(state)
     version = pick(state, request, body.model, "completions")
 
@@ -601,22 +779,10 @@ async def completions(
         return text_ids(engine.tokenizer, body.prompt)
 
     prompt = fit_to_context(
-        engine, version, await run_in_threadpool(tokenize), body.max_tokens, "prompt"
+        engine, version, await run_in_threadpool(tokenize), body.new_tokens, "prompt"
     )
-    content, finish, usage = await complete(
-        state, request, version, prompt, body, "completions", began, tenant
-    )
-    answer_id = hold(state, version, content, prompt=body.prompt, prefix="cmpl-")
-    return JSONResponse(
-        {
-            "id": answer_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": version.model_id if version else BASE_MODEL_NAME,
-            "choices": [{"index": 0, "text": content, "finish_reason": finish}],
-            "usage": usage,
-        },
-        headers=headers(version),
+    return await answer(
+        state, request, version, prompt, body, COMPLETIONS, began, tenant, {"prompt": body.prompt}
     )
 
 
