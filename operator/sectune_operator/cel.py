@@ -15,6 +15,7 @@ from pydantic_core import core_schema
 
 from sectune.config import (
     CLASS_WEIGHTS_MESSAGE,
+    DECISION_GATE_MESSAGE,
     DEEPSPEED_QUANTIZED_MESSAGE,
     FORMAT_GATE_MESSAGE,
     HF_DATASET_MESSAGE,
@@ -22,6 +23,7 @@ from sectune.config import (
     QUALITY_AUDIT_MESSAGE,
     QUALITY_CLASSIFICATION_MESSAGE,
     QUANTIZED_FULL_MESSAGE,
+    RECALL_TARGETS_MESSAGE,
     TEMPLATE_MESSAGE,
     VERDICT_GATE_BASELINE_MESSAGE,
     VERDICT_GATE_MESSAGE,
@@ -56,6 +58,17 @@ _ZERO3 = (
 
 CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
     TaskSpec: [
+        {
+            "rule": "!has(self.recallTargets) || size(self.recallTargets) == 0 || "
+            "self.type == 'classification'",
+            "message": RECALL_TARGETS_MESSAGE,
+            "fieldPath": ".recallTargets",
+        },
+        {
+            "rule": "!has(self.recallTargets) || self.recallTargets.all(k, k in self.labels)",
+            "message": "task.recallTargets: every key must be one of task.labels",
+            "fieldPath": ".recallTargets",
+        },
         {
             "rule": "self.type != 'classification' || "
             "self.labels.exists(a, self.labels.exists(b, a != b))",
@@ -103,7 +116,12 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
             "message": "evaluation.gates: set min, max or both",
         },
         {
-            "rule": "!has(self.on) || self.on != 'verdicts' || !has(self.overBaseline) || "
+            "rule": "!has(self.basis) || self.basis != 'decision' || !has(self.overBaseline)",
+            "message": DECISION_GATE_MESSAGE,
+            "fieldPath": ".overBaseline",
+        },
+        {
+            "rule": "!has(self.basis) || self.basis != 'verdicts' || !has(self.overBaseline) || "
             "self.overBaseline == 'previous'",
             "message": VERDICT_GATE_BASELINE_MESSAGE.format(metric="…"),
             "fieldPath": ".overBaseline",
@@ -154,7 +172,13 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
     JobSpec: [
         {
             "rule": "!has(self.evaluation) || !has(self.evaluation.gates) || "
-            "!self.evaluation.gates.exists(g, has(g.on) && g.on == 'verdicts') || "
+            "!self.evaluation.gates.exists(g, has(g.basis) && g.basis == 'decision') || "
+            "(has(self.task.recallTargets) && size(self.task.recallTargets) > 0)",
+            "message": DECISION_GATE_MESSAGE,
+        },
+        {
+            "rule": "!has(self.evaluation) || !has(self.evaluation.gates) || "
+            "!self.evaluation.gates.exists(g, has(g.basis) && g.basis == 'verdicts') || "
             "(self.task.type == 'classification' && has(self.dataset.feedback) && "
             "has(self.dataset.feedback.holdOut) && self.dataset.feedback.holdOut > 0.0)",
             "message": VERDICT_GATE_MESSAGE,

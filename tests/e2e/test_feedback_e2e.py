@@ -230,7 +230,7 @@ def test_the_loop_on_a_laptop_serve_judge_retrain_on_the_corrections(
         evaluation={
             "probeExamples": 4,
             "previousVersion": {"uri": served["uri"], "sha256": served["sha256"]},
-            "gates": [{"metric": "accuracy", "on": "verdicts", "overBaseline": "previous",
+            "gates": [{"metric": "accuracy", "basis": "verdicts", "overBaseline": "previous",
                        "min": -1.0}],
         },
         output={"uri": f"file://{tmp_path}/out"},

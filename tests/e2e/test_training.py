@@ -600,7 +600,7 @@ def test_a_run_is_compared_with_the_previous_version_it_would_replace(
         "previousVersion": previous,
         "gates": [
             {"metric": "accuracy", "overBaseline": "previous", "min": -1.0},
-            {"metric": "accuracy", "on": "verdicts", "overBaseline": "previous", "min": -1.0},
+            {"metric": "accuracy", "basis": "verdicts", "overBaseline": "previous", "min": -1.0},
         ],
     }
     dataset = {"feedback": {"uri": f"file://{verdicts}", "holdOut": 0.5}}
@@ -686,3 +686,42 @@ def _stored_verdicts(rows: Path, tmp_path: Path) -> Path:
         lines.append(build_record(judged, Sanitizer(SanitizeSpec())).line())
     (folder / "20261204T000000Z-abcd.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def test_recall_targets_fit_a_rule_the_served_version_decides_with(job_manifest, tmp_path):
+    """task.recallTargets: the evaluation fits a threshold on held-out rows, reports the
+    cross-fitted figures next to argmax's, a gate reads them, and `sectune serve` answers with
+    the stored rule."""
+    from sectune.contract import DecisionRule
+    from support.serving import TEXTS, start_server
+
+    out = tmp_path / "out"
+    manifest = job_manifest(
+        "decided", output={"uri": f"file://{out}"},
+        task={"recallTargets": {"malicious": 1.0}},
+        evaluation={"probeExamples": 4, "gates": [
+            {"metric": "recall", "class": "malicious", "basis": "decision", "min": 0.0}]},
+    )  # fmt: skip
+    result = sectune("run", str(manifest))
+    assert result.returncode == 0, result.stderr[-3000:]
+    [report_path] = (out / "decided" / "versions").glob("*/report.json")
+    report = json.loads(report_path.read_text())
+    decided = report["models"]["tuned"]["decision"]
+    assert decided["recallTargets"] == {"malicious": 1.0}
+    assert decided["crossFitted"]["examples"] == report["models"]["tuned"]["examples"]
+    [gate] = report["gates"]
+    assert gate["name"] == "recall[malicious]@decision>=0"
+    assert gate["value"] == decided["crossFitted"]["perClass"]["malicious"]["recall"]
+    rule = DecisionRule.model_validate(decided["rule"])
+    assert rule.order == ["malicious"]
+
+    server = start_server(tmp_path, ["--adapter", f"decided=file://{out}/decided"], {})
+    try:
+        labels = ["benign", "malicious"]
+        for text in TEXTS:
+            answer = server.classify("decided", text).json()
+            assert answer["decidedBy"] == "recallTargets"
+            probabilities = [answer["probabilities"][label] for label in labels]
+            assert answer["label"] == labels[rule.decide(probabilities, labels)]
+    finally:
+        server.stop()

@@ -368,9 +368,9 @@ def test_gates_on_verdicts_read_the_held_out_verdicts_and_say_when_there_are_non
     from sectune.evaluation.gates import evaluate_gates
 
     gates = [
-        Gate.model_validate({"metric": "macroF1", "on": "verdicts", "min": 0.7}),
+        Gate.model_validate({"metric": "macroF1", "basis": "verdicts", "min": 0.7}),
         Gate.model_validate(
-            {"metric": "macroF1", "on": "verdicts", "overBaseline": "previous", "min": 0}
+            {"metric": "macroF1", "basis": "verdicts", "overBaseline": "previous", "min": 0}
         ),
         Gate.model_validate({"metric": "macroF1", "min": 0.7}),
     ]
@@ -389,16 +389,20 @@ def test_gates_on_verdicts_read_the_held_out_verdicts_and_say_when_there_are_non
 @pytest.mark.parametrize(
     ("dataset", "gate", "message"),
     [
-        ({}, {"metric": "accuracy", "on": "verdicts", "min": 0.5}, "set dataset.feedback.holdOut"),
+        (
+            {},
+            {"metric": "accuracy", "basis": "verdicts", "min": 0.5},
+            "set dataset.feedback.holdOut",
+        ),
         (
             {"feedback": {"uri": "s3://b/v/triage"}},
-            {"metric": "accuracy", "on": "verdicts", "min": 0.5},
+            {"metric": "accuracy", "basis": "verdicts", "min": 0.5},
             "set dataset.feedback.holdOut",
         ),
         (
             {"feedback": {"uri": "s3://b/v/triage", "holdOut": 0.2}},
-            {"metric": "accuracy", "on": "verdicts", "overBaseline": "tfidf", "min": 0},
-            "on: verdicts compares only with the previous version",
+            {"metric": "accuracy", "basis": "verdicts", "overBaseline": "tfidf", "min": 0},
+            "basis: verdicts compares only with the previous version",
         ),
     ],
 )

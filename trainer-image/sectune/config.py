@@ -48,12 +48,17 @@ HF_DATASET_MESSAGE = (
     "dataset.{field}: hf:// datasets are not implemented yet (the hub is a source of base "
     "models only); copy the files to s3:// (file:// with sectune run)"
 )
+RECALL_TARGETS_MESSAGE = "task.recallTargets is only for type classification; remove it"
+DECISION_GATE_MESSAGE = (
+    "evaluation.gates: basis: decision reads the rule task.recallTargets fits; set recallTargets, "
+    "and compare with no baseline"
+)
 VERDICT_GATE_MESSAGE = (
-    "evaluation.gates: on: verdicts scores the newest analysts' verdicts held out from "
+    "evaluation.gates: basis: verdicts scores the newest analysts' verdicts held out from "
     "training; set dataset.feedback.holdOut above 0 (classification)"
 )
 VERDICT_GATE_BASELINE_MESSAGE = (
-    "evaluation.gates[{metric}]: on: verdicts compares only with the previous version "
+    "evaluation.gates[{metric}]: basis: verdicts compares only with the previous version "
     "(baselines are measured on the held-out set); use overBaseline: previous or none"
 )
 QUANTIZED_FULL_MESSAGE = (
@@ -230,7 +235,7 @@ class FeedbackSource(Spec):
     """Verdicts judged longer ago than this are left out (counted as expired)."""
     hold_out: float = Field(0.0, ge=0.0, le=0.5)
     """The newest share of the verdicts kept out of training and scored as their own held-out
-    set (classification), for gates with `on: verdicts`: "no worse on what analysts
+    set (classification), for gates with `basis: verdicts`: "no worse on what analysts
     corrected"."""
 
 
@@ -319,6 +324,14 @@ class TaskSpec(Spec):
     n / (labels x examples of its label), so rare labels count as much as common ones (what
     macro-F1 rewards; the TF-IDF baseline is fit the same way). none: every example counts
     once (what accuracy rewards)."""
+    recall_targets: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    """Classification only: labels whose misses cost more than false alarms, with the recall
+    each must reach (e.g. {critical: 0.95, high: 0.9}). The evaluation fits a threshold per
+    label on held-out rows (reporting cross-fitted figures next to argmax's), the version
+    stores the rule, and the server decides with it: the first label listed whose
+    probability reaches its threshold, else the most likely. Gates `basis: decision` read it."""
 
     @model_validator(mode="after")
     def _task_needs(self) -> TaskSpec:
@@ -336,6 +349,13 @@ class TaskSpec(Spec):
             raise ValueError("task.head: classifier is only for type classification; use lm")
         if self.class_weights != "none" and self.type != "classification":
             raise ValueError(CLASS_WEIGHTS_MESSAGE)
+        if self.recall_targets and self.type != "classification":
+            raise ValueError(RECALL_TARGETS_MESSAGE)
+        unknown = sorted(set(self.recall_targets) - set(self.labels))
+        if unknown:
+            raise ValueError(
+                f"task.recallTargets: {unknown[0]!r} is not one of task.labels; name a label"
+            )
         return self
 
 
@@ -477,9 +497,10 @@ class Gate(Spec):
     over_baseline: Literal["base", "fewShot", "tfidf", "previous"] | None = None
     """Compare the margin over this baseline instead of the raw value (previous: the stored
     version named by evaluation.previousVersion, e.g. "no worse than what is served")."""
-    on: Literal["heldOut", "verdicts"] = "heldOut"
-    """The rows judged: the held-out test set, or the newest analysts' verdicts
-    (dataset.feedback.holdOut; compared only with the previous version)."""
+    basis: Literal["heldOut", "verdicts", "decision"] = "heldOut"
+    """What is judged: the held-out test set by argmax; the newest analysts' verdicts
+    (dataset.feedback.holdOut; compared only with the previous version); or the held-out set
+    decided by the task.recallTargets rule (cross-fitted; no baseline)."""
     min: float | None = None
     """Lowest acceptable value."""
     max: float | None = None
@@ -491,8 +512,10 @@ class Gate(Spec):
             raise ValueError(f"evaluation.gates[{self.metric}]: set min, max or both")
         if self.metric in ("precision", "recall", "f1") and not self.class_name:
             raise ValueError(f"evaluation.gates[{self.metric}]: per-class metric needs class")
-        if self.on == "verdicts" and self.over_baseline not in (None, "previous"):
+        if self.basis == "verdicts" and self.over_baseline not in (None, "previous"):
             raise ValueError(VERDICT_GATE_BASELINE_MESSAGE.format(metric=self.metric))
+        if self.basis == "decision" and self.over_baseline is not None:
+            raise ValueError(DECISION_GATE_MESSAGE)
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(
                 f"evaluation.gates[{self.metric}]: min {self.min:g} is above max {self.max:g}, "
@@ -506,8 +529,8 @@ class Gate(Spec):
         key = self.metric + (f"[{self.class_name}]" if self.class_name else "")
         if self.over_baseline:
             key += f"-over-{self.over_baseline}"
-        if self.on == "verdicts":
-            key += "@verdicts"
+        if self.basis != "heldOut":
+            key += f"@{self.basis}"
         bounds = []
         if self.min is not None:
             bounds.append(f">={self.min:g}")
@@ -603,10 +626,15 @@ class JobSpec(Spec):
         ):
             raise ValueError(FORMAT_GATE_MESSAGE)
         feedback = self.dataset.feedback
-        if any(g.on == "verdicts" for g in self.evaluation.gates) and (
+        if any(g.basis == "verdicts" for g in self.evaluation.gates) and (
             self.task.type != "classification" or feedback is None or not feedback.hold_out
         ):
             raise ValueError(VERDICT_GATE_MESSAGE)
+        if (
+            any(g.basis == "decision" for g in self.evaluation.gates)
+            and not self.task.recall_targets
+        ):
+            raise ValueError(DECISION_GATE_MESSAGE)
         if self.task.type == "classification" and self.dataset.format not in (
             "classification",
             "instruction",

@@ -287,6 +287,27 @@ class TrainerResult(_Tolerant):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+# --------------------------------------------------------------------------- decisions
+
+
+class DecisionRule(BaseModel):
+    """How a version turns probabilities into a label when the job set `task.recallTargets`:
+    the first label in `order` whose probability reaches its threshold, else the most likely
+    one. Fitted by the evaluation (sectune.evaluation.decision), stored in report.json
+    (`models.tuned.decision.rule`) and applied by the server's /v1/classify."""
+
+    thresholds: dict[str, float]
+    order: list[str]
+
+    def decide(self, probabilities: Any, labels: Any) -> int:
+        """The index of the label decided."""
+        for label in self.order:
+            column = labels.index(label)
+            if probabilities[column] >= self.thresholds[label]:
+                return int(column)
+        return max(range(len(labels)), key=probabilities.__getitem__)
+
+
 # --------------------------------------------------------------------------- analysts' verdicts
 
 
@@ -364,7 +385,7 @@ class RunReport(_Tolerant):
     gates: list[GateOutcome] = Field(default_factory=list)
     verdicts: dict[str, Any] | None = None
     """The held-out analysts' verdicts (dataset.feedback.holdOut): rows, and the tuned and
-    previous versions' metrics on them (what gates `on: verdicts` read)."""
+    previous versions' metrics on them (what gates `basis: verdicts` read)."""
     gates_passed: bool = True
     verdict: str = ""
     training: dict[str, Any] | None = None

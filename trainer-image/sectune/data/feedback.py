@@ -11,7 +11,7 @@ evaluated on, and left out when:
   answer to a test question into training.
 
 Of what is left, the newest `holdOut` share is kept out of training as the verdicts' own
-held-out set (gates with `on: verdicts`); the rest is repeated `weight` times (seeded) and
+held-out set (gates with `basis: verdicts`); the rest is repeated `weight` times (seeded) and
 added to the training split.
 """
 

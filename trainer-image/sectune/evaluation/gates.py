@@ -26,18 +26,22 @@ def evaluate_gates(
     verdicts: dict[str, dict[str, Any]] | None = None,
 ) -> list[GateOutcome]:
     """Check every gate against the tuned model's metrics (or its margin over a baseline);
-    a gate `on: verdicts` against `verdicts` (tuned, previous: the held-out analysts'
+    a gate `basis: verdicts` against `verdicts` (tuned, previous: the held-out analysts'
     verdicts). A metric that was not measured fails its gate, saying so."""
     outcomes = []
     for gate in gates:
         measured, compared = tuned, baselines
-        if gate.on == "verdicts":
+        if gate.basis == "verdicts":
             measured = (verdicts or {}).get("tuned", {})
             compared = {"previous": (verdicts or {}).get("previous", {})}
+        elif gate.basis == "decision":
+            measured = tuned.get("decision", {}).get("crossFitted", {})
         value = _lookup(measured, gate)
         reason = ""
-        if gate.on == "verdicts" and not measured:
+        if gate.basis == "verdicts" and not measured:
             reason = "no verdicts were held out to judge (dataset.feedback.holdOut)"
+        elif gate.basis == "decision" and not measured:
+            reason = "no decision rule was fitted (task.recallTargets)"
         elif value is not None and gate.over_baseline:
             base = _lookup(compared.get(gate.over_baseline, {}), gate)
             if base is None:

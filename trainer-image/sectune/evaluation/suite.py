@@ -44,6 +44,7 @@ def classify(
     autocast: bool,
     latency: int = 0,
     leaked: set[str] | frozenset[str] = frozenset(),
+    decide: bool = False,
 ) -> dict[str, Any]:
     """Classification metrics of one model on `examples` (plus latency and throughput).
     `leaked`: ids of held-out rows that nearly duplicate training rows (the data audit); the
@@ -57,6 +58,16 @@ def classify(
         [e.target for e in examples], predictions, labels, scores.probabilities
     )
     metrics |= without_leaked(examples, predictions, labels, leaked)
+    if decide and spec.task.recall_targets:  # the tuned model's rule (task.recallTargets)
+        from sectune.evaluation import decision
+
+        metrics["decision"] = decision.evaluate(
+            scores.probabilities,
+            [e.target for e in examples],
+            labels,
+            dict(spec.task.recall_targets),
+            spec.hyperparameters.seed,
+        )
     if latency:
         metrics |= latency_summary(scores.latencies_ms) | {"throughputPerSecond": scores.throughput}
     return metrics
@@ -182,6 +193,7 @@ def evaluate_tuned(
             autocast,
             latency=LATENCY_REQUESTS,
             leaked=data.leaked_ids(),
+            decide=True,
         )
         metrics["consistency"] = consistency(
             model, tokenizer, data.test[:CONSISTENCY_EXAMPLES], spec, autocast

@@ -23,7 +23,7 @@ from typing import Any
 
 from sectune import artifacts
 from sectune.config import JobSpec
-from sectune.contract import AdapterManifest, RunReport
+from sectune.contract import AdapterManifest, DecisionRule, RunReport
 from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
 from sectune.serving import verify
@@ -60,6 +60,16 @@ class LoadedVersion:
     distinct_first_tokens: bool = True
     shadow: float = 0.0
     """Fraction of the adapter's unpinned classify requests it also scores, unseen."""
+    decision: DecisionRule | None = None
+    """The rule its evaluation fitted for task.recallTargets (None: argmax)."""
+
+    def decide(self, probabilities: list[float]) -> int:
+        """The index of the label this version answers with."""
+        labels = self.spec.task.labels
+        if self.decision is not None:
+            return self.decision.decide(probabilities, labels)
+        return max(range(len(labels)), key=probabilities.__getitem__)
+
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -304,6 +314,9 @@ class Registry:
             probe = Example("probe", {"text": ""}, spec.task.labels[0])
             version.label_ids = label_token_ids(formatter, probe, spec.task.labels)
             version.distinct_first_tokens = first_tokens_distinct(version.label_ids)
+            rule = report.tuned.get("decision", {}).get("rule")
+            if rule and spec.task.recall_targets:
+                version.decision = DecisionRule.model_validate(rule)
             reference = reference_distribution(report)
             if reference and config.drift.enabled:
                 version.drift = DriftMonitor(reference, window, least)

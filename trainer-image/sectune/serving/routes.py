@@ -440,7 +440,7 @@ async def classify(
     prompt = work.prompt
     probabilities = await run(state, request, work, version, "classify", began)
     labels = version.spec.task.labels
-    best = max(range(len(labels)), key=probabilities.__getitem__)
+    best = version.decide(probabilities)
     adapter, ver = observe(state, request, version, "classify", began, len(prompt), 0)
     answer_id = hold(
         state,
@@ -463,6 +463,7 @@ async def classify(
             "label": labels[best],
             "confidence": probabilities[best],
             "probabilities": dict(zip(labels, probabilities, strict=True)),
+            **({"decidedBy": "recallTargets"} if version.decision is not None else {}),
             "usage": {"prompt_tokens": len(prompt)},
         },
         headers=headers(version),
@@ -528,8 +529,7 @@ async def score_shadow(
     except Exception:
         log.debug("shadow %s skipped a request", other.model_id)
         return
-    labels = other.spec.task.labels
-    label = labels[max(range(len(labels)), key=probabilities.__getitem__)]
+    label = other.spec.task.labels[other.decide(probabilities)]
     agree = str(label == answered).lower()
     state.metrics.shadow_answers.labels(other.adapter, other.version, agree).inc()
     held = state.predictions.get(answer_id) if state.predictions is not None else None
