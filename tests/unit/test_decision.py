@@ -95,3 +95,13 @@ def test_gates_read_the_decision_and_refuse_what_cannot_work():
         JobSpec.model_validate(spec | {"task": spec["task"] | {"recallTargets": {"urgent": 0.9}}})
     accepted = spec | {"task": spec["task"] | {"recallTargets": {"critical": 0.95}}}
     assert JobSpec.model_validate(accepted).task.recall_targets == {"critical": 0.95}
+
+
+def test_recall_targets_on_the_command_line_name_a_bad_item():
+    from sectune.cli import _recall_targets
+
+    assert _recall_targets("critical=0.95, high=0.9") == {"critical": 0.95, "high": 0.9}
+    assert _recall_targets(None) is None
+    for bad in ("critical", "critical=high", "=0.9"):
+        with pytest.raises(ValueError, match=f"--recall-targets '{bad}'"):
+            _recall_targets(bad)

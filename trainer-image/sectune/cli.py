@@ -299,6 +299,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _run(name, spec, args.metrics_port, termination)
 
 
+def _recall_targets(given: str | None) -> dict[str, float] | None:
+    """`--recall-targets critical=0.95,high=0.9` (ValueError naming the bad item)."""
+    if not given:
+        return None
+    targets = {}
+    for item in given.split(","):
+        label, sep, value = item.partition("=")
+        try:
+            targets[label.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not label.strip():
+            raise ValueError(
+                f"--recall-targets {item!r}: expected label=recall, e.g. critical=0.95"
+            )
+    return targets
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """A stored adapter on any data, against its gates or a gates file."""
     from sectune.artifacts import IntegrityError
@@ -327,6 +345,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     args.gates,
                     args.precision,
                     _baseline_names(args.baselines),
+                    _recall_targets(args.recall_targets),
                 )
     except (
         DataError,
@@ -725,6 +744,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="labelled data URI (same format as training)"
     )
     evaluate.add_argument("--gates", help="YAML list of gates (default: the job's own)")
+    evaluate.add_argument(
+        "--recall-targets",
+        help="with --adapter: label=recall,… to fit a decision rule on these rows and report "
+        "its cross-fitted figures next to argmax's (the stored version is not changed)",
+    )
     evaluate.add_argument(
         "--baselines",
         default="tfidf",

@@ -316,12 +316,14 @@ def evaluate_stored(
     gates_path: str | None,
     precision: str = "auto",
     remeasure: tuple[str, ...] = ("tfidf",),
+    recall_targets: dict[str, float] | None = None,
 ) -> RunReport:
     """`sectune evaluate`: a stored adapter (digests verified) on any labelled data, against
     its own gates or those in `gates_path` (a YAML list), on this process's device with the
     numerics sectune.placement picks for `precision`. The baselines in `remeasure` are
-    measured again on the same rows (the rest come from the training-time report). Returns
-    the report."""
+    measured again on the same rows (the rest come from the training-time report);
+    `recall_targets` replaces the job's task.recallTargets for this evaluation (what a rule
+    would give on these rows). Returns the report."""
     import tempfile
     from pathlib import Path
 
@@ -343,6 +345,9 @@ def evaluate_stored(
         # Every file checked against the manifest, each read once.
         manifest = artifacts.fetch_verified(version, sha256, workdir, include=("",))
         spec = JobSpec.model_validate(manifest.config)
+        if recall_targets is not None:
+            task = spec.task.model_dump(by_alias=True) | {"recallTargets": recall_targets}
+            spec = JobSpec.model_validate(spec.model_dump(by_alias=True) | {"task": task})
         adapter_dir = workdir / "adapter"
 
         examples, sanitized = load_labelled(data_uri, spec)
