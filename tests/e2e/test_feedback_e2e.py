@@ -249,3 +249,5 @@ def test_the_loop_on_a_laptop_serve_judge_retrain_on_the_corrections(
         report["verdicts"]["tuned"]["accuracy"] - report["verdicts"]["previous"]["accuracy"]
     )
     assert report["previousVersion"]["sha256"] == served["sha256"]
+    page = (report_path.parent / "report.html").read_text()
+    assert "On the newest analysts' verdicts (10 rows, never trained on)" in page

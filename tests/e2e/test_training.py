@@ -714,6 +714,8 @@ def test_recall_targets_fit_a_rule_the_served_version_decides_with(job_manifest,
     assert gate["value"] == decided["crossFitted"]["perClass"]["malicious"]["recall"]
     rule = DecisionRule.model_validate(decided["rule"])
     assert rule.order == ["malicious"]
+    page = (report_path.parent / "report.html").read_text()
+    assert "Recall targets (cross-fitted" in page and "<td>malicious</td>" in page
 
     server = start_server(tmp_path, ["--adapter", f"decided=file://{out}/decided"], {})
     try:

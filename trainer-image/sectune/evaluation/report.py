@@ -228,6 +228,54 @@ def _audit_html(audit: dict[str, Any], tuned: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _decision_html(tuned: dict[str, Any]) -> list[str]:
+    """The recall-target rule (task.recallTargets): each target label, argmax against the
+    cross-fitted rule, and what it cost overall."""
+    decided = tuned.get("decision")
+    if not decided:
+        return []
+    crossed, rule = decided["crossFitted"], decided["rule"]
+    parts = [
+        "<h2>Recall targets (cross-fitted: each half decided by the rule fitted on the other)"
+        "</h2><table><tr><th>label</th><th>target</th><th>threshold</th>"
+        "<th>argmax recall / precision</th><th>rule recall / precision</th></tr>"
+    ]
+    for label, target in decided["recallTargets"].items():
+        argmax = tuned.get("perClass", {}).get(label, {})
+        ruled = crossed["perClass"].get(label, {})
+        parts.append(
+            f"<tr><td>{html.escape(label)}</td><td>{_fmt(target)}</td>"
+            f"<td>{_fmt(rule['thresholds'].get(label))}</td>"
+            f"<td>{_fmt(argmax.get('recall'))} / {_fmt(argmax.get('precision'))}</td>"
+            f"<td>{_fmt(ruled.get('recall'))} / {_fmt(ruled.get('precision'))}</td></tr>"
+        )
+    parts.append(
+        f"<tr><td>accuracy, macro-F1</td><td></td><td></td>"
+        f"<td>{_fmt(tuned.get('accuracy'))}, {_fmt(tuned.get('macroF1'))}</td>"
+        f"<td>{_fmt(crossed['accuracy'])}, {_fmt(crossed['macroF1'])}</td></tr></table>"
+    )
+    return parts
+
+
+def _verdicts_html(verdicts: dict[str, Any] | None) -> list[str]:
+    """The newest analysts' verdicts held out from training (dataset.feedback.holdOut)."""
+    if not verdicts:
+        return []
+    names = [n for n in ("tuned", "previous") if n in verdicts]
+    parts = [
+        f"<h2>On the newest analysts' verdicts ({verdicts.get('rows', 0)} rows, never trained on)"
+        "</h2><table><tr><th>metric</th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
+    ]
+    for metric in ("accuracy", "macroF1"):
+        parts.append(
+            f"<tr><td>{metric}</td>"
+            + "".join(f"<td>{_fmt(verdicts[n].get(metric))}</td>" for n in names)
+            + "</tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
 def render_html(report: RunReport) -> str:
     models = report.models
     tuned = models.get("tuned", {})
@@ -265,6 +313,8 @@ def render_html(report: RunReport) -> str:
         parts.append(f"<p><strong>{html.escape(report.worth_it)}</strong></p>")
     if report.baselines_from:
         parts.append(f"<p><small>Baselines: {html.escape(report.baselines_from)}.</small></p>")
+    parts += _decision_html(tuned)
+    parts += _verdicts_html(report.verdicts)
     parts += _probes_html(report.probes)
     if report.deltas:
         parts.append(
