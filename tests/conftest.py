@@ -122,6 +122,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("SECTUNE_LOG_LEVEL", "INFO")
+    # Every run scores its base model unless a test sets a cache of its own: a user's
+    # ~/.cache/sectune/scores never decides what a test measures.
+    os.environ["SECTUNE_SCORE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

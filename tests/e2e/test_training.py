@@ -727,3 +727,26 @@ def test_recall_targets_fit_a_rule_the_served_version_decides_with(job_manifest,
             assert answer["label"] == labels[rule.decide(probabilities, labels)]
     finally:
         server.stop()
+
+
+def test_a_rerun_takes_unchanged_base_scores_from_the_cache(job_manifest, tmp_path):
+    """The same manifest twice: the second run does not score the base model again and reports
+    the same baseline figures (what changes the key: tests/unit/test_evaluation.py)."""
+    out = tmp_path / "out"
+    manifest = job_manifest(
+        "cached", output={"uri": f"file://{out}"}, evaluation={"probeExamples": 4}
+    )
+    env = {"SECTUNE_SCORE_CACHE": str(tmp_path / "scores")}
+    first = sectune("run", str(manifest), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "scores unchanged" not in first.stderr
+    [stored] = list((tmp_path / "scores").glob("*.json"))
+    assert stored.stat().st_mode & 0o777 == 0o600
+    second = sectune("run", str(manifest), env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Base model scores unchanged since an earlier run: cached" in second.stderr
+    reports = sorted(
+        (out / "cached" / "versions").glob("*/report.json"), key=lambda p: p.parent.name
+    )
+    base = [json.loads(r.read_text())["models"]["base"] for r in reports]
+    assert len(base) == 2 and base[0] == base[1]

@@ -274,3 +274,31 @@ def test_report_json_has_the_shape_readers_parse_and_leaves_out_what_its_writer_
     assert document["previousVersion"] is None  # set to None: written as null
     read = RunReport.model_validate(document)
     assert read.gates == [gate] and read.baselines() == {"tfidf": {"macroF1": 0.6}}
+
+
+def test_the_base_score_cache_key_follows_everything_the_scores_depend_on(tmp_path, monkeypatch):
+    from sectune.data.example import Example
+    from sectune.data.prepare import PreparedData
+    from sectune.evaluation import score_cache
+
+    def data(text: str) -> PreparedData:
+        rows = [Example("r1", {"text": text}, "benign")]
+        return PreparedData(train=rows, validation=rows, test=rows)
+
+    settings = {"task": {"labels": ["benign", "malicious"]}}
+    key = score_cache.key("d" * 64, "cpu, float32 weights", settings, data("a"), ("base",))
+    assert key == score_cache.key("d" * 64, "cpu, float32 weights", settings, data("a"), ("base",))
+    for other in (
+        score_cache.key("e" * 64, "cpu, float32 weights", settings, data("a"), ("base",)),
+        score_cache.key("d" * 64, "cpu, bfloat16 weights", settings, data("a"), ("base",)),
+        score_cache.key("d" * 64, "cpu, float32 weights", {"task": {}}, data("a"), ("base",)),
+        score_cache.key("d" * 64, "cpu, float32 weights", settings, data("b"), ("base",)),
+        score_cache.key("d" * 64, "cpu, float32 weights", settings, data("a"), ("fewShot",)),
+    ):
+        assert other != key
+    monkeypatch.setenv(score_cache.CACHE_ENV, str(tmp_path / "scores"))
+    assert score_cache.load(key) is None
+    score_cache.store(key, {"base": {"accuracy": 0.5}})
+    assert score_cache.load(key) == {"base": {"accuracy": 0.5}}
+    monkeypatch.setenv(score_cache.CACHE_ENV, "off")
+    assert score_cache.load(key) is None

@@ -195,14 +195,14 @@ def run_job(
         models: dict[str, dict[str, Any]] = {}
         if spec.evaluation.baseline and main and not loaded.collective:
             on_event("stage", {"name": "Scoring the base model"})
-            models |= _score_base(loaded, data, spec)
+            models |= _score_base(loaded, data, spec, on_event)
 
         on_event("stage", {"name": "Training"})
         result = _train(name, spec, loaded, data, workdir, on_event)
         if spec.evaluation.baseline and loaded.collective:
             on_event("stage", {"name": "Scoring the base model"})
             with loaded.model.disable_adapter():  # the base, from the same shards (adapters only)
-                models |= _score_base(loaded, data, spec)
+                models |= _score_base(loaded, data, spec, on_event)
         if not (main or loaded.collective):
             return Outcome(name, "Succeeded", "WorkerDone")
 
@@ -259,10 +259,27 @@ def _load_base_model(spec: JobSpec) -> _Loaded:
     return _Loaded(model, tokenizer, resolved, numerics, accelerator)
 
 
-def _score_base(loaded: _Loaded, data: Any, spec: JobSpec) -> dict[str, dict[str, Any]]:
-    from sectune.evaluation.suite import baselines
+def _score_base(
+    loaded: _Loaded, data: Any, spec: JobSpec, on_event: Callable[[str, Any], None]
+) -> dict[str, dict[str, Any]]:
+    """The base model's scores (zero-shot, few-shot), from the score cache when nothing they
+    depend on changed since a run computed them (sectune.evaluation.score_cache)."""
+    from sectune.evaluation import score_cache
+    from sectune.evaluation.suite import BASELINE_NAMES, baselines
 
-    return baselines(loaded.model, loaded.tokenizer, data, spec, loaded.autocast)
+    settings = spec.model_dump(
+        mode="json", by_alias=True, include={"task", "hyperparameters", "evaluation"}
+    )
+    cache_key = score_cache.key(
+        loaded.resolved.digest, loaded.numerics.describe(), settings, data, BASELINE_NAMES
+    )
+    cached = score_cache.load(cache_key)
+    if cached is not None:
+        on_event("stage", {"name": "Base model scores unchanged since an earlier run: cached"})
+        return cached
+    scores = baselines(loaded.model, loaded.tokenizer, data, spec, loaded.autocast)
+    score_cache.store(cache_key, scores)
+    return scores
 
 
 def _train(

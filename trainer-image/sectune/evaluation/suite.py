@@ -73,13 +73,16 @@ def classify(
     return metrics
 
 
+BASELINE_NAMES = ("base", "fewShot")
+
+
 def baselines(
     model: Any,
     tokenizer: Any,
     data: PreparedData,
     spec: JobSpec,
     autocast: bool,
-    which: tuple[str, ...] = ("base", "fewShot"),
+    which: tuple[str, ...] = BASELINE_NAMES,
 ) -> dict[str, dict[str, Any]]:
     """The base model before training: zero-shot with the job's prompt, and (classification)
     with k retrieved training examples in the prompt; only those named in `which`."""
