@@ -273,12 +273,15 @@ def _score_base(
     cache_key = score_cache.key(
         loaded.resolved.digest, loaded.numerics.describe(), settings, data, BASELINE_NAMES
     )
-    cached = score_cache.load(cache_key)
+    # At ZeRO-3 every rank scores together: a rank reading the cache while another scores
+    # would leave it waiting on a collective, so there the base model is always scored.
+    cached = None if loaded.collective else score_cache.load(cache_key)
     if cached is not None:
         on_event("stage", {"name": "Base model scores unchanged since an earlier run: cached"})
         return cached
     scores = baselines(loaded.model, loaded.tokenizer, data, spec, loaded.autocast)
-    score_cache.store(cache_key, scores)
+    if not loaded.collective:
+        score_cache.store(cache_key, scores)
     return scores
 
 
