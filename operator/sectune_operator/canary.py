@@ -20,6 +20,7 @@ sample's noise.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -197,9 +198,22 @@ class OutcomeComparison:
 def compare_outcomes(
     stable: Confusion, canary: Confusion, resamples: int = 1000, seed: int = 0
 ) -> OutcomeComparison:
-    """Both versions' live macro-F1, and how often a bootstrap finds the canary worse."""
+    """Both versions' live macro-F1, and how often a bootstrap finds the canary worse. Seeded,
+    so the same counts give the same answer: the analysis asks every few seconds while the
+    counts change far less often, and an unchanged pair is not resampled again."""
+    return _compare(tuple(sorted(stable.items())), tuple(sorted(canary.items())), resamples, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _compare(
+    stable_cells: tuple[tuple[tuple[str, str], int], ...],
+    canary_cells: tuple[tuple[tuple[str, str], int], ...],
+    resamples: int,
+    seed: int,
+) -> OutcomeComparison:
+    stable, canary = Counter(dict(stable_cells)), Counter(dict(canary_cells))
     rng = random.Random(seed)
-    drawn = sum(stable.values()) + sum(canary.values())
+    drawn = stable.total() + canary.total()
     resamples = max(100, min(resamples, MAX_DRAWS // max(drawn, 1)))
 
     def resample(counts: Confusion) -> Confusion:

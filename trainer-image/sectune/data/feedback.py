@@ -39,11 +39,13 @@ DAY = 86_400.0
 @dataclass
 class FeedbackData:
     examples: list[Example]
+    """The verdicts to train on, once each (`weighted` repeats them)."""
     held_out: list[Example] = field(default_factory=list)
     """The newest verdicts, kept out of training (dataset.feedback.holdOut)."""
     report: dict[str, Any] = field(default_factory=dict)
     """What `sources.feedback` of the data report says: uri, objects, rows, used, the rows
-    left out by reason, weight, and sha256 over the objects read."""
+    left out by reason, weight, and sha256 over the objects read (the data stage adds
+    `examples`: how many training examples the weighted verdicts became)."""
 
     @property
     def sha256(self) -> str:
@@ -102,14 +104,11 @@ def load_feedback(
             examples.append(example)
     kept = round(len(examples) * source.hold_out)
     examples, held_out = examples[: len(examples) - kept], examples[len(examples) - kept :]
-    used = len(examples)
-    examples = _weighted(examples, source.weight, spec.hyperparameters.seed)
     report: dict[str, Any] = {
         "uri": source.uri,
         "objects": len(names),
         "rows": rows,
-        "used": used,
-        "examples": len(examples),
+        "used": len(examples),
         "heldOut": len(held_out),
         "weight": source.weight,
         "leftOut": dict(sorted(left_out.items())),
@@ -135,7 +134,7 @@ def _example(record: FeedbackRecord, spec: JobSpec) -> tuple[Example | None, str
     return Example(record.id, {}, messages[-1]["content"], messages), ""
 
 
-def _weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
+def weighted(examples: list[Example], weight: float, seed: int) -> list[Example]:
     """Each example `int(weight)` times, plus a seeded share `weight % 1` of them once more
     (below 1: only that share)."""
     whole, part = int(weight), weight - int(weight)

@@ -19,7 +19,7 @@ from sectune.contract import DataReport
 from sectune.data.audit import DataAudit, enforce
 from sectune.data.audit import audit as audit_data
 from sectune.data.example import Example
-from sectune.data.feedback import load_feedback
+from sectune.data.feedback import load_feedback, weighted
 from sectune.data.load import DataError, RawRow, _describe, data_digest, read_rows, row_id
 from sectune.data.review import provenance_for
 from sectune.data.sanitize import Sanitizer
@@ -372,9 +372,10 @@ def prepare_data(spec: JobSpec, enforce_limits: bool = True) -> PreparedData:
         redacted = sanitize_examples([*verdicts.examples, *verdicts.held_out], spec).report
         counts = Counter(report.sanitize.get("redactions", {})) + redacted.counts
         report.sanitize["redactions"] = dict(sorted(counts.items()))
-        train = train + verdicts.examples
+        repeated = weighted(verdicts.examples, dataset.feedback.weight, seed)  # once sanitized
+        train = train + repeated
         held_verdicts = verdicts.held_out
-        report.sources["feedback"] = verdicts.report
+        report.sources["feedback"] = verdicts.report | {"examples": len(repeated)}
         report.digest = (
             "sha256:" + hashlib.sha256(f"{report.digest}:{verdicts.sha256}".encode()).hexdigest()
         )

@@ -86,8 +86,8 @@ class Generated:
     token_ids: list[int]
     finish_reason: str
     """"stop" (end of turn or a stop string) or "length" (max_tokens reached)."""
-    text: str | None = None
-    """The answer cut before the stop string that ended it (None: decode token_ids)."""
+    text: str
+    """The answer as text, cut before the stop string that ended it."""
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -392,17 +392,13 @@ class Engine:
         new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
         eos = self.tokenizer.eos_token_id
         for row, (tokens, work) in enumerate(zip(new_tokens, works, strict=True)):
-            tokens = tokens[: work.max_new_tokens]
+            tokens, finish = tokens[: work.max_new_tokens], "length"
             if row in progress.stopped:
-                tokens = progress.generated[row]
-                text, _ = cut_at_stop(
-                    self.tokenizer.decode(tokens, skip_special_tokens=True), work.stop
-                )
-                work.future.set_result(Generated(tokens, "stop", text))
+                tokens, finish = progress.generated[row], "stop"
             elif eos in tokens:
-                work.future.set_result(Generated(tokens[: tokens.index(eos)], "stop"))
-            else:
-                work.future.set_result(Generated(tokens, "length"))
+                tokens, finish = tokens[: tokens.index(eos)], "stop"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            work.future.set_result(Generated(tokens, finish, cut_at_stop(text, work.stop)[0]))
 
 
 def _padded_length(work: ClassifyWork | GenerateWork) -> int:

@@ -327,8 +327,6 @@ def hold(
             given["labels"] = tuple(version.spec.task.labels or ())
         elif task == "classification":
             task = "generation"
-        if given.get("messages") is not None:
-            given["messages"] = tuple(given["messages"])
         state.predictions.add(
             Prediction(
                 id=answer_id,
@@ -629,12 +627,8 @@ async def answer(
     work = generation_work(version, prompt, body, tenant)
     if body.stream:
         return stream(state, request, version, prompt, body, work, shape, began, held)
-    engine, _ = engine_and_registry(state)
     generated = await run(state, request, work, version, shape.endpoint, began)
-    text = generated.text
-    if text is None:
-        text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True)
-    text = text.strip()
+    text = generated.text.strip()
     observe(state, request, version, shape.endpoint, began, len(prompt), len(generated.token_ids))
     answer_id = hold(state, version, text, prefix=shape.prefix, **held)
     return JSONResponse(
@@ -713,8 +707,6 @@ def stream(
                     sent = ready
             generated = future.result()
             text = generated.text
-            if text is None:
-                text = engine.tokenizer.decode(generated.token_ids, skip_special_tokens=True)
             if len(text) > len(sent) and text.startswith(sent):
                 yield event(shape.delta(text[len(sent) :]))
             yield event(shape.delta(None, generated.finish_reason))
@@ -762,7 +754,7 @@ async def chat(state: State, request: Request, body: ChatRequest, tenant: Admitt
         engine, version, await run_in_threadpool(tokenize), body.new_tokens, "messages"
     )
     return await answer(
-        state, request, version, prompt, body, CHAT, began, tenant, {"messages": messages}
+        state, request, version, prompt, body, CHAT, began, tenant, {"messages": tuple(messages)}
     )
 
 

@@ -141,7 +141,7 @@ class ServerState:
             if self.feedback is not None:
                 self.feedback.close()
             self.feedback = FeedbackWriter(settings, self.metrics) if settings.store else None
-        elif self.feedback is not None:
+        else:
             self.feedback.batch_size = settings.batch_size
             self.feedback.flush_seconds = settings.flush_seconds
         log.info(
