@@ -9,9 +9,11 @@ from Prometheus' figures."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -291,12 +293,31 @@ def test_apply_hot_swaps_every_replica_and_a_bad_canary_is_rolled_back(
     assert [v["traffic"] for v in spec["adapters"][0]["versions"]] == [50, 50]
 
 
-def test_vllm_init_container_command_verifies_every_version_onto_disk(
-    trained, tiny_model_dir, tmp_path
-):
-    """runtime: vllm is rendered, not run (no vLLM here): its init container's command is run
-    as rendered, against the real S3 server, and refuses what the sectune server refuses."""
-    from sectune.serving.config import ServingConfig
+@dataclass
+class _VllmPod:
+    """An AdapterDeployment with runtime: vllm as rendered, its paths mapped to this machine."""
+
+    config: Any
+    pod: dict[str, Any]
+    etc: Path
+    out: Path
+    env: dict[str, str]
+
+    def command(self, container: dict[str, Any]) -> list[str]:
+        paths = {
+            "/etc/sectune/serving.yaml": str(self.etc / "serving.yaml"),
+            "/adapters": str(self.out),
+        }
+        return [paths.get(arg, arg) for arg in container["command"]]
+
+    def container(self, name: str) -> dict[str, Any]:
+        [found] = [
+            c for c in [*self.pod["containers"], *self.pod["initContainers"]] if c["name"] == name
+        ]
+        return found
+
+
+def _vllm_pod(trained: Trained, tiny_model_dir: Path, tmp_path: Path) -> _VllmPod:
     from sectune_operator.api import AdapterDeploymentSpec
     from sectune_operator.builders.adapterdeployment import (
         Resolved,
@@ -305,7 +326,6 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
         render_serving_config,
     )
     from sectune_operator.settings import Settings
-    from support.jobs import sectune
 
     document = _manifest(trained, tiny_model_dir, [("v1", trained.triage_v1, 100)])["spec"]
     spec = AdapterDeploymentSpec.model_validate(document | {"runtime": "vllm"})
@@ -316,20 +336,30 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
     config = render_serving_config(spec, resolved, set(), None).config
     assert config is not None
     pod = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"]
-    [init] = pod["initContainers"]
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "serving.yaml").write_text(build_configmap("soc", config)["data"]["serving.yaml"])
-    out = tmp_path / "adapters"
-    paths = {"/etc/sectune/serving.yaml": str(etc / "serving.yaml"), "/adapters": str(out)}
-    command = [paths.get(arg, arg) for arg in init["command"]]
     env = trained.env | {"SECTUNE_CACHE": str(tmp_path / "cache")}
-    fetched = sectune(*command[1:], env=env)
+    return _VllmPod(config, pod, etc, tmp_path / "adapters", env)
+
+
+def test_vllm_init_container_command_verifies_every_version_onto_disk(
+    trained, tiny_model_dir, tmp_path
+):
+    """runtime: vllm is rendered, not run (no vLLM here): its init container's command is run
+    as rendered, against the real S3 server, and refuses what the sectune server refuses."""
+    from sectune.serving.config import ServingConfig
+    from sectune_operator.builders.adapterdeployment import build_configmap
+    from support.jobs import sectune
+
+    vllm = _vllm_pod(trained, tiny_model_dir, tmp_path)
+    config, out, env = vllm.config, vllm.out, vllm.env
+    fetched = sectune(*vllm.command(vllm.container("fetch-adapters"))[1:], env=env)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     assert f"verified triage@v1 {trained.triage_v1.sha256}" in fetched.stdout
     assert (out / "triage" / "v1" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "base" / "config.json").is_file()
-    served_as = pod["containers"][0]["command"]
+    served_as = vllm.container("server")["command"]
     assert "triage=/adapters/triage/v1/adapter" in served_as
     # vLLM pre-allocates for --max-lora-rank: the smallest it offers that holds the adapters'.
     ranks = {
@@ -348,7 +378,73 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
             ]}
         ]}
     )  # fmt: skip
-    (etc / "serving.yaml").write_text(build_configmap("soc", tampered)["data"]["serving.yaml"])
-    refused = sectune(*command[1:], env=env)
+    (vllm.etc / "serving.yaml").write_text(build_configmap("soc", tampered)["data"]["serving.yaml"])
+    refused = sectune(*vllm.command(vllm.container("fetch-adapters"))[1:], env=env)
     assert refused.returncode == 2  # bad input, as sectune serve says it
     assert "sha256" in refused.stdout + refused.stderr
+
+
+def test_vllm_pod_is_ready_and_reports_its_digests_only_once_vllm_lists_every_version(
+    trained, tiny_model_dir, tmp_path
+):
+    """A contract test, not a vLLM run: the pod's init container and observer sidecar run as
+    rendered; vLLM is played by its documented /v1/models and /metrics answers for the
+    rendered `vllm serve` command. The operator's own reading of the sidecar's metrics
+    (serving_status) finds the rendered set served, with the digests the init container
+    verified, and the pod is Ready only then."""
+    from sectune_operator.serving_status import desired, observe, parse_report
+    from support.jobs import sectune
+    from support.processes import Server, free_port
+    from support.vllm_contract import VllmContract
+
+    vllm = _vllm_pod(trained, tiny_model_dir, tmp_path)
+    fetched = sectune(*vllm.command(vllm.container("fetch-adapters"))[1:], env=vllm.env)
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    vllm_key = "vllm-key-0123456789abcdef"
+    contract = VllmContract(
+        vllm.container("server")["command"], {"/adapters": str(vllm.out)}, api_key=vllm_key,
+        listed=False,
+    ).start()  # fmt: skip
+    observer_container = vllm.container("observer")
+    # The sidecar gets vLLM's key from the same Secret key vLLM is started with.
+    [key_env] = observer_container["env"]
+    assert key_env["valueFrom"]["secretKeyRef"]["key"] == "vllm-api-key"
+    port = free_port()
+    command = vllm.command(observer_container)
+    command[command.index("--vllm-url") + 1] = contract.url
+    command[command.index("--port") + 1] = str(port)
+    observer = Server(
+        "observer",
+        [sys.executable, "-m", "sectune.cli", *command[1:]],
+        tmp_path / "observer.log",
+        env={key_env["name"]: "not-the-key"},
+    ).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        observer.wait_http(base + "/metrics")
+        # The wrong key: vLLM answers 401, the pod is not Ready and reports nothing served.
+        contract.listed = True
+        ready = httpx.get(base + "/ready")
+        assert ready.status_code == 503
+        assert "sectune_serve_vllm_up 0.0" in httpx.get(base + "/metrics").text
+        observer.stop()
+        observer.env = {key_env["name"]: vllm_key}
+        observer.start().wait_http(base + "/metrics")
+        wait_until(lambda: httpx.get(base + "/ready").status_code == 200, 30, "observer ready")
+        text = httpx.get(base + "/metrics").text
+        report = parse_report("soc-serve-0", text)
+        assert report.served == desired(vllm.config)
+        assert ("triage", "v1", trained.triage_v1.sha256, 100) in report.served
+        assert observe(vllm.config, [report], ["soc-serve-0"]).converged
+        # vLLM's own series pass through the same scrape.
+        assert 'vllm:request_success_total{engine="0"' in text
+        # A module vLLM does not list (it failed to load one): not Ready, the rest reported.
+        contract.command = [a for a in contract.command if not a.startswith("other@v1=")]
+        wait_until(lambda: httpx.get(base + "/ready").status_code == 503, 30, "not ready")
+        assert "other@v1" in httpx.get(base + "/ready").text
+        report = parse_report("soc-serve-0", httpx.get(base + "/metrics").text)
+        assert {(a, v) for a, v, _, _ in report.served} == {("triage", "v1")}
+        assert not observe(vllm.config, [report], ["soc-serve-0"]).converged
+    finally:
+        observer.stop()
+        contract.stop()

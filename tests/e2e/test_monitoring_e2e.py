@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import re
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from support.processes import TOOL_BIN, Server, free_port, tool, wait_until
 from support.prometheus import PrometheusServer
 from support.serving import start_server
 from support.trained import Trained
+from support.vllm_contract import VllmContract
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
@@ -200,9 +204,9 @@ def discovered(sd: dict[str, Any], api_client: Any) -> list[dict[str, Any]]:
 
 def _behind(config: dict[str, Any], api_client: Any, addresses: dict[str, str]) -> list[Any]:
     """The generated jobs as this Prometheus runs them: discovered targets as static ones,
-    the config reloader's placeholders filled, and each pod's address pointed at the real
-    process playing it (kwok's pod IPs route nowhere). Every relabelling rule the Operator
-    generated is kept as it is."""
+    the config reloader's placeholders filled, and each pod's address (`pod`, or `pod;port`
+    for one container port) pointed at the real process playing it (kwok's pod IPs route
+    nowhere). Every relabelling rule the Operator generated is kept as it is."""
     jobs = []
     for job in config["scrape_configs"]:
         job["static_configs"] = [
@@ -217,8 +221,11 @@ def _behind(config: dict[str, Any], api_client: Any, addresses: dict[str, str]) 
             *job.get("relabel_configs", []),
             *(
                 {
-                    "source_labels": ["__meta_kubernetes_pod_name"],
-                    "regex": pod,
+                    "source_labels": [
+                        "__meta_kubernetes_pod_name",
+                        "__meta_kubernetes_pod_container_port_number",
+                    ],
+                    "regex": pod if ";" in pod else f"{pod};.*",
                     "target_label": "__address__",
                     "replacement": address,
                 }
@@ -280,16 +287,39 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
         "operator pods",
     )
     wait_until(lambda: running(namespace, "sectune.io/adapterdeployment=soc"), 60, "server pod")
+    # And a vLLM pod: vLLM on the API port, the observer sidecar on its own.
+    vllm_pod = "gpu-serve-5c8d7f9b6-q7w2k"
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {
+                "name": vllm_pod,
+                "labels": {"sectune.io/adapterdeployment": "gpu", "sectune.io/runtime": "vllm"},
+            },
+            "spec": {
+                "containers": [
+                    {"name": "server", "image": "vllm",
+                     "ports": [{"name": "http", "containerPort": 8000}]},
+                    {"name": "observer", "image": "sectune",
+                     "ports": [{"name": "metrics", "containerPort": 9400}]},
+                ]
+            },
+        },
+    )  # fmt: skip
+    wait_until(lambda: running(namespace, "sectune.io/adapterdeployment=gpu"), 60, "vLLM pod")
 
     # The real processes behind them.
     operator = start_operator()
     server = start_server(tmp_path, ["--adapter", f"triage={trained.prefix}/triage"], trained.env)
+    vllm, observer = _vllm_replica(tmp_path)
     try:
         addresses = {
             pod: operator.metrics_url.split("/")[2]
             for pod in running(RELEASE_NAMESPACE, "app.kubernetes.io/name=sectune-operator")
         }
         addresses["soc-serve-7d9f8b6c4-x2x9z"] = server.url.removeprefix("http://")
+        addresses[f"{vllm_pod};8000"] = vllm.url.removeprefix("http://")
+        addresses[f"{vllm_pod};9400"] = observer.url.removeprefix("http://")
         slices = client.DiscoveryV1Api(api_client)
         wait_until(
             lambda: any(
@@ -298,7 +328,7 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             60,
             "the operator Service's EndpointSlice",
         )
-        config, rule_file = _generated(core, prometheus_operator, jobs=3)
+        config, rule_file = _generated(core, prometheus_operator, jobs=4)
         rules = tmp_path / "rules.yaml"
         rules.write_text(rule_file)
         prometheus = PrometheusServer(tmp_path / "prometheus").start(
@@ -334,7 +364,66 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             assert {r["metric"]["endpoint"] for r in served} == {"classify"}
             assert {r["metric"]["namespace"] for r in served} == {namespace}
             assert all(r["metric"]["adapterdeployment"] == "soc" for r in served)
+
+            # Each server pod is one target: a sectune server on its API port, a vLLM pod on
+            # its observer, which reports what vLLM serves and passes vLLM's series through
+            # (scraping vLLM's port as well would count every vLLM series twice).
+            wait_until(
+                lambda: prometheus.query('sectune_serve_adapter_info{adapterdeployment="gpu"}'),
+                60, "the vLLM pod's observer scraped",
+            )  # fmt: skip
+            targets = prometheus.query(f'up{{namespace="{namespace}"}}')
+            assert sorted(r["metric"]["pod"] for r in targets) == sorted(
+                ["soc-serve-7d9f8b6c4-x2x9z", vllm_pod]
+            )
+            [info] = prometheus.query('sectune_serve_adapter_info{adapterdeployment="gpu"}')
+            assert (info["metric"]["version"], info["metric"]["traffic"]) == ("v1", "100")
+            [success] = prometheus.query("vllm:request_success_total")
+            assert success["metric"]["pod"] == vllm_pod
+            assert success["metric"]["adapterdeployment"] == "gpu"
         finally:
             prometheus.stop()
     finally:
         server.stop()
+        observer.stop()
+        vllm.stop()
+
+
+@dataclass
+class _Observer:
+    process: Server
+    url: str
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def _vllm_replica(tmp_path: Path) -> tuple[VllmContract, _Observer]:
+    """vLLM played by its documented answers, and the real observer sidecar beside it."""
+    adapter = "/adapters/triage/v1/adapter"
+    command = ["vllm", "serve", "/adapters/base", "--served-model-name", "base",
+               "--lora-modules", f"triage@v1={adapter}", f"triage={adapter}"]  # fmt: skip
+    vllm = VllmContract(command).start()
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "verified.json").write_text(
+        json.dumps([{"adapter": "triage", "version": "v1", "sha256": "c" * 64, "path": adapter}])
+    )
+    config = tmp_path / "serving.yaml"
+    config.write_text(
+        dump_yaml(
+            {"adapters": [{"name": "triage", "versions": [
+                {"version": "v1", "uri": "s3://b/triage/versions/r1", "sha256": "c" * 64}
+            ]}]}
+        )
+    )  # fmt: skip
+    port = free_port()
+    process = Server(
+        "observer",
+        [sys.executable, "-m", "sectune.cli", "observe-vllm", "--config", str(config),
+         "--adapters", str(adapters), "--vllm-url", vllm.url, "--port", str(port)],
+        tmp_path / "observer.log",
+    ).start()  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    process.wait_http(url + "/ready")
+    return vllm, _Observer(process, url)

@@ -197,6 +197,19 @@ def test_vllm_runtime_verifies_in_an_init_container_and_rolls_on_a_new_set():
     changed = build_deployment("soc", spec, fewer, Settings())
     assert changed["spec"]["template"]["metadata"]["annotations"][annotation] != rolled
 
+    # What the replica serves is read from its observer sidecar, which is Ready only when
+    # vLLM lists every verified version; Prometheus scrapes the sidecar (vLLM's series pass
+    # through it), the chart's PodMonitor tells the runtimes apart by the pod label.
+    _, observer = pod["containers"]
+    assert observer["command"][:2] == ["sectune", "observe-vllm"]
+    assert observer["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert observer["ports"] == [{"name": "metrics", "containerPort": 9400}]
+    assert observer["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["name"] for m in observer["volumeMounts"]} == {"config", "adapters"}
+    template = deployment["spec"]["template"]["metadata"]
+    assert template["annotations"]["prometheus.io/port"] == "9400"
+    assert template["labels"]["sectune.io/runtime"] == "vllm"
+
 
 def test_vllm_runtime_refuses_a_traffic_split():
     with pytest.raises(ValidationError, match="runtime vllm cannot split"):
@@ -295,12 +308,22 @@ def test_network_policies_admit_only_their_callers():
 
     from sectune_operator.builders.adapterdeployment import build_network_policy
 
-    serving = build_network_policy("soc", settings)["spec"]
+    serving = build_network_policy("soc", _spec(), settings)["spec"]
     [rule] = serving["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 8000}]
     assert rule["from"][0] == {"podSelector": {}}  # its own namespace
     allowed = [f["namespaceSelector"]["matchExpressions"][0]["values"] for f in rule["from"][1:]]
     assert allowed == [["soc-tools"], ["monitoring", "sectune-system"]]
+    # A vLLM pod's observer port: the operator and Prometheus only, not the API's callers.
+    one = [{"name": "triage", "versions": [{"version": "v1", "source": {"fineTuneJob": "t"}}]}]
+    vllm = build_network_policy("soc", _spec(runtime="vllm", adapters=one), settings)["spec"]
+    api, observer = vllm["ingress"]
+    assert api == rule
+    assert observer["ports"] == [{"protocol": "TCP", "port": 9400}]
+    [watchers] = observer["from"]
+    assert watchers["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "monitoring", "sectune-system",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("runtime", ["sectune", "vllm"])

@@ -441,3 +441,54 @@ def test_a_streamed_answer_holds_back_what_may_start_a_stop_string():
     assert safe_to_send("severity high\nmore", ["high\n"]) == "severity "
     assert safe_to_send("severity low", ["high\n"]) == "severity low"
     assert safe_to_send("anything", []) == "anything"
+
+
+def _observed(listing: dict[str, str | None]) -> tuple[list[tuple[str, str, str, int]], list[str]]:
+    from sectune.serving.fetch import Verified
+    from sectune.serving.observe import Listing, served
+
+    config = parse_serving_config(
+        {
+            "adapters": [
+                {
+                    "name": "triage",
+                    "versions": [
+                        {"version": "v1", "uri": "s3://b/t/v1", "sha256": "a" * 64, "traffic": 100},
+                        {"version": "v2", "uri": "s3://b/t/v2", "sha256": "b" * 64, "traffic": 0},
+                    ],
+                }
+            ]
+        },
+        "serving.yaml",
+    )
+    verified = [
+        Verified("triage", "v1", "a" * 64, "/adapters/triage/v1/adapter"),
+        Verified("triage", "v2", "b" * 64, "/adapters/triage/v2/adapter"),
+    ]
+    body = {"object": "list", "data": [{"id": k, "root": v} for k, v in listing.items()]}
+    result = served(config, verified, Listing.parse(body))
+    return result.info, result.missing
+
+
+def test_a_vllm_replica_serves_what_it_lists_from_the_verified_directory() -> None:
+    """The observer sidecar's join: vLLM's /v1/models against the init container's digests."""
+    v1, v2 = "/adapters/triage/v1/adapter", "/adapters/triage/v2/adapter"
+    everything = {"base": "/adapters/base", "triage": v1, "triage@v1": v1, "triage@v2": v2}
+    assert _observed(everything) == (
+        [("triage", "v1", "a" * 64, 100), ("triage", "v2", "b" * 64, 0)],
+        [],
+    )
+    # A module loaded from another directory than the one verified for it is not served.
+    assert _observed(everything | {"triage@v2": "/elsewhere"})[1] == ["triage@v2"]
+    # Not listed (vLLM failed to load it): missing, so the pod is not Ready.
+    assert _observed({"triage": v1, "triage@v1": v1})[1] == ["triage@v2"]
+    # The pinned name without the routed one: served, but takes no traffic, so the operator
+    # sees the replica lagging behind the rendered split.
+    assert _observed({"triage@v1": v1, "triage@v2": v2})[0][0] == ("triage", "v1", "a" * 64, 0)
+
+
+def test_the_vllm_observer_refuses_an_answer_that_is_not_a_model_list() -> None:
+    from sectune.serving.observe import Listing
+
+    with pytest.raises(ValueError, match="not an OpenAI model list"):
+        Listing.parse({"detail": "Not Found"})

@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -505,6 +507,24 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_observe_vllm(args: argparse.Namespace) -> int:
+    """Export what a vLLM replica serves as sectune_serve_adapter_info (vLLM pods' sidecar)."""
+    from sectune.serving.config import load_serving_config
+    from sectune.serving.observe import serve
+
+    try:
+        config = load_serving_config(Path(args.config))
+        server = serve(config, Path(args.adapters), args.vllm_url, args.host, args.port)
+    except ManifestError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return ExitCode.BAD_INPUT
+    logging.getLogger("sectune.observe").setLevel(logging.INFO)
+    console.log(f"Observing {args.vllm_url}; metrics on :{args.port}/metrics, readiness /ready")
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+    return ExitCode.OK
+
+
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
     from sectune.training.base_model import fetch_demo_model
 
@@ -886,6 +906,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest adapter version downloaded, in MiB",
     )
     fetch.set_defaults(func=cmd_fetch_adapters)
+
+    observe = sub.add_parser(
+        "observe-vllm",
+        help="export which verified adapter versions a vLLM server lists (vLLM pods' sidecar)",
+    )
+    observe.add_argument("--config", required=True, help="ServingConfig YAML")
+    observe.add_argument("--adapters", required=True, help="the directory fetch-adapters filled")
+    observe.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="vLLM's address")
+    observe.add_argument("--host", default="0.0.0.0")
+    observe.add_argument("--port", type=int, default=9400)
+    observe.set_defaults(func=cmd_observe_vllm)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

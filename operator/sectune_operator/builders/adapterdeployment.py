@@ -30,6 +30,10 @@ KEYS_KEY = "api-keys"
 KEYS_DIR = "/etc/sectune/keys"
 ADAPTERS_DIR = "/adapters"
 API_PORT = 8000
+OBSERVER_PORT = 9400
+"""runtime: vllm — the observer sidecar's metrics and readiness (sectune.serving.observe)."""
+RUNTIME_LABEL = "sectune.io/runtime"
+"""On server pods: sectune or vllm (the chart's PodMonitor scrapes each runtime's own port)."""
 CONTAINER = "server"
 CONFIG_HASH_ANNOTATION = "sectune.io/serving-config-sha256"
 SPEC_HASH_ANNOTATION = "sectune.io/rendered-sha256"
@@ -42,6 +46,11 @@ def child_name(name: str) -> str:
 
 def labels(name: str) -> dict[str, str]:
     return pods.labels(SERVING_LABEL, "sectune-server", name)
+
+
+def metrics_port(spec: AdapterDeploymentSpec) -> int:
+    """Where a replica reports what it serves: the server itself, or a vLLM pod's observer."""
+    return OBSERVER_PORT if spec.runtime == "vllm" else API_PORT
 
 
 def endpoint(name: str, namespace: str) -> str:
@@ -178,15 +187,20 @@ def build_pdb(name: str) -> dict[str, Any]:
     }
 
 
-def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
+def build_network_policy(
+    name: str, spec: AdapterDeploymentSpec, settings: Settings
+) -> dict[str, Any]:
     """Servers accept the API port from their own namespace and the allowed API namespaces, and
-    (for /metrics on the same port) from the operator's and the monitoring namespace."""
+    (for /metrics on the same port) from the operator's and the monitoring namespace; a vLLM
+    pod's observer port from those two only."""
     callers: list[dict[str, Any]] = [{"podSelector": {}}]
     if settings.api_namespaces:
         callers.append(pods.from_namespaces(list(settings.api_namespaces)))
-    callers.append(
-        pods.from_namespaces([settings.operator_namespace, settings.monitoring_namespace])
-    )
+    watchers = pods.from_namespaces([settings.operator_namespace, settings.monitoring_namespace])
+    callers.append(watchers)
+    ingress = [{"from": callers, "ports": [{"protocol": "TCP", "port": API_PORT}]}]
+    if spec.runtime == "vllm":
+        ingress.append({"from": [watchers], "ports": [{"protocol": "TCP", "port": OBSERVER_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -194,7 +208,7 @@ def build_network_policy(name: str, settings: Settings) -> dict[str, Any]:
         "spec": {
             "podSelector": {"matchLabels": {SERVING_LABEL: name}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": callers, "ports": [{"protocol": "TCP", "port": API_PORT}]}],
+            "ingress": ingress,
         },
     }
 
@@ -253,6 +267,17 @@ def fetch_command() -> list[str]:
     ]  # fmt: skip
 
 
+def observer_command() -> list[str]:
+    """vLLM pods' sidecar: which verified versions vLLM lists, as sectune_serve_adapter_info."""
+    return [
+        "sectune", "observe-vllm",
+        "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
+        "--adapters", ADAPTERS_DIR,
+        "--vllm-url", f"http://127.0.0.1:{API_PORT}",
+        "--port", str(OBSERVER_PORT),
+    ]  # fmt: skip
+
+
 def vllm_command(config: ServingConfig, spec: AdapterDeploymentSpec) -> list[str]:
     """vLLM's OpenAI server with every version as a LoRA module: `name` is the version with
     the traffic, `name@version` pins one (the sectune server's naming)."""
@@ -283,7 +308,7 @@ def build_deployment(
 ) -> dict[str, Any]:
     """The server Deployment. A sectune server hot-swaps adapters from the mounted ConfigMap,
     so a new adapter set does not roll its pods; vLLM pods are rolled (config hash)."""
-    pod_labels = labels(name)
+    pod_labels = labels(name) | {RUNTIME_LABEL: spec.runtime}
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "cache", "mountPath": "/cache"},
@@ -320,10 +345,11 @@ def build_deployment(
     }
     template_annotations = {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(API_PORT),
+        "prometheus.io/port": str(metrics_port(spec)),
         "prometheus.io/path": "/metrics",
     }
     init_containers: list[dict[str, Any]] = []
+    sidecars: list[dict[str, Any]] = []
     if spec.runtime == "vllm":
         volumes.append({"name": "adapters", "emptyDir": {}})
         init_containers.append(
@@ -342,13 +368,34 @@ def build_deployment(
         if spec.auth_secret:
             ref = {"name": spec.auth_secret.name, "key": "vllm-api-key"}
             vllm_env.append({"name": "SECTUNE_VLLM_API_KEY", "valueFrom": {"secretKeyRef": ref}})
+        adapters_mount = {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True}
+        sidecars.append(
+            {
+                "name": "observer",
+                "image": settings.server_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": observer_command(),
+                "env": [e for e in vllm_env if e["name"] == "SECTUNE_VLLM_API_KEY"],
+                "ports": [{"name": "metrics", "containerPort": OBSERVER_PORT}],
+                "resources": pods.compute("50m", "256Mi", 0),
+                "securityContext": pods.RESTRICTED,
+                "volumeMounts": [m for m in mounts if m["name"] == "config"] + [adapters_mount],
+                # Ready when vLLM lists every verified version: the pod's readiness is the
+                # whole adapter set served, not only vLLM's process up.
+                "readinessProbe": {
+                    "httpGet": {"path": "/ready", "port": "metrics"},
+                    "periodSeconds": 5,
+                    "failureThreshold": 2,
+                },
+            }
+        )
         container |= {
             "image": spec.image or settings.vllm_image,
             "command": vllm_command(config, spec),
             "env": vllm_env,
             "volumeMounts": [
                 *[m for m in mounts if m["name"] != "config"],
-                {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
+                adapters_mount,
             ],
             "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
             "livenessProbe": {
@@ -364,7 +411,7 @@ def build_deployment(
         "enableServiceLinks": False,
         "securityContext": pods.POD_SECURITY,
         "terminationGracePeriodSeconds": 60,
-        "containers": [container],
+        "containers": [container, *sidecars],
         "volumes": volumes,
         **pods.placement(spec.resources),
     }

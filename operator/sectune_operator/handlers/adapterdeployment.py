@@ -39,7 +39,6 @@ from sectune_operator.api import (
     RolledBack,
 )
 from sectune_operator.builders.adapterdeployment import (
-    API_PORT,
     CONFIG_HASH_ANNOTATION,
     CONFIG_KEY,
     SERVING_LABEL,
@@ -55,6 +54,7 @@ from sectune_operator.builders.adapterdeployment import (
     config_sha256,
     describe,
     endpoint,
+    metrics_port,
     render_serving_config,
 )
 from sectune_operator.settings import Settings
@@ -245,7 +245,7 @@ def _apply_children(
                 logger.info(f"Updated Deployment {child_name(name)}")
             children = [build_service(name), build_pdb(name)]
             if settings.network_policies:
-                children.append(build_network_policy(name, settings))
+                children.append(build_network_policy(name, spec, settings))
             for child in children:
                 if child["kind"] == "PodDisruptionBudget" and spec.replicas <= 1:
                     try:
@@ -403,6 +403,7 @@ class _Observation:
 
 def _observe(
     key: tuple[str, str],
+    spec: AdapterDeploymentSpec,
     config: ServingConfig | None,
     indexes: dict[str, kopf.Index],
     settings: Settings,
@@ -415,7 +416,8 @@ def _observe(
         ip = scrape.pod_ip(pod)
         if not ip:
             continue
-        url = settings.serving_metrics_url_template.format(ip=ip, port=API_PORT, pod=pod["name"])
+        port = metrics_port(spec)
+        url = settings.serving_metrics_url_template.format(ip=ip, port=port, pod=pod["name"])
         text = scrape.fetch_text(url)
         if text is not None:
             reports.append(serving_status.parse_report(pod["name"], text))
@@ -677,7 +679,7 @@ def _converge(
             )  # fmt: skip
             _record_revision(memory, config, generation, namespace, body, logger)
         _report_refusals(resolution, rendered, memory, body)
-        observation = _observe(key, config, indexes, settings)
+        observation = _observe(key, spec, config, indexes, settings)
         verdict = None
         if analyse and config is not None and observation.replicas.converged:
             verdict = _analyse(name, namespace, spec, config, memory, generation, settings, body)

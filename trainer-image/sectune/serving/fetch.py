@@ -13,17 +13,48 @@ pods keep serving.
     <out>/vllm.yaml                    `max-lora-rank`: the smallest rank vLLM offers that holds
                                        every adapter's (vLLM pre-allocates for it; read with
                                        `vllm serve --config`)
+    <out>/verified.json                every version's verified manifest digest and directory,
+                                       written last (read by `sectune observe-vllm`)
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sectune import artifacts, storage
 from sectune.config import JobSpec, ManifestError
 from sectune.serving import verify
 from sectune.serving.config import VLLM_ARGS, ServingConfig
+
+VERIFIED = "verified.json"
+
+
+@dataclass(frozen=True)
+class Verified:
+    """One version as the init container verified it."""
+
+    adapter: str
+    version: str
+    sha256: str
+    """Of the version's manifest.json."""
+    path: str
+    """The adapter directory vLLM is started with (`--lora-modules name@version=<path>`)."""
+
+
+def read_verified(out: Path) -> list[Verified]:
+    """What `fetch_adapters` verified into `out`."""
+    try:
+        rows = json.loads((out / VERIFIED).read_text())
+        return [Verified(**row) for row in rows]
+    except (OSError, ValueError, TypeError) as exc:
+        raise ManifestError(
+            f"{out / VERIFIED}: not written by sectune fetch-adapters ({exc}); the init "
+            "container must run first"
+        ) from None
+
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for --max-lora-rank."""
@@ -50,7 +81,7 @@ def fetch_adapters(
         raise ManifestError("baseModel: a server fed by fetch-adapters needs its base model set")
     out.mkdir(parents=True, exist_ok=True)
     resolved = base_model.resolve(config.base_model)
-    fetched, ranks = [], []
+    fetched, ranks, verified = [], [], []
     for adapter in config.adapters:
         for entry in adapter.versions:
             label = f"{adapter.name}@{entry.version}"
@@ -68,6 +99,9 @@ def fetch_adapters(
                 base_digest=resolved.digest,
             )
             ranks.append(JobSpec.model_validate(manifest.config).method.r)
+            verified.append(
+                Verified(adapter.name, entry.version, sha256, str(directory / "adapter"))
+            )
             fetched.append(f"verified {label} {sha256}")
     base = out / "base"
     if base.is_symlink() or base.exists():
@@ -75,4 +109,6 @@ def fetch_adapters(
     base.symlink_to(resolved.path, target_is_directory=True)
     rank = vllm_rank(ranks)
     storage.replace_file(out / VLLM_ARGS, f"max-lora-rank: {rank}\n".encode())
+    rows = [asdict(v) for v in verified]
+    storage.replace_file(out / VERIFIED, json.dumps(rows, indent=1).encode())
     return [*fetched, f"max-lora-rank {rank} (adapter ranks {sorted(set(ranks))})"]
