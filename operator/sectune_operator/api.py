@@ -325,11 +325,6 @@ class AdapterDeploymentSpec(Spec):
                 "feedback.store: not implemented yet for runtime vllm (it has no /v1/feedback); "
                 "use runtime sectune, or unset feedback.store"
             )
-        if self.feedback.store is not None and self.replicas > 1:
-            raise ValueError(
-                "feedback.store: not implemented yet with more than one replica (a verdict must "
-                "reach the replica that answered); set replicas: 1, or unset feedback.store"
-            )
         if self.runtime == "vllm":
             split = [a.name for a in self.adapters if sum(v.traffic > 0 for v in a.versions) > 1]
             if split:

@@ -280,12 +280,6 @@ CEL_RULES.update(
                 "message": "feedback.store: not implemented yet for runtime vllm (it has no "
                 "/v1/feedback); use runtime sectune, or unset feedback.store",
             },
-            {
-                "rule": "!has(self.feedback) || !has(self.feedback.store) || self.replicas <= 1",
-                "message": "feedback.store: not implemented yet with more than one replica (a "
-                "verdict must reach the replica that answered); set replicas: 1, or unset "
-                "feedback.store",
-            },
         ],
         AdapterSpec: [
             {

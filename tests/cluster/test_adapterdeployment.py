@@ -244,6 +244,37 @@ def test_renders_children_and_reports_what_the_replicas_serve(
     wait_until(lambda: _rendered(api_client, namespace) is None, 60, "ConfigMap garbage-collected")
 
 
+def test_a_vllm_deployment_is_ready_from_what_its_observer_sidecars_report(
+    api_client, namespace, operator, replicas
+):
+    """runtime: vllm reads what a replica serves from the observer sidecar's port (9400),
+    never from vLLM's own metrics, which have no sectune series."""
+    _secret(api_client, namespace)
+    _finished_job(api_client, namespace, "tactics", SHA["tactics"])
+    _custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "adapterdeployments", _adep(runtime="vllm")
+    )
+    wait_until(lambda: _rendered(api_client, namespace) is not None, 30, "rendered ConfigMap")
+    config = _rendered(api_client, namespace)
+    assert config is not None
+    wait_until(lambda: len(_ready_pods(api_client, namespace)) == 2, 60, "two vLLM pods")
+    pods = _ready_pods(api_client, namespace)
+    template = client.AppsV1Api(api_client).read_namespaced_deployment("soc-serve", namespace)
+    assert [c.name for c in template.spec.template.spec.containers] == ["server", "observer"]
+    # vLLM's port answers its own series: no version is reported served from there.
+    for pod_name in pods:
+        replicas.set_text(pod_name, 'vllm:num_requests_running{model_name="base"} 0.0\n', 8000)
+    wait_until(lambda: _status(api_client, namespace).get("readyReplicas") == 2, 30, "ready 2")
+    assert _status(api_client, namespace)["phase"] == "Progressing"
+    for pod_name in pods:
+        replicas.set_text(pod_name, _report(config), 9400)
+    wait_until(lambda: _status(api_client, namespace).get("phase") == "Ready", 30, "Ready")
+    assert {(a["name"], a["sha256"]) for a in _status(api_client, namespace)["activeAdapters"]} == {
+        ("triage", SHA["pinned"]),
+        ("tactics", SHA["tactics"]),
+    }
+
+
 def test_gates_decide_what_is_rendered_and_a_job_that_passes_later_is_picked_up(
     api_client, namespace, operator, replicas
 ):
@@ -495,7 +526,7 @@ def test_a_canary_analysts_keep_correcting_is_rolled_back_on_its_verdicts(
         [
             {
                 "job_name": "sectune-serve",
-                "metrics_path": f"/{pod}/metrics",
+                "metrics_path": f"/{pod}/8000/metrics",
                 "static_configs": [
                     {"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": namespace, "pod": pod}}
                 ],

@@ -13,8 +13,8 @@ import pytest
 
 from sectune import storage
 from support.monitoring import dashboard_queries, live_quality_query
-from support.processes import wait_until
-from support.serving import TEXTS
+from support.processes import free_port, wait_until
+from support.serving import TEXTS, start_server
 from support.serving import serving_config as _config
 from support.trained import Trained
 
@@ -197,6 +197,79 @@ def test_verdicts_are_stored_sanitized_and_become_live_quality(
     for expr in dashboard_queries()["sectune-serving"]:
         if live_quality_query(expr):
             wait_until(lambda expr=expr: bool(prometheus.query(expr)), 30, f"series for {expr}")
+
+
+def test_a_verdict_reaches_the_replica_that_gave_the_answer_whichever_replica_it_lands_on(
+    trained: Trained, tmp_path: Path, s3_env: Any
+) -> None:
+    """Two replicas behind one address: an analyst's verdict lands on either; the one that did
+    not answer passes it, with the caller's key, to the one that did, which stores it once."""
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"triage-bot {TRIAGE_KEY} triage\nother-bot {OTHER_KEY} other\n")
+    store = f"s3://{trained.bucket}/feedback-{tmp_path.name}"
+    config = _config(
+        tmp_path / "serving.yaml",
+        {"triage": [("v1", trained.triage_v1, 100)], "other": [("v1", trained.other, 100)]},
+        feedback={"store": store, "batchSize": 4, "flushSeconds": 0.2},
+    )
+    ports = [free_port(), free_port()]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    replicas = []
+    try:
+        for port, address in zip(ports, addresses, strict=True):
+            args = ["--config", str(config), "--api-keys-file", str(keys)]
+            args += ["--peers", ",".join(addresses), "--advertise", address]
+            replicas.append(start_server(tmp_path, args, trained.env, port=port))
+        answering, other = replicas
+        answers = [answering.classify("triage", t, key=TRIAGE_KEY).json() for t in TEXTS[:4]]
+        for answer in answers:
+            posted = other.post("/v1/feedback", {"id": answer["id"], "label": "malicious"},
+                                key=TRIAGE_KEY)  # fmt: skip
+            assert posted.status_code == 200, posted.text
+            assert posted.json()["model"] == "triage@v1"
+        first = {"id": answers[0]["id"], "label": "malicious"}
+        assert other.post("/v1/feedback", first, key=TRIAGE_KEY).json()["duplicate"] is True
+        # The holder's refusals come back as it gave them; the caller's key is the one checked.
+        refusals = [
+            ({"id": answers[0]["id"], "label": "benign"}, TRIAGE_KEY, 409),
+            ({"id": answers[1]["id"], "label": "benign"}, OTHER_KEY, 403),
+            ({"id": answers[1]["id"], "label": "suspicious"}, TRIAGE_KEY, 422),
+            ({"id": answers[1]["id"][:-4] + "0000", "label": "benign"}, TRIAGE_KEY, 404),
+        ]
+        for body, key, status in refusals:
+            refused = other.post("/v1/feedback", body, key=key)
+            assert refused.status_code == status, (body, refused.text)
+            assert refused.json()["error"]["param"] in ("id", "label")
+        assert other.post("/v1/feedback", first).status_code == 401  # no key: not passed on
+        # Counted where the answer was given, stored once each.
+        assert _verdicts(answering) == 4 and _verdicts(other) == 0
+        rows = [
+            json.loads(line)
+            for name in storage.list_files(f"{store}/triage")
+            for line in storage.read_bytes(f"{store}/triage/{name}").decode().splitlines()
+        ]
+        assert sorted(r["id"] for r in rows) == sorted(a["id"] for a in answers)
+        # The replica that gave an answer is gone: the verdict is refused for a retry, not lost
+        # silently or stored by a replica that never saw the answer.
+        late = answering.classify("triage", f"{TEXTS[0]} late", key=TRIAGE_KEY).json()
+        answering.stop()
+        gone = other.post("/v1/feedback", {"id": late["id"], "label": "benign"}, key=TRIAGE_KEY)
+        assert gone.status_code == 503 and gone.headers["Retry-After"] == "2"
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def _verdicts(server: Any) -> float:
+    """Every verdict a server counted (sectune_serve_verdicts_total, all label pairs)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(server.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == "sectune_serve_verdicts_total"
+    )
 
 
 def test_the_loop_on_a_laptop_serve_judge_retrain_on_the_corrections(

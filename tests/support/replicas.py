@@ -2,8 +2,9 @@
 
 kwok's pods have addresses nothing listens on. The operator reads each replica's /metrics at
 the URL its `SECTUNE_SERVING_METRICS_URL` template gives; tests point that template here
-(`http://127.0.0.1:<port>/{pod}/metrics`) and decide what each pod answers: a fixed text
-(cluster tier) or a real `sectune serve` process standing in for that pod (e2e tier).
+(`http://127.0.0.1:<port>/{pod}/{port}/metrics`) and decide what each pod answers on which
+port: a fixed text (cluster tier) or a real `sectune serve` process standing in for that pod
+(e2e tier).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Any
 
 class ReplicaNetwork:
     def __init__(self) -> None:
-        self._texts: dict[str, str] = {}
+        self._texts: dict[tuple[str, int | None], str] = {}
         self._upstreams: dict[str, str] = {}
         self._lock = threading.Lock()
         network = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                pod = self.path.strip("/").split("/")[0]
-                body = network.answer(pod)
+                pod, port, _ = self.path.strip("/").split("/", 2)
+                body = network.answer(pod, int(port))
                 if body is None:
                     self.send_error(502)
                     return
@@ -37,21 +38,23 @@ class ReplicaNetwork:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url_template = f"http://127.0.0.1:{self._server.server_port}/{{pod}}/metrics"
+        self.url_template = f"http://127.0.0.1:{self._server.server_port}/{{pod}}/{{port}}/metrics"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
-    def set_text(self, pod: str, text: str) -> None:
+    def set_text(self, pod: str, text: str, port: int | None = None) -> None:
+        """Answer for `pod` with `text` on `port` (None: on every port)."""
         with self._lock:
-            self._texts[pod] = text
+            self._texts[(pod, port)] = text
 
     def route(self, pod: str, metrics_url: str) -> None:
         """Answer for `pod` with what a real server at `metrics_url` says."""
         with self._lock:
             self._upstreams[pod] = metrics_url
 
-    def answer(self, pod: str) -> str | None:
+    def answer(self, pod: str, port: int) -> str | None:
         with self._lock:
-            text, upstream = self._texts.get(pod), self._upstreams.get(pod)
+            text = self._texts.get((pod, port), self._texts.get((pod, None)))
+            upstream = self._upstreams.get(pod)
         if upstream is not None:
             try:
                 with urllib.request.urlopen(upstream, timeout=2) as response:

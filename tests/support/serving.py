@@ -57,11 +57,15 @@ def _auth(key: str | None) -> dict[str, str]:
 
 
 def start_server(
-    workdir: Path, args: list[str], env: dict[str, str], precision: str = "fp32"
+    workdir: Path,
+    args: list[str],
+    env: dict[str, str],
+    precision: str = "fp32",
+    port: int | None = None,
 ) -> SectuneServer:
     """Start `sectune serve` (fp32 by default, fast config polling) and wait until /readyz
     says ready."""
-    port = free_port()
+    port = port or free_port()
     process = Server(
         "sectune-serve",
         [

@@ -423,3 +423,35 @@ def test_a_shadow_that_would_answer_or_runs_on_vllm_is_refused(versions, runtime
     ]
     with pytest.raises(ValidationError, match=message):
         _spec(adapters=adapters, runtime=runtime)
+
+
+def test_replicas_with_a_feedback_store_find_each_other_through_a_headless_service():
+    """Any replica may receive a verdict: it passes it to the one holding the answer, found
+    among the addresses of a headless Service that lists every replica, ready or not."""
+    from sectune_operator.builders.adapterdeployment import build_peers_service
+
+    one = [{"name": "triage", "versions": [{"version": "v1", "source": {"fineTuneJob": "t"}}]}]
+    spec = _spec(adapters=one, replicas=3, feedback={"store": "s3://verdicts/soc"})
+    config = render_serving_config(
+        spec, {("triage", "v1"): Resolved("s3://a/t", SHA["a"])}, set(), None
+    ).config
+    assert config is not None
+    [server] = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"][
+        "containers"
+    ]
+    command = server["command"]
+    assert command[command.index("--peers-service") + 1] == "soc-serve-peers"
+    [pod_ip] = [e for e in server["env"] if e["name"] == "SECTUNE_POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    peers = build_peers_service("soc")
+    assert peers["metadata"]["name"] == "soc-serve-peers"
+    assert peers["spec"]["clusterIP"] == "None"
+    assert peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["selector"] == {"sectune.io/adapterdeployment": "soc"}
+    # Without a store nothing is passed around: no peers, no pod address in the environment.
+    plain = _spec(adapters=one, replicas=3)
+    [server] = build_deployment("soc", plain, config, Settings())["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert "--peers-service" not in server["command"]
+    assert "SECTUNE_POD_IP" not in {e["name"] for e in server["env"]}

@@ -420,3 +420,29 @@ def test_a_verdict_gate_without_verdicts_to_judge_is_refused(
                 "evaluation": {"gates": [gate]},
             }
         )
+
+
+def test_an_answer_id_names_the_replica_holding_it_by_a_tag_of_its_address() -> None:
+    import asyncio
+
+    from sectune.serving.feedback import new_id
+    from sectune.serving.peers import Peers, id_tag, tag
+
+    a, b = "10.0.0.7:8000", "10.0.0.8:8000"
+    peers = Peers(own=a, fixed=(a, b))
+    answer = new_id("chatcmpl-", tag(b))
+    assert id_tag(answer) == tag(b) and "10.0.0.8" not in answer
+    assert asyncio.run(peers.holder(answer)) == b
+    # This replica's own answers, ids without a tag and unknown tags are not passed on.
+    assert asyncio.run(peers.holder(new_id("", tag(a)))) is None
+    assert asyncio.run(peers.holder("pred-0123")) is None
+    assert asyncio.run(peers.holder(new_id("", tag("10.0.0.9:8000")))) is None
+
+
+def test_peers_behind_a_service_are_its_dns_addresses() -> None:
+    import asyncio
+
+    from sectune.serving.peers import Peers
+
+    found = asyncio.run(Peers(own="10.0.0.7:8000", service="localhost", port=8123).addresses())
+    assert "127.0.0.1:8123" in found

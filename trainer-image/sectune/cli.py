@@ -423,6 +423,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return ExitCode.BAD_INPUT
     token = args.metrics_token_file or os.environ.get("SECTUNE_METRICS_TOKEN_FILE") or None
+    try:
+        peers = _peers(args)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return ExitCode.BAD_INPUT
     options = ServerOptions(
         config_path=config_path,
         config=config,
@@ -438,6 +443,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_adapter_bytes=args.max_adapter_mb << 20,
         allowed_hosts=args.allowed_host,
         read_timeout=args.read_timeout,
+        peers=peers,
     )
     console.log(
         f"Listening on http://{args.host}:{args.port} (loading the model; /readyz says when ready)"
@@ -447,6 +453,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ManifestError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return ExitCode.BAD_INPUT
+
+
+def _peers(args: argparse.Namespace) -> Any:
+    """The other replicas (--peers-service or --peers), and this one's address among them."""
+    from sectune.serving.peers import Peers
+
+    if not (args.peers_service or args.peers):
+        return None
+    if args.peers_service and args.peers:
+        raise ValueError("give --peers-service or --peers, not both")
+    own = args.advertise or (
+        f"{os.environ['SECTUNE_POD_IP']}:{args.port}" if os.environ.get("SECTUNE_POD_IP") else ""
+    )
+    if not own:
+        raise ValueError(
+            "--advertise HOST:PORT: how the other replicas reach this one (in a pod, "
+            "SECTUNE_POD_IP from the downward API)"
+        )
+    fixed = tuple(a.strip() for a in (args.peers or "").split(",") if a.strip())
+    if fixed and own not in fixed:
+        raise ValueError(f"--peers: this replica's own address {own!r} is not among them")
+    return Peers(own=own, service=args.peers_service, port=args.port, fixed=fixed)
 
 
 def artifacts_cap_mb() -> int:
@@ -799,6 +827,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="file:// or s3:// prefix where analysts' verdicts (POST /v1/feedback) are kept",
     )
     serve_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_cmd.add_argument(
+        "--peers-service",
+        help="DNS name of a headless Service listing every replica: a verdict on another "
+        "replica's answer is passed to it (more than one replica with a feedback store)",
+    )
+    serve_cmd.add_argument(
+        "--peers", help="host:port of every replica, comma-separated (instead of a Service)"
+    )
+    serve_cmd.add_argument(
+        "--advertise",
+        help="host:port the other replicas reach this one at (default: $SECTUNE_POD_IP:port)",
+    )
     serve_cmd.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve_cmd.add_argument(
         "--api-keys-file",

@@ -35,6 +35,8 @@ OBSERVER_PORT = 9400
 RUNTIME_LABEL = "sectune.io/runtime"
 """On server pods: sectune or vllm (the chart's PodMonitor scrapes each runtime's own port)."""
 CONTAINER = "server"
+FETCH_MEMORY = "4Gi"
+"""vLLM pods' init container (sectune fetch-adapters)."""
 CONFIG_HASH_ANNOTATION = "sectune.io/serving-config-sha256"
 SPEC_HASH_ANNOTATION = "sectune.io/rendered-sha256"
 
@@ -177,6 +179,26 @@ def build_service(name: str) -> dict[str, Any]:
     }
 
 
+def peers_service_name(name: str) -> str:
+    return f"{child_name(name)}-peers"
+
+
+def build_peers_service(name: str) -> dict[str, Any]:
+    """Headless: its DNS name resolves to every server replica, ready or not, so a replica
+    can pass an analyst's verdict to the one that gave the answer (sectune.serving.peers)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": peers_service_name(name), "labels": labels(name)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {SERVING_LABEL: name},
+            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}],
+        },
+    }
+
+
 def build_pdb(name: str) -> dict[str, Any]:
     """At most one server replica down at a time for voluntary disruptions (drains)."""
     return {
@@ -245,7 +267,7 @@ def _probes() -> dict[str, Any]:
     }
 
 
-def server_command(spec: AdapterDeploymentSpec) -> list[str]:
+def server_command(name: str, spec: AdapterDeploymentSpec) -> list[str]:
     """What a sectune server replica runs (the e2e tests run exactly this locally)."""
     command = [
         "sectune", "serve",
@@ -255,6 +277,9 @@ def server_command(spec: AdapterDeploymentSpec) -> list[str]:
     ]  # fmt: skip
     if spec.auth_secret:
         command += ["--api-keys-file", f"{KEYS_DIR}/{KEYS_KEY}"]
+    if spec.feedback.store is not None:
+        # A verdict can reach any replica: it is passed to the one holding the answer.
+        command += ["--peers-service", peers_service_name(name)]
     return command
 
 
@@ -320,6 +345,10 @@ def build_deployment(
         {"name": "tmp", "emptyDir": {}},
     ]
     env = _storage_env(spec)
+    if spec.feedback.store is not None:
+        # The address the other replicas pass verdicts to (sectune serve --peers-service).
+        pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
+        env.append({"name": "SECTUNE_POD_IP", "valueFrom": pod_ip})
     if spec.auth_secret and spec.runtime == "sectune":
         mounts.append({"name": "api-keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append(
@@ -335,7 +364,7 @@ def build_deployment(
         "name": CONTAINER,
         "image": spec.image or settings.server_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": server_command(spec),
+        "command": server_command(name, spec),
         "env": env,
         "ports": [{"name": "http", "containerPort": API_PORT}],
         "resources": _resources(spec, settings),
@@ -359,7 +388,10 @@ def build_deployment(
                 "imagePullPolicy": "IfNotPresent",
                 "command": fetch_command(),
                 "env": env,
-                "resources": _resources(spec, settings) | {"limits": {"memory": "4Gi"}},
+                # Verifying streams files through sha256: no GPU, a bounded memory.
+                "resources": pods.compute(
+                    spec.resources.cpu or settings.serving_cpu, FETCH_MEMORY, 0
+                ),
                 "securityContext": pods.RESTRICTED,
                 "volumeMounts": [*mounts, {"name": "adapters", "mountPath": ADAPTERS_DIR}],
             }

@@ -49,6 +49,7 @@ from sectune_operator.builders.adapterdeployment import (
     build_deployment,
     build_network_policy,
     build_pdb,
+    build_peers_service,
     build_service,
     child_name,
     config_sha256,
@@ -244,6 +245,8 @@ def _apply_children(
                 apps.replace_namespaced_deployment(child_name(name), namespace, deployment)
                 logger.info(f"Updated Deployment {child_name(name)}")
             children = [build_service(name), build_pdb(name)]
+            if spec.feedback.store is not None:
+                children.append(build_peers_service(name))
             if settings.network_policies:
                 children.append(build_network_policy(name, spec, settings))
             for child in children:
@@ -262,7 +265,7 @@ def _apply_children(
                 }[child["kind"]]
                 try:
                     create(namespace, child)
-                    logger.info(f"Created {child['kind']} {child_name(name)}")
+                    logger.info(f"Created {child['kind']} {child['metadata']['name']}")
                 except ApiException as exc:
                     if exc.status != 409:
                         raise

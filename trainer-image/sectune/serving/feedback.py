@@ -49,9 +49,10 @@ ID_PREFIX = "pred-"
 Verdict = Literal["accepted", "rejected"]
 
 
-def new_id(prefix: str = "") -> str:
-    """An unguessable answer id (a caller cannot post verdicts on ids it was not given)."""
-    return (prefix or ID_PREFIX) + secrets.token_hex(12)
+def new_id(prefix: str = "", replica: str = "") -> str:
+    """An unguessable answer id (a caller cannot post verdicts on ids it was not given); with
+    peers, `replica` is the answering replica's tag (sectune.serving.peers)."""
+    return (prefix or ID_PREFIX) + replica + secrets.token_hex(12)
 
 
 def digest(text: str) -> str:

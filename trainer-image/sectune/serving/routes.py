@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +53,7 @@ from sectune.serving.feedback import (
     judge,
     new_id,
 )
+from sectune.serving.peers import FORWARDED_HEADER, id_tag
 from sectune.serving.registry import LoadedVersion, Registry
 from sectune.serving.state import ServerState
 
@@ -309,6 +311,11 @@ async def run(
         raise ApiError(500, "the model failed on this request; the server log has why") from None
 
 
+def replica_tag(state: ServerState) -> str:
+    peers = state.options.peers
+    return peers.own_tag if peers is not None else ""
+
+
 def hold(
     state: ServerState,
     version: LoadedVersion | None,
@@ -320,7 +327,7 @@ def hold(
     """A fresh id for an answer; with a feedback store configured, the answer is held under
     it for the verdict window (answers of the base model take no verdicts). A label from
     /v1/classify is judged by label; generated text, from any adapter, by accepted/rejected."""
-    answer_id = answer_id or new_id(prefix)
+    answer_id = answer_id or new_id(prefix, replica_tag(state))
     if state.predictions is not None and version is not None:
         task = version.spec.task.type
         if "fields" in given:
@@ -670,7 +677,7 @@ def stream(
     work.on_token = on_token
     future = engine.submit(work)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(tokens.put_nowait, None))
-    answer_id = new_id(shape.prefix)
+    answer_id = new_id(shape.prefix, replica_tag(state))
     adapter, ver = labels(version)
     meta = {
         "id": answer_id,
@@ -792,6 +799,8 @@ async def feedback(
             "id",
         )
     held = state.predictions.get(body.id)
+    if held is None and (passed := await pass_to_holder(state, request, body.id)) is not None:
+        return passed
     if held is None:
         window = state.predictions.window / 60
         raise ApiError(
@@ -839,6 +848,33 @@ async def feedback(
             "duplicate": duplicate,
         }
     )
+
+
+async def pass_to_holder(state: ServerState, request: Request, answer_id: str) -> Response | None:
+    """The holder's answer to a verdict on an answer another replica gave (the request as
+    the caller sent it, with the caller's key); None when no peer holds it or the request was
+    passed on already."""
+    peers = state.options.peers
+    if peers is None or request.headers.get(FORWARDED_HEADER):
+        return None
+    holder = await peers.holder(answer_id)
+    if holder is None:
+        return None
+    request.state.audit = {"prediction": answer_id, "passedTo": id_tag(answer_id)}
+    headers = {"Content-Type": "application/json", FORWARDED_HEADER: peers.own_tag}
+    if authorization := request.headers.get("authorization"):
+        headers["Authorization"] = authorization
+    try:
+        async with httpx.AsyncClient(timeout=state.options.request_timeout) as client:
+            answer = await client.post(
+                f"http://{holder}/v1/feedback", content=await request.body(), headers=headers
+            )
+    except httpx.HTTPError:
+        raise ApiError(
+            503, f"the replica that gave {answer_id!r} does not answer; retry", "id", retry_after=2
+        ) from None
+    passed = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
+    return Response(answer.content, answer.status_code, passed, "application/json")
 
 
 def settle(state: ServerState, held: Held, judgement: Judgement, done: Any) -> None:

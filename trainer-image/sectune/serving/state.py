@@ -17,6 +17,7 @@ from sectune.serving.config import FeedbackSettings, ServingConfig
 from sectune.serving.engine import Engine
 from sectune.serving.feedback import FeedbackWriter, PredictionLog
 from sectune.serving.metrics import ServingMetrics
+from sectune.serving.peers import Peers
 from sectune.serving.registry import Registry
 from sectune.serving.watch import ConfigWatcher
 
@@ -52,6 +53,8 @@ class ServerOptions:
     """Cap on what one adapter version may download."""
     allowed_hosts: list[str] = field(default_factory=list)
     """Host headers answered; empty: loopback names when listening on loopback, else any."""
+    peers: Peers | None = None
+    """The other replicas, to which a verdict on an answer this one did not give is passed."""
     max_connections: int = 256
     """Open connections at once; more get 503."""
     read_timeout: float = 10.0
