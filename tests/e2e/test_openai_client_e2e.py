@@ -4,11 +4,13 @@ client's own exceptions, and a streaming client that leaves freeing its slot at 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
 from support.processes import wait_until
@@ -84,11 +86,37 @@ def test_the_openai_client_gets_whole_and_streamed_answers_that_agree(
     # Errors are the client's own exceptions, naming the parameter.
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)
+
+    # Structured outputs as the client sends them: the answer is a document of the schema
+    # (the tiny random model writes noise when free), and a schema that cannot constrain
+    # decoding is refused naming it.
+    schema = {
+        "type": "object",
+        "properties": {"verdict": {"enum": ["benign", "malicious"]}, "score": {"type": "integer",
+                       "minimum": 0, "maximum": 100}},
+        "required": ["verdict", "score"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    held = client.chat.completions.create(
+        model="triage", messages=messages, max_completion_tokens=64,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "triage", "schema": schema, "strict": True}},
+    )  # fmt: skip
+    assert held.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(held.choices[0].message.content or ""), schema)
+    anything = client.chat.completions.create(
+        model="triage", messages=messages, max_completion_tokens=8,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    # Any object: the random model goes on past 8 tokens, and what it wrote starts one.
+    assert (anything.choices[0].message.content or "").startswith("{")
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
-            model="triage", messages=messages, response_format={"type": "json_object"}
-        )
-    assert refused.value.body["param"] == "response_format"  # type: ignore[index]
+            model="triage", messages=messages,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"type": "objectx"}}},
+        )  # fmt: skip
+    assert refused.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
 
 
 def test_a_streaming_client_holds_its_slot_and_frees_it_when_it_leaves(

@@ -509,6 +509,11 @@ def test_extraction_job_reports_schema_and_field_metrics(job_manifest, s3_env, s
         "validationLoss",
     }
     assert tuned["examples"] == 6 and report["probes"]["samples"]
+    # The same rows held to the schema while decoding, as the server answers: every one is a
+    # document of the schema, whatever the tiny model learned.
+    held = tuned["constrained"]
+    assert held["examples"] == 6
+    assert held["schemaCompliance"] == 1.0 and held["formatCompliance"] == 1.0
 
 
 @pytest.mark.parametrize(

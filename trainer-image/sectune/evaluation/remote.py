@@ -109,6 +109,9 @@ def _generate(client: Client, model: str, spec: JobSpec, example: Example) -> st
             "messages": messages_for(example, spec),
             "max_tokens": 128,
             "temperature": 0,
+            # Free decoding, like the stored evaluation's headline figures it is compared
+            # with (an extraction adapter's answers are otherwise held to its schema).
+            "response_format": {"type": "text"},
         },
     )
     return str(answer["choices"][0]["message"]["content"]).strip()

@@ -276,6 +276,24 @@ def _verdicts_html(verdicts: dict[str, Any] | None) -> list[str]:
     return parts
 
 
+def _constrained_html(tuned: dict[str, Any]) -> list[str]:
+    """An extraction adapter's answers free and held to its schema while decoding (as served)."""
+    held = tuned.get("constrained")
+    if not held:
+        return []
+    parts = [
+        "<h2>Free and held to the output schema while decoding (as served)</h2>"
+        "<table><tr><th>metric</th><th>free</th><th>held to the schema</th></tr>"
+    ]
+    for metric in ("formatCompliance", "schemaCompliance", "fieldF1", "exactMatch"):
+        parts.append(
+            f"<tr><td>{metric}</td><td>{_fmt(tuned.get(metric))}</td>"
+            f"<td>{_fmt(held.get(metric))}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
 def render_html(report: RunReport) -> str:
     models = report.models
     tuned = models.get("tuned", {})
@@ -338,6 +356,7 @@ def render_html(report: RunReport) -> str:
                 f"<td>{row['delta']:+.3f}</td></tr>"
             )
         parts.append("</table>")
+    parts += _constrained_html(tuned)
     if tuned.get("perClass"):
         parts.append("<div class='grid'><div><h2>Per-class F1 (tuned)</h2>")
         parts.append(_bars(tuned["perClass"], "f1"))

@@ -205,8 +205,16 @@ def generate(
     spec: JobSpec,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    schema: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy outputs (the serving decode settings) for each example's prompt."""
+    """Greedy outputs (the serving decode settings) for each example's prompt; with `schema`,
+    held to it while decoding (sectune.constrained), as the server holds an extraction
+    adapter's answers."""
+    from transformers import LogitsProcessorList
+
+    from sectune.constrained import SchemaConstrained, compiled_grammar
+
+    grammar = compiled_grammar(schema, tokenizer) if schema is not None else None
     formatter = PromptFormatter(tokenizer, spec)
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -216,6 +224,7 @@ def generate(
             for e in examples[start : start + batch_size]
         ]
         batch = left_pad(prompts, tokenizer.pad_token_id)
+        held = [SchemaConstrained(tokenizer, [grammar] * len(prompts))] if grammar else []
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
@@ -223,6 +232,7 @@ def generate(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            logits_processor=LogitsProcessorList(held),
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

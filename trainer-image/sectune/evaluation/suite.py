@@ -164,8 +164,12 @@ def _generation_metrics(
     sample = examples[:GENERATION_EXAMPLES]
     outputs = generate(model, tokenizer, sample, spec)
     references = [e.target for e in sample]
-    if spec.task.type == "extraction" and spec.task.output_schema is not None:
-        metrics = metrics | extraction_metrics(outputs, references, spec.task.output_schema)
+    schema = spec.task.output_schema
+    if spec.task.type == "extraction" and schema is not None:
+        metrics = metrics | extraction_metrics(outputs, references, schema)
+        # As served: held to the schema while decoding (sectune.constrained).
+        held = generate(model, tokenizer, sample, spec, schema=schema)
+        metrics["constrained"] = extraction_metrics(held, references, schema)
     else:
         metrics = metrics | generation_metrics(outputs, references)
     samples = [

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from sectune import placement
+from sectune.constrained import SchemaConstrained
 from sectune.evaluation.scoring import forward_logprobs, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
 from sectune.training.objectives import left_pad
@@ -73,6 +74,8 @@ class GenerateWork(_Request):
     """Seeds sampling when the request is the first of its batch (best effort, as OpenAI's)."""
     on_token: Callable[[int], None] | None = None
     """Called on the model's thread with each new token, as it is generated (streaming)."""
+    grammar: str | None = None
+    """Held to this grammar (sectune.constrained), e.g. a JSON Schema's; None: free."""
 
 
 @dataclass
@@ -381,6 +384,9 @@ class Engine:
                 torch.manual_seed(works[0].seed)
         progress = _Progress(works, self.tokenizer)
         kwargs["stopping_criteria"] = StoppingCriteriaList([progress])
+        if any(w.grammar is not None for w in works):
+            constrained = SchemaConstrained(self.tokenizer, [w.grammar for w in works])
+            kwargs["logits_processor"] = LogitsProcessorList([constrained])
         names = self._names(works)
         if names is not None:
             kwargs["adapter_names"] = names

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from sectune.constrained import JSON_OBJECT, SchemaError, compiled_grammar
 from sectune.data.example import Example
 from sectune.data.format import chat_prompt_ids, fit_prompt, text_ids
 from sectune.serving.admission import Refused
@@ -106,6 +107,21 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field("response", max_length=64)
+    description: str | None = Field(None, max_length=2000)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    """Every answer is held to the schema, strict or not."""
+
+
+class ResponseFormat(_Body):
+    """OpenAI's `response_format`: text (free), json_object (any JSON object) or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Generation(_Body):
     """What OpenAI's chat and completion requests share. Fields a client may send that this
     server does not implement are refused by name (`NOT_IMPLEMENTED`), never ignored."""
@@ -123,7 +139,7 @@ class _Generation(_Body):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     logprobs: bool | None = None
 
@@ -137,8 +153,6 @@ class _Generation(_Body):
 
 
 NOT_IMPLEMENTED = {
-    "response_format": "structured outputs (response_format json_schema or json_object) are "
-    "not implemented yet; leave response_format out or use type text",
     "tools": "tool calls are not implemented yet; leave tools out",
     "logprobs": "logprobs are not implemented yet; leave logprobs out",
 }
@@ -146,8 +160,6 @@ NOT_IMPLEMENTED = {
 
 def refuse_unimplemented(body: _Generation) -> None:
     """A field this server would otherwise ignore is refused, naming it."""
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, NOT_IMPLEMENTED["response_format"], "response_format")
     if body.tools:
         raise ApiError(400, NOT_IMPLEMENTED["tools"], "tools")
     if body.logprobs:
@@ -596,8 +608,45 @@ CHAT = Shape("chat", "chat.completion", "chatcmpl-", chat=True)
 COMPLETIONS = Shape("completions", "text_completion", "cmpl-", chat=False)
 
 
+def output_schema(
+    version: LoadedVersion | None, body: _Generation, shape: Shape
+) -> dict[str, Any] | None:
+    """The JSON Schema the answer is held to: the request's `response_format`, else, in chat
+    with an extraction adapter, the adapter's `task.outputSchema` (`type: text` frees it)."""
+    wanted = body.response_format
+    if wanted is None:
+        spec = version.spec.task if version is not None and shape.chat else None
+        return spec.output_schema if spec is not None and spec.type == "extraction" else None
+    if wanted.type == "json_object":
+        return JSON_OBJECT
+    if wanted.type == "json_schema":
+        if wanted.json_schema is None:
+            raise ApiError(400, "json_schema: give the schema with type json_schema",
+                           "response_format.json_schema")  # fmt: skip
+        return wanted.json_schema.schema_
+    return None
+
+
+async def grammar(state: ServerState, schema: dict[str, Any] | None) -> str | None:
+    if schema is None:
+        return None
+    engine = state.engine
+    assert engine is not None
+    try:
+        return await run_in_threadpool(compiled_grammar, schema, engine.tokenizer)
+    except SchemaError as exc:
+        raise ApiError(
+            400, f"the JSON Schema cannot constrain decoding: {exc}",
+            "response_format.json_schema.schema",
+        ) from None  # fmt: skip
+
+
 def generation_work(
-    version: LoadedVersion | None, prompt: list[int], body: _Generation, tenant: str
+    version: LoadedVersion | None,
+    prompt: list[int],
+    body: _Generation,
+    tenant: str,
+    grammar: str | None = None,
 ) -> GenerateWork:
     return GenerateWork(
         version.key if version is not None else BASE_ADAPTER,
@@ -608,6 +657,7 @@ def generation_work(
         stop=body.stops,
         seed=body.seed,
         tenant=tenant,
+        grammar=grammar,
     )
 
 
@@ -631,7 +681,8 @@ async def answer(
     held: dict[str, Any],
 ) -> Response:
     """Generate the answer and send it whole, or (stream: true) as server-sent events."""
-    work = generation_work(version, prompt, body, tenant)
+    constraint = await grammar(state, output_schema(version, body, shape))
+    work = generation_work(version, prompt, body, tenant, constraint)
     if body.stream:
         return stream(state, request, version, prompt, body, work, shape, began, held)
     generated = await run(state, request, work, version, shape.endpoint, began)
