@@ -780,7 +780,9 @@ def stream(
             yield failed("503", "the model is overloaded; retry shortly")
         except AdapterGone:
             yield failed("503", "that adapter version was just replaced; retry the request")
-        except asyncio.CancelledError:  # the client went away
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: cancelled while waiting for a token, or closed while
+            # suspended at a yield (which one depends on where the disconnect finds it).
             state.metrics.requests.labels(
                 adapter, ver, shape.endpoint, "499", routing(request)
             ).inc()
