@@ -226,6 +226,10 @@ def test_extraction_metrics_on_fixed_outputs():
     assert metrics["fieldPrecision"] == pytest.approx(4 / 6) and metrics[
         "fieldRecall"
     ] == pytest.approx(4 / 6)
+    # A name twice in one object is not JSON a SIEM can read one way: parsers keep the first or
+    # the last. Python's json keeps the last, which would have counted it compliant and right.
+    twice = extraction_metrics(['{"user": "b", "user": "a"}'], ['{"user": "a"}'], schema)
+    assert twice["formatCompliance"] == 0.0 and twice["fieldF1"] == 0.0
 
 
 def test_reference_overlap():

@@ -147,11 +147,19 @@ def overlap_f1(prediction: str, reference: str) -> float:
 def extraction_metrics(
     predictions: list[str], references: list[str], schema: dict[str, Any]
 ) -> dict[str, Any]:
-    """For JSON outputs: how many parse (formatCompliance), how many match the schema
-    (schemaCompliance), field-level exact match and micro F1 against the reference fields."""
+    """For JSON outputs: how many parse (formatCompliance: an object, each name once — a
+    repeated name is read differently by different parsers, first or last), how many match the
+    schema (schemaCompliance), field-level exact match and micro F1 against the reference
+    fields."""
     import json
 
     import jsonschema
+
+    def unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        if len(set(names)) != len(names):
+            raise json.JSONDecodeError("a name appears twice in one object", "", 0)
+        return dict(pairs)
 
     validator = jsonschema.Draft202012Validator(schema)
     parsed_count = valid_count = 0
@@ -160,7 +168,7 @@ def extraction_metrics(
         expected = json.loads(reference)
         expected_fields += len(expected)
         try:
-            got = json.loads(prediction)
+            got = json.loads(prediction, object_pairs_hook=unique_names)
         except json.JSONDecodeError:
             continue
         if not isinstance(got, dict):
