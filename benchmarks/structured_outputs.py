@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,40 +96,57 @@ def side(
     }
 
 
+def walk(
+    targets: list[list[int]],
+    compile_ms: float,
+    matcher: Callable[[], Any],
+    fill: Callable[[Any], None],
+    consume: Callable[[Any, int], bool],
+) -> dict[str, Any]:
+    """Time `fill` (one next-token mask) at every step of every reference answer."""
+    spent, steps, accepted = 0.0, 0, 0
+    for target in targets:
+        state, ok = matcher(), True
+        for token in target:
+            began = time.perf_counter()
+            fill(state)
+            spent += time.perf_counter() - began
+            steps += 1
+            ok = ok and consume(state, token)
+        accepted += ok
+    return {
+        "compileMs": compile_ms,
+        "maskUs": 1e6 * spent / steps,
+        "referencesAccepted": f"{accepted}/{len(targets)}",
+    }
+
+
 def masks(tokenizer_dir: str, schema: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Each engine's next-token mask per step, walking the reference answers."""
+    import llguidance
+    import llguidance.torch
     from transformers import AutoTokenizer
+
+    from sectune.constrained import compiled_grammar, vocabulary
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     targets = [
         [*tokenizer.encode(row["fields"], add_special_tokens=False), tokenizer.eos_token_id]
         for row in rows
     ]
-    out: dict[str, Any] = {}
-    import llguidance
-    import llguidance.torch
-
-    from sectune.constrained import compiled_grammar, vocabulary
-
     began = time.perf_counter()
     grammar = compiled_grammar(schema, tokenizer)
     compile_ms = 1000 * (time.perf_counter() - began)
-    mask = llguidance.torch.allocate_token_bitmask(1, vocabulary(tokenizer).vocab_size)
-    spent, steps, accepted = 0.0, 0, 0
-    for target in targets:
-        matcher = llguidance.LLMatcher(vocabulary(tokenizer), grammar)
-        ok = True
-        for token in target:
-            began = time.perf_counter()
-            llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
-            spent += time.perf_counter() - began
-            steps += 1
-            ok = ok and matcher.consume_token(token)
-        accepted += ok
-    out["llguidance"] = {
-        "compileMs": compile_ms,
-        "maskUs": 1e6 * spent / steps,
-        "referencesAccepted": f"{accepted}/{len(targets)}",
+    vocab = vocabulary(tokenizer)
+    mask = llguidance.torch.allocate_token_bitmask(1, vocab.vocab_size)
+    out = {
+        "llguidance": walk(
+            targets,
+            compile_ms,
+            lambda: llguidance.LLMatcher(vocab, grammar),
+            lambda m: llguidance.torch.fill_next_token_bitmask(m, mask, 0),
+            lambda m, token: bool(m.consume_token(token)),
+        )
     }
     try:
         import xgrammar
@@ -141,22 +159,13 @@ def masks(tokenizer_dir: str, schema: dict[str, Any], rows: list[dict[str, Any]]
     )
     compile_ms = 1000 * (time.perf_counter() - began)
     bitmask = xgrammar.allocate_token_bitmask(1, info.vocab_size)
-    spent, steps, accepted = 0.0, 0, 0
-    for target in targets:
-        xmatcher = xgrammar.GrammarMatcher(compiled)
-        ok = True
-        for token in target:
-            began = time.perf_counter()
-            xmatcher.fill_next_token_bitmask(bitmask, 0)
-            spent += time.perf_counter() - began
-            steps += 1
-            ok = ok and xmatcher.accept_token(token)
-        accepted += ok
-    out["xgrammar"] = {
-        "compileMs": compile_ms,
-        "maskUs": 1e6 * spent / steps,
-        "referencesAccepted": f"{accepted}/{len(targets)}",
-    }
+    out["xgrammar"] = walk(
+        targets,
+        compile_ms,
+        lambda: xgrammar.GrammarMatcher(compiled),
+        lambda m: m.fill_next_token_bitmask(bitmask, 0),
+        lambda m, token: bool(m.accept_token(token)),
+    )
     return out
 
 

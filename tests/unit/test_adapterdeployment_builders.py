@@ -428,7 +428,7 @@ def test_a_shadow_that_would_answer_or_runs_on_vllm_is_refused(versions, runtime
 def test_replicas_with_a_feedback_store_find_each_other_through_a_headless_service():
     """Any replica may receive a verdict: it passes it to the one holding the answer, found
     among the addresses of a headless Service that lists every replica, ready or not."""
-    from sectune_operator.builders.adapterdeployment import build_peers_service
+    from sectune_operator.builders.adapterdeployment import build_service
 
     one = [{"name": "triage", "versions": [{"version": "v1", "source": {"fineTuneJob": "t"}}]}]
     spec = _spec(adapters=one, replicas=3, feedback={"store": "s3://verdicts/soc"})
@@ -443,7 +443,7 @@ def test_replicas_with_a_feedback_store_find_each_other_through_a_headless_servi
     assert command[command.index("--peers-service") + 1] == "soc-serve-peers"
     [pod_ip] = [e for e in server["env"] if e["name"] == "SECTUNE_POD_IP"]
     assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    peers = build_peers_service("soc")
+    peers = build_service("soc", peers=True)
     assert peers["metadata"]["name"] == "soc-serve-peers"
     assert peers["spec"]["clusterIP"] == "None"
     assert peers["spec"]["publishNotReadyAddresses"] is True

@@ -166,37 +166,31 @@ def build_configmap(name: str, config: ServingConfig) -> dict[str, Any]:
     }
 
 
-def build_service(name: str) -> dict[str, Any]:
+def build_service(name: str, peers: bool = False) -> dict[str, Any]:
+    """The servers' Service. `peers`: the headless one whose DNS name resolves to every
+    replica, ready or not, so a replica can pass an analyst's verdict to the one that gave
+    the answer (sectune.serving.peers)."""
+    spec: dict[str, Any] = {
+        "selector": {SERVING_LABEL: name},
+        "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}],
+    }
+    if peers:
+        spec |= {"clusterIP": "None", "publishNotReadyAddresses": True}
+    else:
+        spec["type"] = "ClusterIP"
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": child_name(name), "labels": labels(name)},
-        "spec": {
-            "type": "ClusterIP",
-            "selector": {SERVING_LABEL: name},
-            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}],
+        "metadata": {
+            "name": peers_service_name(name) if peers else child_name(name),
+            "labels": labels(name),
         },
+        "spec": spec,
     }
 
 
 def peers_service_name(name: str) -> str:
     return f"{child_name(name)}-peers"
-
-
-def build_peers_service(name: str) -> dict[str, Any]:
-    """Headless: its DNS name resolves to every server replica, ready or not, so a replica
-    can pass an analyst's verdict to the one that gave the answer (sectune.serving.peers)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": peers_service_name(name), "labels": labels(name)},
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,
-            "selector": {SERVING_LABEL: name},
-            "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}],
-        },
-    }
 
 
 def build_pdb(name: str) -> dict[str, Any]:

@@ -49,7 +49,6 @@ from sectune_operator.builders.adapterdeployment import (
     build_deployment,
     build_network_policy,
     build_pdb,
-    build_peers_service,
     build_service,
     child_name,
     config_sha256,
@@ -246,7 +245,7 @@ def _apply_children(
                 logger.info(f"Updated Deployment {child_name(name)}")
             children = [build_service(name), build_pdb(name)]
             if spec.feedback.store is not None:
-                children.append(build_peers_service(name))
+                children.append(build_service(name, peers=True))
             if settings.network_policies:
                 children.append(build_network_policy(name, spec, settings))
             for child in children:
