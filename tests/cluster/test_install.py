@@ -592,6 +592,14 @@ def test_rendered_manifests_pass_checkov(tmp_path):
             "authSecret": {"name": "keys"},
         }
     )
+    # vLLM with its fetching init container and observer sidecar, and a feedback store (the
+    # peers Service and the pod's own address).
+    gpu = AdapterDeploymentSpec.model_validate(
+        serving.model_dump(by_alias=True) | {"runtime": "vllm", "resources": {"gpus": 1}}
+    )
+    judged = AdapterDeploymentSpec.model_validate(
+        serving.model_dump(by_alias=True) | {"feedback": {"store": "s3://verdicts/soc"}}
+    )
     resolved = {("t", "v1"): adapterdeployment.Resolved("s3://adapters/j/versions/r", "ab" * 32)}
     config = adapterdeployment.render_serving_config(serving, resolved, set(), None).config
     assert config is not None
@@ -599,11 +607,13 @@ def test_rendered_manifests_pass_checkov(tmp_path):
         finetunejob.build_job("j", job, settings),
         finetunejob.build_network_policy("j", settings),
         adapterdeployment.build_configmap("soc", config),
-        adapterdeployment.build_deployment("soc", serving, config, settings),
         adapterdeployment.build_service("soc"),
+        adapterdeployment.build_service("soc", peers=True),
         adapterdeployment.build_pdb("soc"),
-        adapterdeployment.build_network_policy("soc", settings),
     ]
+    for name, spec in (("soc", serving), ("gpu", gpu), ("judged", judged)):
+        children.append(adapterdeployment.build_deployment(name, spec, config, settings))
+        children.append(adapterdeployment.build_network_policy(name, spec, settings))
     for child in children:
         child["metadata"]["namespace"] = "soc"
     (tmp_path / "children.yaml").write_text(dump_yaml_all(children))

@@ -430,6 +430,8 @@ def test_vllm_pod_is_ready_and_reports_its_digests_only_once_vllm_lists_every_ve
         observer.stop()
         observer.env = {key_env["name"]: vllm_key}
         observer.start().wait_http(base + "/metrics")
+        liveness = observer_container["livenessProbe"]["httpGet"]["path"]
+        assert httpx.get(base + liveness).status_code == 200  # alive, whatever vLLM says
         wait_until(lambda: httpx.get(base + "/ready").status_code == 200, 30, "observer ready")
         text = httpx.get(base + "/metrics").text
         report = parse_report("soc-serve-0", text)

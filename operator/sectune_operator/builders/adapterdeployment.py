@@ -413,6 +413,11 @@ def build_deployment(
                     "periodSeconds": 5,
                     "failureThreshold": 2,
                 },
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "metrics"},
+                    "periodSeconds": 10,
+                    "failureThreshold": 6,
+                },
             }
         )
         container |= {

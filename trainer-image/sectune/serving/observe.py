@@ -13,9 +13,9 @@ sidecar in every vLLM pod joins that list with the digests the init container ve
 - then vLLM's own `/metrics`, passed through, so one scrape (annotations or a PodMonitor) sees
   both.
 
-`/ready` answers 200 only when vLLM lists every configured version: the pod is Ready when vLLM
-serves the whole verified set, and the operator reads the served digests as it does from a
-sectune server (sectune_operator.serving_status).
+`/healthz` answers while the sidecar runs; `/ready` answers 200 only when vLLM lists every
+configured version: the pod is Ready when vLLM serves the whole verified set, and the operator
+reads the served digests as it does from a sectune server (sectune_operator.serving_status).
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def handler(observer: Observer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/metrics":
                 self._answer(200, observer.render(), "text/plain; version=0.0.4")
+            elif self.path == "/healthz":  # liveness: the sidecar itself answers
+                self._answer(200, b"ok\n")
             elif self.path == "/ready":
                 state = observer.look()
                 if state is None:
