@@ -200,18 +200,18 @@ def test_job_prefix_follows_current_json_and_api_keys_guard_the_api(trained, ser
     assert unknown.status_code == 404 and "triage" in unknown.json()["error"]["message"]
     missing = server.post("/v1/classify", {"model": "triage"}, key="first-key-0123456789")
     assert missing.status_code == 422 and missing.json()["error"]["param"] == "input"
-    structured = server.post(
+    unimplemented = server.post(
         "/v1/chat/completions",
         {
             "model": "triage",
             "messages": [{"role": "user", "content": "x"}],
-            "response_format": {"type": "json_object"},
+            "tools": [{"type": "function", "function": {"name": "lookup"}}],
         },
         key="first-key-0123456789",
     )
-    assert structured.status_code == 400
-    assert structured.json()["error"]["param"] == "response_format"
-    assert "not implemented yet" in structured.json()["error"]["message"]
+    assert unimplemented.status_code == 400
+    assert unimplemented.json()["error"]["param"] == "tools"
+    assert "not implemented yet" in unimplemented.json()["error"]["message"]
     too_long = server.post(
         "/v1/chat/completions",
         {"model": "triage", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
