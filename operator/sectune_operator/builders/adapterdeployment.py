@@ -242,18 +242,18 @@ def _resources(spec: AdapterDeploymentSpec, settings: Settings) -> dict[str, Any
     )
 
 
-def _probes() -> dict[str, Any]:
-    # Both probes answer on the event loop, never behind inference (sectune.serving.server):
-    # a busy replica is not restarted. Loading a base model can take minutes: readiness waits
-    # for it, liveness only checks the process is serving.
+def _probes(port: str = "http", ready: str = "/readyz") -> dict[str, Any]:
+    # A sectune server answers both on the event loop, never behind inference
+    # (sectune.serving.server): a busy replica is not restarted. Loading a base model can take
+    # minutes: readiness waits for it, liveness only checks the process is serving.
     return {
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "http"},
+            "httpGet": {"path": ready, "port": port},
             "periodSeconds": 5,
             "failureThreshold": 2,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": "/healthz", "port": port},
             "periodSeconds": 10,
             "timeoutSeconds": 5,
             "failureThreshold": 6,
@@ -408,16 +408,7 @@ def build_deployment(
                 "volumeMounts": [m for m in mounts if m["name"] == "config"] + [adapters_mount],
                 # Ready when vLLM lists every verified version: the pod's readiness is the
                 # whole adapter set served, not only vLLM's process up.
-                "readinessProbe": {
-                    "httpGet": {"path": "/ready", "port": "metrics"},
-                    "periodSeconds": 5,
-                    "failureThreshold": 2,
-                },
-                "livenessProbe": {
-                    "httpGet": {"path": "/healthz", "port": "metrics"},
-                    "periodSeconds": 10,
-                    "failureThreshold": 6,
-                },
+                **_probes("metrics", ready="/ready"),
             }
         )
         container |= {
