@@ -12,8 +12,8 @@ Separators are the ones `json.dumps` writes (", " and ": "), the form training d
 
 from __future__ import annotations
 
+import functools
 import json
-import threading
 from typing import Any
 
 import torch
@@ -48,39 +48,23 @@ def grammar_for(schema: dict[str, Any], tokenizer: Any) -> str:
     return str(grammar)
 
 
-_COMPILED: dict[tuple[int, str], str] = {}
-COMPILED_KEPT = 256
-
-
 def compiled_grammar(schema: dict[str, Any], tokenizer: Any) -> str:
     """`grammar_for`, remembered for the schemas asked for most recently (an extraction
     adapter's schema comes with every request)."""
-    key = (id(vocabulary(tokenizer)), json.dumps(schema, sort_keys=True))
-    with _LOCK:
-        found = _COMPILED.pop(key, None)
-    if found is None:
-        found = grammar_for(schema, tokenizer)
-    with _LOCK:
-        _COMPILED[key] = found  # newest last
-        while len(_COMPILED) > COMPILED_KEPT:
-            _COMPILED.pop(next(iter(_COMPILED)))
-    return found
+    return _compiled(json.dumps(schema, sort_keys=True), tokenizer)
 
 
-_VOCABULARIES: dict[int, Any] = {}
-_LOCK = threading.Lock()
+@functools.lru_cache(maxsize=256)
+def _compiled(schema: str, tokenizer: Any) -> str:
+    return grammar_for(json.loads(schema), tokenizer)
 
 
+@functools.cache
 def vocabulary(tokenizer: Any) -> Any:
     """llguidance's view of a Hugging Face tokenizer, built once per tokenizer (~0.3 s)."""
     import llguidance.hf
 
-    with _LOCK:
-        found = _VOCABULARIES.get(id(tokenizer))
-        if found is None or found[0] is not tokenizer:
-            found = (tokenizer, llguidance.hf.from_tokenizer(tokenizer))
-            _VOCABULARIES[id(tokenizer)] = found
-        return found[1]
+    return llguidance.hf.from_tokenizer(tokenizer)
 
 
 class SchemaConstrained(LogitsProcessor):
