@@ -475,8 +475,10 @@ PREVIOUS_TEMPLATE_MESSAGE = (
 
 class TemplateEvaluation(EvaluationSpec):
     """A schedule template's evaluation: gates with `overBaseline: previous` need no
-    `previousVersion` here, because each run is given its schedule's last successful run (a
-    first run, with none yet, runs without those gates and its annotation says so)."""
+    `previousVersion` here, because each run is given what it would replace: the version the
+    schedule's AdapterDeployment (promote, else its trigger's) serves to most of the adapter's
+    traffic, else the schedule's last successful run (with neither, a run goes without those
+    gates and its annotation says so)."""
 
     CEL_WAIVED: ClassVar[tuple[str, ...]] = (PREVIOUS_GATE_MESSAGE,)
 
@@ -489,8 +491,8 @@ class FineTuneJobTemplate(FineTuneJobSpec):
     """The FineTuneJob spec a schedule creates its runs from."""
 
     evaluation: TemplateEvaluation = Field(default_factory=TemplateEvaluation)  # type: ignore[arg-type]
-    """Evaluation and gates; `overBaseline: previous` compares with the schedule's last
-    successful run."""
+    """Evaluation and gates; `overBaseline: previous` compares with the served version (or
+    the schedule's last successful run)."""
 
     @model_validator(mode="after")
     def _previous_needs_an_adapter(self) -> FineTuneJobTemplate:

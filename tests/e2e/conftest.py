@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 
 from sectune.yamlio import dump_yaml
 from support.jobs import tiny_job, write_dataset
+from support.kubelet import Kubelet
+from support.replicas import ReplicaNetwork
 from support.serving import SectuneServer, start_server
 from support.trained import Trained, train_adapters
 
@@ -53,3 +56,13 @@ def serve(trained: Trained, tmp_path: Path):  # type: ignore[no-untyped-def]
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def kubelet(api_client, namespace, tmp_path) -> Iterator[Kubelet]:  # type: ignore[no-untyped-def]
+    """Server pods of the AdapterDeployment `soc` run as local processes (see Kubelet)."""
+    network = ReplicaNetwork()
+    kube = Kubelet(api_client, namespace, tmp_path, network)
+    yield kube
+    kube.stop()
+    network.stop()

@@ -12,7 +12,6 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,7 @@ import pytest
 from kubernetes import client
 
 from sectune.yamlio import dump_yaml
-from support.kubelet import Kubelet
 from support.processes import wait_until
-from support.replicas import ReplicaNetwork
 from support.trained import Trained
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e, pytest.mark.cluster]
@@ -60,15 +57,6 @@ def _manifest(
             **spec,
         },
     }
-
-
-@pytest.fixture
-def kubelet(api_client, namespace, tmp_path) -> Iterator[Kubelet]:  # type: ignore[no-untyped-def]
-    network = ReplicaNetwork()
-    kube = Kubelet(api_client, namespace, tmp_path, network)
-    yield kube
-    kube.stop()
-    network.stop()
 
 
 def _status(api_client: Any, namespace: str) -> dict[str, Any]:

@@ -5,70 +5,20 @@ FineTuneJob ends Succeeded with the adapter whose digest storage holds."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from sectune import artifacts, storage
 from support.jobs import write_dataset
+from support.kube import finish_pod, run_trainer_pod_locally
 from support.processes import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
 GROUP, VERSION, PLURAL = "sectune.io", "v1alpha1", "finetunejobs"
-
-
-def _run_pod_template_locally(
-    api_client, namespace: str, job_name: str, workdir: Path, metrics_port: int
-) -> tuple[subprocess.Popen[str], Path]:  # type: ignore[no-untyped-def]
-    """Start the trainer container of the Job's pod template as a local process."""
-    core = client.CoreV1Api(api_client)
-    job = client.BatchV1Api(api_client).read_namespaced_job(job_name, namespace)
-    pod = job.spec.template.spec
-    [container] = pod.containers
-    mounts: dict[str, Path] = {}
-    for mount in container.volume_mounts:
-        local = workdir / mount.name
-        local.mkdir(parents=True, exist_ok=True)
-        volume = next(v for v in pod.volumes if v.name == mount.name)
-        if volume.downward_api:  # what the kubelet projects from the pod's annotations
-            annotations = job.spec.template.metadata.annotations or {}
-            for item in volume.downward_api.items:
-                key = item.field_ref.field_path.removeprefix("metadata.annotations['")[:-2]
-                (local / item.path).write_text(annotations[key])
-        mounts[mount.mount_path] = local
-
-    def local_path(value: str) -> str:
-        for mount_path, local in sorted(mounts.items(), key=lambda m: -len(m[0])):
-            if value == mount_path or value.startswith(mount_path + "/"):
-                return str(local) + value[len(mount_path) :]
-        return value
-
-    env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
-    for variable in container.env:
-        if variable.value_from:
-            ref = variable.value_from.secret_key_ref
-            data = core.read_namespaced_secret(ref.name, namespace).data or {}
-            if ref.key in data:
-                env[variable.name] = base64.b64decode(data[ref.key]).decode()
-        else:
-            env[variable.name] = local_path(variable.value)
-    env["SECTUNE_METRICS_PORT"] = str(metrics_port)  # the pod's port, on loopback here
-    termination = workdir / "termination-log"
-    env["SECTUNE_TERMINATION_LOG"] = str(termination)
-    command = [local_path(part) for part in container.command]
-    assert command[0] == "sectune"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sectune.cli", *command[1:]],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    return process, termination
 
 
 def test_operator_rendered_job_trains_for_real(
@@ -112,7 +62,7 @@ def test_operator_rendered_job_trains_for_real(
         "training Job",
     )
 
-    process, termination = _run_pod_template_locally(
+    process, termination = run_trainer_pod_locally(
         api_client, namespace, "tiny-train", tmp_path / "pod", metrics_port
     )
     try:
@@ -138,18 +88,7 @@ def test_operator_rendered_job_trains_for_real(
         process.kill()
     assert process.returncode == 0, output[-3000:]
 
-    pods = (
-        client.CoreV1Api(api_client)
-        .list_namespaced_pod(namespace, label_selector="sectune.io/finetunejob=tiny")
-        .items
-    )
-    annotations = {
-        "sectune.dev/test-exit-code": str(process.returncode),
-        "sectune.dev/test-termination-message": termination.read_text(),
-    }
-    client.CoreV1Api(api_client).patch_namespaced_pod(
-        pods[0].metadata.name, namespace, {"metadata": {"annotations": annotations}}
-    )
+    finish_pod(api_client, namespace, "tiny", process.returncode, termination)
     wait_until(lambda: _phase(objects, namespace) == "Succeeded", 60, "Succeeded")
 
     status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tiny")[

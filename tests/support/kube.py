@@ -1,9 +1,15 @@
 """FineTuneJobs on the test cluster and their ends: kwok finishes a training pod with the exit
-code and the trainer's result (termination message) the test chooses."""
+code and the trainer's result (termination message) the test chooses, or that the trainer
+container, run as a local process, wrote."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client
@@ -71,4 +77,70 @@ def finish_job(
         ),
         60,
         f"{name} {phase}",
+    )
+
+
+def run_trainer_pod_locally(
+    api_client, namespace: str, job_name: str, workdir: Path, metrics_port: int
+) -> tuple[subprocess.Popen[str], Path]:  # type: ignore[no-untyped-def]
+    """Start the trainer container of the Job's pod template as a local process: volumes
+    mapped to directories under `workdir`, Secrets resolved as the kubelet would, the metrics
+    port on loopback. Returns the process and the path of its termination message."""
+    core = client.CoreV1Api(api_client)
+    job = client.BatchV1Api(api_client).read_namespaced_job(job_name, namespace)
+    pod = job.spec.template.spec
+    [container] = pod.containers
+    mounts: dict[str, Path] = {}
+    for mount in container.volume_mounts:
+        local = workdir / mount.name
+        local.mkdir(parents=True, exist_ok=True)
+        volume = next(v for v in pod.volumes if v.name == mount.name)
+        if volume.downward_api:  # what the kubelet projects from the pod's annotations
+            annotations = job.spec.template.metadata.annotations or {}
+            for item in volume.downward_api.items:
+                key = item.field_ref.field_path.removeprefix("metadata.annotations['")[:-2]
+                (local / item.path).write_text(annotations[key])
+        mounts[mount.mount_path] = local
+
+    def local_path(value: str) -> str:
+        for mount_path, local in sorted(mounts.items(), key=lambda m: -len(m[0])):
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return str(local) + value[len(mount_path) :]
+        return value
+
+    env = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1"}
+    for variable in container.env:
+        if variable.value_from:
+            ref = variable.value_from.secret_key_ref
+            data = core.read_namespaced_secret(ref.name, namespace).data or {}
+            if ref.key in data:
+                env[variable.name] = base64.b64decode(data[ref.key]).decode()
+        else:
+            env[variable.name] = local_path(variable.value)
+    env["SECTUNE_METRICS_PORT"] = str(metrics_port)  # the pod's port, on loopback here
+    termination = workdir / "termination-log"
+    env["SECTUNE_TERMINATION_LOG"] = str(termination)
+    command = [local_path(part) for part in container.command]
+    assert command[0] == "sectune"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sectune.cli", *command[1:]],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return process, termination
+
+
+def finish_pod(
+    api_client: Any, namespace: str, job: str, exit_code: int, termination: Path
+) -> None:
+    """kwok ends the FineTuneJob's training pod as the trainer process ended."""
+    core = client.CoreV1Api(api_client)
+    [pod] = core.list_namespaced_pod(
+        namespace, label_selector=f"sectune.io/finetunejob={job}"
+    ).items
+    annotations = {
+        "sectune.dev/test-exit-code": str(exit_code),
+        "sectune.dev/test-termination-message": termination.read_text(),
+    }
+    core.patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": annotations}}
     )

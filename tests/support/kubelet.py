@@ -68,6 +68,10 @@ class Kubelet:
             if item.value_from is None:
                 env[item.name] = item.value
                 continue
+            if item.value_from.field_ref is not None:  # the pod's own address: this machine's
+                assert item.value_from.field_ref.field_path == "status.podIP"
+                env[item.name] = "127.0.0.1"
+                continue
             ref = item.value_from.secret_key_ref
             data = core.read_namespaced_secret(ref.name, self.namespace).data or {}
             if ref.key in data:

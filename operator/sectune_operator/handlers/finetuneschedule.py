@@ -79,37 +79,37 @@ def _create_run(
     run: str,
     spec: FineTuneScheduleSpec,
     why: str,
-    previous: dict[str, Any] | None,
+    previous: _Previous | None,
 ) -> bool:
-    """Create the run; False when it already exists (a restart, or a retry). The schedule's
-    last successful run is its `evaluation.previousVersion` unless the template names one, so
-    each run is compared with what came before it."""
+    """Create the run; False when it already exists (a restart, or a retry). Unless the
+    template names one, the run's `evaluation.previousVersion` is what it would replace (see
+    `_previous`), so each run is compared with what came before it."""
     job_spec = spec.job_template.model_dump(mode="json", by_alias=True, exclude_none=True)
     template = spec.job_template
     annotations = {"sectune.io/triggered-by": why[:1000]}
     injected = (
         template.evaluation.previous_version is None
         and template.method.type in ("lora", "qlora")
-        and previous
-        and previous.get("uri")
-        and previous.get("sha256")
+        and previous is not None
     )
     if injected:
         assert previous is not None
         job_spec["evaluation"]["previousVersion"] = {
-            "uri": previous["uri"],
-            "sha256": previous["sha256"],
+            "uri": previous.uri,
+            "sha256": previous.sha256,
         }
+        annotations["sectune.io/previous-version"] = previous.what[:1000]
     elif template.evaluation.previous_version is None:
-        # Nothing succeeded before this run: "no worse than the last one" has nothing to
-        # compare with, so those gates are left out of this run, and it says so.
+        # Nothing served and nothing succeeded before this run: "no worse than the last one"
+        # has nothing to compare with, so those gates are left out of this run, and it says so.
         gates = job_spec["evaluation"].get("gates") or []
         kept = [g for g in gates if g.get("overBaseline") != "previous"]
         if len(kept) < len(gates):
             job_spec["evaluation"]["gates"] = kept
             annotations["sectune.io/previous-gates-skipped"] = (
-                "no earlier run of this schedule succeeded: gates with overBaseline: previous "
-                "start with the next run"
+                "nothing to compare with: the AdapterDeployment serves no verified version of "
+                "the adapter and no earlier run of this schedule succeeded; gates with "
+                "overBaseline: previous start with the next run"
             )
     job = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -132,6 +132,53 @@ def _create_run(
         ) from None
     kopf.info(body, reason="RunCreated", message=f"Created FineTuneJob {run}: {why}"[:1000])
     return True
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """The adapter version a run is compared with (`overBaseline: previous` gates)."""
+
+    uri: str
+    sha256: str
+    what: str
+    """Where it came from, for the run's annotation."""
+
+
+def _previous(
+    spec: FineTuneScheduleSpec, namespace: str, status: kopf.Status
+) -> _Previous | None:
+    """What a new run would replace: the version the schedule's AdapterDeployment (its
+    `promote` target, else its quality or drift trigger's) serves to most of the adapter's
+    traffic, as its servers verified it (status.activeAdapters); without one, the schedule's
+    last successful run. A run triggered by analysts' verdicts is so held to "no worse than
+    what they judged", not to an earlier run that may never have served."""
+    target = spec.promote or spec.quality_trigger or spec.drift_trigger
+    if target is not None:
+        try:
+            deployment = _custom().get_namespaced_custom_object(
+                GROUP, VERSION, namespace, "adapterdeployments", target.adapter_deployment
+            )
+        except ApiException:
+            deployment = {}
+        active = [
+            a
+            for a in (deployment.get("status") or {}).get("activeAdapters") or []
+            if a.get("name") == target.adapter and a.get("uri") and a.get("sha256")
+        ]
+        if active:
+            served = max(active, key=lambda a: a.get("traffic") or 0)
+            return _Previous(
+                served["uri"],
+                served["sha256"],
+                f"served by {target.adapter_deployment}: {target.adapter}@{served['version']}",
+            )
+    last = status.get("lastSuccessfulJob") or {}
+    adapter = last.get("adapter") or {}
+    if adapter.get("uri") and adapter.get("sha256"):
+        return _Previous(
+            adapter["uri"], adapter["sha256"], f"the last successful run: {last.get('name')}"
+        )
+    return None
 
 
 def _delete_run(namespace: str, run: str) -> None:
@@ -377,8 +424,7 @@ def _start(
                 body, reason="RunReplaced", message=f"Deleted FineTuneJob {old['name']} (Replace)"
             )
         active = []
-    last_ok = (status.get("lastSuccessfulJob") or {}).get("adapter")
-    if _create_run(body, namespace, name, run, spec, due.reason, last_ok):
+    if _create_run(body, namespace, name, run, spec, due.reason, _previous(spec, namespace, status)):
         started = dt.datetime.now(dt.UTC).timestamp()
         metrics.SCHEDULE_LAST_RUN.labels(namespace, name, due.trigger).set(started)
         return [{"name": run}]
