@@ -75,9 +75,10 @@ def over_history(runs: list[Run], successful_limit: int, failed_limit: int) -> l
 
 def drift_query(selector: str, adapter: str, score: str, minutes: int) -> str:
     """PromQL: the lowest, over the last `minutes`, of the served version's highest drift
-    score; above the threshold means it stayed above all that time."""
+    score; above the threshold means it stayed above all that time (and it was there all that
+    time)."""
     series = f'{{{selector},adapter="{adapter}",{DRIFT_SCORES[score]}}}'
-    return f"min_over_time((max({series}))[{minutes}m:15s])"
+    return _held("min", f"max({series})", minutes, 15)
 
 
 def quality_query(namespace: str, adapter: str, min_verdicts: int, minutes: int) -> str:
@@ -89,4 +90,13 @@ def quality_query(namespace: str, adapter: str, min_verdicts: int, minutes: int)
         f"sectune:serve_live_macro_f1:1d{{{where}}} and on (namespace, adapter, version) "
         f"(sectune:serve_verdicts:sum1d{{{where}}} >= {min_verdicts})"
     )
-    return f"max_over_time((min({judged}))[{minutes}m:1m])"
+    return _held("max", f"min({judged})", minutes, 60)
+
+
+def _held(extreme: str, expr: str, minutes: int, step_seconds: int) -> str:
+    """PromQL: the `extreme` (min or max) of `expr` over the last `minutes`, at steps of
+    `step_seconds`, and nothing unless it had a value at every step: a series that appeared a
+    minute ago has not stayed anywhere for an hour."""
+    window = f"({expr})[{minutes}m:{step_seconds}s]"
+    steps = minutes * 60 // step_seconds
+    return f"{extreme}_over_time({window}) and count_over_time({window}) >= {steps}"

@@ -101,6 +101,8 @@ def test_drift_takes_the_highest_score_not_the_first_that_exists(tmp_path, score
         _series("sectune_serve_input_drift_score", "0.9x40", **version),
     ]
     cases = [_at(schedule.drift_query(_selector(), "triage", score, 30), expected, "40m")]
+    # "Stayed above for 30m" needs 30 minutes of it: at 20m there are 20, and no answer.
+    cases.append(_at(schedule.drift_query(_selector(), "triage", score, 30), None, "20m"))
     if score == "any":
         cases.append(_at(canary.queries(_selector(), "triage", "v2", 10)["drift"], 0.9, "40m"))
     _evaluate(tmp_path, series, cases)
@@ -161,7 +163,12 @@ def test_the_quality_trigger_reads_the_lowest_judged_version_through_the_charts_
             {
                 "interval": "1m",
                 "input_series": series,
-                "promql_expr_test": [_at(query, 0.3125, "40m")],
+                # v2 is judged from minute 1 (55 verdicts): not yet 30 minutes of it at 29m.
+                "promql_expr_test": [
+                    _at(query, 0.3125, "40m"),
+                    _at(query, 0.3125, "31m"),
+                    _at(query, None, "29m"),
+                ],
             }
         ],
     }

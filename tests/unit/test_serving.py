@@ -492,3 +492,83 @@ def test_the_vllm_observer_refuses_an_answer_that_is_not_a_model_list() -> None:
 
     with pytest.raises(ValueError, match="not an OpenAI model list"):
         Listing.parse({"detail": "Not Found"})
+
+
+def test_classify_after_a_cached_prompt_head_answers_as_the_whole_prompt(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Prompts sharing a system prompt and template head: with the prefix cache the engine
+    computes the head once per adapter and gives the numbers it gives without; a head longer
+    than the next prompts share shrinks; loading other weights under the key drops the head."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sectune.evaluation.prefix import common_length
+    from sectune.serving.engine import ClassifyWork, Engine
+    from sectune.serving.metrics import ServingMetrics
+
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(
+            tmp_path / name
+        )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    system = "You triage security alerts. Answer with one label: benign or malicious."
+
+    def prompt(text: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    texts = [
+        "Failed password for root from 10.0.0.1 port 22",
+        "Failed password for admin from 10.0.0.9 port 2222",
+        "Accepted publickey for deploy",
+        "mimikatz sekurlsa::logonpasswords",
+        "scheduled backup completed",
+    ]
+    labels = [[5], [9], [17]]
+    engines = {}
+    for cached in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        engine = Engine(model, tokenizer, ServingMetrics(), autocast=False, max_batch=8,
+                        max_wait_ms=50, prefix_cache=cached)  # fmt: skip
+        engine.start()
+        engine.load_adapter(str(tmp_path / "a"), "triage")
+        engines[cached] = engine
+    try:
+
+        def answers(engine: Engine, batch: list[str]) -> list[list[float]]:
+            works = [ClassifyWork("triage", prompt(t), labels, distinct_first_tokens=True)
+                     for t in batch]  # fmt: skip
+            futures = [engine.submit(w) for w in works]
+            return [f.result() for f in futures]
+
+        cache = engines[True].prefixes
+        assert cache is not None
+        # The first two share "Failed password for": the head learned from them is too long
+        # for the next ones, and shrinks to what every prompt shares.
+        for batch in (texts[:2], texts[2:], texts):
+            for whole, after in zip(answers(engines[False], batch), answers(engines[True], batch),
+                                    strict=True):  # fmt: skip
+                assert after == pytest.approx(whole, abs=1e-5)
+        every = [prompt(t) for t in texts]
+        head = cache._heads["triage"].tokens
+        assert head == tuple(every[0][: common_length(every)])
+        system_turn = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}], tokenize=False
+        )
+        assert len(tokenizer(system_turn, add_special_tokens=False)["input_ids"]) < len(head)
+        assert cache.encoded == 2  # learned once, shrunk once; reused since
+        # Other weights under the same key: the head computed with the old ones is dropped.
+        for engine in engines.values():
+            engine.load_adapter(str(tmp_path / "b"), "triage")
+        assert "triage" not in cache._heads
+        for whole, after in zip(answers(engines[False], texts), answers(engines[True], texts),
+                                strict=True):  # fmt: skip
+            assert after == pytest.approx(whole, abs=1e-5)
+    finally:
+        for engine in engines.values():
+            engine.stop()

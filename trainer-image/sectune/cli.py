@@ -436,6 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         precision=args.precision,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        prefix_cache=args.prefix_cache,
         reload_interval=args.reload_interval,
         max_in_flight=args.max_in_flight,
         max_in_flight_per_key=args.max_in_flight_per_key,
@@ -898,6 +899,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--max-batch", type=int, default=16, help="requests per forward pass")
     serve_cmd.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    serve_cmd.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="compute every classify prompt whole, not after the cached keys and values of "
+        "the head an adapter's prompts share",
     )
     serve_cmd.add_argument(
         "--reload-interval",

@@ -144,9 +144,7 @@ class _Previous:
     """Where it came from, for the run's annotation."""
 
 
-def _previous(
-    spec: FineTuneScheduleSpec, namespace: str, status: kopf.Status
-) -> _Previous | None:
+def _previous(spec: FineTuneScheduleSpec, namespace: str, status: kopf.Status) -> _Previous | None:
     """What a new run would replace: the version the schedule's AdapterDeployment (its
     `promote` target, else its quality or drift trigger's) serves to most of the adapter's
     traffic, as its servers verified it (status.activeAdapters); without one, the schedule's
@@ -424,7 +422,9 @@ def _start(
                 body, reason="RunReplaced", message=f"Deleted FineTuneJob {old['name']} (Replace)"
             )
         active = []
-    if _create_run(body, namespace, name, run, spec, due.reason, _previous(spec, namespace, status)):
+    if _create_run(
+        body, namespace, name, run, spec, due.reason, _previous(spec, namespace, status)
+    ):
         started = dt.datetime.now(dt.UTC).timestamp()
         metrics.SCHEDULE_LAST_RUN.labels(namespace, name, due.trigger).set(started)
         return [{"name": run}]

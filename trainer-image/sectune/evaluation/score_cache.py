@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "SECTUNE_SCORE_CACHE"
 SCORING_SOURCES = (
     "evaluation/scoring.py",
+    "evaluation/prefix.py",
     "evaluation/suite.py",
     "evaluation/metrics.py",
     "evaluation/baselines.py",

@@ -17,6 +17,8 @@ from sectune import placement, progress
 from sectune.config import JobSpec
 from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
+from sectune.evaluation.prefix import PrefixCache, logprobs_after
+from sectune.training.distributed import world_size
 from sectune.training.objectives import left_pad, objective_for
 
 
@@ -82,8 +84,12 @@ def score_labels(
     batch_size: int = 8,
     autocast: bool = True,
     measure_latency: int = 0,
+    prefix_cache: bool = True,
 ) -> LabelScores:
-    """Label probabilities for each example; optionally time `measure_latency` single requests."""
+    """Label probabilities for each example; optionally time `measure_latency` single requests.
+    With `prefix_cache` (one process only: ranks of a sharded model must run the same passes),
+    each batch starts after the cached keys and values of the head every prompt shares, as the
+    server does (sectune.evaluation.prefix)."""
     labels = spec.task.labels
     formatter = PromptFormatter(tokenizer, spec)
     model.eval()
@@ -96,9 +102,16 @@ def score_labels(
     device_type = next(model.parameters()).device.type
     amp = placement.autocast(device_type, autocast)
 
+    heads = PrefixCache() if prefix_cache and world_size() == 1 else None
+
     def score(batch_prompts: list[list[int]]) -> list[list[float]]:
         with amp:
-            if distinct:
+            head = heads.head("model", batch_prompts, model) if heads and distinct else None
+            if head is not None:
+                rest = [p[len(head.tokens) :] for p in batch_prompts]
+                logprobs = logprobs_after(model, head, left_pad(rest, tokenizer.pad_token_id))
+                chosen = logprobs[:, first_tokens]
+            elif distinct:
                 logprobs = forward_logprobs(
                     model, left_pad(batch_prompts, tokenizer.pad_token_id), 1
                 )
@@ -107,10 +120,14 @@ def score_labels(
                 chosen = sequence_logprobs(model, batch_prompts, label_ids, tokenizer.pad_token_id)
         return chosen.softmax(-1).tolist()
 
-    probabilities: list[list[float]] = []
+    # Rows of similar length share a batch (less padding); answers go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    probabilities: list[list[float]] = [[] for _ in prompts]
     began = time.perf_counter()
     for start in progress.batches("scoring labels", len(prompts), batch_size):
-        probabilities += score(prompts[start : start + batch_size])
+        rows = order[start : start + batch_size]
+        for i, answer in zip(rows, score([prompts[i] for i in rows]), strict=True):
+            probabilities[i] = answer
     throughput = len(prompts) / max(time.perf_counter() - began, 1e-9)
     latencies = []
     for prompt in prompts[:measure_latency]:

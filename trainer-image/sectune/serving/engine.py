@@ -11,6 +11,11 @@ refused (503, retry); work whose client has gone (`abandon`) is dropped before i
 generating if it is running; a batch is split so that rows x longest prompt stays within
 `max_batch_tokens` (one long prompt is not padded onto every short one); and when a batch fails,
 its rows are retried one by one so only the row that fails gets the error.
+
+A classify batch for one adapter starts after the cached keys and values of the tokens all of
+that adapter's prompts share (system prompt, template head; sectune.evaluation.prefix), dropped
+when the adapter is loaded or unloaded under its key. Mixed-adapter batches and labels that
+need their whole sequence scored run whole prompts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from sectune import placement
 from sectune.constrained import SchemaConstrained
+from sectune.evaluation.prefix import PrefixCache, logprobs_after
 from sectune.evaluation.scoring import forward_logprobs, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
 from sectune.training.objectives import left_pad
@@ -172,6 +178,7 @@ class Engine:
         max_wait_ms: float = 5.0,
         max_batch_tokens: int = 16_384,
         max_queue_seconds: float = 30.0,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -181,6 +188,8 @@ class Engine:
         self.max_wait = max_wait_ms / 1000
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_seconds = max_queue_seconds
+        self.prefixes = PrefixCache() if prefix_cache else None
+        """Cached prompt heads per adapter key (touched on the model thread only)."""
         self._queue = FairQueue()
         self._thread = threading.Thread(target=self._loop, name="sectune-model", daemon=True)
 
@@ -223,6 +232,7 @@ class Engine:
         def load() -> None:
             from peft import PeftModel
 
+            self._forget(key)
             if self.has_adapters:
                 self.model.load_adapter(directory, adapter_name=key)
             else:
@@ -233,6 +243,7 @@ class Engine:
 
     def unload_adapter(self, key: str) -> None:
         def unload() -> None:
+            self._forget(key)
             # PEFT keeps at least one adapter on a PeftModel; the last one simply stays unused.
             if (
                 self.has_adapters
@@ -242,6 +253,13 @@ class Engine:
                 self.model.delete_adapter(key)
 
         self.call(unload)
+
+    def _forget(self, key: str) -> None:
+        """The model state under `key` changes: its cached head goes. Loading the first adapter
+        wraps the base model, so the base model's goes too."""
+        if self.prefixes is not None:
+            self.prefixes.drop(key)
+            self.prefixes.drop(BASE_ADAPTER)
 
     # ------------------------------------------------------------------ worker
 
@@ -352,8 +370,19 @@ class Engine:
         fast = [w for w in works if w.distinct_first_tokens]
         if fast:
             self.metrics.batch_size.labels("classify").observe(len(fast))
-            batch = left_pad([w.prompt for w in fast], self.tokenizer.pad_token_id)
-            logprobs = forward_logprobs(self.model, batch, 1, self._names(fast))[:, -1]
+            names = self._names(fast)
+            prompts = [w.prompt for w in fast]
+            head = None
+            if names is None and self.prefixes is not None:
+                head = self.prefixes.head(fast[0].adapter_key, prompts, self.model)
+            if head is not None:
+                rest = left_pad(
+                    [p[len(head.tokens) :] for p in prompts], self.tokenizer.pad_token_id
+                )
+                logprobs = logprobs_after(self.model, head, rest)
+            else:
+                batch = left_pad(prompts, self.tokenizer.pad_token_id)
+                logprobs = forward_logprobs(self.model, batch, 1, names)[:, -1]
             for row, work in zip(logprobs, fast, strict=True):
                 first = [ids[0] for ids in work.label_ids]
                 work.future.set_result(row[first].softmax(-1).tolist())

@@ -49,6 +49,9 @@ class ServerOptions:
     """Seconds a request may wait for the model before it is refused with 503 + Retry-After."""
     max_batch_tokens: int = 16_384
     """Padded tokens (rows × longest row) in one forward pass."""
+    prefix_cache: bool = True
+    """Classify batches start after the cached keys and values of the tokens an adapter's
+    prompts share (sectune.evaluation.prefix); off: every prompt runs whole."""
     max_adapter_bytes: int = field(default_factory=lambda: artifacts.MAX_ARTIFACT_BYTES)
     """Cap on what one adapter version may download."""
     allowed_hosts: list[str] = field(default_factory=list)
@@ -115,6 +118,7 @@ class ServerState:
             max_wait_ms=self.options.max_wait_ms,
             max_batch_tokens=self.options.max_batch_tokens,
             max_queue_seconds=self.options.max_queue_seconds,
+            prefix_cache=self.options.prefix_cache,
         )
         self.engine.start()
         workdir = Path(tempfile.mkdtemp(prefix="sectune-serve-"))
