@@ -15,10 +15,13 @@ AVX2_ONLY = frozenset({"avx", "avx2", "fma", "avx512f"})
 SAPPHIRE_RAPIDS = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
-def test_native_bf16_is_read_from_the_cpu_flags():
-    assert not placement.cpu_has_native_bf16(AVX2_ONLY)
-    assert placement.cpu_has_native_bf16(SAPPHIRE_RAPIDS)
-    assert placement.cpu_has_native_bf16(frozenset({"avx512_bf16"}))
+def test_native_bf16_is_read_from_the_cpu_flags_and_the_kernels_torch_dispatches():
+    assert not placement.cpu_has_native_bf16(AVX2_ONLY, "AVX512")
+    assert placement.cpu_has_native_bf16(SAPPHIRE_RAPIDS, "AVX512")
+    assert placement.cpu_has_native_bf16(frozenset({"avx512_bf16"}), "AVX512")
+    # A process held to AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) emulates bf16 on any CPU.
+    assert not placement.cpu_has_native_bf16(SAPPHIRE_RAPIDS, "AVX2")
+    assert not placement.cpu_has_native_bf16(SAPPHIRE_RAPIDS, "DEFAULT")
 
 
 @pytest.mark.parametrize("purpose", ["training", "evaluation", "serving"])

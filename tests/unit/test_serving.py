@@ -189,11 +189,23 @@ def test_fetch_verified_takes_only_what_it_verified(tmp_path: Path) -> None:
     json.loads((dest / "manifest.json").read_text())
 
 
+def _random_adapters(tiny_model_dir: Path, directory: Path) -> None:
+    """Two LoRA adapters with random (not zero) weights on the tiny model: `a` and `b`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(
+            directory / name
+        )
+
+
 def test_engine_batches_mix_adapters_with_the_answers_each_gives_alone(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sectune.serving.engine import (
@@ -205,12 +217,7 @@ def test_engine_batches_mix_adapters_with_the_answers_each_gives_alone(
     )
     from sectune.serving.metrics import ServingMetrics
 
-    for name, seed in (("a", 1), ("b", 2)):
-        torch.manual_seed(seed)
-        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(
-            tmp_path / name
-        )
+    _random_adapters(tiny_model_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     metrics = ServingMetrics()
@@ -500,20 +507,13 @@ def test_classify_after_a_cached_prompt_head_answers_as_the_whole_prompt(
     """Prompts sharing a system prompt and template head: with the prefix cache the engine
     computes the head once per adapter and gives the numbers it gives without; a head longer
     than the next prompts share shrinks; loading other weights under the key drops the head."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sectune.evaluation.prefix import common_length
     from sectune.serving.engine import ClassifyWork, Engine
     from sectune.serving.metrics import ServingMetrics
 
-    for name, seed in (("a", 1), ("b", 2)):
-        torch.manual_seed(seed)
-        lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(
-            tmp_path / name
-        )
+    _random_adapters(tiny_model_dir, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     system = "You triage security alerts. Answer with one label: benign or malicious."
 

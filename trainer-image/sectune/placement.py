@@ -64,11 +64,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+def cpu_has_native_bf16(flags: frozenset[str] | None = None, capability: str | None = None) -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls run in hardware. Without them torch emulates bf16 and
-    a forward pass is several times slower than in float32."""
+    a forward pass is several times slower than in float32. `capability` is the instruction
+    set torch dispatches to (torch.backends.cpu.get_cpu_capability()): a process held to AVX2
+    kernels (ATEN_CPU_CAPABILITY=avx2, as some fleets pin for reproducibility) emulates bf16
+    even on a CPU that has it."""
     flags = cpu_flags() if flags is None else flags
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if capability is None:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    dispatched = capability.upper().startswith(("AVX512", "AMX"))
+    return dispatched and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def process_device() -> str:
