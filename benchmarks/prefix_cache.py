@@ -135,6 +135,51 @@ def scoring(
     return out
 
 
+def chat_prefill(adapter_uri: str, data: Path, rows: int = 8) -> dict[str, Any]:
+    """What caching a chat request's head could save: the prompt's prefill time against the
+    whole greedy generation (up to 96 tokens), one request at a time, bf16 weights."""
+    import torch
+    from peft import PeftModel
+
+    from sectune import artifacts
+    from sectune.config import JobSpec
+    from sectune.evaluation.prefix import common_length
+    from sectune.training import base_model
+
+    uri, sha256 = artifacts.resolve_version(adapter_uri, None)
+    spec = JobSpec.model_validate(artifacts.verify(uri, sha256).config)
+    model, tokenizer = base_model.load(
+        base_model.resolve(spec.base_model), spec.base_model, torch.bfloat16, "cpu"
+    )
+    model = PeftModel.from_pretrained(model, uri.removeprefix("file://") + "/adapter").eval()
+
+    def prompt(text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        if spec.task.system_prompt:
+            messages.insert(0, {"role": "system", "content": spec.task.system_prompt})
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
+
+    prompts = [prompt(text) for text in texts(data, rows)]
+    prefill, whole = [], []
+    with torch.inference_mode():
+        for ids in (torch.tensor([p]) for p in prompts):
+            began = time.perf_counter()
+            model(input_ids=ids)
+            prefill.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=96,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            whole.append(time.perf_counter() - began)
+    return {
+        "promptTokensMean": statistics.mean(map(len, prompts)),
+        "sharedHeadTokens": common_length(prompts),
+        "prefillMsMedian": round(statistics.median(prefill) * 1000, 1),
+        "requestMsMedian": round(statistics.median(whole) * 1000, 1),
+        "prefillShare": round(statistics.median(prefill) / statistics.median(whole), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", required=True, help="name=URI of a classification adapter")
@@ -152,7 +197,12 @@ def main() -> None:
         const=False,
         help="score with the numerics chosen on a CPU without native bf16 (float32)",
     )
+    parser.add_argument("--chat", help="name=URI of a generation adapter: time its prefill")
+    parser.add_argument("--chat-data", type=Path, help="JSONL rows with a text field")
     args = parser.parse_args()
+    if args.chat and args.chat_data:
+        result = chat_prefill(args.chat.split("=", 1)[1], args.chat_data)
+        print(json.dumps({"chat": result}, indent=2), flush=True)
     if args.scoring_train:
         result = scoring(args.adapter.split("=", 1)[1], args.data, args.scoring_train,
                          args.scoring_rows, args.rounds, args.native_bf16)  # fmt: skip
