@@ -81,3 +81,58 @@ def test_a_schedule_counts_as_its_runs_only_the_jobs_it_controls():
     assert runs_by_schedule("soc", "mine", label, {}, {"phase": "Succeeded"}) == {}
     foreign = {"ownerReferences": [{**owned["ownerReferences"][0], "name": "other"}]}
     assert runs_by_schedule("soc", "mine", label, foreign, {}) == {}
+
+
+class _Deployments:
+    """What the API server holds: one AdapterDeployment, or none (404)."""
+
+    def __init__(self, body: dict | None) -> None:
+        self.body = body
+
+    def get_namespaced_custom_object(self, *_: str) -> dict:
+        from kubernetes.client.rest import ApiException
+
+        if self.body is None:
+            raise ApiException(status=404, reason="Not Found")
+        return self.body
+
+
+def test_a_run_is_compared_with_the_stable_version_its_deployment_serves(monkeypatch):
+    """The stable version (the first on a 50/50 tie) as its servers verified it, whatever the
+    order they report in; the schedule's last successful run only when nothing is served."""
+    from sectune_operator.handlers import finetuneschedule
+
+    spec = FineTuneScheduleSpec.model_validate(
+        {
+            "jobTemplate": TEMPLATE,
+            "qualityTrigger": {"adapterDeployment": "soc", "adapter": "triage", "minMacroF1": 0.7},
+        }
+    )
+    versions = [{"version": "v1", "traffic": 50}, {"version": "v2", "traffic": 50}]
+    served = [
+        {"name": "triage", "version": "v2", "uri": "s3://a/v2", "sha256": "2" * 64, "traffic": 50},
+        {"name": "other", "version": "v1", "uri": "s3://o/v1", "sha256": "0" * 64},
+        {"name": "triage", "version": "v1", "uri": "s3://a/v1", "sha256": "1" * 64, "traffic": 50},
+    ]
+    deployment = {
+        "spec": {"adapters": [{"name": "triage", "versions": versions}]},
+        "status": {"activeAdapters": served},
+    }
+    last = {
+        "lastSuccessfulJob": {"name": "run-7", "adapter": {"uri": "s3://a/r7", "sha256": "7" * 64}}
+    }
+
+    def previous(body: dict | None, status: dict) -> tuple[str, str, str] | None:
+        monkeypatch.setattr(finetuneschedule, "_custom", lambda: _Deployments(body))
+        found = finetuneschedule._previous(spec, "ns", status)
+        return None if found is None else (found.uri, found.sha256, found.what)
+
+    assert previous(deployment, last) == ("s3://a/v1", "1" * 64, "served by soc: triage@v1")
+    nothing_served = {**deployment, "status": {}}
+    assert previous(nothing_served, last) == (
+        "s3://a/r7",
+        "7" * 64,
+        "the last successful run: run-7",
+    )
+    assert previous(None, last)[2] == "the last successful run: run-7"
+    assert previous(nothing_served, {}) is None

@@ -145,10 +145,10 @@ class _Previous:
 
 
 def _previous(spec: FineTuneScheduleSpec, namespace: str, status: kopf.Status) -> _Previous | None:
-    """What a new run would replace: the version the schedule's AdapterDeployment (its
-    `promote` target, else its quality or drift trigger's) serves to most of the adapter's
-    traffic, as its servers verified it (status.activeAdapters); without one, the schedule's
-    last successful run. A run triggered by analysts' verdicts is so held to "no worse than
+    """What a new run would replace: the stable version (sectune.serving.traffic) of the
+    schedule's AdapterDeployment (its `promote` target, else its quality or drift trigger's),
+    as its servers verified it (status.activeAdapters); without one, the schedule's last
+    successful run. A run triggered by analysts' verdicts is so held to "no worse than
     what they judged", not to an earlier run that may never have served."""
     target = spec.promote or spec.quality_trigger or spec.drift_trigger
     if target is not None:
@@ -158,17 +158,26 @@ def _previous(spec: FineTuneScheduleSpec, namespace: str, status: kopf.Status) -
             )
         except ApiException:
             deployment = {}
-        active = [
-            a
-            for a in (deployment.get("status") or {}).get("activeAdapters") or []
-            if a.get("name") == target.adapter and a.get("uri") and a.get("sha256")
-        ]
-        if active:
-            served = max(active, key=lambda a: a.get("traffic") or 0)
+        adapters = (deployment.get("spec") or {}).get("adapters") or []
+        versions: list[dict[str, Any]] = next(
+            (a["versions"] for a in adapters if a.get("name") == target.adapter), []
+        )
+        stable = traffic.name(traffic.stable(versions)) if versions else None
+        served = next(
+            (
+                a
+                for a in (deployment.get("status") or {}).get("activeAdapters") or []
+                if (a.get("name"), a.get("version")) == (target.adapter, stable)
+                and a.get("uri")
+                and a.get("sha256")
+            ),
+            None,
+        )
+        if served is not None:
             return _Previous(
                 served["uri"],
                 served["sha256"],
-                f"served by {target.adapter_deployment}: {target.adapter}@{served['version']}",
+                f"served by {target.adapter_deployment}: {target.adapter}@{stable}",
             )
     last = status.get("lastSuccessfulJob") or {}
     adapter = last.get("adapter") or {}
