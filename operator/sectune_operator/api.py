@@ -447,7 +447,8 @@ class QualityTrigger(Spec):
     adapter_deployment: str = Field(max_length=57, pattern=DNS_LABEL_PATTERN)
     """The AdapterDeployment (in this namespace) serving the adapter, with a feedback.store."""
     adapter: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
-    """The adapter whose verdicts are watched (its lowest-scoring version with enough of them)."""
+    """The adapter whose verdicts are watched (its lowest-scoring version in traffic with
+    enough of them)."""
     min_macro_f1: float = Field(ge=0.0, le=1.0)
     """Live macro-F1 below which a run starts."""
     min_verdicts: int = Field(50, ge=1, le=1_000_000)

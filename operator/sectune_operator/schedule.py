@@ -83,12 +83,15 @@ def drift_query(selector: str, adapter: str, score: str, minutes: int) -> str:
 
 def quality_query(namespace: str, adapter: str, min_verdicts: int, minutes: int) -> str:
     """PromQL: the highest, over the last `minutes`, of the adapter's lowest live macro-F1
-    among versions with at least `min_verdicts` verdicts in the day (the chart's recording
-    rules); below the bound means it stayed below all that time."""
+    among versions in traffic with at least `min_verdicts` verdicts in the day (the chart's
+    recording rules); below the bound means it stayed below all that time. A version no
+    longer served (its verdicts stay in the day's window) or at traffic 0 (a shadow, a
+    standby) does not count: it is not what a new run would replace."""
     where = f'namespace="{namespace}",adapter="{adapter}"'
     judged = (
         f"sectune:serve_live_macro_f1:1d{{{where}}} and on (namespace, adapter, version) "
-        f"(sectune:serve_verdicts:sum1d{{{where}}} >= {min_verdicts})"
+        f"(sectune:serve_verdicts:sum1d{{{where}}} >= {min_verdicts}) "
+        f'and on (namespace, adapter, version) sectune_serve_adapter_info{{{where},traffic!="0"}}'
     )
     return _held("max", f"min({judged})", minutes, 60)
 

@@ -80,6 +80,13 @@ def test_schedules_run_on_time_and_drift_starts_a_run(
     )
     # A served adapter whose prompt-length drift is high, as a server would export it.
     registry = CollectorRegistry()
+    served = Gauge(
+        "sectune_serve_adapter_info",
+        "served",
+        ["adapter", "version", "sha256", "traffic"],
+        registry=registry,
+    )
+    served.labels("triage", "v1", "ab" * 32, "100").set(1)
     drift = Gauge(
         "sectune_serve_input_drift_score", "drift", ["adapter", "version"], registry=registry
     )

@@ -136,7 +136,8 @@ def test_dashboard_event_counts_include_a_counters_first_event(tmp_path):
 def test_the_quality_trigger_reads_the_lowest_judged_version_through_the_charts_rules(tmp_path):
     """Verdicts as a server exports them, through the chart's own recording rules: v1 is right
     on all 60 verdicts (macro-F1 1.0), v2 right on 25 of 55 (F1 0.625 and 0, macro 0.3125), v3
-    wrong on all 5 but under minVerdicts; the trigger's query reads 0.3125."""
+    a shadow (traffic 0) wrong on all 60; the trigger's query reads 0.3125 — until v2 is no
+    longer served (minute 41): then its verdicts, still in the day's window, stop counting."""
     import shutil
 
     rules = Path(__file__).resolve().parents[2] / "charts/sectune/files/prometheus/rules.yaml"
@@ -148,12 +149,19 @@ def test_the_quality_trigger_reads_the_lowest_judged_version_through_the_charts_
             predicted=predicted, actual=actual, correct=str(predicted == actual).lower(),
         )  # fmt: skip
 
+    def served(version: str, traffic: str, values: str) -> dict[str, str]:
+        return _series("sectune_serve_adapter_info", values, adapter="triage", version=version,
+                       sha256=version * 8, traffic=traffic)  # fmt: skip
+
     series = [
-        verdicts("v1", "malicious", "malicious", "0 30x40"),
-        verdicts("v1", "benign", "benign", "0 30x40"),
-        verdicts("v2", "malicious", "malicious", "0 25x40"),
-        verdicts("v2", "malicious", "benign", "0 30x40"),
-        verdicts("v3", "malicious", "benign", "0 5x40"),
+        verdicts("v1", "malicious", "malicious", "0 30x80"),
+        verdicts("v1", "benign", "benign", "0 30x80"),
+        verdicts("v2", "malicious", "malicious", "0 25x80"),
+        verdicts("v2", "malicious", "benign", "0 30x80"),
+        verdicts("v3", "malicious", "benign", "0 60x80"),
+        served("v1", "90", "1x80"),
+        served("v2", "10", "1x40 stale"),
+        served("v3", "0", "1x80"),
     ]
     query = schedule.quality_query("soc", "triage", 50, 30)
     tests = {
@@ -168,6 +176,7 @@ def test_the_quality_trigger_reads_the_lowest_judged_version_through_the_charts_
                     _at(query, 0.3125, "40m"),
                     _at(query, 0.3125, "31m"),
                     _at(query, None, "29m"),
+                    _at(query, 1.0, "75m"),  # v2 out of service since 41m: only v1 counts
                 ],
             }
         ],
