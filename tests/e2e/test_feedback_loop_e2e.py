@@ -261,10 +261,7 @@ def test_verdicts_retrain_the_served_adapter_through_gate_canary_and_promotion(
     finally:
         process.kill()
     assert process.returncode == 0, output[-3000:]
-    wait_until(lambda: any(p.status.phase == "Running" for p in core.list_namespaced_pod(
-        namespace, label_selector=f"sectune.io/finetunejob={name}").items), 60,
-        "the training pod running")  # fmt: skip
-    finish_pod(api_client, namespace, name, process.returncode, termination)
+    finish_pod(api_client, namespace, name, process.returncode, termination.read_text())
     wait_until(
         lambda: (
             (_get(api_client, namespace, "finetunejobs", name).get("status") or {}).get("phase")

@@ -88,7 +88,7 @@ def test_operator_rendered_job_trains_for_real(
         process.kill()
     assert process.returncode == 0, output[-3000:]
 
-    finish_pod(api_client, namespace, "tiny", process.returncode, termination)
+    finish_pod(api_client, namespace, "tiny", process.returncode, termination.read_text())
     wait_until(lambda: _phase(objects, namespace) == "Succeeded", 60, "Succeeded")
 
     status = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "tiny")[

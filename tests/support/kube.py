@@ -46,22 +46,7 @@ def finish_job(
         "adapter": {"uri": f"s3://adapters/soc/{name}/versions/run-9", "sha256": sha256},
         "gates": [gate],
     }
-    core = client.CoreV1Api(api_client)
-
-    def running_pod() -> Any:
-        pods = core.list_namespaced_pod(
-            namespace, label_selector=f"sectune.io/finetunejob={name}"
-        ).items
-        return next((p for p in pods if p.status.phase == "Running"), None)
-
-    wait_until(lambda: running_pod() is not None, 60, f"{name} training pod running")
-    annotations = {
-        "sectune.dev/test-exit-code": "0" if gates_passed else "3",
-        "sectune.dev/test-termination-message": json.dumps(result),
-    }
-    core.patch_namespaced_pod(
-        running_pod().metadata.name, namespace, {"metadata": {"annotations": annotations}}
-    )
+    finish_pod(api_client, namespace, name, 0 if gates_passed else 3, json.dumps(result))
     phase = "Succeeded" if gates_passed else "Failed"
     wait_until(
         lambda: (
@@ -129,18 +114,22 @@ def run_trainer_pod_locally(
     return process, termination
 
 
-def finish_pod(
-    api_client: Any, namespace: str, job: str, exit_code: int, termination: Path
-) -> None:
-    """kwok ends the FineTuneJob's training pod as the trainer process ended."""
+def finish_pod(api_client: Any, namespace: str, job: str, exit_code: int, message: str) -> None:
+    """kwok ends the FineTuneJob's training pod, once it runs, with this exit code and
+    termination message."""
     core = client.CoreV1Api(api_client)
-    [pod] = core.list_namespaced_pod(
-        namespace, label_selector=f"sectune.io/finetunejob={job}"
-    ).items
+
+    def running_pod() -> Any:
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=f"sectune.io/finetunejob={job}"
+        ).items
+        return next((p for p in pods if p.status.phase == "Running"), None)
+
+    wait_until(lambda: running_pod() is not None, 60, f"{job} training pod running")
     annotations = {
         "sectune.dev/test-exit-code": str(exit_code),
-        "sectune.dev/test-termination-message": termination.read_text(),
+        "sectune.dev/test-termination-message": message,
     }
     core.patch_namespaced_pod(
-        pod.metadata.name, namespace, {"metadata": {"annotations": annotations}}
+        running_pod().metadata.name, namespace, {"metadata": {"annotations": annotations}}
     )

@@ -56,9 +56,7 @@ def encode(model: Any, tokens: tuple[int, ...]) -> Prefix | None:
         return None
     layers = []
     for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or type(layer) is not DynamicLayer:
-            return None
-        if layer.keys is None or layer.values is None:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
             return None
         layers.append((layer.keys, layer.values))
     return Prefix(tokens, tuple(layers))

@@ -56,6 +56,24 @@ def forward_logprobs(
     return out.logits.float().log_softmax(-1).cpu()
 
 
+def last_logprobs(
+    model: Any,
+    prompts: list[list[int]],
+    pad_id: int,
+    heads: PrefixCache | None = None,
+    key: str = "model",
+    adapter_names: list[str] | None = None,
+) -> torch.Tensor:
+    """Log-probabilities after each prompt, shape (prompts, vocab): after `key`'s cached head
+    (sectune.evaluation.prefix) when `heads` has one every prompt shares, else of the whole
+    prompts. A mixed-adapter batch (`adapter_names`) has no one head and runs whole."""
+    head = heads.head(key, prompts, model) if heads is not None and not adapter_names else None
+    if head is None:
+        return forward_logprobs(model, left_pad(prompts, pad_id), 1, adapter_names)[:, -1]
+    rest = [p[len(head.tokens) :] for p in prompts]
+    return logprobs_after(model, head, left_pad(rest, pad_id))
+
+
 def sequence_logprobs(
     model: Any,
     prompts: list[list[int]],
@@ -106,16 +124,9 @@ def score_labels(
 
     def score(batch_prompts: list[list[int]]) -> list[list[float]]:
         with amp:
-            head = heads.head("model", batch_prompts, model) if heads and distinct else None
-            if head is not None:
-                rest = [p[len(head.tokens) :] for p in batch_prompts]
-                logprobs = logprobs_after(model, head, left_pad(rest, tokenizer.pad_token_id))
+            if distinct:
+                logprobs = last_logprobs(model, batch_prompts, tokenizer.pad_token_id, heads)
                 chosen = logprobs[:, first_tokens]
-            elif distinct:
-                logprobs = forward_logprobs(
-                    model, left_pad(batch_prompts, tokenizer.pad_token_id), 1
-                )
-                chosen = logprobs[:, -1, first_tokens]
             else:
                 chosen = sequence_logprobs(model, batch_prompts, label_ids, tokenizer.pad_token_id)
         return chosen.softmax(-1).tolist()

@@ -35,8 +35,8 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from sectune import placement
 from sectune.constrained import SchemaConstrained
-from sectune.evaluation.prefix import PrefixCache, logprobs_after
-from sectune.evaluation.scoring import forward_logprobs, sequence_logprobs
+from sectune.evaluation.prefix import PrefixCache
+from sectune.evaluation.scoring import last_logprobs, sequence_logprobs
 from sectune.serving.metrics import ServingMetrics
 from sectune.training.objectives import left_pad
 
@@ -370,19 +370,14 @@ class Engine:
         fast = [w for w in works if w.distinct_first_tokens]
         if fast:
             self.metrics.batch_size.labels("classify").observe(len(fast))
-            names = self._names(fast)
-            prompts = [w.prompt for w in fast]
-            head = None
-            if names is None and self.prefixes is not None:
-                head = self.prefixes.head(fast[0].adapter_key, prompts, self.model)
-            if head is not None:
-                rest = left_pad(
-                    [p[len(head.tokens) :] for p in prompts], self.tokenizer.pad_token_id
-                )
-                logprobs = logprobs_after(self.model, head, rest)
-            else:
-                batch = left_pad(prompts, self.tokenizer.pad_token_id)
-                logprobs = forward_logprobs(self.model, batch, 1, names)[:, -1]
+            logprobs = last_logprobs(
+                self.model,
+                [w.prompt for w in fast],
+                self.tokenizer.pad_token_id,
+                self.prefixes,
+                fast[0].adapter_key,
+                self._names(fast),
+            )
             for row, work in zip(logprobs, fast, strict=True):
                 first = [ids[0] for ids in work.label_ids]
                 work.future.set_result(row[first].softmax(-1).tolist())
