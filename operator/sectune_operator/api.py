@@ -325,14 +325,6 @@ class AdapterDeploymentSpec(Spec):
                 "feedback.store: not implemented yet for runtime vllm (it has no /v1/feedback); "
                 "use runtime sectune, or unset feedback.store"
             )
-        if self.runtime == "vllm":
-            split = [a.name for a in self.adapters if sum(v.traffic > 0 for v in a.versions) > 1]
-            if split:
-                raise ValueError(
-                    f"adapters[{split[0]}]: runtime vllm cannot split an adapter's traffic "
-                    "between versions; give one version 100 (others stay reachable as "
-                    "name@version) or use runtime sectune for canaries"
-                )
         return self
 
 

@@ -244,11 +244,11 @@ def test_renders_children_and_reports_what_the_replicas_serve(
     wait_until(lambda: _rendered(api_client, namespace) is None, 60, "ConfigMap garbage-collected")
 
 
-def test_a_vllm_deployment_is_ready_from_what_its_observer_sidecars_report(
+def test_a_vllm_deployment_is_ready_from_what_its_router_sidecars_report(
     api_client, namespace, operator, replicas
 ):
-    """runtime: vllm reads what a replica serves from the observer sidecar's port (9400),
-    never from vLLM's own metrics, which have no sectune series."""
+    """runtime: vllm reads what a replica serves from the router sidecar's metrics port (9400),
+    never from vLLM's own port (8001), whose metrics have no sectune series."""
     _secret(api_client, namespace)
     _finished_job(api_client, namespace, "tactics", SHA["tactics"])
     _custom(api_client).create_namespaced_custom_object(
@@ -260,10 +260,10 @@ def test_a_vllm_deployment_is_ready_from_what_its_observer_sidecars_report(
     wait_until(lambda: len(_ready_pods(api_client, namespace)) == 2, 60, "two vLLM pods")
     pods = _ready_pods(api_client, namespace)
     template = client.AppsV1Api(api_client).read_namespaced_deployment("soc-serve", namespace)
-    assert [c.name for c in template.spec.template.spec.containers] == ["server", "observer"]
+    assert [c.name for c in template.spec.template.spec.containers] == ["server", "router"]
     # vLLM's port answers its own series: no version is reported served from there.
     for pod_name in pods:
-        replicas.set_text(pod_name, 'vllm:num_requests_running{model_name="base"} 0.0\n', 8000)
+        replicas.set_text(pod_name, 'vllm:num_requests_running{model_name="base"} 0.0\n', 8001)
     wait_until(lambda: _status(api_client, namespace).get("readyReplicas") == 2, 30, "ready 2")
     assert _status(api_client, namespace)["phase"] == "Progressing"
     for pod_name in pods:

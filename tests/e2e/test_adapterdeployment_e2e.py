@@ -294,6 +294,7 @@ class _VllmPod:
     def command(self, container: dict[str, Any]) -> list[str]:
         paths = {
             "/etc/sectune/serving.yaml": str(self.etc / "serving.yaml"),
+            "/etc/sectune/keys/api-keys": str(self.etc / "api-keys"),
             "/adapters": str(self.out),
         }
         return [paths.get(arg, arg) for arg in container["command"]]
@@ -305,7 +306,10 @@ class _VllmPod:
         return found
 
 
-def _vllm_pod(trained: Trained, tiny_model_dir: Path, tmp_path: Path) -> _VllmPod:
+def _vllm_pod(
+    trained: Trained, tiny_model_dir: Path, tmp_path: Path, traffic: tuple[int, int] = (100, 0)
+) -> _VllmPod:
+    """`traffic`: the shares of triage v1 and v2 (v2 left out at 0)."""
     from sectune_operator.api import AdapterDeploymentSpec
     from sectune_operator.builders.adapterdeployment import (
         Resolved,
@@ -315,12 +319,12 @@ def _vllm_pod(trained: Trained, tiny_model_dir: Path, tmp_path: Path) -> _VllmPo
     )
     from sectune_operator.settings import Settings
 
-    document = _manifest(trained, tiny_model_dir, [("v1", trained.triage_v1, 100)])["spec"]
+    triage = [("v1", trained.triage_v1, traffic[0])]
+    triage += [("v2", trained.triage_v2, traffic[1])] if traffic[1] else []
+    document = _manifest(trained, tiny_model_dir, triage)["spec"]
     spec = AdapterDeploymentSpec.model_validate(document | {"runtime": "vllm"})
-    resolved = {
-        ("triage", "v1"): Resolved(trained.triage_v1.uri, trained.triage_v1.sha256),
-        ("other", "v1"): Resolved(trained.other.uri, trained.other.sha256),
-    }
+    resolved = {("triage", v): Resolved(source.uri, source.sha256) for v, source, _ in triage}
+    resolved[("other", "v1")] = Resolved(trained.other.uri, trained.other.sha256)
     config = render_serving_config(spec, resolved, set(), None).config
     assert config is not None
     pod = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"]
@@ -348,7 +352,7 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
     assert (out / "triage" / "v1" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "base" / "config.json").is_file()
     served_as = vllm.container("server")["command"]
-    assert "triage=/adapters/triage/v1/adapter" in served_as
+    assert "triage@v1=/adapters/triage/v1/adapter" in served_as
     # vLLM pre-allocates for --max-lora-rank: the smallest it offers that holds the adapters'.
     ranks = {
         json.loads(path.read_text())["r"] for path in out.glob("*/*/adapter/adapter_config.json")
@@ -372,69 +376,158 @@ def test_vllm_init_container_command_verifies_every_version_onto_disk(
     assert "sha256" in refused.stdout + refused.stderr
 
 
-def test_vllm_pod_is_ready_and_reports_its_digests_only_once_vllm_lists_every_version(
+def _counts(text: str, name: str) -> dict[tuple[str, ...], float]:
+    """A counter's samples in a /metrics text: (adapter, version, endpoint, code, routing) ->
+    value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels = ("adapter", "version", "endpoint", "code", "routing")
+    return {
+        tuple(sample.labels[k] for k in labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def test_vllm_pod_routes_by_traffic_measures_each_version_and_is_ready_once_all_are_listed(
     trained, tiny_model_dir, tmp_path
 ):
-    """A contract test, not a vLLM run: the pod's init container and observer sidecar run as
-    rendered; vLLM is played by its documented /v1/models and /metrics answers for the
-    rendered `vllm serve` command. The operator's own reading of the sidecar's metrics
-    (serving_status) finds the rendered set served, with the digests the init container
-    verified, and the pod is Ready only then."""
+    """A contract test, not a vLLM run: the pod's init container and router sidecar run as
+    rendered; vLLM is played by its documented answers for the rendered `vllm serve` command.
+    Through the router, the official client gets a 50/50 canary split, pinned versions, streams,
+    and the deployment's key scopes; the router's metrics count each version's requests and
+    errors as a sectune server does; the operator's reading of them (serving_status) finds the
+    rendered set served with the verified digests, and the pod is Ready only then."""
+    import openai
+
     from sectune_operator.serving_status import desired, observe, parse_report
     from support.jobs import sectune
     from support.processes import Server, free_port
     from support.vllm_contract import VllmContract
 
-    vllm = _vllm_pod(trained, tiny_model_dir, tmp_path)
+    vllm = _vllm_pod(trained, tiny_model_dir, tmp_path, traffic=(50, 50))
     fetched = sectune(*vllm.command(vllm.container("fetch-adapters"))[1:], env=vllm.env)
     assert fetched.returncode == 0, fetched.stderr[-2000:]
+    narrow = "narrow-key-0123456789abcdef"
+    (vllm.etc / "api-keys").write_text(f"soc-console {KEY}\nother-only {narrow} other\n")
     vllm_key = "vllm-key-0123456789abcdef"
     contract = VllmContract(
         vllm.container("server")["command"], {"/adapters": str(vllm.out)}, api_key=vllm_key,
         listed=False,
     ).start()  # fmt: skip
-    observer_container = vllm.container("observer")
-    # The sidecar gets vLLM's key from the same Secret key vLLM is started with.
-    [key_env] = observer_container["env"]
+    router_container = vllm.container("router")
+    # The router gets vLLM's key from the same Secret key vLLM is started with.
+    [key_env] = router_container["env"]
     assert key_env["valueFrom"]["secretKeyRef"]["key"] == "vllm-api-key"
-    port = free_port()
-    command = vllm.command(observer_container)
-    command[command.index("--vllm-url") + 1] = contract.url
-    command[command.index("--port") + 1] = str(port)
-    observer = Server(
-        "observer",
+    port, metrics_port = free_port(), free_port()
+    command = vllm.command(router_container)
+    for flag, value in (("--vllm-url", contract.url), ("--host", "127.0.0.1"),
+                        ("--port", str(port)), ("--metrics-port", str(metrics_port))):  # fmt: skip
+        command[command.index(flag) + 1] = value
+    router = Server(
+        "router",
         [sys.executable, "-m", "sectune.cli", *command[1:]],
-        tmp_path / "observer.log",
+        tmp_path / "router.log",
         env={key_env["name"]: "not-the-key"},
     ).start()
-    base = f"http://127.0.0.1:{port}"
+    base, api = f"http://127.0.0.1:{metrics_port}", f"http://127.0.0.1:{port}/v1"
     try:
-        observer.wait_http(base + "/metrics")
+        router.wait_http(base + "/metrics")
         # The wrong key: vLLM answers 401, the pod is not Ready and reports nothing served.
         contract.listed = True
-        ready = httpx.get(base + "/ready")
-        assert ready.status_code == 503
+        assert httpx.get(base + "/ready").status_code == 503
         assert "sectune_serve_vllm_up 0.0" in httpx.get(base + "/metrics").text
-        observer.stop()
-        observer.env = {key_env["name"]: vllm_key}
-        observer.start().wait_http(base + "/metrics")
-        liveness = observer_container["livenessProbe"]["httpGet"]["path"]
+        router.stop()
+        router.env = {key_env["name"]: vllm_key}
+        router.start().wait_http(base + "/metrics")
+        liveness = router_container["livenessProbe"]["httpGet"]["path"]
         assert httpx.get(base + liveness).status_code == 200  # alive, whatever vLLM says
-        wait_until(lambda: httpx.get(base + "/ready").status_code == 200, 30, "observer ready")
+        wait_until(lambda: httpx.get(base + "/ready").status_code == 200, 30, "router ready")
         text = httpx.get(base + "/metrics").text
         report = parse_report("soc-serve-0", text)
         assert report.served == desired(vllm.config)
-        assert ("triage", "v1", trained.triage_v1.sha256, 100) in report.served
+        assert ("triage", "v2", trained.triage_v2.sha256, 50) in report.served
         assert observe(vllm.config, [report], ["soc-serve-0"]).converged
         # vLLM's own series pass through the same scrape.
         assert 'vllm:request_success_total{engine="0"' in text
+
+        # The official client, with the deployment's key: `triage` is split by weight between
+        # the versions' served names, `triage@v2` is pinned, a stream arrives whole.
+        client = openai.OpenAI(base_url=api, api_key=KEY, max_retries=0)
+        ask = [{"role": "user", "content": TEXT}]
+
+        def answer(model: str) -> str:
+            reply = client.chat.completions.create(model=model, messages=ask)
+            return str(reply.choices[0].message.content)
+
+        routed = [answer("triage") for _ in range(60)]
+        split = {m: routed.count(f"answered by triage@{m}") for m in ("v1", "v2")}
+        assert sum(split.values()) == 60 and min(split.values()) >= 15, split
+        assert answer("triage@v2") == "answered by triage@v2"
+        stream = client.chat.completions.create(model="other", messages=ask, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == "answered by other@v1"
+        listed = {m.id for m in client.models.list()}
+        assert listed >= {"base", "triage", "triage@v1", "triage@v2", "other", "other@v1"}
+        # A key scoped to `other` sees and uses only that adapter.
+        scoped = openai.OpenAI(base_url=api, api_key=narrow, max_retries=0)
+        assert {m.id for m in scoped.models.list()} == {"other", "other@v1"}
+        with pytest.raises(openai.PermissionDeniedError, match="may not use 'triage'"):
+            scoped.chat.completions.create(model="triage", messages=ask)
+        with pytest.raises(openai.NotFoundError, match="available: triage, other, base"):
+            client.chat.completions.create(model="triage@v9", messages=ask)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=api, api_key="x" * 20, max_retries=0).models.list()
+
+        # Each version's requests, as the sectune server counts them: canary analysis reads
+        # only what the weighted split sent it (routing="traffic").
+        counts = _counts(httpx.get(base + "/metrics").text, "sectune_serve_requests_total")
+        for version in ("v1", "v2"):
+            assert counts[("triage", version, "chat", "200", "traffic")] == split[version]
+        assert counts[("triage", "v2", "chat", "200", "pinned")] == 1
+        assert counts[("other", "v1", "chat", "200", "traffic")] == 1
+        assert counts[("forbidden", "", "chat", "403", "traffic")] == 1
+
+        # A version that fails in vLLM shows as its own 500s, the other version's stay clean.
+        contract.failing = {"triage@v2"}
+        failed = 0
+        for _ in range(40):
+            try:
+                assert answer("triage") == "answered by triage@v1"
+            except openai.InternalServerError:
+                failed += 1
+        counts = _counts(httpx.get(base + "/metrics").text, "sectune_serve_requests_total")
+        assert failed > 0 and counts[("triage", "v2", "chat", "500", "traffic")] == failed
+        assert ("triage", "v1", "chat", "500", "traffic") not in counts
+
+        # A streaming client that leaves: the router closes the request to vLLM at once.
+        contract.failing, contract.stream_chunks, contract.chunk_seconds = set(), 400, 0.05
+        with httpx.stream(
+            "POST", f"{api}/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "other", "messages": ask, "stream": True}, timeout=30,
+        ) as response:  # fmt: skip
+            assert next(response.iter_lines()).startswith("data: ")
+        wait_until(lambda: contract.aborted == ["other@v1"], 10, "vLLM saw the client leave")
+        wait_until(
+            lambda: _counts(httpx.get(base + "/metrics").text, "sectune_serve_requests_total")
+            .get(("other", "v1", "chat", "499", "traffic")) == 1,
+            10, "the abandoned stream counted as 499",
+        )  # fmt: skip
+        # One access-log line per request, with the key's id, never a key.
+        log = router.log_path.read_text()
+        assert KEY not in log and narrow not in log and vllm_key not in log
+        lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"time"')]
+        assert {(line["key"], line["status"]) for line in lines} >= {
+            ("soc-console", 200), ("other-only", 403), ("soc-console", 500), (None, 401)
+        }  # fmt: skip
+
         # A module vLLM does not list (it failed to load one): not Ready, the rest reported.
         contract.command = [a for a in contract.command if not a.startswith("other@v1=")]
         wait_until(lambda: httpx.get(base + "/ready").status_code == 503, 30, "not ready")
         assert "other@v1" in httpx.get(base + "/ready").text
         report = parse_report("soc-serve-0", httpx.get(base + "/metrics").text)
-        assert {(a, v) for a, v, _, _ in report.served} == {("triage", "v1")}
+        assert {(a, v) for a, v, _, _ in report.served} == {("triage", "v1"), ("triage", "v2")}
         assert not observe(vllm.config, [report], ["soc-serve-0"]).converged
     finally:
-        observer.stop()
+        router.stop()
         contract.stop()

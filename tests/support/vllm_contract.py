@@ -10,6 +10,11 @@ is what vLLM's documentation shows for `vllm serve --enable-lora --lora-modules 
 - `GET /metrics` is open and exports `vllm:*` series labelled with the served model name only
   (requests to a LoRA module count under the base model: vllm-project/vllm#11091), plus
   `vllm:lora_requests_info`.
+- `POST /v1/chat/completions` and `/v1/completions` answer for a listed `model` in OpenAI's
+  shape, whole or (`stream: true`) as server-sent events ending in `data: [DONE]`; an unknown
+  model is a 404 `NotFoundError`; a request that fails in the engine is a 500. The answer
+  names the model that gave it, so a test sees where a request was routed; `failing` plays a
+  version that fails every request, `aborted` records streams whose client went away.
 
 `VllmContract` builds its answers from the vLLM command the operator rendered, so a rendering
 change the contract does not accept shows here. It is a contract, not a vLLM run.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -62,6 +68,14 @@ class VllmContract:
     listed: bool = True
     """False: vLLM still loading (the API is not up: connection refused is the same to a
     client; here /v1/models answers 503)."""
+    failing: set[str] = field(default_factory=set)
+    """Served names whose requests fail in the engine (500)."""
+    stream_chunks: int = 3
+    chunk_seconds: float = 0.0
+    answered: list[str] = field(default_factory=list)
+    """The served name of every completion answered (whole or streamed to its end)."""
+    aborted: list[str] = field(default_factory=list)
+    """Served names of streams the client left before the end."""
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -101,6 +115,62 @@ class VllmContract:
                     body = json.dumps(contract.models()).encode()
                     return self._send(200, body, "application/json")
                 self._send(503 if self.path == "/v1/models" else 404, b"{}", "application/json")
+
+            def do_POST(self) -> None:
+                if contract.api_key and (
+                    self.headers.get("Authorization") != f"Bearer {contract.api_key}"
+                ):
+                    return self._send(401, b'{"error": "Unauthorized"}', "application/json")
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                    return self._send(404, b'{"detail": "Not Found"}', "application/json")
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                model = body.get("model")
+                if model not in {m["id"] for m in contract.models()["data"]}:
+                    return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
+                if model in contract.failing:
+                    return self._error(
+                        500, "EngineCore encountered an issue.", "InternalServerError"
+                    )
+                chat = self.path == "/v1/chat/completions"
+                if body.get("stream"):
+                    return self._stream(model, chat)
+                text = f"answered by {model}"
+                choice = {"index": 0, "finish_reason": "stop"} | (
+                    {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                )
+                answer = {"id": "chatcmpl-1" if chat else "cmpl-1", "created": int(time.time()),
+                          "object": "chat.completion" if chat else "text_completion",
+                          "model": model, "choices": [choice],
+                          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}  # fmt: skip
+                contract.answered.append(model)
+                self._send(200, json.dumps(answer).encode(), "application/json")
+
+            def _stream(self, model: str, chat: bool) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.end_headers()  # no length: the stream ends when the connection closes
+                words = ["answered ", "by ", model] + ["."] * max(0, contract.stream_chunks - 3)
+                try:
+                    for word in words:
+                        delta = {"content": word} if chat else {}
+                        choice = {"index": 0, "finish_reason": None} | (
+                            {"delta": delta} if chat else {"text": word}
+                        )
+                        chunk = {"id": "chatcmpl-1", "model": model, "choices": [choice],
+                                 "object": "chat.completion.chunk" if chat else "text_completion"}  # fmt: skip
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                        time.sleep(contract.chunk_seconds)
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except OSError:  # the client went away: vLLM aborts the request
+                    contract.aborted.append(model)
+                    return
+                contract.answered.append(model)
+
+            def _error(self, code: int, message: str, kind: str) -> None:
+                error = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+                self._send(code, json.dumps(error).encode(), "application/json")
 
             def _send(self, code: int, body: bytes, kind: str) -> None:
                 self.send_response(code)

@@ -16,12 +16,14 @@ from sectune_operator.builders.adapterdeployment import (
     Resolved,
     build_configmap,
     build_deployment,
+    build_network_policy,
     build_pdb,
     build_service,
     config_sha256,
     describe,
     fetch_command,
     render_serving_config,
+    router_command,
 )
 from sectune_operator.settings import Settings
 
@@ -182,8 +184,16 @@ def test_vllm_runtime_verifies_in_an_init_container_and_rolls_on_a_new_set():
     command = pod["containers"][0]["command"]
     assert command[:3] == ["vllm", "serve", "/adapters/base"]
     modules = command[command.index("--lora-modules") + 1 :]
-    assert "triage=/adapters/triage/v1/adapter" in modules
-    assert "triage@v2=/adapters/triage/v2/adapter" in modules
+    # Every version under its immutable served name only: `triage` is the router's to route.
+    assert modules == [
+        "triage@v1=/adapters/triage/v1/adapter",
+        "triage@v2=/adapters/triage/v2/adapter",
+    ]
+    # vLLM listens on a port the NetworkPolicy admits from nowhere; the router takes the API's.
+    assert command[command.index("--port") + 1] == "8001"
+    assert pod["containers"][0]["ports"] == [{"name": "vllm", "containerPort": 8001}]
+    ingress = build_network_policy("soc", spec, Settings())["spec"]["ingress"]
+    assert sorted(p["port"] for rule in ingress for p in rule["ports"]) == [8000, 9400]
     # A different adapter set rolls the vLLM pods (their adapters are fixed at start);
     # rendering the same set again does not.
     annotation = "sectune.io/serving-config-sha256"
@@ -197,23 +207,42 @@ def test_vllm_runtime_verifies_in_an_init_container_and_rolls_on_a_new_set():
     changed = build_deployment("soc", spec, fewer, Settings())
     assert changed["spec"]["template"]["metadata"]["annotations"][annotation] != rolled
 
-    # What the replica serves is read from its observer sidecar, which is Ready only when
-    # vLLM lists every verified version; Prometheus scrapes the sidecar (vLLM's series pass
-    # through it), the chart's PodMonitor tells the runtimes apart by the pod label.
-    _, observer = pod["containers"]
-    assert observer["command"][:2] == ["sectune", "observe-vllm"]
-    assert observer["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
-    assert observer["ports"] == [{"name": "metrics", "containerPort": 9400}]
-    assert observer["securityContext"]["readOnlyRootFilesystem"] is True
-    assert {m["name"] for m in observer["volumeMounts"]} == {"config", "adapters"}
+    # The router sidecar takes the Service's port (`http`) and reports what the replica serves;
+    # it is Ready only when vLLM lists every verified version; Prometheus scrapes it (vLLM's
+    # series pass through), the chart's PodMonitor tells the runtimes apart by the pod label.
+    _, router = pod["containers"]
+    assert router["command"] == router_command(spec)
+    assert router["command"][:2] == ["sectune", "route-vllm"]
+    assert "--api-keys-file" not in router["command"]  # no authSecret: no keys
+    assert router["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert {p["name"]: p["containerPort"] for p in router["ports"]} == {
+        "http": 8000,
+        "metrics": 9400,
+    }
+    assert build_service("soc")["spec"]["ports"][0]["targetPort"] == "http"
+    assert router["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["name"] for m in router["volumeMounts"]} == {"config", "adapters"}
     template = deployment["spec"]["template"]["metadata"]
     assert template["annotations"]["prometheus.io/port"] == "9400"
     assert template["labels"]["sectune.io/runtime"] == "vllm"
 
 
-def test_vllm_runtime_refuses_a_traffic_split():
-    with pytest.raises(ValidationError, match="runtime vllm cannot split"):
-        _spec(runtime="vllm")
+def test_vllm_router_checks_the_deployments_keys_and_calls_vllm_with_its_own():
+    """Clients present the same keys on both runtimes (the Secret's `api-keys`, mounted into
+    the router only); vLLM gets `vllm-api-key`, which the router alone sends."""
+    spec = _spec(runtime="vllm", authSecret={"name": "soc-keys"})
+    config = render_serving_config(spec, RESOLVED, set(), None).config
+    assert config is not None
+    pod = build_deployment("soc", spec, config, Settings())["spec"]["template"]["spec"]
+    vllm, router = pod["containers"]
+    assert router["command"][-2:] == ["--api-keys-file", "/etc/sectune/keys/api-keys"]
+    assert {m["name"] for m in router["volumeMounts"]} == {"config", "api-keys", "adapters"}
+    assert "api-keys" not in {m["name"] for m in vllm["volumeMounts"]}
+    [key] = router["env"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "soc-keys", "key": "vllm-api-key"}
+    assert vllm["command"][vllm["command"].index("--api-key") + 1] == "$(SECTUNE_VLLM_API_KEY)"
+    # A canary split is the router's to make: accepted on vLLM as on sectune.
+    assert [v.traffic for v in config.adapters[0].versions] == [90, 10]
 
 
 def test_base_is_not_an_adapter_name():

@@ -480,7 +480,8 @@ def _observed(listing: dict[str, str | None]) -> tuple[list[tuple[str, str, str,
 def test_a_vllm_replica_serves_what_it_lists_from_the_verified_directory() -> None:
     """The observer sidecar's join: vLLM's /v1/models against the init container's digests."""
     v1, v2 = "/adapters/triage/v1/adapter", "/adapters/triage/v2/adapter"
-    everything = {"base": "/adapters/base", "triage": v1, "triage@v1": v1, "triage@v2": v2}
+    everything = {"base": "/adapters/base", "triage@v1": v1, "triage@v2": v2}
+    # Each version under its served name, with the share the router gives it.
     assert _observed(everything) == (
         [("triage", "v1", "a" * 64, 100), ("triage", "v2", "b" * 64, 0)],
         [],
@@ -488,10 +489,9 @@ def test_a_vllm_replica_serves_what_it_lists_from_the_verified_directory() -> No
     # A module loaded from another directory than the one verified for it is not served.
     assert _observed(everything | {"triage@v2": "/elsewhere"})[1] == ["triage@v2"]
     # Not listed (vLLM failed to load it): missing, so the pod is not Ready.
-    assert _observed({"triage": v1, "triage@v1": v1})[1] == ["triage@v2"]
-    # The pinned name without the routed one: served, but takes no traffic, so the operator
-    # sees the replica lagging behind the rendered split.
-    assert _observed({"triage@v1": v1, "triage@v2": v2})[0][0] == ("triage", "v1", "a" * 64, 0)
+    assert _observed({"triage@v1": v1}) == ([("triage", "v1", "a" * 64, 100)], ["triage@v2"])
+    # An unpinned name vLLM lists (not one the router sends to) stands for no version.
+    assert _observed({"triage": v2})[1] == ["triage@v1", "triage@v2"]
 
 
 def test_the_vllm_observer_refuses_an_answer_that_is_not_a_model_list() -> None:

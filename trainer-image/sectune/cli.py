@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import warnings
@@ -408,13 +407,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return ExitCode.BAD_INPUT
     if "SECTUNE_LOG_LEVEL" not in os.environ:  # loads, swaps and refusals are the server's news
         logging.getLogger("sectune.serving").setLevel(logging.INFO)
-    # The access log is JSON lines on stdout, apart from the server's own log on stderr.
-    access = logging.getLogger("sectune.access")
-    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
-    access.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
+    _access_log_on_stdout(args.access_log)
     keys = args.api_keys_file or os.environ.get("SECTUNE_API_KEYS_FILE")
     if keys is not None and not keys.strip():  # set but empty: never read as "auth off"
         console.print(
@@ -536,21 +529,62 @@ def cmd_fetch_adapters(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def cmd_observe_vllm(args: argparse.Namespace) -> int:
-    """Export what a vLLM replica serves as sectune_serve_adapter_info (vLLM pods' sidecar)."""
-    from sectune.serving.config import load_serving_config
-    from sectune.serving.observe import serve
+def _access_log_on_stdout(enabled: bool) -> None:
+    """The access log is JSON lines on stdout, apart from the server's own log on stderr."""
+    access = logging.getLogger("sectune.access")
+    access.setLevel(logging.INFO if enabled else logging.WARNING)
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
 
+
+def cmd_route_vllm(args: argparse.Namespace) -> int:
+    """The front of a vLLM replica (its pods' sidecar): the API port routed by traffic weight,
+    guarded by the deployment's keys and measured per version; metrics and readiness on
+    --metrics-port."""
+    import uvicorn
+
+    from sectune.serving.config import load_serving_config
+    from sectune.serving.http import protocol_with_timeout
+    from sectune.serving.metrics import ServingMetrics
+    from sectune.serving.observe import API_KEY_ENV, serve
+    from sectune.serving.vllm_router import Keys, Router, RoutingTable, create_app
+
+    keys = Keys(Path(args.api_keys_file) if args.api_keys_file else None)
     try:
         config = load_serving_config(Path(args.config))
-        server = serve(config, Path(args.adapters), args.vllm_url, args.host, args.port)
+        keys.current()
+        if keys.error:
+            raise ManifestError(keys.error)
+        metrics = ServingMetrics()
+        watch = serve(
+            config, Path(args.adapters), args.vllm_url, args.host, args.metrics_port, metrics
+        )
     except ManifestError as exc:
         console.print(f"[red]error:[/] {exc}")
         return ExitCode.BAD_INPUT
-    logging.getLogger("sectune.observe").setLevel(logging.INFO)
-    console.log(f"Observing {args.vllm_url}; metrics on :{args.port}/metrics, readiness /ready")
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    server.serve_forever()
+    for name in ("sectune.observe", "sectune.route"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    _access_log_on_stdout(True)
+    router = Router(
+        args.vllm_url, RoutingTable(config), keys, metrics, os.environ.get(API_KEY_ENV) or None
+    )
+    threading.Thread(target=watch.serve_forever, daemon=True).start()
+    console.log(
+        f"Routing :{args.port} to {args.vllm_url}; metrics on :{args.metrics_port}/metrics, "
+        "readiness /ready"
+    )
+    uvicorn.run(
+        create_app(router),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        http=protocol_with_timeout(10.0),
+        timeout_keep_alive=5,
+    )
+    watch.shutdown()
     return ExitCode.OK
 
 
@@ -955,16 +989,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(func=cmd_fetch_adapters)
 
-    observe = sub.add_parser(
-        "observe-vllm",
-        help="export which verified adapter versions a vLLM server lists (vLLM pods' sidecar)",
+    route = sub.add_parser(
+        "route-vllm",
+        help="the front of a vLLM server: route by traffic weight, check keys, measure per "
+        "version (vLLM pods' sidecar)",
     )
-    observe.add_argument("--config", required=True, help="ServingConfig YAML")
-    observe.add_argument("--adapters", required=True, help="the directory fetch-adapters filled")
-    observe.add_argument("--vllm-url", default="http://127.0.0.1:8000", help="vLLM's address")
-    observe.add_argument("--host", default="0.0.0.0")
-    observe.add_argument("--port", type=int, default=9400)
-    observe.set_defaults(func=cmd_observe_vllm)
+    route.add_argument("--config", required=True, help="ServingConfig YAML")
+    route.add_argument("--adapters", required=True, help="the directory fetch-adapters filled")
+    route.add_argument("--vllm-url", default="http://127.0.0.1:8001", help="vLLM's address")
+    route.add_argument("--host", default="0.0.0.0")
+    route.add_argument("--port", type=int, default=8000, help="the API port clients call")
+    route.add_argument("--metrics-port", type=int, default=9400, help="/metrics and /ready")
+    route.add_argument(
+        "--api-keys-file", help="the keys clients present (as sectune serve --api-keys-file)"
+    )
+    route.set_defaults(func=cmd_route_vllm)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -6,7 +6,10 @@ resolves every `fineTuneJob` source to that job's version URI and digest, leaves
 must not serve (gates failed, job not finished), moves the traffic of rolled-back canaries to
 the stable version, and keeps an adapter's previous versions when none of its new ones can be
 rendered. The servers re-read the mounted file and swap adapters without a restart (runtime
-sectune); vLLM, whose runtime adapter loading is documented as unsafe, is rolled instead.
+sectune); vLLM, whose runtime adapter loading is documented as unsafe, is rolled instead, and
+answers behind a router sidecar (`sectune route-vllm`) that takes the API port, routes each
+adapter's name by traffic weight to a version's served name `name@version`, checks the same API
+keys and records the same per-version series as a sectune server.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ KEYS_DIR = "/etc/sectune/keys"
 ADAPTERS_DIR = "/adapters"
 API_PORT = 8000
 OBSERVER_PORT = 9400
-"""runtime: vllm — the observer sidecar's metrics and readiness (sectune.serving.observe)."""
+"""runtime: vllm — the router sidecar's metrics and readiness (sectune.serving.observe)."""
+VLLM_PORT = 8001
+"""runtime: vllm — where vLLM listens, called by the router in the same pod only (the
+NetworkPolicy admits API_PORT and OBSERVER_PORT)."""
+ROUTER_CPU = "500m"
+ROUTER_MEMORY = "512Mi"
 RUNTIME_LABEL = "sectune.io/runtime"
 """On server pods: sectune or vllm (the chart's PodMonitor scrapes each runtime's own port)."""
 CONTAINER = "server"
@@ -51,7 +59,7 @@ def labels(name: str) -> dict[str, str]:
 
 
 def metrics_port(spec: AdapterDeploymentSpec) -> int:
-    """Where a replica reports what it serves: the server itself, or a vLLM pod's observer."""
+    """Where a replica reports what it serves: the server itself, or a vLLM pod's router."""
     return OBSERVER_PORT if spec.runtime == "vllm" else API_PORT
 
 
@@ -208,7 +216,7 @@ def build_network_policy(
 ) -> dict[str, Any]:
     """Servers accept the API port from their own namespace and the allowed API namespaces, and
     (for /metrics on the same port) from the operator's and the monitoring namespace; a vLLM
-    pod's observer port from those two only."""
+    pod's metrics port (its router's) from those two only; vLLM's own port from nowhere."""
     callers: list[dict[str, Any]] = [{"podSelector": {}}]
     if settings.api_namespaces:
         callers.append(pods.from_namespaces(list(settings.api_namespaces)))
@@ -286,33 +294,38 @@ def fetch_command() -> list[str]:
     ]  # fmt: skip
 
 
-def observer_command() -> list[str]:
-    """vLLM pods' sidecar: which verified versions vLLM lists, as sectune_serve_adapter_info."""
-    return [
-        "sectune", "observe-vllm",
+def router_command(spec: AdapterDeploymentSpec) -> list[str]:
+    """vLLM pods' sidecar on the API port: routes by traffic weight, checks the API keys,
+    records per-version requests; reports which verified versions vLLM lists."""
+    command = [
+        "sectune", "route-vllm",
         "--config", f"{CONFIG_DIR}/{CONFIG_KEY}",
         "--adapters", ADAPTERS_DIR,
-        "--vllm-url", f"http://127.0.0.1:{API_PORT}",
-        "--port", str(OBSERVER_PORT),
+        "--vllm-url", f"http://127.0.0.1:{VLLM_PORT}",
+        "--host", "0.0.0.0",
+        "--port", str(API_PORT),
+        "--metrics-port", str(OBSERVER_PORT),
     ]  # fmt: skip
+    if spec.auth_secret:
+        command += ["--api-keys-file", f"{KEYS_DIR}/{KEYS_KEY}"]
+    return command
 
 
 def vllm_command(config: ServingConfig, spec: AdapterDeploymentSpec) -> list[str]:
-    """vLLM's OpenAI server with every version as a LoRA module: `name` is the version with
-    the traffic, `name@version` pins one (the sectune server's naming)."""
-    modules = []
-    for adapter in config.adapters:
-        for v in adapter.versions:
-            path = f"{ADAPTERS_DIR}/{adapter.name}/{v.version}/adapter"
-            modules.append(f"{adapter.name}@{v.version}={path}")
-            if v.traffic == 100:
-                modules.append(f"{adapter.name}={path}")
+    """vLLM's OpenAI server with every version as a LoRA module under its immutable served
+    name `name@version` (a name never reused by another version, so no cached prefix block of
+    an older version can answer for a newer one); the router maps `name` to one of them."""
+    modules = [
+        f"{adapter.name}@{v.version}={ADAPTERS_DIR}/{adapter.name}/{v.version}/adapter"
+        for adapter in config.adapters
+        for v in adapter.versions
+    ]
     count = sum(len(a.versions) for a in config.adapters)
     return [
         "vllm", "serve", f"{ADAPTERS_DIR}/base",
         "--served-model-name", "base",
         "--host", "0.0.0.0",
-        "--port", str(API_PORT),
+        "--port", str(VLLM_PORT),
         "--enable-lora",
         "--max-loras", str(min(count, 16)),
         # --max-lora-rank: written by the init container from the verified adapters' ranks.
@@ -343,7 +356,7 @@ def build_deployment(
         # The address the other replicas pass verdicts to (sectune serve --peers-service).
         pod_ip = {"fieldRef": {"fieldPath": "status.podIP"}}
         env.append({"name": "SECTUNE_POD_IP", "valueFrom": pod_ip})
-    if spec.auth_secret and spec.runtime == "sectune":
+    if spec.auth_secret:
         mounts.append({"name": "api-keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append(
             {
@@ -397,31 +410,39 @@ def build_deployment(
         adapters_mount = {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True}
         sidecars.append(
             {
-                "name": "observer",
+                "name": "router",
                 "image": settings.server_image,
                 "imagePullPolicy": "IfNotPresent",
-                "command": observer_command(),
+                "command": router_command(spec),
                 "env": [e for e in vllm_env if e["name"] == "SECTUNE_VLLM_API_KEY"],
-                "ports": [{"name": "metrics", "containerPort": OBSERVER_PORT}],
-                "resources": pods.compute("50m", "256Mi", 0),
+                "ports": [
+                    {"name": "http", "containerPort": API_PORT},
+                    {"name": "metrics", "containerPort": OBSERVER_PORT},
+                ],
+                "resources": pods.compute(ROUTER_CPU, ROUTER_MEMORY, 0),
                 "securityContext": pods.RESTRICTED,
-                "volumeMounts": [m for m in mounts if m["name"] == "config"] + [adapters_mount],
+                "volumeMounts": [
+                    *[m for m in mounts if m["name"] in ("config", "api-keys")],
+                    adapters_mount,
+                ],
                 # Ready when vLLM lists every verified version: the pod's readiness is the
                 # whole adapter set served, not only vLLM's process up.
                 **_probes("metrics", ready="/ready"),
             }
         )
+        vllm_probe = {"path": "/health", "port": "vllm"}
         container |= {
             "image": spec.image or settings.vllm_image,
             "command": vllm_command(config, spec),
             "env": vllm_env,
+            "ports": [{"name": "vllm", "containerPort": VLLM_PORT}],
             "volumeMounts": [
-                *[m for m in mounts if m["name"] != "config"],
+                *[m for m in mounts if m["name"] not in ("config", "api-keys")],
                 adapters_mount,
             ],
-            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5},
+            "readinessProbe": {"httpGet": vllm_probe, "periodSeconds": 5},
             "livenessProbe": {
-                "httpGet": {"path": "/health", "port": "http"},
+                "httpGet": vllm_probe,
                 "periodSeconds": 10,
                 "failureThreshold": 6,
             },

@@ -14,7 +14,7 @@ pods keep serving.
                                        every adapter's (vLLM pre-allocates for it; read with
                                        `vllm serve --config`)
     <out>/verified.json                every version's verified manifest digest and directory,
-                                       written last (read by `sectune observe-vllm`)
+                                       written last (read by `sectune route-vllm`)
 """
 
 from __future__ import annotations

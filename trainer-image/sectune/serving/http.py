@@ -1,4 +1,5 @@
-"""The HTTP/1.1 protocol `sectune serve` runs on: uvicorn's h11 protocol plus a read deadline.
+"""HTTP shared by `sectune serve` and the vLLM router: errors in OpenAI's shape, the body
+limit, and the HTTP/1.1 protocol both run on: uvicorn's h11 protocol plus a read deadline.
 
 uvicorn closes idle keep-alive connections, but a client that sends half a request line or
 header (or a body slower than it promised) holds its connection for as long as it likes. Here
@@ -13,7 +14,19 @@ import asyncio
 from typing import Any
 
 import h11
+from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body either server reads."""
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    """An error in OpenAI's shape (`{"error": {"message", "type", "param"}}`)."""
+    body: dict[str, Any] = {"error": {"message": message, "type": "invalid_request_error"}}
+    if field:
+        body["error"]["param"] = field
+    return JSONResponse(body, status_code=status)
 
 
 class DeadlineH11Protocol(H11Protocol):

@@ -1,17 +1,18 @@
-"""`sectune observe-vllm`: what a vLLM replica serves, in the sectune server's own metrics.
+"""What a vLLM replica serves, in the sectune server's own metrics (the `sectune route-vllm`
+sidecar's metrics port).
 
-vLLM exports no `sectune_serve_*` series, and its own `vllm:*` series count every adapter's
-requests under the base model's name (vllm-project/vllm#11091). What it does say is which LoRA
-modules it loaded: `GET /v1/models` lists each with `root`, the directory it was loaded from. A
-sidecar in every vLLM pod joins that list with the digests the init container verified
-(`verified.json`, written by `sectune fetch-adapters`) and exports, on its own port:
+vLLM exports no `sectune_serve_*` series. What it does say is which LoRA modules it loaded:
+`GET /v1/models` lists each with `root`, the directory it was loaded from. The sidecar in every
+vLLM pod joins that list with the digests the init container verified (`verified.json`, written
+by `sectune fetch-adapters`) and exports, on its metrics port:
 
-- `sectune_serve_adapter_info{adapter,version,sha256,traffic}`: a version vLLM lists under
-  `name@version` from the directory that was verified for it; `traffic` is the configured
-  share when vLLM also lists the unpinned `name` from that directory, else 0.
+- `sectune_serve_adapter_info{adapter,version,sha256,traffic}`: a version vLLM lists under its
+  served name `name@version`, loaded from the directory that was verified for it; `traffic` is
+  the configured share the router (sectune.serving.vllm_router) sends it.
 - `sectune_serve_vllm_up`: 1 when vLLM answered `/v1/models`, else 0.
+- the router's per-version request and latency series (it shares this registry);
 - then vLLM's own `/metrics`, passed through, so one scrape (annotations or a PodMonitor) sees
-  both.
+  all of it.
 
 `/healthz` answers while the sidecar runs; `/ready` answers 200 only when vLLM lists every
 configured version: the pod is Ready when vLLM serves the whole verified set, and the operator
@@ -94,9 +95,7 @@ def served(config: ServingConfig, verified: list[Verified], listing: Listing) ->
             if known is None or not listing.loaded_from(pinned, known.path):
                 result.missing.append(pinned)
                 continue
-            routed = listing.loaded_from(adapter.name, known.path)
-            traffic = entry.traffic if routed or entry.traffic == 0 else 0
-            result.info.append((adapter.name, entry.version, known.sha256, traffic))
+            result.info.append((adapter.name, entry.version, known.sha256, entry.traffic))
     return result
 
 
@@ -201,10 +200,20 @@ def handler(observer: Observer) -> type[BaseHTTPRequestHandler]:
 
 
 def serve(
-    config: ServingConfig, adapters: Path, vllm_url: str, host: str, port: int
+    config: ServingConfig,
+    adapters: Path,
+    vllm_url: str,
+    host: str,
+    port: int,
+    metrics: ServingMetrics,
 ) -> ThreadingHTTPServer:
-    """The sidecar's HTTP server (not yet started: call serve_forever)."""
+    """The metrics and probe server (not yet started: call serve_forever); `metrics` is the
+    registry the router records requests in."""
     observer = Observer(
-        config, read_verified(adapters), vllm_url, api_key=os.environ.get(API_KEY_ENV) or None
+        config,
+        read_verified(adapters),
+        vllm_url,
+        api_key=os.environ.get(API_KEY_ENV) or None,
+        metrics=metrics,
     )
     return ThreadingHTTPServer((host, port), handler(observer))

@@ -26,7 +26,7 @@ from sectune.config import JobSpec
 from sectune.contract import AdapterManifest, DecisionRule, RunReport
 from sectune.data.example import Example
 from sectune.data.format import PromptFormatter, first_tokens_distinct, label_token_ids
-from sectune.serving import verify
+from sectune.serving import traffic, verify
 from sectune.serving.config import FeedbackSettings, ServedVersion, ServingConfig
 from sectune.serving.drift import DriftMonitor, input_reference, reference_distribution
 from sectune.serving.engine import Engine
@@ -147,10 +147,7 @@ class Registry:
                 if version.version == pinned:
                     return version
             raise KeyError(model)
-        weights = [v.traffic for v in versions]
-        if not any(weights):
-            weights = [1] * len(versions)
-        return self._random.choices(versions, weights=weights)[0]
+        return traffic.pick(versions, self._random)
 
     def shadows(self, adapter: str) -> list[LoadedVersion]:
         """The adapter's shadow versions (traffic 0, a shadow fraction)."""

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sectune.contract import ExitCode
 from sectune.serving import auth
-from sectune.serving.http import protocol_with_timeout
+from sectune.serving.http import MAX_BODY_BYTES, error_response, protocol_with_timeout
 from sectune.serving.routes import ApiError, ClientGone, router
 from sectune.serving.state import ServerOptions, ServerState
 
@@ -29,15 +29,7 @@ __all__ = ["ServerOptions", "ServerState", "create_app", "default_allowed_hosts"
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
 LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
-
-
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": {"message": message, "type": "invalid_request_error"}}
-    if field:
-        body["error"]["param"] = field
-    return JSONResponse(body, status_code=status)
 
 
 def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -48,7 +40,7 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        response = _error(exc.status, exc.message, exc.field)
+        response = error_response(exc.status, exc.message, exc.field)
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
@@ -61,7 +53,9 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         if any(p["loc"] == ("body",) for p in exc.errors()):
-            return _error(422, "the body must be a JSON object (Content-Type: application/json)")
+            return error_response(
+                422, "the body must be a JSON object (Content-Type: application/json)"
+            )
         for problem in exc.errors():
             where = ".".join(str(p) for p in problem["loc"] if p != "body")
             problems.append(f"{where or 'body'}: {problem['msg']}")
@@ -70,7 +64,7 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
             if exc.errors()
             else None
         )
-        return _error(422, "; ".join(problems), first)
+        return error_response(422, "; ".join(problems), first)
 
     hosts = allowed_hosts or ["*"]
 
@@ -86,27 +80,29 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]")
         if "*" not in hosts and host not in [h.strip("[]") for h in hosts]:
             # a name this server does not answer for (DNS rebinding against 127.0.0.1)
-            result = _error(400, "invalid host header")
+            result = error_response(400, "invalid host header")
         elif "chunked" in request.headers.get("transfer-encoding", ""):
-            result = _error(411, "send the body with a Content-Length (chunked bodies are refused)")
+            result = error_response(
+                411, "send the body with a Content-Length (chunked bodies are refused)"
+            )
         elif (
             not (length := request.headers.get("content-length", "0")).isdigit()
             or int(length) > MAX_BODY_BYTES
         ):
-            result = _error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+            result = error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         elif not request.url.path.startswith("/v1/"):
             return await _metrics_or_probe(request, call_next)
         else:
             state.reload_api_keys_if_changed()
             if state.api_keys_error:
-                result = _error(503, "the API keys file cannot be read; nothing is served")
+                result = error_response(503, "the API keys file cannot be read; nothing is served")
             else:
                 if state.api_keys:
                     request.state.caller = auth.find_key(
                         state.api_keys, request.headers.get("authorization")
                     )
                 if state.api_keys and request.state.caller is None:
-                    result = _error(
+                    result = error_response(
                         401, "missing or unknown API key: send Authorization: Bearer <key>"
                     )
                     result.headers["WWW-Authenticate"] = "Bearer"
@@ -119,7 +115,9 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         if request.url.path == "/metrics" and state.metrics_token is not None:
             given = request.headers.get("authorization", "")
             if not auth.token_matches(state.metrics_token, given):
-                denied = _error(401, "/metrics needs the scrape token: Authorization: Bearer")
+                denied = error_response(
+                    401, "/metrics needs the scrape token: Authorization: Bearer"
+                )
                 denied.headers["WWW-Authenticate"] = "Bearer"
                 return denied
         passed: Response = await call_next(request)

@@ -18,6 +18,7 @@ raises TrafficError and leaves the list as it was.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Collection, Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -64,6 +65,16 @@ def canaries(versions: Sequence[V]) -> list[V]:
 def standbys(versions: Sequence[V]) -> list[V]:
     """Versions at traffic 0."""
     return [v for v in versions if share(v) == 0]
+
+
+def pick(versions: Sequence[V], rng: random.Random) -> V:
+    """The version that answers a request for the adapter's unpinned name: drawn by traffic
+    share (alike when every share is 0: only standbys are left). Both runtimes route with it:
+    the sectune server's registry and the router in front of vLLM."""
+    weights = [share(v) for v in versions]
+    if not any(weights):
+        weights = [1] * len(versions)
+    return rng.choices(versions, weights=weights)[0]
 
 
 # --------------------------------------------------------------------------- edits
