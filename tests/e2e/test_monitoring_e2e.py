@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 
@@ -287,7 +288,7 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
         "operator pods",
     )
     wait_until(lambda: running(namespace, "sectune.io/adapterdeployment=soc"), 60, "server pod")
-    # And a vLLM pod: vLLM on the API port, the observer sidecar on its own.
+    # And a vLLM pod: vLLM on a port of its own, the router sidecar on the API and metrics ports.
     vllm_pod = "gpu-serve-5c8d7f9b6-q7w2k"
     core.create_namespaced_pod(
         namespace,
@@ -299,9 +300,10 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             "spec": {
                 "containers": [
                     {"name": "server", "image": "vllm",
-                     "ports": [{"name": "http", "containerPort": 8000}]},
-                    {"name": "observer", "image": "sectune",
-                     "ports": [{"name": "metrics", "containerPort": 9400}]},
+                     "ports": [{"name": "vllm", "containerPort": 8001}]},
+                    {"name": "router", "image": "sectune",
+                     "ports": [{"name": "http", "containerPort": 8000},
+                               {"name": "metrics", "containerPort": 9400}]},
                 ]
             },
         },
@@ -311,15 +313,16 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
     # The real processes behind them.
     operator = start_operator()
     server = start_server(tmp_path, ["--adapter", f"triage={trained.prefix}/triage"], trained.env)
-    vllm, observer = _vllm_replica(tmp_path)
+    vllm, router = _vllm_replica(tmp_path)
     try:
         addresses = {
             pod: operator.metrics_url.split("/")[2]
             for pod in running(RELEASE_NAMESPACE, "app.kubernetes.io/name=sectune-operator")
         }
         addresses["soc-serve-7d9f8b6c4-x2x9z"] = server.url.removeprefix("http://")
-        addresses[f"{vllm_pod};8000"] = vllm.url.removeprefix("http://")
-        addresses[f"{vllm_pod};9400"] = observer.url.removeprefix("http://")
+        addresses[f"{vllm_pod};8001"] = vllm.url.removeprefix("http://")
+        addresses[f"{vllm_pod};8000"] = router.api_url.removeprefix("http://")
+        addresses[f"{vllm_pod};9400"] = router.url.removeprefix("http://")
         slices = client.DiscoveryV1Api(api_client)
         wait_until(
             lambda: any(
@@ -366,12 +369,20 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             assert all(r["metric"]["adapterdeployment"] == "soc" for r in served)
 
             # Each server pod is one target: a sectune server on its API port, a vLLM pod on
-            # its observer, which reports what vLLM serves and passes vLLM's series through
-            # (scraping vLLM's port as well would count every vLLM series twice).
+            # its router's metrics port, which reports what vLLM serves, counts each version's
+            # requests and passes vLLM's series through (scraping vLLM's port as well would
+            # count every vLLM series twice).
+            chat = {"model": "triage", "messages": [{"role": "user", "content": "lsass dump"}]}
+            answered = httpx.post(f"{router.api_url}/v1/chat/completions", json=chat, timeout=10)
+            assert answered.json()["model"] == "triage@v1"
             wait_until(
-                lambda: prometheus.query('sectune_serve_adapter_info{adapterdeployment="gpu"}'),
-                60, "the vLLM pod's observer scraped",
+                lambda: prometheus.query('sectune_serve_requests_total{adapterdeployment="gpu"}'),
+                60, "the vLLM pod's router scraped",
             )  # fmt: skip
+            [routed] = prometheus.query('sectune_serve_requests_total{adapterdeployment="gpu"}')
+            assert {k: routed["metric"][k] for k in ("version", "endpoint", "routing", "pod")} == {
+                "version": "v1", "endpoint": "chat", "routing": "traffic", "pod": vllm_pod
+            }  # fmt: skip
             targets = prometheus.query(f'up{{namespace="{namespace}"}}')
             assert sorted(r["metric"]["pod"] for r in targets) == sorted(
                 ["soc-serve-7d9f8b6c4-x2x9z", vllm_pod]
@@ -385,24 +396,26 @@ def test_the_first_failure_alerts_with_the_tenants_namespace_as_the_operator_scr
             prometheus.stop()
     finally:
         server.stop()
-        observer.stop()
+        router.stop()
         vllm.stop()
 
 
 @dataclass
-class _Observer:
+class _Router:
     process: Server
     url: str
+    """Its metrics port."""
+    api_url: str
 
     def stop(self) -> None:
         self.process.stop()
 
 
-def _vllm_replica(tmp_path: Path) -> tuple[VllmContract, _Observer]:
-    """vLLM played by its documented answers, and the real observer sidecar beside it."""
+def _vllm_replica(tmp_path: Path) -> tuple[VllmContract, _Router]:
+    """vLLM played by its documented answers, and the real router sidecar in front of it."""
     adapter = "/adapters/triage/v1/adapter"
     command = ["vllm", "serve", "/adapters/base", "--served-model-name", "base",
-               "--lora-modules", f"triage@v1={adapter}", f"triage={adapter}"]  # fmt: skip
+               "--lora-modules", f"triage@v1={adapter}"]  # fmt: skip
     vllm = VllmContract(command).start()
     adapters = tmp_path / "adapters"
     adapters.mkdir()
@@ -417,13 +430,14 @@ def _vllm_replica(tmp_path: Path) -> tuple[VllmContract, _Observer]:
             ]}]}
         )
     )  # fmt: skip
-    port = free_port()
+    port, api_port = free_port(), free_port()
     process = Server(
-        "observer",
-        [sys.executable, "-m", "sectune.cli", "observe-vllm", "--config", str(config),
-         "--adapters", str(adapters), "--vllm-url", vllm.url, "--port", str(port)],
-        tmp_path / "observer.log",
+        "router",
+        [sys.executable, "-m", "sectune.cli", "route-vllm", "--config", str(config),
+         "--adapters", str(adapters), "--vllm-url", vllm.url, "--host", "127.0.0.1",
+         "--port", str(api_port), "--metrics-port", str(port)],
+        tmp_path / "router.log",
     ).start()  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     process.wait_http(url + "/ready")
-    return vllm, _Observer(process, url)
+    return vllm, _Router(process, url, f"http://127.0.0.1:{api_port}")
