@@ -531,3 +531,131 @@ def test_vllm_pod_routes_by_traffic_measures_each_version_and_is_ready_once_all_
     finally:
         router.stop()
         contract.stop()
+
+
+def test_a_vllm_canary_that_fails_in_vllm_is_rolled_back_from_its_routers_figures(
+    api_client,
+    namespace,
+    control_plane,
+    start_operator,
+    kubelet,
+    prometheus,
+    trained,
+    tiny_model_dir,
+    tmp_path,
+):
+    """runtime: vllm on the cluster, every part real but vLLM (played by its documented answers,
+    support.vllm_contract): the operator renders the pods, the init container verifies every
+    version from MinIO, the router sidecar runs as rendered and Prometheus scrapes it. v1 is
+    Ready with its digest; `kubectl apply` of a 50/50 canary rolls the pods; v2 fails every
+    request in vLLM, its router counts the 500s against v2 only, and the operator's canary
+    analysis rolls it back: the next pods route every request to v1."""
+    import openai
+
+    vllm_key = "vllm-key-0123456789abcdef"
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "storage"}, "stringData": trained.env}
+    )
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "soc-keys"},
+            "stringData": {"api-keys": f"soc-console {KEY}\n", "vllm-api-key": vllm_key},
+        },
+    )
+    targets = tmp_path / "targets.json"
+    targets.write_text("[]")
+    prometheus.start(
+        [{"job_name": "sectune-serve",
+          "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}]
+    )  # fmt: skip
+    start_operator(
+        env={
+            "SECTUNE_SERVING_METRICS_URL": kubelet.network.url_template,
+            "SECTUNE_PROMETHEUS_URL": prometheus.url,
+            "SECTUNE_ALLOW_FILE_URIS": "true",
+        }
+    )
+    rollback = {"windowMinutes": 1, "minRequests": 10, "maxErrorRate": 0.05}
+
+    def apply(triage: list[tuple[str, Any, int]]) -> None:
+        document = _manifest(
+            trained, tiny_model_dir, triage, runtime="vllm", replicas=1,
+            promotion={"rollback": rollback},
+        )  # fmt: skip
+        _apply(control_plane, namespace, document, tmp_path)
+
+    def running() -> list[str]:
+        pods = core.list_namespaced_pod(
+            namespace, label_selector="sectune.io/adapterdeployment=soc"
+        ).items
+        return [p.metadata.name for p in pods if p.status.phase == "Running"]
+
+    def roll(**contract: Any) -> str:
+        """Follow the Deployment to its one new pod: start it as rendered, stop the old one."""
+        old = set(kubelet.replicas)
+        wait_until(lambda: len(running()) == 1 and running()[0] not in old, 90, "pods rolled")
+        [pod] = running()
+        wait_until(kubelet.sync_once, 30, "rendered ConfigMap")
+        deployment = client.AppsV1Api(api_client).read_namespaced_deployment("soc-serve", namespace)
+        kubelet.start_vllm_pod(pod, deployment, **contract)
+        for gone in old:
+            kubelet.stop_pod(gone)
+        server, url = kubelet.replicas[pod]
+        server.wait_http(f"{url}/healthz", timeout=60)
+        targets.write_text(json.dumps([{"targets": [kubelet.scraped[pod]],
+                                        "labels": {"namespace": namespace, "pod": pod}}]))  # fmt: skip
+        return url
+
+    apply([("v1", trained.triage_v1, 100)])
+    url = roll()
+    wait_until(
+        lambda: _serves(api_client, namespace, {"v1": trained.triage_v1.sha256}), 60, "v1 served"
+    )
+    ask = [{"role": "user", "content": TEXT}]
+
+    def models_answering(url: str, n: int) -> list[str]:
+        """Which served name answered each of n requests for `triage` (an error: its class)."""
+        chat = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions
+        answers = []
+        for _ in range(n):
+            try:
+                reply = chat.create(model="triage", messages=ask)
+                answers.append(str(reply.choices[0].message.content).removeprefix("answered by "))
+            except openai.APIStatusError as exc:
+                answers.append(type(exc).__name__)
+        return answers
+
+    assert set(models_answering(url, 5)) == {"triage@v1"}
+
+    # The canary: a new adapter set rolls the vLLM pods; v2 fails every request in vLLM.
+    apply([("v1", trained.triage_v1, 50), ("v2", trained.triage_v2, 50)])
+    url = roll(failing={"triage@v2"})
+    both = {"v1": trained.triage_v1.sha256, "v2": trained.triage_v2.sha256}
+    wait_until(lambda: _serves(api_client, namespace, both), 60, "canary served")
+    seen: list[str] = []
+
+    def rolled_back() -> bool:
+        seen.extend(models_answering(url, 5))
+        return bool(_status(api_client, namespace).get("rolledBack"))
+
+    try:
+        wait_until(rolled_back, 120, "canary rolled back", interval=0.5)
+    except TimeoutError:
+        conditions = _status(api_client, namespace).get("conditions")
+        raise AssertionError(f"no rollback; conditions: {conditions}") from None
+    assert {"triage@v1", "InternalServerError"} <= set(seen)
+    [record] = _status(api_client, namespace)["rolledBack"]
+    assert (record["adapter"], record["version"], record["metric"]) == ("triage", "v2", "errorRate")
+    # Every request the split sent v2 failed, and v1's answers did not count against it
+    # (Prometheus' increase() extrapolates each series a little differently).
+    assert record["value"] == pytest.approx(1.0, abs=0.01)
+    # The operator renders v2 out of traffic: the next pods route every request to v1.
+    url = roll()
+    assert set(models_answering(url, 10)) == {"triage@v1"}
+    wait_until(
+        lambda: ("triage", "v2", 0)
+        in {(a["name"], a["version"], a["traffic"]) for a in _status(api_client, namespace)["activeAdapters"]},
+        60, "v2 out of traffic",
+    )  # fmt: skip
