@@ -572,3 +572,39 @@ def test_classify_after_a_cached_prompt_head_answers_as_the_whole_prompt(
     finally:
         for engine in engines.values():
             engine.stop()
+
+
+def test_the_vllm_router_routes_a_name_by_weight_and_a_pinned_name_as_given() -> None:
+    """The router's table: `name` drawn by the versions' shares (the sectune server's rule),
+    `name@version` pinned, `base` to the base model, anything else unknown."""
+    import random
+
+    from sectune.serving.vllm_router import Routed, RoutingTable
+
+    config = parse_serving_config(
+        {
+            "adapters": [
+                {
+                    "name": "triage",
+                    "versions": [
+                        {"version": "v1", "uri": "s3://b/t/v1", "sha256": "a" * 64, "traffic": 90},
+                        {"version": "v2", "uri": "s3://b/t/v2", "sha256": "b" * 64, "traffic": 10},
+                        {"version": "v0", "uri": "s3://b/t/v0", "sha256": "c" * 64, "traffic": 0},
+                    ],
+                }
+            ]
+        },
+        "serving.yaml",
+    )
+    table = RoutingTable(config, random.Random(7))
+    drawn = [table.resolve("triage") for _ in range(2000)]
+    shares = {v: sum(r is not None and r.version == v for r in drawn) / 2000 for v in ("v1", "v2")}
+    assert 0.87 < shares["v1"] < 0.93 and 0.07 < shares["v2"] < 0.13
+    assert all(r is not None and r.routing == "traffic" for r in drawn)
+    assert not any(r is not None and r.version == "v0" for r in drawn)  # a standby takes none
+    assert table.resolve("triage@v0") == Routed("triage", "v0", "pinned")
+    assert Routed("triage", "v0", "pinned").served_name == "triage@v0"
+    assert table.resolve("base") is None
+    for unknown in ("triage@v9", "other", "triage@"):
+        with pytest.raises(KeyError):
+            table.resolve(unknown)

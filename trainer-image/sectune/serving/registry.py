@@ -137,12 +137,12 @@ class Registry:
 
     def route(self, model: str) -> LoadedVersion:
         """The version that answers a request for `model` ("name" or "name@version")."""
-        name, _, pinned = model.partition("@")
+        name, at, pinned = model.partition("@")
         with self._lock:
             versions = self._routes.get(name)
         if not versions:
             raise KeyError(model)
-        if pinned:
+        if at:
             for version in versions:
                 if version.version == pinned:
                     return version

@@ -83,11 +83,11 @@ class RoutingTable:
         model this deployment does not serve."""
         if model == BASE_MODEL_NAME:
             return None
-        name, _, pinned = model.partition("@")
+        name, at, pinned = model.partition("@")
         versions = self.versions.get(name)
         if not versions:
             raise KeyError(model)
-        if pinned:
+        if at:
             if not any(v.version == pinned for v in versions):
                 raise KeyError(model)
             return Routed(name, pinned, "pinned")
