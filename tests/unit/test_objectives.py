@@ -224,3 +224,45 @@ def test_only_classification_batches_are_grouped_by_length():
     expected = list(range(256))
     random.Random(3).shuffle(expected)
     assert shuffled == expected and grouped != shuffled
+
+
+@pytest.mark.parametrize("head", ["classifier", "lm"])
+def test_a_shared_prefix_gives_the_loss_and_gradients_of_the_whole_rows(
+    model, tiny_tokenizer, head
+):
+    """The rows' common head computed once per batch: the same loss, and the same gradient on
+    every LoRA weight (each row's gradient summed into the one prefix pass), as the whole
+    rows; tokens counted as if every row held its head."""
+    from peft import LoraConfig, get_peft_model
+
+    from sectune.training.objectives import batch_tokens
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                      init_lora_weights=False)  # fmt: skip
+    tuned = get_peft_model(model, lora)
+    spec = _spec(head=head, systemPrompt="Rate the alert's severity.")
+    examples = _examples()
+    objective = objective_for(tiny_tokenizer, spec, examples)
+    encoded = [e for e in map(objective.encode, examples) if e]
+
+    def run(share: bool) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        objective.share_prefix = share
+        batch = objective.collate(encoded, tiny_tokenizer.pad_token_id)
+        tuned.zero_grad()
+        loss, _ = objective.loss(tuned, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tuned.named_parameters() if p.requires_grad}
+        return float(loss), grads, batch
+
+    whole_loss, whole_grads, whole = run(False)
+    shared_loss, shared_grads, shared = run(True)
+    assert "prefix_ids" not in whole
+    assert len(shared["prefix_ids"]) >= 8  # the template's head: computed once, not 4 times
+    assert shared["input_ids"].shape[1] == whole["input_ids"].shape[1] - len(shared["prefix_ids"])
+    assert batch_tokens(shared) == batch_tokens(whole) == sum(len(e.input_ids) for e in encoded)
+    assert shared_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole_grads.keys() == shared_grads.keys() and len(whole_grads) > 0
+    for name, grad in whole_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6)

@@ -50,7 +50,7 @@ def encode(model: Any, tokens: tuple[int, ...]) -> Prefix | None:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([tokens], device=device), use_cache=True)
+    out = model(input_ids=torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     if not isinstance(cache, DynamicCache):
         return None
@@ -62,10 +62,14 @@ def encode(model: Any, tokens: tuple[int, ...]) -> Prefix | None:
     return Prefix(tokens, tuple(layers))
 
 
-def logprobs_after(model: Any, prefix: Prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Log-probabilities at the last position of each row of a left-padded batch of the
-    prompts' remainders, every prompt being `prefix.tokens` + its remainder. The same numbers
-    as scoring the whole prompts, without computing the prefix again. Shape (rows, vocab)."""
+def logits_after(
+    model: Any, prefix: Prefix, batch: dict[str, torch.Tensor], keep: int = 1
+) -> torch.Tensor:
+    """Logits at the last `keep` positions of each row of a left-padded batch of the prompts'
+    remainders, every prompt being `prefix.tokens` + its remainder: the same numbers as running
+    the whole prompts, without computing the prefix again for each row. Autograd passes through
+    the prefix's keys and values (training sums each row's gradient into them). Shape (rows,
+    keep, vocab), on the model's device."""
     from transformers.cache_utils import DynamicCache
 
     device = next(model.parameters()).device
@@ -75,17 +79,25 @@ def logprobs_after(model: Any, prefix: Prefix, batch: dict[str, torch.Tensor]) -
         ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
                         for k, v in prefix.layers]
     )  # fmt: skip
-    mask = batch["attention_mask"]
+    mask = batch["attention_mask"].to(device)
     positions = head + (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=batch["input_ids"].to(device),
-        attention_mask=torch.cat([torch.ones(rows, head, dtype=mask.dtype), mask], -1).to(device),
-        position_ids=positions.to(device),
+        attention_mask=torch.cat(
+            [torch.ones(rows, head, dtype=mask.dtype, device=device), mask], -1
+        ),
+        position_ids=positions,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=keep,
     )
-    return out.logits[:, -1].float().log_softmax(-1).cpu()
+    return out.logits
+
+
+def logprobs_after(model: Any, prefix: Prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities at the last position of each row (see logits_after). Shape (rows,
+    vocab), on the CPU."""
+    return logits_after(model, prefix, batch)[:, -1].float().log_softmax(-1).cpu()
 
 
 class PrefixCache:

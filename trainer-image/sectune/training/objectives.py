@@ -10,10 +10,19 @@ head). Training optimises exactly what evaluation and serving compute (`scoring.
 `/v1/classify` renormalise the same logits over the label set), the adapter stays a plain
 LoRA adapter on the causal LM (served next to generative adapters on one base), and a step
 runs on the prompt alone, with logits at one position.
+
+Shared prefix: the rows of a batch start with the same tokens (the chat template's head and
+the system prompt). With `share_prefix`, a batch carries those tokens once (`prefix_ids`) and
+the rows without them; the forward pass computes the prefix for one row and every row attends
+to its keys and values (sectune.evaluation.prefix), and the backward pass sums every row's
+gradient into that one computation. The loss and the gradients are the ones the whole rows
+give (a causal model's prefix states do not depend on what follows); what differs is that
+LoRA dropout draws one mask for the prefix instead of one per row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +39,7 @@ from sectune.data.format import (
     fit_prompt,
     label_token_ids,
 )
+from sectune.evaluation import prefix
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -45,6 +55,9 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class Objective(Protocol):
+    share_prefix: bool
+    """Batches carry the rows' common head once (`prefix_ids`): see the module's docstring."""
+
     def encode(self, example: Example) -> Encoded | None:
         """Token ids and what the loss compares them with; None: dropped (too long)."""
         ...
@@ -56,8 +69,52 @@ class Objective(Protocol):
         ...
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad so every target ends at the last position (logits are kept only there)."""
+def shared_head(rows: list[list[int]], limit: int) -> int:
+    """How many tokens every row starts with, when computing them once is worth it (two rows
+    or more, at least prefix.MIN_TOKENS), at most `limit`; else 0."""
+    if len(rows) < 2:
+        return 0
+    length = min(prefix.common_length(rows), limit)
+    return length if length >= prefix.MIN_TOKENS else 0
+
+
+def _split(batch: list[Encoded], limit: int) -> tuple[list[Encoded], list[int]]:
+    """The rows without their shared head, and the head (empty when not worth sharing)."""
+    length = shared_head([e.input_ids for e in batch], limit)
+    if not length:
+        return batch, []
+    rest = [
+        dataclasses.replace(e, input_ids=e.input_ids[length:], labels=e.labels[length:])
+        for e in batch
+    ]
+    return rest, batch[0].input_ids[:length]
+
+
+def with_head(out: dict[str, torch.Tensor], head: list[int]) -> dict[str, torch.Tensor]:
+    if head:
+        out["prefix_ids"] = torch.tensor(head, dtype=torch.long)
+    return out
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the batch holds, its shared head counted in every row."""
+    rows = batch["attention_mask"].shape[0]
+    head = len(batch["prefix_ids"]) if "prefix_ids" in batch else 0
+    return int(batch["attention_mask"].sum()) + rows * head
+
+
+def collate(
+    batch: list[Encoded], pad_id: int, share_prefix: bool = False
+) -> dict[str, torch.Tensor]:
+    """Left-pad so every target ends at the last position (logits are kept only there).
+    `share_prefix`: the rows' common head goes once into `prefix_ids`, up to the position
+    that predicts the first target (packed rows share none)."""
+    head: list[int] = []
+    if share_prefix and all(e.positions is None for e in batch):
+        first_target = min(
+            next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) for e in batch
+        )
+        batch, head = _split(batch, first_target - 1)
     length = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
@@ -75,7 +132,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             n = len(encoded.input_ids)
             positions[row, length - n :] = torch.tensor(encoded.positions or range(n))
         out["position_ids"] = positions
-    return out
+    return with_head(out, head)
 
 
 def balanced_weights(examples: list[Example]) -> dict[str, float]:
@@ -86,6 +143,11 @@ def balanced_weights(examples: list[Example]) -> dict[str, float]:
 
 def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits at the last `keep` positions of a left-padded batch."""
+    if "prefix_ids" in batch:
+        head = prefix.encode(model, tuple(batch["prefix_ids"].tolist()))
+        if head is None:
+            raise ValueError("share_prefix: this model's cache is not plain keys and values")
+        return prefix.logits_after(model, head, batch, keep)
     packed = "position_ids" in batch
     # Packed rows go without an attention mask: transformers then masks by the restarting
     # position ids (block-diagonal causal attention; examples and pads each see only
@@ -134,6 +196,7 @@ class NextToken:
 
     formatter: PromptFormatter
     weights: dict[str, float] = field(default_factory=dict)
+    share_prefix: bool = False
 
     def encode(self, example: Example) -> Encoded | None:
         encoded = self.formatter.encode(example)
@@ -142,7 +205,7 @@ class NextToken:
         return encoded
 
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate(batch, pad_id)
+        return collate(batch, pad_id, self.share_prefix)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         return causal_lm_loss(model, batch)
@@ -160,6 +223,7 @@ class LabelHead:
     labels: list[str]
     label_tokens: list[int]
     weights: dict[str, float] = field(default_factory=dict)
+    share_prefix: bool = False
 
     @classmethod
     def build(
@@ -195,8 +259,11 @@ class LabelHead:
     def collate(self, batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         classes = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)
         weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)
-        padded = left_pad([e.input_ids for e in batch], pad_id)
-        return {**padded, "classes": classes, "weights": weights}
+        rows = [e.input_ids for e in batch]
+        # every row keeps at least its last token, where the logits are read
+        length = shared_head(rows, min(len(r) for r in rows) - 1) if self.share_prefix else 0
+        padded = left_pad([r[length:] for r in rows], pad_id)
+        return with_head({**padded, "classes": classes, "weights": weights}, rows[0][:length])
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         logits = _forward(model, batch, 1)[:, -1, self.label_tokens].float()

@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from sectune import storage
 from sectune.config import JobSpec
 from sectune.contract import TrainingProgress
 from sectune.data.example import Example
 from sectune.data.format import Encoded
+from sectune.evaluation import prefix
 from sectune.training.dropout import use_seeded_dropout
-from sectune.training.objectives import objective_for
+from sectune.training.objectives import batch_tokens, objective_for
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,19 @@ def _anyone(accelerator: Any, flag: bool) -> bool:
     return bool(accelerator.reduce(seen, reduction="sum").item() > 0)
 
 
+def shares_prefix(model: Any, spec: JobSpec, accelerator: Any) -> bool:
+    """Whether a batch's common head is computed once per batch (training.objectives): in one
+    process (DDP and DeepSpeed expect one forward pass per backward), without gradient
+    checkpointing (its recomputation would extend the key/value cache twice), on a model whose
+    cache is plain keys and values."""
+    if accelerator.num_processes > 1 or spec.hyperparameters.gradient_checkpointing:
+        return False
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return False
+    with torch.no_grad():
+        return prefix.encode(model, tuple(range(1, prefix.MIN_TOKENS + 1))) is not None
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -325,6 +340,7 @@ def train(
         # Before prepare: DeepSpeed takes its float32 master weights from the module as it is.
         state = checkpoints.load(model, optimizer, scheduler, latest)
         step = resumed_from = int(state["step"])
+    objective.share_prefix = shares_prefix(model, spec, accelerator)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     stop = {"requested": False}
@@ -359,7 +375,7 @@ def train(
                     loss, _n_targets = objective.loss(model, batch)
                     accelerator.backward(loss)  # divided by the accumulation steps there
                 loss_sum += float(loss.detach()) / len(micro)
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += batch_tokens(batch)
             # DeepSpeed clips, steps and zeroes inside backward(); these are no-ops there.
             accelerator.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
