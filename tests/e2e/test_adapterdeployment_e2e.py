@@ -82,6 +82,14 @@ def _apply(control_plane: Any, namespace: str, document: dict[str, Any], workdir
     assert applied.returncode == 0, applied.stderr
 
 
+def _secrets(api_client: Any, namespace: str, trained: Trained, keys: dict[str, str]) -> Any:
+    """The storage Secret and the API keys Secret `soc-keys`; the CoreV1Api they went through."""
+    core = client.CoreV1Api(api_client)
+    for name, data in (("storage", trained.env), ("soc-keys", keys)):
+        core.create_namespaced_secret(namespace, {"metadata": {"name": name}, "stringData": data})
+    return core
+
+
 def _classify(url: str, model: str) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/classify",
@@ -102,16 +110,8 @@ def test_apply_hot_swaps_every_replica_and_a_bad_canary_is_rolled_back(
     tiny_model_dir,
     tmp_path,
 ):
-    core = client.CoreV1Api(api_client)
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "storage"}, "stringData": trained.env}
-    )
-    core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "soc-keys"},
-            "stringData": {"api-keys": f"# SOC tools\nsoc-console {KEY}\n"},
-        },
+    core = _secrets(
+        api_client, namespace, trained, {"api-keys": f"# SOC tools\nsoc-console {KEY}\n"}
     )
     operator = start_operator(
         env={
@@ -553,17 +553,8 @@ def test_a_vllm_canary_that_fails_in_vllm_is_rolled_back_from_its_routers_figure
     import openai
 
     vllm_key = "vllm-key-0123456789abcdef"
-    core = client.CoreV1Api(api_client)
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "storage"}, "stringData": trained.env}
-    )
-    core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "soc-keys"},
-            "stringData": {"api-keys": f"soc-console {KEY}\n", "vllm-api-key": vllm_key},
-        },
-    )
+    keys = {"api-keys": f"soc-console {KEY}\n", "vllm-api-key": vllm_key}
+    core = _secrets(api_client, namespace, trained, keys)
     targets = tmp_path / "targets.json"
     targets.write_text("[]")
     prometheus.start(
