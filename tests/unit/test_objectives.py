@@ -253,7 +253,7 @@ def test_a_shared_prefix_gives_the_loss_and_gradients_of_the_whole_rows(
         loss, _ = objective.loss(tuned, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in tuned.named_parameters() if p.requires_grad}
-        return float(loss), grads, batch
+        return float(loss.detach()), grads, batch
 
     whole_loss, whole_grads, whole = run(False)
     shared_loss, shared_grads, shared = run(True)
