@@ -545,18 +545,18 @@ def cmd_route_vllm(args: argparse.Namespace) -> int:
     --metrics-port."""
     import uvicorn
 
+    from sectune.serving.auth import KeysFile
     from sectune.serving.config import load_serving_config
     from sectune.serving.http import protocol_with_timeout
     from sectune.serving.metrics import ServingMetrics
     from sectune.serving.observe import API_KEY_ENV, serve
-    from sectune.serving.vllm_router import Keys, Router, RoutingTable, create_app
+    from sectune.serving.vllm_router import Router, RoutingTable, create_app
 
-    keys = Keys(Path(args.api_keys_file) if args.api_keys_file else None)
+    keys = KeysFile(Path(args.api_keys_file)) if args.api_keys_file else None
     try:
         config = load_serving_config(Path(args.config))
-        keys.current()
-        if keys.error:
-            raise ManifestError(keys.error)
+        if keys is not None:
+            keys.load()
         metrics = ServingMetrics()
         watch = serve(
             config, Path(args.adapters), args.vllm_url, args.host, args.metrics_port, metrics

@@ -23,13 +23,17 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from sectune.config import ManifestError
+from sectune.serving.http import error_response
 
 access_log = logging.getLogger("sectune.access")
+log = logging.getLogger(__name__)
 
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 OPTION = re.compile(r"[a-z_]+=")
@@ -135,6 +139,72 @@ def load_api_keys(path: Path) -> list[ApiKey]:
     if len(data) > MAX_KEYS_FILE_BYTES:
         raise ManifestError(f"{path}: larger than {MAX_KEYS_FILE_BYTES} bytes")
     return parse_api_keys(data.decode("utf-8", errors="replace"), str(path))
+
+
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file (or the Secret volume's symlink behind it) is replaced."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass
+class KeysFile:
+    """The keys file a server checks callers against (`sectune serve`, the vLLM router)."""
+
+    path: Path
+    keys: list[ApiKey] = field(default_factory=list)
+    error: str | None = None
+    """Why the file, changed since start, cannot be used: every /v1/ request is then refused
+    (503) rather than served with revoked keys or none."""
+    _stamp: tuple[int, int, int] | None = None
+
+    def load(self) -> None:
+        """At start-up: a bad file raises ManifestError (the server does not start)."""
+        self._stamp = file_stamp(self.path)
+        self.keys = load_api_keys(self.path)
+
+    def reload_if_changed(self) -> None:
+        """Read the file again when it changed (a Secret update, a key revoked): the new keys
+        take effect on the next request. A file that became unreadable or invalid closes the
+        API until it is fixed."""
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.keys = load_api_keys(self.path)
+        except ManifestError as exc:
+            self.error = str(exc)
+            log.error("API keys not reloaded, refusing every request until fixed: %s", exc)
+            return
+        self.error = None
+        log.info("API keys reloaded from %s: %d keys", self.path, len(self.keys))
+
+
+def check_caller(keys: KeysFile | None, request: Any) -> JSONResponse | None:
+    """Find the caller's key (`request.state.caller`); the answer to give instead when the
+    request may not go on (503: the keys file is unusable; 401: no key or an unknown one).
+    Without a keys file everyone may."""
+    if keys is None:
+        return None
+    keys.reload_if_changed()
+    if keys.error:
+        return error_response(503, "the API keys file cannot be read; nothing is served")
+    request.state.caller = find_key(keys.keys, request.headers.get("authorization"))
+    if request.state.caller is None:
+        denied = error_response(401, "missing or unknown API key: send Authorization: Bearer <key>")
+        denied.headers["WWW-Authenticate"] = "Bearer"
+        return denied
+    return None
+
+
+def may_use(request: Any, adapter: str) -> bool:
+    """Whether the caller's key covers `adapter` (a server without keys: everyone may)."""
+    caller: ApiKey | None = request.state.caller
+    return caller is None or caller.allows(adapter)
 
 
 def _bearer_digest(header: str | None) -> bytes | None:

@@ -29,6 +29,19 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     return JSONResponse(body, status_code=status)
 
 
+def body_refusal(headers: Any) -> JSONResponse | None:
+    """The answer to a body refused before it is read: chunked (411) or over MAX_BODY_BYTES
+    (413); None when it may be read."""
+    if "chunked" in headers.get("transfer-encoding", ""):
+        return error_response(
+            411, "send the body with a Content-Length (chunked bodies are refused)"
+        )
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        return error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    return None
+
+
 class DeadlineH11Protocol(H11Protocol):
     read_timeout: float = 10.0
 

@@ -33,7 +33,7 @@ from sectune.constrained import JSON_OBJECT, SchemaError, compiled_grammar
 from sectune.data.example import Example
 from sectune.data.format import chat_prompt_ids, fit_prompt, text_ids
 from sectune.serving.admission import Refused
-from sectune.serving.auth import ApiKey
+from sectune.serving.auth import ApiKey, may_use
 from sectune.serving.config import BASE_MODEL_NAME
 from sectune.serving.drift import length_bucket
 from sectune.serving.engine import (
@@ -207,12 +207,6 @@ def engine_and_registry(state: ServerState) -> tuple[Engine, Registry]:
     if state.engine is None or state.registry is None or state.loading:
         raise ApiError(503, "not ready: the model is loading", retry_after=5)
     return state.engine, state.registry
-
-
-def may_use(request: Request, adapter: str) -> bool:
-    """Whether the caller's key covers `adapter` (a server without keys: everyone may)."""
-    caller: ApiKey | None = request.state.caller
-    return caller is None or caller.allows(adapter)
 
 
 def pick(state: ServerState, request: Request, model: str, endpoint: str) -> LoadedVersion | None:

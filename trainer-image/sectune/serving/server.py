@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sectune.contract import ExitCode
 from sectune.serving import auth
-from sectune.serving.http import MAX_BODY_BYTES, error_response, protocol_with_timeout
+from sectune.serving.http import body_refusal, error_response, protocol_with_timeout
 from sectune.serving.routes import ApiError, ClientGone, router
 from sectune.serving.state import ServerOptions, ServerState
 
@@ -81,33 +81,12 @@ def create_app(state: ServerState, allowed_hosts: list[str] | None = None) -> Fa
         if "*" not in hosts and host not in [h.strip("[]") for h in hosts]:
             # a name this server does not answer for (DNS rebinding against 127.0.0.1)
             result = error_response(400, "invalid host header")
-        elif "chunked" in request.headers.get("transfer-encoding", ""):
-            result = error_response(
-                411, "send the body with a Content-Length (chunked bodies are refused)"
-            )
-        elif (
-            not (length := request.headers.get("content-length", "0")).isdigit()
-            or int(length) > MAX_BODY_BYTES
-        ):
-            result = error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        elif (refused := body_refusal(request.headers)) is not None:
+            result = refused
         elif not request.url.path.startswith("/v1/"):
             return await _metrics_or_probe(request, call_next)
         else:
-            state.reload_api_keys_if_changed()
-            if state.api_keys_error:
-                result = error_response(503, "the API keys file cannot be read; nothing is served")
-            else:
-                if state.api_keys:
-                    request.state.caller = auth.find_key(
-                        state.api_keys, request.headers.get("authorization")
-                    )
-                if state.api_keys and request.state.caller is None:
-                    result = error_response(
-                        401, "missing or unknown API key: send Authorization: Bearer <key>"
-                    )
-                    result.headers["WWW-Authenticate"] = "Bearer"
-                else:
-                    result = await call_next(request)
+            result = auth.check_caller(state.keys, request) or await call_next(request)
         auth.audit(request, result.status_code, time.perf_counter() - began)
         return result
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sectune import artifacts
 from sectune.config import BaseModelSpec, ManifestError
 from sectune.serving.admission import Admission
-from sectune.serving.auth import ApiKey, load_api_keys, load_token
+from sectune.serving.auth import KeysFile, load_token
 from sectune.serving.config import FeedbackSettings, ServingConfig
 from sectune.serving.engine import Engine
 from sectune.serving.feedback import FeedbackWriter, PredictionLog
@@ -76,12 +76,9 @@ class ServerState:
     fatal: str | None = None
     admission: Admission = field(init=False)
     """Requests in flight, per key and in all, and each key's rate (on the event loop)."""
-    api_keys: list[ApiKey] = field(default_factory=list)
-    api_keys_error: str | None = None
-    """Why the keys file, changed since start, cannot be used: every /v1/ request is then
-    refused (503) rather than served with revoked keys or none."""
+    keys: KeysFile | None = None
+    """The keys file (--api-keys-file); None: the API answers without keys."""
     metrics_token: bytes | None = None
-    _keys_stamp: tuple[int, int, int] | None = None
     watcher: ConfigWatcher | None = None
     predictions: PredictionLog | None = None
     """Answers held for joining analysts' verdicts (None: no feedback store configured)."""
@@ -196,41 +193,12 @@ class ServerState:
     def load_api_keys(self) -> None:
         """Keys (and the scrape token) at start-up: a bad file stops the server."""
         if self.options.api_keys_file is not None:
-            self._keys_stamp = _stamp(self.options.api_keys_file)
-            self.api_keys = load_api_keys(self.options.api_keys_file)
+            self.keys = KeysFile(self.options.api_keys_file)
+            self.keys.load()
         if self.options.metrics_token_file is not None:
             self.metrics_token = load_token(self.options.metrics_token_file)
-
-    def reload_api_keys_if_changed(self) -> None:
-        """Read the keys file again when it changed (a Secret update, a key revoked): the new
-        keys take effect on the next request. A file that became unreadable or invalid closes
-        the API until it is fixed."""
-        path = self.options.api_keys_file
-        if path is None:
-            return
-        stamp = _stamp(path)
-        if stamp == self._keys_stamp:
-            return
-        self._keys_stamp = stamp
-        try:
-            self.api_keys = load_api_keys(path)
-        except ManifestError as exc:
-            self.api_keys_error = str(exc)
-            log.error("API keys not reloaded, refusing every request until fixed: %s", exc)
-            return
-        self.api_keys_error = None
-        log.info("API keys reloaded from %s: %d keys", path, len(self.api_keys))
 
     def reload_if_changed(self) -> None:
         if self.watcher is not None:
             self.watcher.reload_if_changed()
             self.configure_feedback(self.watcher.config.feedback)
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file (or the Secret volume's symlink behind it) is replaced."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)

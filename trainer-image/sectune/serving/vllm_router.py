@@ -34,16 +34,14 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from sectune.config import ManifestError
 from sectune.serving import auth, traffic
 from sectune.serving.config import BASE_MODEL_NAME, ServedVersion, ServingConfig
-from sectune.serving.http import MAX_BODY_BYTES, error_response
+from sectune.serving.http import body_refusal, error_response
 from sectune.serving.metrics import ServingMetrics
 
 log = logging.getLogger("sectune.route")
@@ -95,40 +93,13 @@ class RoutingTable:
 
 
 @dataclass
-class Keys:
-    """The deployment's API keys (None: the API answers without keys), re-read when the
-    mounted Secret changes; a file that became invalid closes the API until it is fixed."""
-
-    path: Path | None
-    keys: list[auth.ApiKey] | None = None
-    error: str | None = None
-    _stamp: tuple[float, int] | None = None
-
-    def current(self) -> list[auth.ApiKey] | None:
-        if self.path is None:
-            return None
-        try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime, stat.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._stamp or (self.keys is None and self.error is None):
-            self._stamp = stamp
-            try:
-                self.keys, self.error = auth.load_api_keys(self.path), None
-            except ManifestError as exc:
-                self.keys, self.error = None, str(exc)
-                log.error("API keys not loaded, refusing every request until fixed: %s", exc)
-        return self.keys
-
-
-@dataclass
 class Router:
     """What the relay needs: vLLM's address and key, the routing table, keys and metrics."""
 
     vllm_url: str
     table: RoutingTable
-    keys: Keys
+    keys: auth.KeysFile | None
+    """The deployment's API keys; None: the API answers without keys."""
     metrics: ServingMetrics
     vllm_key: str | None = None
     request_timeout: float = 600.0
@@ -175,25 +146,11 @@ async def _answer(
         return error_response(404, f"{path} is not served here; the API serves {served}")
     if (method := "POST" if endpoint else "GET") != request.method:
         return error_response(405, f"{path} takes {method}")
-    keys = router.keys.current()
-    if router.keys.error:
-        return error_response(503, "the API keys file cannot be read; nothing is served")
-    if keys is not None:
-        request.state.caller = auth.find_key(keys, request.headers.get("authorization"))
-        if request.state.caller is None:
-            denied = error_response(
-                401, "missing or unknown API key: send Authorization: Bearer <key>"
-            )
-            denied.headers["WWW-Authenticate"] = "Bearer"
-            return denied
+    if (refused := auth.check_caller(router.keys, request)) is not None:
+        return refused
     if endpoint is None:
         return await _listing(router, client, request)
     return await _relay(router, client, request, endpoint, began)
-
-
-def _may_use(request: Request, adapter: str) -> bool:
-    caller: auth.ApiKey | None = request.state.caller
-    return caller is None or caller.allows(adapter)
 
 
 async def _listing(router: Router, client: httpx.AsyncClient, request: Request) -> Response:
@@ -209,12 +166,12 @@ async def _listing(router: Router, client: httpx.AsyncClient, request: Request) 
     data = [
         e
         for e in listed
-        if isinstance(e, dict) and _may_use(request, str(e.get("id", "")).partition("@")[0])
+        if isinstance(e, dict) and auth.may_use(request, str(e.get("id", "")).partition("@")[0])
     ]
     for name, versions in router.table.versions.items():
-        if _may_use(request, name) and any(f"{name}@{v.version}" in ids for v in versions):
-            entry = {"id": name, "object": "model", "owned_by": "sectune", "root": None}
-            data.append(entry | {"parent": BASE_MODEL_NAME})
+        if auth.may_use(request, name) and any(f"{name}@{v.version}" in ids for v in versions):
+            data.append({"id": name, "object": "model", "owned_by": "sectune", "root": None,
+                         "parent": BASE_MODEL_NAME})  # fmt: skip
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -222,13 +179,8 @@ async def _relay(
     router: Router, client: httpx.AsyncClient, request: Request, endpoint: str, began: float
 ) -> Response:
     metrics = router.metrics
-    length = request.headers.get("content-length", "")
-    if "chunked" in request.headers.get("transfer-encoding", ""):
-        return error_response(
-            411, "send the body with a Content-Length (chunked bodies are refused)"
-        )
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        return error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    if (refused := body_refusal(request.headers)) is not None:
+        return refused
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -241,7 +193,7 @@ async def _relay(
     if not isinstance(model, str):
         return error_response(422, "model: give the adapter's name (or name@version)", "model")
     adapter = model.partition("@")[0]
-    if not _may_use(request, adapter):
+    if not auth.may_use(request, adapter):
         metrics.requests.labels("forbidden", "", endpoint, "403", "traffic").inc()
         caller: auth.ApiKey = request.state.caller
         return error_response(403, f"API key {caller.id!r} may not use {adapter!r}", "model")
@@ -249,7 +201,9 @@ async def _relay(
         routed = router.table.resolve(model)
     except KeyError:
         metrics.requests.labels("unknown", "", endpoint, "404", "traffic").inc()
-        available = [n for n in [*router.table.versions, BASE_MODEL_NAME] if _may_use(request, n)]
+        available = [
+            n for n in [*router.table.versions, BASE_MODEL_NAME] if auth.may_use(request, n)
+        ]
         return error_response(
             404,
             f"model {model!r} is not served here; available: {', '.join(available)} "
