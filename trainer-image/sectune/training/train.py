@@ -31,6 +31,7 @@ from sectune.contract import TrainingProgress
 from sectune.data.example import Example
 from sectune.data.format import Encoded
 from sectune.evaluation import prefix
+from sectune.training import cpu
 from sectune.training.dropout import use_seeded_dropout
 from sectune.training.objectives import batch_tokens, objective_for
 
@@ -352,66 +353,83 @@ def train(
     pad_id = tokenizer.pad_token_id
     model.train()
     order_epoch, order = -1, []
+    # On a CPU: each batch's attention kernel by its length, and the frozen base's weights
+    # in bf16 under bf16 autocast (training/cpu.py; neither changes what is computed).
+    inner = accelerator.unwrap_model(model)
+    half_frozen = (
+        accelerator.device.type == "cpu"
+        and accelerator.mixed_precision == "bf16"
+        and accelerator.distributed_type != DistributedType.DEEPSPEED
+    )
     try:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:  # one order per epoch, the same on every rank and resume
-                order = epoch_order(lengths, per_step, hp.seed + epoch, grouped=grouped)
-                order_epoch = epoch
-            # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
-            # process gets the same number of micro-batches and the all-reduces line up; the
-            # last micro-batch of a step is where accelerate (or DeepSpeed) syncs and steps.
-            start = offset * per_step
-            chunk = [order[(start + j) % len(order)] for j in range(per_step)]
-            mine = chunk[accelerator.process_index :: world]
-            micro = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
-            loss_sum, step_tokens = 0.0, 0
-            for ids in micro:
-                batch = {
-                    k: v.to(accelerator.device)
-                    for k, v in objective.collate([encoded[i] for i in ids], pad_id).items()
-                }
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss, _n_targets = objective.loss(model, batch)
-                    accelerator.backward(loss)  # divided by the accumulation steps there
-                loss_sum += float(loss.detach()) / len(micro)
-                step_tokens += batch_tokens(batch)
-            # DeepSpeed clips, steps and zeroes inside backward(); these are no-ops there.
-            accelerator.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens * world
-            elapsed = time.monotonic() - started
-            done = step - (resumed_from or 0)
-            report = TrainingProgress(
-                step=step,
-                total_steps=total_steps,
-                loss=loss_sum,
-                learning_rate=float(scheduler.get_last_lr()[0]),
-                tokens_per_second=tokens_seen / max(elapsed, 1e-9),
-                eta_seconds=elapsed / done * (total_steps - step),
-                epoch=step / steps_per_epoch,
-            )
-            history.append(
-                {
-                    "step": step,
-                    "loss": report.loss,
-                    "learningRate": report.learning_rate,
-                    "tokensPerSecond": report.tokens_per_second,
-                }
-            )
-            if accelerator.is_local_main_process:  # each pod's metrics; the CLI prints rank 0's
-                on_step(report)
-            last = step == total_steps
-            stopping = _anyone(accelerator, stop["requested"])
-            if not last and (step % hp.checkpoint_every_steps == 0 or stopping):
-                checkpoints.save(
-                    accelerator.unwrap_model(model), optimizer, scheduler, step, {"epoch": epoch}
+        with (
+            cpu.attention_by_length(inner, accelerator.device.type) as attention,
+            cpu.frozen_weights_in_bf16(inner, half_frozen),
+        ):
+            while step < total_steps:
+                epoch, offset = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:  # one order per epoch, the same on every rank and resume
+                    order = epoch_order(lengths, per_step, hp.seed + epoch, grouped=grouped)
+                    order_epoch = epoch
+                # Every step has exactly per_step examples (wrapping at the end of an epoch), so each
+                # process gets the same number of micro-batches and the all-reduces line up; the
+                # last micro-batch of a step is where accelerate (or DeepSpeed) syncs and steps.
+                start = offset * per_step
+                chunk = [order[(start + j) % len(order)] for j in range(per_step)]
+                mine = chunk[accelerator.process_index :: world]
+                micro = [mine[i : i + hp.batch_size] for i in range(0, len(mine), hp.batch_size)]
+                loss_sum, step_tokens = 0.0, 0
+                for ids in micro:
+                    batch = {
+                        k: v.to(accelerator.device)
+                        for k, v in objective.collate([encoded[i] for i in ids], pad_id).items()
+                    }
+                    attention(batch["input_ids"].shape[1] + len(batch.get("prefix_ids", ())))
+                    with accelerator.accumulate(model), accelerator.autocast():
+                        loss, _n_targets = objective.loss(model, batch)
+                        accelerator.backward(loss)  # divided by the accumulation steps there
+                    loss_sum += float(loss.detach()) / len(micro)
+                    step_tokens += batch_tokens(batch)
+                # DeepSpeed clips, steps and zeroes inside backward(); these are no-ops there.
+                accelerator.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens * world
+                elapsed = time.monotonic() - started
+                done = step - (resumed_from or 0)
+                report = TrainingProgress(
+                    step=step,
+                    total_steps=total_steps,
+                    loss=loss_sum,
+                    learning_rate=float(scheduler.get_last_lr()[0]),
+                    tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                    eta_seconds=elapsed / done * (total_steps - step),
+                    epoch=step / steps_per_epoch,
                 )
-            if stopping and not last:
-                raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint saved")
+                history.append(
+                    {
+                        "step": step,
+                        "loss": report.loss,
+                        "learningRate": report.learning_rate,
+                        "tokensPerSecond": report.tokens_per_second,
+                    }
+                )
+                if accelerator.is_local_main_process:  # each pod's metrics; the CLI prints rank 0's
+                    on_step(report)
+                last = step == total_steps
+                stopping = _anyone(accelerator, stop["requested"])
+                if not last and (step % hp.checkpoint_every_steps == 0 or stopping):
+                    checkpoints.save(
+                        accelerator.unwrap_model(model),
+                        optimizer,
+                        scheduler,
+                        step,
+                        {"epoch": epoch},
+                    )
+                if stopping and not last:
+                    raise Preempted(f"stopped at step {step}/{total_steps}; checkpoint saved")
     finally:
         signal.signal(signal.SIGTERM, previous)
     model.eval()
