@@ -1,6 +1,7 @@
-"""Training on a CPU: eager attention on short batches and bf16 copies of the frozen weights
-under bf16 autocast make a step cheaper and leave what it computes as it was, and the model
-comes out of training as it went in (sdpa, float32 base weights)."""
+"""Training on a CPU: eager attention on short batches, a batch's shared head in the same pass
+as its rows, and bf16 copies of the frozen weights under bf16 autocast make a step cheaper and
+leave what it computes as it was; the model comes out of training as it went in (sdpa, float32
+base weights)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,42 @@ def test_eager_attention_gives_sdpas_loss_and_gradients(tuned, tiny_tokenizer, c
         torch.testing.assert_close(eager_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("head", ["classifier", "lm"])
+def test_a_shared_head_in_the_rows_pass_gives_the_whole_rows_loss_and_gradients(
+    tuned, tiny_tokenizer, head
+):
+    """One flat pass (head once, then each row's own tokens) against the whole left-padded
+    rows: the same loss and gradient on every LoRA weight."""
+    task = {"labels": ["low", "high"], "head": head}
+    examples = [Example(f"e{i}", {"text": t}, label) for i, (t, label) in enumerate(TEXTS)]
+    objective = objective_for(tiny_tokenizer, _spec(task), examples)
+    encoded = [e for e in map(objective.encode, examples) if e]
+    whole_loss, whole_grads = _loss_and_grads(
+        tuned, objective, objective.collate(encoded, tiny_tokenizer.pad_token_id)
+    )
+    objective.share_prefix = True
+    batch = objective.collate(encoded, tiny_tokenizer.pad_token_id)
+    assert len(batch["prefix_ids"]) >= 8
+    with cpu.attention_by_length(tuned, "cpu") as use_for:
+        use_for(batch["input_ids"].shape[1] + len(batch["prefix_ids"]), True)
+        assert tuned.get_base_model().config._attn_implementation == cpu.SHARED_HEAD_KERNEL
+        flat_loss, flat_grads = _loss_and_grads(tuned, objective, batch)
+    torch.testing.assert_close(flat_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_flat_layout_puts_each_row_after_the_head_without_padding():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    flat = cpu.FlatHead.of(2, mask)
+    assert flat.slots.tolist() == [[0, 2, 3], [4, 5, 6], [0, 0, 7]]
+    seen = flat.mask[:, 0] == 0  # (rows, a query per slot, head + own keys)
+    # row 0, its last token: both head keys, its own two tokens, not the pad
+    assert seen[0, 2].tolist() == [True, True, False, True, True]
+    # row 1, its first token: the head and itself only (causal)
+    assert seen[1, 0].tolist() == [True, True, True, False, False]
+
+
 def test_long_batches_and_other_devices_keep_sdpa(tuned):
     model = tuned.get_base_model()
     with cpu.attention_by_length(tuned, "cpu") as use_for:
@@ -161,7 +198,11 @@ def test_a_training_run_on_the_cpu_uses_both_and_returns_the_model_as_it_was(
         {
             "baseModel": {"uri": f"file://{tiny_model_dir}"},
             "dataset": {"train": "file:///t.jsonl"},
-            "task": {"labels": ["low", "high"], "head": "classifier"},
+            "task": {
+                "labels": ["low", "high"],
+                "head": "classifier",
+                "systemPrompt": "Rate the alert's severity.",
+            },
             "method": {"type": "lora", "r": 4},
             "hyperparameters": {"maxSteps": 3, "batchSize": 2, "precision": "bf16"},
             "resources": {"gpus": 0},
@@ -185,8 +226,9 @@ def test_a_training_run_on_the_cpu_uses_both_and_returns_the_model_as_it_was(
     )
     result = train(tuned, tokenizer, examples, spec, accelerator, checkpoints)
 
-    during = [s for s in seen if s[0] == torch.bfloat16]
-    assert len(during) >= 3 and all(kernel == "eager" for _, kernel in during)
+    during = [kernel for dtype, kernel in seen if dtype == torch.bfloat16]
+    assert len(during) >= 3 and set(during) <= {"eager", cpu.SHARED_HEAD_KERNEL}
+    assert cpu.SHARED_HEAD_KERNEL in during  # the rows share the template's head
     assert model.config._attn_implementation == "sdpa"
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, weight)
     assert len(result.history) == 3

@@ -1,4 +1,4 @@
-"""Two ways a training step on a CPU gets cheaper without changing what it computes.
+"""Three ways a training step on a CPU gets cheaper without changing what it computes.
 
 Attention. torch's fused CPU attention (transformers' `sdpa`) is fast forward and slow backward
 on short rows: one layer's forward and backward (bf16, 9 query and 3 key/value heads of 64, a
@@ -18,12 +18,22 @@ shared-head objective runs two passes. For the loop, the LoRA-adapted base layer
 weights in bf16 - the very values autocast would compute - and get their float32 tensors back
 when it ends: the same products bit for bit, less copying (and about half a base weight copy
 more memory while it runs).
+
+One pass for a batch's shared head. The rows of a batch that share their first tokens (the chat
+template's head and the system prompt; training/objectives.py) run as one flat sequence: the
+head once, then every row's own tokens, with no padding. Every linear layer then multiplies one
+matrix of all the batch's tokens, and attention (SHARED_HEAD_KERNEL) lets the head attend to
+itself causally and each row to the head and, causally, to itself - the same attention the whole
+rows get. Elsewhere (and on GPUs) the head runs as a batch-1 pass whose keys and values the rows
+attend to (sectune.evaluation.prefix); on a CPU that second pass through every layer cost a third
+of a classification step for an eighth of its tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,22 +48,35 @@ def transformers_model(model: Any) -> Any:
     return inner() if callable(inner) else model
 
 
+SHARED_HEAD_KERNEL = "sectune_shared_head"
+"""The attention implementation a model runs a flat shared-head batch with (registered below)."""
+
+PLAIN_ATTENTION = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose attention is softmax(q k^T * scaling + mask) v over every position (no
+soft-capping or attention sinks), which SHARED_HEAD_KERNEL computes."""
+
+
 @contextmanager
-def attention_by_length(model: Any, device_type: str) -> Iterator[Callable[[int], None]]:
-    """Yields `use_for(keys)`, which sets the attention kernel for a batch whose rows attend to
-    `keys` positions (see the module docstring); no-op off the CPU or for a model not on sdpa."""
+def attention_by_length(model: Any, device_type: str) -> Iterator[Callable[[int, bool], None]]:
+    """Yields `use_for(keys, shared_head)`, which sets the attention kernel for a batch whose
+    rows attend to `keys` positions, or whose shared head runs in the same pass (see the module
+    docstring); no-op off the CPU or for a model not on sdpa."""
     inner = transformers_model(model)
     original = inner.config._attn_implementation
     current = {"kernel": original}
+    flat = flat_head_supported(inner)
 
-    def use_for(keys: int) -> None:
-        wanted = "eager" if keys <= EAGER_ATTENTION_MAX_KEYS else "sdpa"
+    def use_for(keys: int, shared_head: bool = False) -> None:
+        if shared_head and flat:
+            wanted = SHARED_HEAD_KERNEL
+        else:
+            wanted = "eager" if keys <= EAGER_ATTENTION_MAX_KEYS else "sdpa"
         if wanted != current["kernel"]:
             inner.set_attn_implementation(wanted)
             current["kernel"] = wanted
 
     if device_type != "cpu" or original != "sdpa":
-        yield lambda keys: None
+        yield lambda keys, shared_head=False: None
         return
     try:
         yield use_for
@@ -94,3 +117,124 @@ def frozen_weights_in_bf16(model: Any, enabled: bool) -> Iterator[None]:
     finally:
         for layer, weight in zip(layers, originals, strict=True):
             layer.weight.data = weight
+
+
+def flat_head_supported(model: Any) -> bool:
+    """SHARED_HEAD_KERNEL computes this model's attention: plain softmax attention over every
+    position (no sliding window)."""
+    config = model.config
+    return config.model_type in PLAIN_ATTENTION and getattr(config, "sliding_window", None) is None
+
+
+@dataclass(frozen=True)
+class FlatHead:
+    """Where a batch's tokens sit in its flat sequence: `head` tokens, then each row's own
+    tokens in order. `slots[i, j]` is the flat position of the row's j-th (left-padded) token
+    (0 for a pad, which `valid` marks False); `mask` (rows, 1, width, head + width) is the
+    rows' additive attention mask over the head's keys and their own."""
+
+    head: int
+    slots: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+    order: torch.Tensor
+    """Where, among the rows' slots read row by row, each row's real tokens are, in flat order."""
+
+    @classmethod
+    def of(cls, head: int, attention_mask: torch.Tensor) -> FlatHead:
+        valid = attention_mask.bool()
+        rows, width = valid.shape
+        slots = torch.zeros(rows, width, dtype=torch.long, device=valid.device)
+        slots[valid] = head + torch.arange(int(valid.sum()), device=valid.device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
+        own = causal & valid[:, None, :]  # row i, query j sees its own valid keys up to j
+        # a pad query sees the head (its output is never used; no row of -inf, no NaN)
+        sees = torch.cat([valid.new_ones(rows, width, head), own], dim=-1)
+        mask = torch.zeros(sees.shape, dtype=torch.float32, device=valid.device)
+        mask.masked_fill_(~sees, torch.finfo(torch.float32).min)
+        order = valid.reshape(-1).nonzero().squeeze(1)
+        return cls(head, slots, valid, mask[:, None], order)  # one mask for every attention head
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+            scaling: float) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T * scaling + mask) v, keys and values shared by groups of query heads (as
+    the models' own eager attention computes it: scores in the inputs' type, softmax in
+    float32). In (batch, heads, positions, dim); out (batch, positions, heads, dim)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if key.shape[-2] > EAGER_ATTENTION_MAX_KEYS:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask.to(query.dtype), scale=scaling
+        )
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling + mask
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, value)
+    return out.transpose(1, 2)
+
+
+def shared_head_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    flat_head: FlatHead | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """SHARED_HEAD_KERNEL: attention over a flat shared-head batch (FlatHead), in and out in
+    the model's shapes: (1, heads, positions, dim) in, (1, positions, heads, dim) out."""
+    if flat_head is None or dropout:
+        raise ValueError(f"{SHARED_HEAD_KERNEL}: only for a flat shared-head batch, no dropout")
+    head, slots = flat_head.head, flat_head.slots
+    rows = slots.shape[0]
+
+    def per_row(states: torch.Tensor) -> torch.Tensor:  # (1, h, T, d) -> (rows, h, width, d)
+        gathered = states[0].index_select(1, slots.reshape(-1))
+        return gathered.unflatten(1, slots.shape).transpose(0, 1)
+
+    def with_head(states: torch.Tensor) -> torch.Tensor:  # the head's keys, then the row's
+        return torch.cat([states[:, :, :head].expand(rows, -1, -1, -1), per_row(states)], dim=2)
+
+    causal = torch.full((head, head), torch.finfo(torch.float32).min, device=query.device)
+    head_out = _attend(
+        query[:, :, :head], key[:, :, :head], value[:, :, :head], causal.triu(1), scaling
+    )
+    rows_out = _attend(per_row(query), with_head(key), with_head(value), flat_head.mask, scaling)
+    own = rows_out.flatten(0, 1).index_select(0, flat_head.order)  # each row's real tokens
+    return torch.cat([head_out[0], own])[None], None
+
+
+def forward_with_flat_head(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits at the last `keep` positions of each row of a shared-head batch (rows
+    left-padded, their head in `prefix_ids`), from one pass over the flat sequence; shape
+    (rows, keep, vocab), as sectune.evaluation.prefix.logits_after gives them."""
+    device = batch["input_ids"].device
+    head = batch["prefix_ids"].to(device)
+    flat = FlatHead.of(len(head), batch["attention_mask"].to(device))
+    ids = torch.cat([head, batch["input_ids"][flat.valid]])
+    own = (flat.valid.cumsum(-1) - 1)[flat.valid]
+    positions = torch.cat([torch.arange(len(head), device=device), len(head) + own])
+    wanted = flat.slots[:, -keep:]
+    logits = model(
+        input_ids=ids[None],
+        position_ids=positions[None],
+        use_cache=False,
+        logits_to_keep=wanted.reshape(-1),
+        flat_head=flat,
+    ).logits
+    return logits.view(*wanted.shape, -1)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_HEAD_KERNEL, shared_head_attention)
+
+
+_register()

@@ -40,6 +40,7 @@ from sectune.data.format import (
     label_token_ids,
 )
 from sectune.evaluation import prefix
+from sectune.training import cpu
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -144,6 +145,8 @@ def balanced_weights(examples: list[Example]) -> dict[str, float]:
 def _forward(model: Any, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits at the last `keep` positions of a left-padded batch."""
     if "prefix_ids" in batch:
+        if cpu.transformers_model(model).config._attn_implementation == cpu.SHARED_HEAD_KERNEL:
+            return cpu.forward_with_flat_head(model, batch, keep)  # the head in the same pass
         head = prefix.encode(model, tuple(batch["prefix_ids"].tolist()))
         if head is None:
             raise ValueError("share_prefix: this model's cache is not plain keys and values")
