@@ -64,9 +64,12 @@ def attention_by_length(model: Any, device_type: str) -> Iterator[Callable[[int,
     inner = transformers_model(model)
     original = inner.config._attn_implementation
     current = {"kernel": original}
+    active = device_type == "cpu" and original == "sdpa"
     flat = flat_head_supported(inner)
 
     def use_for(keys: int, shared_head: bool = False) -> None:
+        if not active:
+            return
         if shared_head and flat:
             wanted = SHARED_HEAD_KERNEL
         else:
@@ -75,9 +78,6 @@ def attention_by_length(model: Any, device_type: str) -> Iterator[Callable[[int,
             inner.set_attn_implementation(wanted)
             current["kernel"] = wanted
 
-    if device_type != "cpu" or original != "sdpa":
-        yield lambda keys, shared_head=False: None
-        return
     try:
         yield use_for
     finally:
