@@ -29,8 +29,6 @@ from sectune_operator.status import TERMINAL, derive_status, progress_from_metri
 from sectune_operator.tracking import Indexes, JobTracker, Key, StatusChange
 
 GROUP, VERSION, PLURAL = API_GROUP, API_VERSION, "finetunejobs"
-PROGRESS_BACKOFF = 15.0
-"""Seconds before a trainer that did not answer its metrics port is asked again."""
 PROGRESS_READERS = 8
 """Trainers asked for their progress at once (a read waits at most a second)."""
 STATUS_WRITERS = 8
@@ -203,7 +201,7 @@ def _read_progress(key: Key, tracker: JobTracker, indexes: Indexes, settings: Se
         return  # the trainer did not answer recently (still loading): ask again later
     progress = _scrape_progress(list(indexes.pods.get(key, [])), settings)
     if progress is None:
-        tracker.quiet_until[key] = now + PROGRESS_BACKOFF
+        tracker.quiet_until[key] = now + settings.progress_backoff
         return
     tracker.quiet_until.pop(key, None)
     refresh(key, tracker, indexes, progress)

@@ -23,6 +23,9 @@ class Settings:
     status_interval: float = field(default_factory=lambda: float(_env("STATUS_INTERVAL", "5")))
     """Seconds between progress reads of a training FineTuneJob (its status otherwise follows
     Job and Pod events) and between AdapterDeployment and FineTuneSchedule refreshes."""
+    progress_backoff: float = field(default_factory=lambda: float(_env("PROGRESS_BACKOFF", "15")))
+    """Seconds before a trainer that did not answer its metrics port (still loading) is asked
+    again: what a job shorter than this may train without its progress being shown."""
     max_concurrent_jobs: int = field(default_factory=lambda: int(_env("MAX_CONCURRENT_JOBS", "0")))
     """Training Jobs running at once per namespace when Kueue is not used; 0: no limit."""
     allow_file_uris: bool = field(

@@ -84,6 +84,8 @@ class OperatorProcess:
                 "SECTUNE_METRICS_PORT": str(metrics),
                 "SECTUNE_TRAINER_IMAGE": "sectune-trainer:test",
                 "SECTUNE_STATUS_INTERVAL": "1",  # quicker convergence for the tests
+                # a tiny job trains for seconds: ask a trainer still loading again soon
+                "SECTUNE_PROGRESS_BACKOFF": "1",
                 "PYTHONUNBUFFERED": "1",
                 **self.env,
             },
