@@ -533,10 +533,12 @@ def test_tenants_on_a_shared_server_are_isolated_audited_and_revocable(trained, 
         "messages": [{"role": "user", "content": "describe the alert " * 20}],
         "max_tokens": 200,
     }
-    with ThreadPoolExecutor(4) as pool:
+    # Eight at once, not four: an adapter that answers in a few tokens can finish one request
+    # before a loaded machine's client threads send the next (seen once in a full run).
+    with ThreadPoolExecutor(8) as pool:
         flood = [
             pool.submit(server.post, "/v1/chat/completions", long_chat, triage_key)
-            for _ in range(4)
+            for _ in range(8)
         ]
         other = server.classify("other", TEXTS[1], key=other_key)
         codes = sorted(f.result().status_code for f in flood)
