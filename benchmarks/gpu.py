@@ -108,8 +108,9 @@ def packed_rows(tokenizer: Any, spec: Any) -> list[Any]:
     from sectune.training.objectives import objective_for
     from sectune.training.train import pack
 
-    objective = objective_for(tokenizer, spec, examples(), weighted=True)
-    encoded = [e for e in map(objective.encode, examples()) if e is not None]
+    rows = examples()
+    objective = objective_for(tokenizer, spec, rows, weighted=True)
+    encoded = [e for e in map(objective.encode, rows) if e is not None]
     return pack(encoded, spec.hyperparameters.max_seq_length)
 
 

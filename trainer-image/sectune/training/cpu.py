@@ -13,10 +13,10 @@ so a batch whose rows attend to at most EAGER_ATTENTION_MAX_KEYS positions runs 
 model loaded with sdpa is switched, and it gets sdpa back when training ends.
 
 Frozen weights. Under bf16 autocast each linear layer casts its float32 weight to bf16 at every
-forward pass: autocast keeps casts only of weights that require gradients. For the loop, the LoRA-adapted base layers hold their
-weights in bf16 - the very values autocast would compute - and get their float32 tensors back
-when it ends: the same products bit for bit, less copying (and about half a base weight copy
-more memory while it runs).
+forward pass: autocast keeps casts only of weights that require gradients. For the loop, the
+LoRA-adapted base layers hold their weights in bf16 - the very values autocast would compute -
+and get their float32 tensors back when it ends: the same products bit for bit, less copying
+(and about half a base weight copy more memory while it runs).
 
 One pass for a batch's shared head. The rows of a batch that share their first tokens (the chat
 template's head and the system prompt; training/objectives.py) run as one flat sequence: the
@@ -53,6 +53,13 @@ SHARED_HEAD_KERNEL = "sectune_shared_head"
 PLAIN_ATTENTION = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose attention is softmax(q k^T * scaling + mask) v over every position (no
 soft-capping or attention sinks), which SHARED_HEAD_KERNEL computes."""
+
+
+def flat_head_supported(model: Any) -> bool:
+    """SHARED_HEAD_KERNEL computes this model's attention: plain softmax attention over every
+    position (no sliding window)."""
+    config = model.config
+    return config.model_type in PLAIN_ATTENTION and getattr(config, "sliding_window", None) is None
 
 
 @contextmanager
@@ -118,24 +125,19 @@ def frozen_weights_in_bf16(model: Any, enabled: bool) -> Iterator[None]:
             layer.weight.data = weight
 
 
-def flat_head_supported(model: Any) -> bool:
-    """SHARED_HEAD_KERNEL computes this model's attention: plain softmax attention over every
-    position (no sliding window)."""
-    config = model.config
-    return config.model_type in PLAIN_ATTENTION and getattr(config, "sliding_window", None) is None
-
-
 @dataclass(frozen=True)
 class FlatHead:
     """Where a batch's tokens sit in its flat sequence: `head` tokens, then each row's own
     tokens in order. `slots[i, j]` is the flat position of the row's j-th (left-padded) token
     (0 for a pad, which `valid` marks False); `mask` (rows, 1, width, head + width) is the
-    rows' additive attention mask over the head's keys and their own."""
+    rows' additive attention mask over the head's keys and their own, `head_mask` the head's
+    causal one over itself. Built once per batch, used by every layer."""
 
     head: int
     slots: torch.Tensor
     valid: torch.Tensor
     mask: torch.Tensor
+    head_mask: torch.Tensor
     order: torch.Tensor
     """Where, among the rows' slots read row by row, each row's real tokens are, in flat order."""
 
@@ -152,7 +154,9 @@ class FlatHead:
         mask = torch.zeros(sees.shape, dtype=torch.float32, device=valid.device)
         mask.masked_fill_(~sees, torch.finfo(torch.float32).min)
         order = valid.reshape(-1).nonzero().squeeze(1)
-        return cls(head, slots, valid, mask[:, None], order)  # one mask for every attention head
+        head_mask = torch.full((head, head), torch.finfo(torch.float32).min, device=valid.device)
+        # one mask for every attention head
+        return cls(head, slots, valid, mask[:, None], head_mask.triu(1), order)
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -200,9 +204,8 @@ def shared_head_attention(
     def with_head(states: torch.Tensor) -> torch.Tensor:  # the head's keys, then the row's
         return torch.cat([states[:, :, :head].expand(rows, -1, -1, -1), per_row(states)], dim=2)
 
-    causal = torch.full((head, head), torch.finfo(torch.float32).min, device=query.device)
     head_out = _attend(
-        query[:, :, :head], key[:, :, :head], value[:, :, :head], causal.triu(1), scaling
+        query[:, :, :head], key[:, :, :head], value[:, :, :head], flat_head.head_mask, scaling
     )
     rows_out = _attend(per_row(query), with_head(key), with_head(value), flat_head.mask, scaling)
     own = rows_out.flatten(0, 1).index_select(0, flat_head.order)  # each row's real tokens
